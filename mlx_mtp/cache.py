@@ -1,0 +1,131 @@
+"""A KV cache that commits only accepted tokens.
+
+A forward over new tokens (regular tokens, speculated tokens, masks) attends to
+the committed entries plus the new ones under an arbitrary boolean mask, at
+arbitrary per-token positions. Afterwards :meth:`SpecCache.commit` keeps a
+chosen subset of the new entries (the accepted regular tokens) and drops the
+rest, so the cache always equals the base model's cache over the accepted text.
+
+The cache speaks mlx-lm's cache protocol (``offset``, ``update_and_fetch``,
+``make_mask``): while a step is set, ``offset`` is the (B, L) array of
+positions, which :class:`mlx_mtp.model.PositionalRoPE` applies per token.
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.models.cache import create_attention_mask
+
+
+class SpecCache:
+    step = 256
+
+    def __init__(self):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.committed = 0
+        self.pending = 0
+        self.positions: Optional[mx.array] = None
+        self.mask: Optional[mx.array] = None
+
+    # --- mlx-lm cache protocol -------------------------------------------
+    @property
+    def offset(self) -> Union[int, mx.array]:
+        return self.committed if self.positions is None else self.positions
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        if self.mask is not None:
+            return self.mask
+        return create_attention_mask(
+            N, offset=self.committed, return_array=return_array, window_size=window_size
+        )
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write the new entries after the committed ones (as pending) and
+        return committed + new."""
+        C, L = self.committed, keys.shape[2]
+        if self.keys is None or C + L > self.keys.shape[2]:
+            B, H, _, Dk = keys.shape
+            size = ((C + L + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, size, Dk), keys.dtype)
+            new_v = mx.zeros((B, H, size, values.shape[3]), values.dtype)
+            if self.keys is not None and C:
+                new_k[..., :C, :] = self.keys[..., :C, :]
+                new_v[..., :C, :] = self.values[..., :C, :]
+            self.keys, self.values = new_k, new_v
+        self.keys[..., C : C + L, :] = keys
+        self.values[..., C : C + L, :] = values
+        self.pending = L
+        return self.keys[..., : C + L, :], self.values[..., : C + L, :]
+
+    def size(self) -> int:
+        return self.committed
+
+    @property
+    def state(self):
+        return self.keys[..., : self.committed, :], self.values[..., : self.committed, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.committed, n)
+        self.committed -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    # --- selective commit --------------------------------------------------
+    def set_step(self, positions: Optional[mx.array], mask: Optional[mx.array]):
+        """Per-token positions (B, L) and full mask (B or 1, 1, L, C + L) of
+        the next forward; None for the model's own causal behaviour."""
+        self.positions = positions
+        self.mask = mask
+
+    def commit(self, keep: Optional[Union[Sequence[int], mx.array]] = None):
+        """Keep the pending entries at indices ``keep`` (relative to the first
+        new token, in order; None keeps all) and drop the others."""
+        C = self.committed
+        if keep is None:
+            n = self.pending
+        else:
+            n = len(keep)
+            is_prefix = not isinstance(keep, mx.array) and list(keep) == list(range(n))
+            if n and not is_prefix:
+                idx = C + mx.array(keep, dtype=mx.int32)
+                self.keys[..., C : C + n, :] = self.keys[..., idx, :]
+                self.values[..., C : C + n, :] = self.values[..., idx, :]
+        if n > self.pending:
+            raise ValueError(f"cannot commit {n} entries, {self.pending} are pending")
+        self.committed = C + n
+        self.pending = 0
+        self.positions = None
+        self.mask = None
+
+    def detach(self):
+        """Stop gradients through the stored entries (training)."""
+        if self.keys is not None:
+            self.keys = mx.stop_gradient(self.keys)
+            self.values = mx.stop_gradient(self.values)
+
+
+def make_spec_cache(model) -> List[SpecCache]:
+    """One :class:`SpecCache` per transformer block of an mlx-lm model."""
+    from .gated_lora import model_layers
+
+    return [SpecCache() for _ in model_layers(model)]
+
+
+def commit(cache: List[SpecCache], keep: Optional[Union[Sequence[int], mx.array]] = None):
+    for c in cache:
+        c.commit(keep)
+
+
+def set_step(cache: List[SpecCache], positions: Optional[mx.array], mask: Optional[mx.array]):
+    for c in cache:
+        c.set_step(positions, mask)

@@ -1,0 +1,152 @@
+"""Gated LoRA: ``y = W x + g(t) * s * B(A x)``, g = 1 on mask positions only.
+
+The gate is a per-token array supplied per forward through a shared
+:class:`Gate` object, so regular tokens take exactly the base layer's path and
+the base model's next-token outputs stay unchanged. It cannot be fused into W.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+DEFAULT_KEYS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+class Gate:
+    """Holds the gate of the forward in flight: None (LoRA off), or an array
+    broadcastable to (batch, length, 1) that is 1 at mask positions."""
+
+    def __init__(self):
+        self.value: Optional[Union[mx.array, float]] = None
+
+
+class GatedLoRALinear(nn.Module):
+    """Wraps ``nn.Linear`` or ``nn.QuantizedLinear`` with a gated low-rank update.
+
+    ``lora_a`` has shape (in, r) and ``lora_b`` (r, out); ``lora_b`` starts at
+    zero so a fresh adapter leaves every output unchanged.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Module,
+        gate: Gate,
+        rank: int,
+        scale: float,
+    ):
+        super().__init__()
+        out_dims, in_dims = linear.weight.shape
+        if isinstance(linear, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // linear.bits
+        self.linear = linear
+        self._gate = gate
+        self.scale = scale
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[1]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        g = self._gate.value
+        if g is None:
+            return y
+        z = (x @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * g * z).astype(y.dtype)
+
+
+@dataclass
+class LoRAConfig:
+    """Where and how gated LoRA is applied.
+
+    ``ranks`` and ``scales`` override ``rank`` and ``scale`` per key (an
+    imported adapter whose fused projections were split can carry larger
+    ranks on some keys).
+    """
+
+    rank: int = 16
+    scale: float = 2.0
+    keys: List[str] = field(default_factory=lambda: list(DEFAULT_KEYS))
+    layers: Optional[List[int]] = None
+    ranks: Dict[str, int] = field(default_factory=dict)
+    scales: Dict[str, float] = field(default_factory=dict)
+
+    def rank_for(self, key: str) -> int:
+        return self.ranks.get(key, self.rank)
+
+    def scale_for(self, key: str) -> float:
+        return self.scales.get(key, self.scale)
+
+
+def _get(module: nn.Module, dotted: str) -> Optional[nn.Module]:
+    for part in dotted.split("."):
+        module = module.get(part) if isinstance(module, dict) else getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set(module: nn.Module, dotted: str, value: nn.Module):
+    *parents, last = dotted.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, last, value)
+
+
+def model_layers(model: nn.Module) -> Sequence[nn.Module]:
+    """The transformer blocks of an mlx-lm model."""
+    if hasattr(model, "layers"):
+        return model.layers
+    return model.model.layers
+
+
+def apply_gated_lora(model: nn.Module, gate: Gate, config: LoRAConfig) -> nn.Module:
+    """Replace the ``config.keys`` projections of ``config.layers`` (default:
+    all) of an mlx-lm model with :class:`GatedLoRALinear` sharing ``gate``.
+
+    Freezes the base model; only the LoRA matrices stay trainable.
+    """
+    layers = model_layers(model)
+    indices = range(len(layers)) if config.layers is None else config.layers
+    model.freeze()
+    for i in indices:
+        if not 0 <= i < len(layers):
+            raise ValueError(f"LoRA layer {i} out of range: the model has {len(layers)} layers")
+        block = layers[i]
+        for key in config.keys:
+            linear = _get(block, key)
+            if linear is None:
+                raise ValueError(f"layer {i} has no projection named '{key}'")
+            if isinstance(linear, GatedLoRALinear):
+                raise ValueError(f"layer {i} '{key}' already has gated LoRA")
+            if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
+                raise ValueError(f"layer {i} '{key}' is a {type(linear).__name__}, not a Linear")
+            lora = GatedLoRALinear(linear, gate, config.rank_for(key), config.scale_for(key))
+            lora.linear.freeze()
+            _set(block, key, lora)
+    return model
+
+
+def lora_parameters(model: nn.Module) -> Dict[str, mx.array]:
+    """Flat {name: array} of every LoRA matrix in the model."""
+    return {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if k.endswith(".lora_a") or k.endswith(".lora_b")
+    }

@@ -1,0 +1,165 @@
+"""Token layouts: which tokens go in, at which positions, who sees whom.
+
+Every builder returns token ids (masks m_j written as ``-j``), position ids
+relative to the first new token, the LoRA gate (1 on masks) and the boolean
+attention mask among the new tokens (row = query, column = key). Tokens
+already in the KV cache are visible to every new token; the adapter prepends
+that part.
+
+- training: ``x0 m1..mk x1 m1..mk ...``; mask m_j after x_i sits at position
+  i+j with label x_{i+j+1}; regular tokens see earlier regular tokens only;
+  m_j after x_i sees x_0..x_i and m_1..m_j of its own block.
+- linear decoding: the regular tokens, then k masks (plain causal).
+- quadratic decoding: every regular token followed by its own k masks; a block
+  sees the regular tokens of the blocks before it and its own prefix only.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .masks import mask_ids
+
+IGNORE = -100
+
+
+@dataclass
+class Layout:
+    """A decoding layout; ``regular`` indexes the regular tokens in order."""
+
+    tokens: mx.array  # (L,) int32, masks as -j
+    positions: mx.array  # (L,) int32, relative to the first new token
+    gate: mx.array  # (L,) bool, True on masks
+    mask: mx.array  # (L, L) bool, query x key
+    regular: Tuple[int, ...]  # indices of the regular tokens
+
+    @property
+    def num_masks(self) -> int:
+        return (len(self.tokens) - len(self.regular)) // max(len(self.regular), 1)
+
+
+@dataclass
+class TrainLayout:
+    """The interleaved training layout of one sequence (numpy, host side)."""
+
+    tokens: np.ndarray  # (L,) masks as -j
+    positions: np.ndarray  # (L,)
+    gate: np.ndarray  # (L,) bool
+    mask: np.ndarray  # (L, L) bool
+    labels: np.ndarray  # (L,) next-token label, IGNORE where none or no loss
+    prev_tokens: np.ndarray  # (L,) the token before the label (sampler input)
+    anchor: np.ndarray  # (L,) for a mask: index of the regular token with the same label; -1 else
+
+
+def _as_tokens(tokens: Union[Sequence[int], mx.array]) -> mx.array:
+    return tokens.astype(mx.int32) if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
+
+
+@lru_cache(maxsize=64)
+def _linear_structure(n: int, k: int):
+    L = n + k
+    positions = np.arange(L, dtype=np.int32)
+    gate = np.arange(L) >= n
+    mask = np.tril(np.ones((L, L), dtype=bool))
+    return mx.array(positions), mx.array(gate), mx.array(mask), tuple(range(n))
+
+
+def linear_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
+    """``tokens`` followed by ``m_1..m_k``; causal attention."""
+    tokens = _as_tokens(tokens)
+    n = tokens.shape[0]
+    positions, gate, mask, regular = _linear_structure(n, k)
+    ids = mx.concatenate([tokens, mask_ids(k)]) if k else tokens
+    return Layout(ids, positions, gate, mask, regular)
+
+
+def quadratic_structure(n: int, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, gate and mask of n regular tokens each followed by k masks."""
+    B = k + 1
+    L = n * B
+    block = np.repeat(np.arange(n), B)  # block of each slot
+    j = np.tile(np.arange(B), n)  # 0: the regular token, j: mask m_j
+    positions = (block + j).astype(np.int32)
+    gate = j > 0
+    qb, kb = block[:, None], block[None, :]
+    qj, kj = j[:, None], j[None, :]
+    sees_regular = (kj == 0) & (kb <= qb)
+    sees_own_masks = (kb == qb) & (kj > 0) & (kj <= qj)
+    mask = sees_regular | sees_own_masks
+    return positions, gate, mask
+
+
+@lru_cache(maxsize=64)
+def _quadratic_structure_mx(n: int, k: int):
+    positions, gate, mask = quadratic_structure(n, k)
+    regular = tuple(range(0, n * (k + 1), k + 1))
+    return mx.array(positions), mx.array(gate), mx.array(mask), regular
+
+
+def quadratic_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
+    """Each of ``tokens`` followed by its own ``m_1..m_k``."""
+    tokens = _as_tokens(tokens)
+    n = tokens.shape[0]
+    masks = mx.broadcast_to(mask_ids(k)[None], (n, k))
+    ids = mx.concatenate([tokens[:, None], masks], axis=1).reshape(-1)
+    positions, gate, mask, regular = _quadratic_structure_mx(n, k)
+    return Layout(ids, positions, gate, mask, regular)
+
+
+def training_layout(
+    tokens: Sequence[int],
+    k: int,
+    loss_start: int = 1,
+    loss_mask: Optional[Sequence[bool]] = None,
+) -> TrainLayout:
+    """The interleaved layout ``x0 m1..mk x1 m1..mk ...`` of one sequence.
+
+    Token x_t carries loss when ``loss_mask[t]`` (default: t >= loss_start).
+    A block of k masks follows x_i when x_{i+1} carries loss; its mask m_j
+    predicts x_{i+j+1} (IGNORE past the end of the sequence).
+    """
+    x = np.asarray(tokens, dtype=np.int64)
+    n = len(x)
+    if loss_mask is None:
+        loss = np.arange(n) >= loss_start
+    else:
+        loss = np.asarray(loss_mask, dtype=bool)
+        if len(loss) != n:
+            raise ValueError("loss_mask must have one entry per token")
+    has_block = np.zeros(n, dtype=bool)
+    has_block[:-1] = loss[1:]
+    sizes = 1 + k * has_block
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # layout index of x_i
+    L = int(sizes.sum())
+
+    owner = np.repeat(np.arange(n), sizes)  # i of the block (or regular) each slot belongs to
+    j = np.arange(L) - start[owner]  # 0: regular, 1..k: mask m_j
+    ids = np.where(j == 0, x[owner], -j)
+    positions = owner + j
+    gate = j > 0
+
+    target = owner + j + 1  # index of the label token in x
+    valid = target < n
+    labels = np.full(L, IGNORE, dtype=np.int64)
+    labels[valid] = x[target[valid]]
+    labels[valid & ~loss[np.minimum(target, n - 1)]] = IGNORE
+    prev = np.where(valid, x[np.minimum(target - 1, n - 1)], 0)
+    anchor = np.where(gate & valid, start[np.minimum(owner + j, n - 1)], -1)
+
+    qo, ko = owner[:, None], owner[None, :]
+    qj, kj = j[:, None], j[None, :]
+    sees_regular = (kj == 0) & (ko <= qo)
+    sees_own_masks = (qj > 0) & (ko == qo) & (kj > 0) & (kj <= qj)
+    mask = sees_regular | sees_own_masks
+    return TrainLayout(
+        tokens=ids.astype(np.int32),
+        positions=positions.astype(np.int32),
+        gate=gate,
+        mask=mask,
+        labels=labels,
+        prev_tokens=prev.astype(np.int32),
+        anchor=anchor.astype(np.int64),
+    )

@@ -1,0 +1,229 @@
+"""The MTP model adapter: an unmodified mlx-lm model run with mask tokens.
+
+:class:`MTPModel` wraps a loaded mlx-lm model (llama, qwen2, qwen3, mistral,
+...) through the seams it offers:
+
+- ``input_embeddings``: regular tokens go through the model's own embedding,
+  masks through the adapter's mask table;
+- the linear layers: gated LoRA, switched on per token by a shared gate;
+- each attention's ``rope``: wrapped so that per-token positions (an array
+  ``offset`` of shape (B, L), supplied by :class:`~mlx_mtp.cache.SpecCache`)
+  go through the model's own RoPE variant, by folding the sequence axis into
+  the batch axis (mlx RoPE takes one offset per batch row);
+- the cache: :class:`~mlx_mtp.cache.SpecCache` supplies the attention mask and
+  commits only accepted tokens.
+
+It also runs with no adapter at all (plain decoding through the same path).
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .cache import SpecCache, make_spec_cache, set_step
+from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers
+from .layouts import Layout
+from .masks import MaskEmbeddings
+from .sampler import SamplerConfig, SamplerHead
+
+
+class PositionalRoPE(nn.Module):
+    """Applies a model's own RoPE module at per-token positions.
+
+    An ``offset`` of shape (B, L) gives the position of every token; any other
+    offset (int, or (B,) per row) goes to the wrapped module unchanged.
+    """
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+
+    def __call__(self, x: mx.array, offset: Union[int, mx.array] = 0) -> mx.array:
+        if isinstance(offset, mx.array) and offset.ndim == 2:
+            B, H, L, D = x.shape
+            y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+            y = self.rope(y, offset=offset.reshape(-1))
+            return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+        return self.rope(x, offset=offset)
+
+
+def _install_positional_rope(model: nn.Module) -> int:
+    """Wrap every attention's ``rope``; returns how many are wrapped."""
+    count = 0
+    for _, module in model.named_modules():
+        rope = getattr(module, "rope", None)
+        if isinstance(rope, nn.Module):
+            if not isinstance(rope, PositionalRoPE):
+                module.rope = PositionalRoPE(rope)
+            count += 1
+    return count
+
+
+@dataclass
+class MTPConfig:
+    """What an adapter adds to a base model."""
+
+    num_masks: int = 8
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "MTPConfig":
+        return cls(
+            num_masks=int(d["num_masks"]),
+            lora=LoRAConfig(**d.get("lora", {})),
+            sampler=SamplerConfig(**d.get("sampler", {})),
+        )
+
+
+def base_model_identity(model: nn.Module) -> Dict[str, Any]:
+    """What an adapter must agree with: model type and the shapes it touches."""
+    inner = model.model
+    vocab, dims = _embedding_shape(inner.embed_tokens)
+    return {
+        "model_type": getattr(model, "model_type", getattr(model.args, "model_type", None)),
+        "hidden_size": dims,
+        "num_layers": len(model_layers(model)),
+        "vocab_size": vocab,
+    }
+
+
+def _embedding_shape(embed: nn.Module):
+    vocab, dims = embed.weight.shape
+    if isinstance(embed, nn.QuantizedEmbedding):
+        dims = dims * 32 // embed.bits
+    return vocab, dims
+
+
+class MTPModel(nn.Module):
+    """An mlx-lm model with (optionally) mask embeddings, gated LoRA and a
+    sampler head. Only the adapter parts are trainable."""
+
+    def __init__(self, model: nn.Module, config: Optional[MTPConfig] = None):
+        super().__init__()
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "layers"):
+            raise ValueError(
+                f"model type '{getattr(model, 'model_type', type(model).__name__)}' is not "
+                "supported: expected an mlx-lm model with model.embed_tokens and model.layers"
+            )
+        if _install_positional_rope(model) != len(inner.layers):
+            raise ValueError(
+                f"model type '{getattr(model, 'model_type', '?')}' is not supported: "
+                "every attention layer must have a 'rope' module"
+            )
+        self.model = model
+        self.model.freeze()
+        self._gate = Gate()
+        self.config = config
+        self.masks: Optional[MaskEmbeddings] = None
+        self.sampler: Optional[SamplerHead] = None
+        if config is not None:
+            dims = self.hidden_size
+            apply_gated_lora(model, self._gate, config.lora)
+            self.masks = MaskEmbeddings(config.num_masks, dims)
+            self.sampler = SamplerHead(dims, config.sampler)
+
+    # --- properties ------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return _embedding_shape(self.model.model.embed_tokens)[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return _embedding_shape(self.model.model.embed_tokens)[0]
+
+    @property
+    def num_masks(self) -> int:
+        return 0 if self.masks is None else self.masks.num_masks
+
+    @property
+    def layers(self) -> List[nn.Module]:
+        return model_layers(self.model)
+
+    def make_cache(self) -> List[SpecCache]:
+        return make_spec_cache(self.model)
+
+    def adapter_parameters(self) -> Dict[str, mx.array]:
+        """Flat {name: array} of everything the adapter adds."""
+        return dict(tree_flatten(self.trainable_parameters()))
+
+    # --- forward ---------------------------------------------------------------
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Input embeddings; masks (negative ids) from the mask table."""
+        embed_tokens = self.model.model.embed_tokens
+        if self.masks is None:
+            return embed_tokens(tokens)
+        return self.masks(tokens, embed_tokens)
+
+    def lm_head(self, h: mx.array) -> mx.array:
+        """The model's own output projection (tied or not, quantized or not)."""
+        if hasattr(self.model, "lm_head"):
+            return self.model.lm_head(h)
+        return self.model.model.embed_tokens.as_linear(h)
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: Optional[List[SpecCache]] = None,
+        positions: Optional[mx.array] = None,
+        mask: Optional[mx.array] = None,
+        gate: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Last hidden states (after the final norm) of new ``tokens`` (B, L).
+
+        ``positions`` (L,) or (B, L) are relative to the first new token;
+        ``mask`` (L, L) or (B, L, L) says which new tokens each new token sees
+        (all committed tokens are visible); both None: the model's own causal
+        forward. ``gate`` (L,) or (B, L), true on masks: where LoRA is on.
+        """
+        if cache is None:
+            cache = self.make_cache()
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        B, L = tokens.shape
+        C = cache[0].committed
+        if positions is not None or mask is not None:
+            if positions is None:
+                positions = mx.arange(L, dtype=mx.int32)
+            positions = mx.broadcast_to(positions.astype(mx.int32) + C, (B, L))
+            if mask is None:
+                mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+            if mask.ndim == 2:
+                mask = mask[None]
+            if C:
+                seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
+                mask = mx.concatenate([seen, mask], axis=-1)
+            set_step(cache, positions, mask[:, None])
+        if gate is not None and self.masks is not None:
+            g = gate if gate.ndim == 2 else gate[None]
+            self._gate.value = g[..., None].astype(mx.float32)
+        else:
+            self._gate.value = None
+        try:
+            h = self.model.model(tokens, cache=cache, input_embeddings=self.embed(tokens))
+        finally:
+            self._gate.value = None
+            set_step(cache, None, None)
+        return h
+
+    def forward_layout(self, layout: Layout, cache: List[SpecCache]) -> mx.array:
+        """Hidden states (1, L, d) of a decoding layout over ``cache``."""
+        return self(layout.tokens, cache, layout.positions, layout.mask, layout.gate)
+
+    def logits(self, tokens: mx.array, cache: Optional[List[SpecCache]] = None, **kwargs) -> mx.array:
+        """Base LM-head logits of new tokens (see :meth:`__call__`)."""
+        return self.lm_head(self(tokens, cache, **kwargs))
+
+    def sampler_logits(self, prev_tokens: mx.array, z: mx.array) -> mx.array:
+        """Sampler-head logits from the previous tokens and mask hidden states."""
+        if self.sampler is None:
+            raise ValueError("this model has no adapter (no sampler head)")
+        prev = self.model.model.embed_tokens(prev_tokens)
+        return self.lm_head(self.sampler(prev, z))
