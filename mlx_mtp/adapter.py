@@ -28,7 +28,7 @@ class AdapterError(ValueError):
 
 
 def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -63,10 +63,7 @@ def save_adapter(
     }
 
     def write_weights(tmp):
-        # mx.save_safetensors appends the suffix when it is missing
         mx.save_safetensors(tmp, weights, metadata={"format": "mlx"})
-        if not os.path.exists(tmp) and os.path.exists(tmp + ".safetensors"):
-            os.replace(tmp + ".safetensors", tmp)
 
     def write_config(tmp):
         with open(tmp, "w") as f:

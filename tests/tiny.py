@@ -1,0 +1,70 @@
+"""Tiny random mlx-lm models built from a config in milliseconds."""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.utils import _get_classes
+
+from mlx_mtp.model import MTPConfig, MTPModel
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(model_type: str = "llama", vocab_size: int = 128, **overrides) -> dict:
+    config = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 512,
+        "head_dim": 16,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": model_type != "qwen2",
+    }
+    if model_type in ("llama", "mistral"):
+        config["rope_traditional"] = model_type == "llama"
+    config.update(overrides)
+    return config
+
+
+def tiny_model(
+    model_type: str = "llama",
+    seed: int = 0,
+    bits: Optional[int] = None,
+    **overrides,
+) -> nn.Module:
+    """A random mlx-lm model; ``bits`` quantizes it (group size 32)."""
+    mx.random.seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if bits is not None:
+        nn.quantize(model, group_size=32, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def randomize_adapter(mtp: MTPModel, seed: int = 1, std: float = 0.2) -> MTPModel:
+    """Give every adapter tensor random non-zero values (LoRA B included)."""
+    mx.random.seed(seed)
+    mtp.update(tree_map(lambda x: std * mx.random.normal(x.shape), mtp.trainable_parameters()))
+    mx.eval(mtp.parameters())
+    return mtp
+
+
+def tiny_mtp(
+    model_type: str = "llama",
+    num_masks: int = 3,
+    seed: int = 0,
+    bits: Optional[int] = None,
+    **overrides,
+) -> MTPModel:
+    """A tiny random model with a random, non-zero adapter."""
+    mtp = MTPModel(tiny_model(model_type, seed, bits, **overrides), MTPConfig(num_masks=num_masks))
+    return randomize_adapter(mtp, seed + 1)
