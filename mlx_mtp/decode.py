@@ -1,0 +1,358 @@
+"""The speculative decode loop (lossless: the base model verifies every token).
+
+State between steps: the KV cache holds the committed text; one *pending*
+token (the base model's verified next token, not yet in the cache) and up to
+k *speculations* s_1..s_k wait to be fed. A step feeds ``[pending, s_1..s_m]``
+with mask tokens and, from that one forward pass:
+
+- the base model's logits at the regular positions verify the speculations:
+  greedy (temperature 0) keeps the longest prefix with ``s_{j+1} == g_j``;
+  sampling accepts ``s_{j+1}`` with probability ``min(1, p_j(s)/q_j(s))`` and
+  otherwise resamples from the normalised ``(p_j - q_j)+`` (speculative
+  sampling, so the output distribution is exactly the base model's);
+- the step emits the accepted prefix ``s_1..s_a`` plus the base model's own
+  token at position a, which becomes the next pending token;
+- the masks give the next speculations through the sampler head, chained
+  token by token (``prev = t_a, z = m_1 -> s'_1; prev = s'_1, z = m_2 -> ...``).
+
+Layouts (:mod:`mlx_mtp.layouts`):
+
+- ``quadratic``: every fed token is followed by its own k masks, so whatever
+  prefix is accepted, block a has k fresh masks. The accepted length a is
+  computed on the device and the sampler chain runs from block a's masks in
+  the same graph, so the host still waits once per step.
+- ``linear``: the fed tokens, then k masks; the masks only give fresh
+  speculations when every speculation was accepted, otherwise the next step
+  feeds the pending token with masks only.
+- ``off`` (or a model without adapter): one token per step, plain decoding
+  through the same code path.
+
+Only the accepted regular tokens are committed to the KV cache (their entries
+equal the base model's); masks and rejected tokens are dropped.
+
+The loop is lazy: each step's graph (forward, verification, sampling, sampler
+chains) is built and launched with ``mx.async_eval``, then the host hands the
+previous step's tokens to the consumer while the device works, and waits once
+per step (one ``tolist()`` of a small packed int array). The prompt is
+prefilled in chunks through the plain causal forward.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+
+from .cache import commit
+from .layouts import linear_layout, quadratic_layout
+from .model import MTPModel
+
+MODES = ("quadratic", "linear", "off")
+
+# (prev tokens (R,), mask hidden states (R, d), absolute positions of the
+# predicted tokens (R,)) -> draft logits (R, V)
+DraftFn = Callable[[mx.array, mx.array, mx.array], mx.array]
+
+
+def context_limit(model: MTPModel) -> Optional[int]:
+    """The model's context length (``max_position_embeddings``), if it has one."""
+    args = getattr(model.model, "args", None)
+    limit = getattr(args, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> int:
+    """The k to decode with: 0 in mode ``off`` or without an adapter."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}': expected one of {', '.join(MODES)}")
+    trained = model.num_masks
+    if num_masks is not None:
+        if num_masks < 0:
+            raise ValueError(f"num_masks must be >= 0, got {num_masks}")
+        if num_masks > trained:
+            if trained == 0:
+                raise ValueError(f"num_masks={num_masks}, but the model has no MTP adapter (no mask tokens)")
+            raise ValueError(
+                f"num_masks={num_masks} is more than the adapter was trained with ({trained})"
+            )
+    if mode == "off":
+        return 0
+    return trained if num_masks is None else num_masks
+
+
+def _apply_filters(logprobs: mx.array, top_p: float, top_k: int) -> mx.array:
+    """mlx-lm's top-p then top-k filters (same order as ``make_sampler``)."""
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+    if 0 < top_p < 1.0:
+        logprobs = apply_top_p(logprobs, top_p)
+    if 0 < top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, top_k)
+    return logprobs
+
+
+def speculative_accept(
+    p: mx.array, q: mx.array, drafts: mx.array, u: mx.array
+) -> tuple:
+    """Speculative sampling for m drafted tokens, vectorised.
+
+    ``p`` (m+1, V): target distributions at the m+1 regular positions;
+    ``q`` (m, V): the distributions the m drafts were sampled from;
+    ``drafts`` (m,); ``u`` (m,) uniform in [0, 1).
+    Returns ``(accept (m,) bool, correction (m+1,) int32)``: draft j is
+    accepted when ``u_j q_j(d_j) < p_j(d_j)``; ``correction[j]`` is a sample
+    of the normalised ``(p_j - q_j)+`` for j < m (used when draft j is the
+    first rejected) and of ``p_m`` for j = m (all accepted).
+    """
+    m = drafts.shape[0]
+    if m == 0:
+        return mx.zeros((0,), dtype=mx.bool_), mx.random.categorical(mx.log(p)).astype(mx.int32)
+    idx = mx.arange(m)
+    ps = p[idx, drafts]
+    qs = q[idx, drafts]
+    accept = u * qs < ps
+    resid = mx.maximum(p[:m] - q, 0.0)
+    # p == q (up to rounding) leaves no residual mass; rejection then has
+    # probability ~0 and p itself is the right fallback.
+    resid = mx.where(resid.sum(-1, keepdims=True) > 0, resid, p[:m])
+    dist = mx.concatenate([resid, p[m:]], axis=0)
+    return accept, mx.random.categorical(mx.log(dist)).astype(mx.int32)
+
+
+@dataclass
+class Step:
+    """What one step emitted."""
+
+    tokens: List[int]  # accepted speculations, then the base model's token
+    proposed: int  # speculations fed (verified) in this step
+    accepted: int  # of which accepted
+    logprobs: List[mx.array] = field(default_factory=list)  # (V,) per token, lazy
+
+
+@dataclass
+class _Launched:
+    """A step in flight (everything lazy until the host syncs)."""
+
+    fed: List[int]
+    quadratic: bool
+    committed: int
+    packed: mx.array
+    q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
+    logprobs: mx.array  # (n, V)
+
+
+class SpeculativeDecoder:
+    """Decodes with an :class:`MTPModel`; see the module docstring.
+
+    ``draft_fn`` replaces the sampler head (for tests and inspection); it is
+    called with the previous tokens, the mask hidden states and the absolute
+    positions of the tokens to predict.
+    """
+
+    def __init__(
+        self,
+        model: MTPModel,
+        num_masks: Optional[int] = None,
+        mode: str = "quadratic",
+        temp: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        draft_fn: Optional[DraftFn] = None,
+        prefill_step_size: int = 2048,
+    ):
+        if not isinstance(model, MTPModel):
+            model = MTPModel(model)
+        if temp < 0:
+            raise ValueError(f"temp must be >= 0, got {temp}")
+        if prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+        self.model = model
+        self.k = resolve_num_masks(model, num_masks, mode)
+        self.mode = mode if self.k else "off"
+        self.temp = float(temp)
+        self.top_p = top_p
+        self.top_k = top_k
+        self.prefill_step_size = prefill_step_size
+        if draft_fn is None and self.k:
+            draft_fn = lambda prev, z, pos: model.sampler_logits(prev, z)  # noqa: E731
+        self.draft_fn = draft_fn
+        self.context_limit = context_limit(model)
+        self.cache = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+    # --- pieces ------------------------------------------------------------------
+    def _probs(self, logits: mx.array) -> mx.array:
+        """Sampling distribution (float32) from logits: top-p/top-k, then temperature."""
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = _apply_filters(logprobs, self.top_p, self.top_k)
+        return mx.softmax(logprobs * (1.0 / self.temp), axis=-1)
+
+    def prefill(self, prompt: Sequence[int]):
+        """A fresh cache holding ``prompt`` (all of it), in chunks."""
+        self.cache = self.model.make_cache()
+        tokens = mx.array(list(prompt), dtype=mx.int32)
+        for start in range(0, len(prompt), self.prefill_step_size):
+            chunk = tokens[start : start + self.prefill_step_size]
+            self.model(chunk[None], self.cache)
+            commit(self.cache)
+            mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
+            mx.clear_cache()
+
+    def _launch(self, pending: int, specs: List[int], q_prev: Optional[mx.array]) -> _Launched:
+        """Build one step's graph and start computing it."""
+        model, cache, k = self.model, self.cache, self.k
+        C = cache[0].committed
+        fed = [pending] + list(specs)
+        n, m = len(fed), len(specs)
+        tokens = mx.array(fed, dtype=mx.int32)
+        quadratic = self.mode == "quadratic" and n > 1
+        if k == 0:
+            h = model(tokens[None], cache)[0]
+            regular, Z, row_blocks = h, None, None
+        elif quadratic:
+            layout = quadratic_layout(tokens, k)
+            h = model.forward_layout(layout, cache)[0].reshape(n, k + 1, -1)
+            regular, Z = h[:, 0], h[:, 1:]  # (n, d), (n, k, d)
+            row_blocks = mx.arange(n, dtype=mx.int32)
+        else:  # linear layout (also quadratic with one block: same thing)
+            layout = linear_layout(tokens, k)
+            h = model(layout.tokens[None], cache, gate=layout.gate)[0]  # causal
+            regular, Z = h[:n], h[None, n:]  # (n, d), (1, k, d)
+            row_blocks = mx.array([n - 1], dtype=mx.int32)
+        logits = model.lm_head(regular)  # (n, V), at the regular positions only
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+        if self.greedy:
+            targets = mx.argmax(logits, axis=-1).astype(mx.int32)
+            accept = tokens[1:] == targets[:m]
+        else:
+            p = self._probs(logits)
+            accept, targets = speculative_accept(
+                p, q_prev if m else None, tokens[1:], mx.random.uniform(shape=(m,))
+            )
+        # accepted prefix length, on the device: the sampler chain runs from
+        # block a only, picked before the host waits
+        if m:
+            a = mx.cumprod(accept.astype(mx.int32)).sum(keepdims=True).astype(mx.int32)
+        else:
+            a = mx.zeros((1,), dtype=mx.int32)
+        head = [a, targets]
+
+        q_rows = None
+        if k:
+            if quadratic:
+                z, prev, block = Z[a[0]][None], targets[a], a  # block a
+            else:
+                z, prev, block = Z, targets[n - 1 :], mx.array([n - 1], dtype=mx.int32)
+            chain, qs = [], []
+            for j in range(k):
+                # chain step j from the block at position C + b predicts position C + b + j + 2
+                draft = self.draft_fn(prev, z[:, j], block + (C + j + 2))
+                if self.greedy:
+                    prev = mx.argmax(draft, axis=-1).astype(mx.int32)
+                else:
+                    q = self._probs(draft)
+                    prev = mx.random.categorical(mx.log(q)).astype(mx.int32)
+                    qs.append(q[0])
+                chain.append(prev)
+            head.append(mx.concatenate(chain))
+            if qs:
+                q_rows = mx.stack(qs)  # (k, V)
+        packed = mx.concatenate(head)
+        mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
+        return _Launched(fed, quadratic, C, packed, q_rows, logprobs)
+
+    def _finish(self, step: _Launched):
+        """Wait for a step (the one sync) and read it: (emitted tokens, accepted
+        count, next speculations, their draft distributions, keep indices)."""
+        vals = step.packed.tolist()
+        n = len(step.fed)
+        m, k = n - 1, self.k
+        a, targets, chain = vals[0], vals[1 : n + 1], vals[n + 1 :]
+        emitted = step.fed[1 : a + 1] + [targets[a]]
+        # quadratic: the chain ran from block a; linear: from the last block,
+        # which is only valid if every speculation was accepted
+        fresh = k > 0 and (step.quadratic or a == m)
+        next_specs = chain if fresh else []
+        next_q = step.q_rows if fresh else None
+        keep = [b * (k + 1) for b in range(a + 1)] if step.quadratic else list(range(a + 1))
+        return emitted, a, next_specs, next_q, keep
+
+    # --- the loop ------------------------------------------------------------------
+    def budget(self, prompt_len: int, max_tokens: int) -> int:
+        """How many tokens may be generated: ``max_tokens`` (negative: no
+        limit) and the context limit."""
+        limits = []
+        if max_tokens >= 0:
+            limits.append(max_tokens)
+        if self.context_limit is not None:
+            limits.append(self.context_limit - prompt_len)
+        return min(limits) if limits else -1
+
+    def check_prompt(self, prompt: Sequence[int]):
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty")
+        if self.context_limit is not None and len(prompt) >= self.context_limit:
+            raise ValueError(
+                f"the prompt is {len(prompt)} tokens, which leaves no room in the model's "
+                f"context of {self.context_limit} tokens"
+            )
+
+    def steps(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int = 256,
+        eos_token_ids: Iterable[int] = (),
+    ) -> Iterator[Step]:
+        """Generate from ``prompt`` (token ids), one :class:`Step` per
+        verification pass. Stops after the first EOS token (which is emitted),
+        after ``max_tokens`` tokens, or at the context limit."""
+        prompt = [int(t) for t in prompt]
+        self.check_prompt(prompt)
+        eos = set(int(t) for t in eos_token_ids)
+        budget = self.budget(len(prompt), max_tokens)
+        if budget == 0:
+            return
+        self.prefill(prompt[:-1])
+        inflight = self._launch(prompt[-1], [], None)
+        generated = 0
+        while True:
+            emitted, a, specs, q, keep = self._finish(inflight)
+            proposed = len(inflight.fed) - 1
+            commit(self.cache, keep)
+            logprobs = inflight.logprobs
+            done = False
+            for i, t in enumerate(emitted):
+                if t in eos or (budget >= 0 and generated + i + 1 >= budget):
+                    emitted, done = emitted[: i + 1], True
+                    break
+            generated += len(emitted)
+            if not done:
+                room = budget - generated if budget >= 0 else len(specs) + 1
+                n_spec = max(0, min(len(specs), room - 1))
+                specs = specs[:n_spec]
+                q = q[:n_spec] if (q is not None and n_spec) else None
+                # the next step is in flight before the host hands over these tokens
+                inflight = self._launch(emitted[-1], specs, q)
+            yield Step(
+                tokens=emitted,
+                proposed=proposed,
+                accepted=min(a, len(emitted)),
+                logprobs=[logprobs[i] for i in range(len(emitted))],
+            )
+            if done:
+                return
+            if generated % 256 < len(emitted):
+                mx.clear_cache()
+
+    def propose(self, prompt: Sequence[int]) -> List[int]:
+        """One pass over ``prompt``: the base model's next token and the k
+        speculations that follow it (greedy through the sampler head)."""
+        prompt = [int(t) for t in prompt]
+        self.check_prompt(prompt)
+        self.prefill(prompt[:-1])
+        emitted, _, specs, _, _ = self._finish(self._launch(prompt[-1], [], None))
+        return emitted + specs

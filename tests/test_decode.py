@@ -1,0 +1,261 @@
+"""The speculative decode loop against mlx-lm's own greedy decoding, token for
+token, on tiny random models (llama, qwen2, qwen3) with random adapters.
+
+Random adapters almost never guess right, which exercises rejection; an
+*oracle* draft (it knows mlx-lm's greedy continuation and proposes it where a
+seeded coin says so, the real sampler head elsewhere) exercises every accepted
+length, and at rate 1 forces full acceptance (k+1 tokens per step).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlx_lm.generate import generate_step
+
+from mlx_mtp.decode import SpeculativeDecoder, resolve_num_masks
+from mlx_mtp.model import MTPModel
+from tiny import tiny_model, tiny_mtp
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_MODELS = {}
+
+
+def mtp_for(model_type: str, seed: int = 0, **overrides) -> MTPModel:
+    """A cached tiny model with a random 8-mask adapter. Untied embeddings:
+    tied random models mostly repeat one token, which would hide bugs."""
+    overrides.setdefault("tie_word_embeddings", False)
+    key = (model_type, seed, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        _MODELS[key] = tiny_mtp(model_type, num_masks=8, seed=seed, **overrides)
+    return _MODELS[key]
+
+
+def make_prompt(length: int, seed: int = 0, vocab: int = 128):
+    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
+
+
+def reference(model, prompt, n, eos=None):
+    """mlx-lm greedy tokens (argmax sampler), cut after the first EOS."""
+    out = []
+    for t, _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        out.append(t)
+        if eos is not None and t in eos:
+            break
+    return out
+
+
+def oracle_draft(mtp: MTPModel, sequence, rate: float, seed: int = 0):
+    """A draft that proposes ``sequence[pos]`` (prompt + greedy continuation)
+    where a seeded coin with probability ``rate`` says so, and the real
+    sampler head's logits elsewhere."""
+    known_len = len(sequence)
+    pad = 64
+    good = mx.array(np.random.default_rng(seed).random(known_len + pad) < rate)
+    seq = mx.array(list(sequence) + [0] * pad)
+    vocab = mx.arange(mtp.vocab_size)
+
+    def draft(prev, z, pos):
+        real = mtp.sampler_logits(prev, z)
+        use = good[pos] & (pos < known_len)
+        onehot = (vocab[None] == seq[pos][:, None]).astype(real.dtype) * 1e4
+        return mx.where(use[:, None], onehot, real)
+
+    return draft
+
+
+def run(mtp, prompt, max_tokens, **kwargs):
+    eos = kwargs.pop("eos", ())
+    decoder = SpeculativeDecoder(mtp, **kwargs)
+    steps = list(decoder.steps(prompt, max_tokens=max_tokens, eos_token_ids=eos))
+    return [t for s in steps for t in s.tokens], steps
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_equals_mlx_lm(model_type, mode, k):
+    mtp = mtp_for(model_type)
+    for length in (1, 6, 23):
+        prompt = make_prompt(length, seed=length)
+        ref = reference(mtp.model, prompt, 24)
+        assert len(ref) == 24
+        got, steps = run(mtp, prompt, 24, num_masks=k, mode=mode)
+        assert got == ref
+        assert sum(s.proposed for s in steps) > 0
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_greedy_equals_mlx_lm_with_partial_acceptance(model_type, mode, k):
+    mtp = mtp_for(model_type)
+    prompt = make_prompt(9, seed=k)
+    ref = reference(mtp.model, prompt, 60)
+    draft = oracle_draft(mtp, prompt + ref, rate=0.75, seed=k)
+    got, steps = run(mtp, prompt, 40, num_masks=k, mode=mode, draft_fn=draft)
+    assert got == ref[:40]
+    accepted = [s.accepted for s in steps[1:]]
+    # some steps accept part of the speculations, and the lengths vary
+    assert any(0 < a < s.proposed for a, s in zip(accepted, steps[1:]))
+    assert len(set(accepted)) >= 3
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_forced_acceptance_reaches_k_plus_1(mode, k):
+    mtp = mtp_for("qwen3")
+    prompt = make_prompt(7, seed=3)
+    ref = reference(mtp.model, prompt, 80)
+    draft = oracle_draft(mtp, prompt + ref, rate=1.0)
+    n = 1 + 5 * (k + 1)
+    got, steps = run(mtp, prompt, n, num_masks=k, mode=mode, draft_fn=draft)
+    assert got == ref[:n]
+    assert [len(s.tokens) for s in steps] == [1] + [k + 1] * 5
+    assert [s.accepted for s in steps] == [0] + [k] * 5
+    assert [s.proposed for s in steps] == [0] + [k] * 5
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_eos_inside_accepted_speculations(mode, k):
+    mtp = mtp_for("llama")
+    prompt = make_prompt(5, seed=11)
+    ref = reference(mtp.model, prompt, 80)
+    draft = oracle_draft(mtp, prompt + ref, rate=1.0)
+    # steps emit 1, k+1, k+1, ...: plant EOS on the first-occurring token at an
+    # index inside a step (an accepted speculation, not the step's last token)
+    candidates = [
+        e for e in range(k + 2, 60) if ref.index(ref[e]) == e and (e - 1) % (k + 1) != k
+    ]
+    assert candidates, "no usable EOS position in this continuation"
+    e = candidates[0]
+    eos = {ref[e]}
+    expected = reference(mtp.model, prompt, 80, eos=eos)
+    assert expected == ref[: e + 1]
+    got, steps = run(mtp, prompt, 80, num_masks=k, mode=mode, draft_fn=draft, eos=eos)
+    assert got == expected
+    last = steps[-1]
+    assert last.tokens[-1] == ref[e]
+    assert last.accepted == len(last.tokens)  # EOS was a speculated token
+    assert len(last.tokens) < k + 1
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear", "off"])
+def test_never_more_than_max_tokens(mode):
+    k = 4
+    mtp = mtp_for("qwen2")
+    prompt = make_prompt(6, seed=5)
+    ref = reference(mtp.model, prompt, 40)
+    draft = oracle_draft(mtp, prompt + ref, rate=1.0)
+    for max_tokens in (1, 2, 3, 5, 6, 7, 11, 13):
+        got, steps = run(mtp, prompt, max_tokens, num_masks=k, mode=mode, draft_fn=draft)
+        assert got == ref[:max_tokens]
+
+
+def test_context_limit_stops_cleanly():
+    mtp = tiny_mtp("llama", num_masks=4, max_position_embeddings=32)
+    prompt = make_prompt(25, seed=2)
+    ref = reference(mtp.model, prompt, 7)
+    draft = oracle_draft(mtp, prompt + ref, rate=1.0)
+    got, steps = run(mtp, prompt, 100, num_masks=4, draft_fn=draft)
+    assert got == ref  # 25 + 7 = 32 tokens: the context is full
+    assert len(got) == 7
+    assert max(c.committed for c in SpeculativeDecoder(mtp).model.make_cache()) == 0
+    with pytest.raises(ValueError, match="context of 32 tokens"):
+        run(mtp, make_prompt(32), 5)
+    got, _ = run(mtp, make_prompt(31, seed=1), 5)
+    assert len(got) == 1
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_off_mode_and_no_adapter_are_plain_greedy(model_type):
+    mtp = mtp_for(model_type)
+    prompt = make_prompt(10, seed=4)
+    ref = reference(mtp.model, prompt, 20)
+    got, steps = run(mtp, prompt, 20, mode="off")
+    assert got == ref
+    assert [len(s.tokens) for s in steps] == [1] * 20
+    bare = MTPModel(tiny_model(model_type, seed=0, tie_word_embeddings=False))
+    got, steps = run(bare, prompt, 20)  # mode quadratic requested, no adapter
+    assert got == ref
+    assert len(steps) == 20
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+def test_prefill_in_chunks(mode):
+    mtp = mtp_for("qwen3")
+    prompt = make_prompt(37, seed=8)
+    ref = reference(mtp.model, prompt, 16)
+    for chunk in (1, 5, 36, 37, 100):
+        got, _ = run(mtp, prompt, 16, num_masks=3, mode=mode, prefill_step_size=chunk)
+        assert got == ref
+
+
+def test_quantized_model_equals_mlx_lm():
+    mtp = tiny_mtp("llama", num_masks=4, bits=4)
+    prompt = make_prompt(12, seed=6)
+    ref = reference(mtp.model, prompt, 30)
+    draft = oracle_draft(mtp, prompt + ref + [0] * 8, rate=0.8)
+    for mode in ("quadratic", "linear"):
+        got, _ = run(mtp, prompt, 30, num_masks=4, mode=mode, draft_fn=draft)
+        assert got == ref
+
+
+def test_propose_is_next_token_and_sampler_chain():
+    k = 4
+    mtp = mtp_for("llama")
+    prompt = make_prompt(8, seed=9)
+    proposal = SpeculativeDecoder(mtp, num_masks=k).propose(prompt)
+    assert len(proposal) == k + 1
+    assert proposal[0] == reference(mtp.model, prompt, 1)[0]
+    # by hand: prompt + m_1..m_k causally, LoRA on the masks, then the chain
+    tokens = mx.array([prompt + [-j for j in range(1, k + 1)]])
+    h = mtp(tokens, gate=tokens[0] < 0)[0]
+    prev, expected = mx.array([proposal[0]]), []
+    for j in range(k):
+        prev = mx.argmax(mtp.sampler_logits(prev, h[len(prompt) + j][None]), axis=-1)
+        expected.append(prev.item())
+    assert proposal[1:] == expected
+
+
+def test_bad_arguments():
+    mtp = mtp_for("llama")
+    with pytest.raises(ValueError, match="more than the adapter was trained with"):
+        SpeculativeDecoder(mtp, num_masks=9)
+    with pytest.raises(ValueError, match="no MTP adapter"):
+        SpeculativeDecoder(MTPModel(tiny_model("llama")), num_masks=2)
+    with pytest.raises(ValueError, match="unknown mode"):
+        SpeculativeDecoder(mtp, mode="cubic")
+    with pytest.raises(ValueError, match="empty"):
+        run(mtp, [], 5)
+    assert resolve_num_masks(mtp, None, "quadratic") == 8
+    assert resolve_num_masks(mtp, 3, "off") == 0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    model_type=st.sampled_from(MODEL_TYPES),
+    mode=st.sampled_from(["quadratic", "linear"]),
+    k=st.sampled_from([1, 2, 4, 8]),
+    length=st.integers(1, 30),
+    rate=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    max_tokens=st.integers(1, 30),
+    plant_eos=st.booleans(),
+)
+def test_property_equals_mlx_lm(seed, model_type, mode, k, length, rate, max_tokens, plant_eos):
+    mtp = mtp_for(model_type, seed=seed % 3)
+    prompt = make_prompt(length, seed=seed)
+    ref = reference(mtp.model, prompt, max_tokens + k + 2)
+    eos = ()
+    if plant_eos:
+        e = seed % max_tokens
+        eos = {ref[e]}
+    expected = reference(mtp.model, prompt, max_tokens, eos=eos or None)
+    draft = oracle_draft(mtp, prompt + ref, rate=rate, seed=seed)
+    got, steps = run(mtp, prompt, max_tokens, num_masks=k, mode=mode, draft_fn=draft, eos=eos)
+    assert got == expected
+    assert len(got) <= max_tokens
+    assert all(len(s.tokens) <= s.proposed + 1 for s in steps)
