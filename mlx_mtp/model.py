@@ -54,6 +54,8 @@ def _install_positional_rope(model: nn.Module) -> int:
     """Wrap every attention's ``rope``; returns how many are wrapped."""
     count = 0
     for _, module in model.named_modules():
+        if isinstance(module, PositionalRoPE):  # already wrapped (a second MTPModel)
+            continue
         rope = getattr(module, "rope", None)
         if isinstance(rope, nn.Module):
             if not isinstance(rope, PositionalRoPE):
