@@ -1,0 +1,96 @@
+"""Loading a model with its MTP adapter, like ``mlx_lm.load``."""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import mlx.nn as nn
+
+from .adapter import CONFIG_FILE, AdapterError, load_adapter
+from .model import MTPModel, base_model_identity
+
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+
+
+class ModelLoadError(ValueError):
+    """The model (or the default model) cannot be loaded."""
+
+
+def default_model_path() -> str:
+    """The default model (SmolLM2-135M-Instruct converted for mlx-lm), made
+    available on first use by :func:`convert.gguf.ensure_default_model`."""
+    try:
+        from convert.gguf import ensure_default_model
+    except ImportError:
+        raise ModelLoadError(
+            "no default model is available here (convert.gguf is missing): pass a model path or hub id"
+        ) from None
+    try:
+        return str(ensure_default_model())
+    except Exception as e:  # network, disk, conversion
+        raise ModelLoadError(f"the default model could not be made available: {e}") from None
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """True for things that cannot be a hub id ('org/name' or 'name')."""
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or os.sep != "/" and os.sep in path
+    )
+
+
+def find_shipped_adapter(model: nn.Module, adapters_dir: Union[str, Path, None] = None) -> Optional[Path]:
+    """The first shipped adapter (``mlx_mtp/adapters/<name>/``, by name) whose
+    ``base_model`` matches ``model``; None if there is none."""
+    root = Path(adapters_dir) if adapters_dir is not None else ADAPTERS_DIR
+    if not root.is_dir():
+        return None
+    identity = base_model_identity(model)
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        base = config.get("base_model")
+        if isinstance(base, dict) and base and all(identity.get(k) == v for k, v in base.items()):
+            return directory
+    return None
+
+
+def load_base(path_or_repo: str):
+    """``mlx_lm.load`` with one clear error for a model that cannot be had."""
+    import mlx_lm
+
+    path = os.path.expanduser(path_or_repo)
+    if not Path(path).exists() and _looks_like_local_path(path_or_repo):
+        raise ModelLoadError(f"no model at '{path_or_repo}': the directory does not exist")
+    try:
+        return mlx_lm.load(path)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model '{path_or_repo}': {msg}") from None
+
+
+def load(
+    path_or_repo: Optional[str] = None,
+    adapter_path: Optional[Union[str, Path]] = None,
+) -> Tuple[MTPModel, "object"]:
+    """Load an mlx-lm model (local directory or hub id; None: the default
+    model) and its MTP adapter: ``adapter_path`` or, if None, the adapter
+    shipped for that model if there is one (else none: plain decoding).
+
+    Returns ``(model, tokenizer)``; ``model`` is an :class:`MTPModel` whose
+    ``.model`` is the unmodified mlx-lm model.
+    """
+    if path_or_repo is None:
+        path_or_repo = default_model_path()
+    base, tokenizer = load_base(str(path_or_repo))
+    if adapter_path is None:
+        adapter_path = find_shipped_adapter(base)
+    if adapter_path is None:
+        return MTPModel(base), tokenizer
+    if not Path(adapter_path).exists():
+        raise AdapterError(f"no adapter at '{adapter_path}': the directory does not exist")
+    return load_adapter(base, adapter_path), tokenizer

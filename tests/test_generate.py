@@ -1,0 +1,307 @@
+"""The mlx-lm-compatible API (load, generate, stream_generate, propose) and the
+command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
+word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import generate as lm_generate
+from mlx_lm import stream_generate as lm_stream_generate
+from mlx_lm.utils import save_config, save_model
+
+import mlx_mtp
+from mlx_mtp import MTPModel, generate, load, propose, stream_generate
+from mlx_mtp.adapter import AdapterError, save_adapter
+from mlx_mtp.generate import main
+from mlx_mtp.model import MTPConfig
+from mlx_mtp.utils import ModelLoadError, find_shipped_adapter
+from test_decode import oracle_draft
+from tiny import randomize_adapter, tiny_config, tiny_model
+
+K = 4
+CONTEXT = 64
+OVERRIDES = dict(tie_word_embeddings=False, max_position_embeddings=CONTEXT)
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def write_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w127", chat_template=CHAT_TEMPLATE).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """(model directory, adapter directory, other model's adapter directory)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    save_model(model_dir, tiny_model("qwen3", seed=0, **OVERRIDES))
+    save_config(tiny_config("qwen3", **OVERRIDES), model_dir / "config.json")
+    write_tokenizer(model_dir)
+    adapter_dir = root / "adapter"
+    mtp = randomize_adapter(MTPModel(tiny_model("qwen3", seed=0, **OVERRIDES), MTPConfig(num_masks=K)))
+    save_adapter(mtp, adapter_dir)
+    other_dir = root / "other_adapter"
+    other = MTPModel(tiny_model("qwen3", seed=0, hidden_size=32, head_dim=8), MTPConfig(num_masks=K))
+    save_adapter(other, other_dir)
+    return model_dir, adapter_dir, other_dir
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    return load(str(dirs[0]), adapter_path=str(dirs[1]))
+
+
+PROMPT = "w3 w17 w42 w99 w5 w64"
+
+
+def lm_responses(model, tokenizer, prompt, max_tokens):
+    return [
+        (r.text, r.token, r.generation_tokens, r.finish_reason)
+        for r in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=max_tokens)
+    ]
+
+
+def our_responses(model, tokenizer, prompt, max_tokens, **kwargs):
+    rs = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs))
+    return [(r.text, r.token, r.generation_tokens, r.finish_reason) for r in rs], rs
+
+
+def test_load(dirs, loaded):
+    model, tokenizer = loaded
+    assert isinstance(model, MTPModel) and model.num_masks == K
+    bare, _ = load(str(dirs[0]))  # no shipped adapter for this model
+    assert bare.num_masks == 0
+    with pytest.raises(ModelLoadError, match="no model at"):
+        load(str(dirs[0] / "missing"))
+    with pytest.raises(AdapterError, match="hidden_size=32"):
+        load(str(dirs[0]), adapter_path=str(dirs[2]))
+    with pytest.raises(AdapterError, match="no adapter at"):
+        load(str(dirs[0]), adapter_path=str(dirs[0] / "nowhere"))
+
+
+def test_shipped_adapter_is_found_by_base_model(dirs, tmp_path, monkeypatch):
+    import shutil
+
+    import mlx_mtp.utils as utils
+
+    shipped = tmp_path / "adapters"
+    shutil.copytree(dirs[2], shipped / "a_other")  # another model's: skipped
+    (shipped / "b_broken").mkdir()  # no config: skipped
+    shutil.copytree(dirs[1], shipped / "c_match")
+    base = tiny_model("qwen3", seed=0, **OVERRIDES)
+    assert find_shipped_adapter(base, shipped) == shipped / "c_match"
+    assert find_shipped_adapter(base, tmp_path / "none") is None
+    monkeypatch.setattr(utils, "ADAPTERS_DIR", shipped)
+    model, _ = load(str(dirs[0]))
+    assert model.num_masks == K
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear", "off"])
+def test_stream_generate_equals_mlx_lm(loaded, mode):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    ref = lm_responses(model, tokenizer, ids, 30)
+    assert len(ref) == 30 and ref[-1][3] == "length"
+    got, rs = our_responses(model, tokenizer, ids, 30, mode=mode)
+    assert got == ref
+    assert all(r.prompt_tokens == len(ids) for r in rs)
+    # text prompt, as mlx-lm encodes it
+    got, _ = our_responses(model, tokenizer, PROMPT, 12, mode=mode)
+    assert got == lm_responses(model, tokenizer, PROMPT, 12)
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+def test_eos_and_max_tokens_like_mlx_lm_with_full_acceptance(loaded, mode):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    seq = [r[1] for r in lm_responses(model, tokenizer, ids, 50)]
+    draft = oracle_draft(model, ids + seq, rate=1.0)
+    for max_tokens in (1, 2, K, K + 1, K + 2, 3 * K):
+        got, _ = our_responses(model, tokenizer, ids, max_tokens, mode=mode, draft_fn=draft)
+        assert got == lm_responses(model, tokenizer, ids, max_tokens)
+    # plant EOS at the first occurrence of a token inside a full step
+    e = next(e for e in range(K + 2, 40) if seq.index(seq[e]) == e and (e - 1) % (K + 1) not in (0, K))
+    saved = set(tokenizer.eos_token_ids)
+    tokenizer.eos_token_ids = {seq[e]}
+    try:
+        ref = lm_responses(model, tokenizer, ids, 50)
+        got, rs = our_responses(model, tokenizer, ids, 50, mode=mode, draft_fn=draft)
+    finally:
+        tokenizer.eos_token_ids = saved
+    assert got == ref
+    assert len(got) == e + 1 and got[-1][1] == seq[e] and got[-1][3] == "stop"
+    assert rs[-1].from_draft
+
+
+def test_response_fields_with_forced_acceptance(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    seq = [r[1] for r in lm_responses(model, tokenizer, ids, 50)]
+    draft = oracle_draft(model, ids + seq, rate=1.0)
+    n = 1 + 6 * (K + 1)
+    _, rs = our_responses(model, tokenizer, ids, n, draft_fn=draft)
+    assert [r.token for r in rs] == seq[:n]
+    per_step = Counter(r.steps for r in rs)
+    assert [per_step[s] for s in sorted(per_step)] == [1] + [K + 1] * 6
+    last = rs[-1]
+    assert last.steps == 7 and last.generation_tokens == n
+    assert last.tokens_per_step == pytest.approx(n / 7)
+    assert last.num_masks == K and last.mode == "quadratic"
+    assert [r.from_draft for r in rs[:K + 2]] == [False] + [True] * K + [False]
+    assert last.logprobs.shape == (128,)
+    assert mx.argmax(last.logprobs).item() == last.token
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory >= 0
+
+
+def test_generate_text_equals_mlx_lm(loaded, capsys):
+    model, tokenizer = loaded
+    expected = lm_generate(model.model, tokenizer, PROMPT, max_tokens=20)
+    assert generate(model, tokenizer, PROMPT, max_tokens=20) == expected
+    assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=2, mode="linear") == expected
+    # a plain mlx-lm model works too (plain decoding)
+    assert generate(model.model, tokenizer, PROMPT, max_tokens=20) == expected
+    capsys.readouterr()
+    text = generate(model, tokenizer, PROMPT, max_tokens=20, verbose=True)
+    out = capsys.readouterr().out
+    assert text == expected and text in out
+    assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
+    assert f"tokens/step over" in out and f"(k={K}, quadratic)" in out
+    assert "Peak memory:" in out
+
+
+def test_stop_strings(loaded):
+    model, tokenizer = loaded
+    full = generate(model, tokenizer, PROMPT, max_tokens=20)
+    words = full.split()
+    stop = f"{words[5]} {words[6]}"
+    cut = full.index(stop)
+    rs = list(stream_generate(model, tokenizer, PROMPT, max_tokens=20, stop=[stop, "never"]))
+    assert "".join(r.text for r in rs) == full[:cut]
+    assert rs[-1].finish_reason == "stop"
+    assert len(rs) == len(tokenizer.encode(full[: cut + len(stop)]))
+    assert rs[-1].token == tokenizer.encode(stop)[-1]
+    # a stop string that never occurs changes nothing
+    rs = list(stream_generate(model, tokenizer, PROMPT, max_tokens=20, stop="w999"))
+    assert "".join(r.text for r in rs) == full and rs[-1].finish_reason == "length"
+
+
+def test_propose(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    proposal = propose(model, tokenizer, PROMPT)
+    assert len(proposal) == K + 1
+    assert proposal[0] == lm_responses(model, tokenizer, ids, 1)[0][1]
+    assert propose(model, tokenizer, ids, num_masks=2) == proposal[:3]
+    with pytest.raises(ValueError, match="more than the adapter"):
+        propose(model, tokenizer, ids, num_masks=K + 1)
+
+
+def test_context_limit(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(" ".join(f"w{i % 100 + 2}" for i in range(CONTEXT - 5)))
+    rs = list(stream_generate(model, tokenizer, ids, max_tokens=100))
+    assert len(rs) == 5 and rs[-1].finish_reason == "length"
+    with pytest.raises(ValueError, match="context"):
+        list(stream_generate(model, tokenizer, ids + [3] * 5, max_tokens=10))
+
+
+def test_package_exports():
+    assert mlx_mtp.generate is generate and callable(mlx_mtp.generate)
+    assert mlx_mtp.stream_generate is stream_generate and mlx_mtp.load is load
+    assert mlx_mtp.propose is propose and mlx_mtp.MTPModel is MTPModel
+    # the submodule is callable too, in case it was imported first
+    import mlx_mtp.generate as module
+
+    assert callable(module)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def cli(dirs, *args):
+    return ["--model", str(dirs[0]), "--adapter-path", str(dirs[1]), *args]
+
+
+def test_cli_generates_like_mlx_lm(dirs, loaded, capsys):
+    model, tokenizer = loaded
+    chat = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "w9"}, {"role": "user", "content": PROMPT}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer.encode(chat, add_special_tokens=False)
+    expected = lm_generate(model.model, tokenizer, ids, max_tokens=12)
+    n = lm_responses(model, tokenizer, ids, 12)[-1][2]
+    assert main(cli(dirs, "--prompt", PROMPT, "--system-prompt", "w9", "--max-tokens", "12")) == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    lines = out.splitlines()
+    assert any(l.startswith(f"Prompt: {len(ids)} tokens, ") and l.endswith("tokens-per-sec") for l in lines)
+    assert any(l.startswith(f"Generation: {n} tokens, ") for l in lines)
+    assert any(l.startswith("Acceptance: ") and l.endswith(f"(k={K}, quadratic)") for l in lines)
+    assert any(l.startswith("Peak memory: ") and l.endswith(" GB") for l in lines)
+
+    raw = lm_generate(model.model, tokenizer, PROMPT, max_tokens=8)
+    args = cli(dirs, "--prompt", PROMPT, "--ignore-chat-template", "-m", "8", "--mode", "linear", "--num-masks", "2")
+    assert main(args + ["--verbose", "false"]) == 0
+    assert capsys.readouterr().out == raw + "\n"
+
+
+def test_cli_reads_stdin_and_samples(dirs, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
+    args = cli(dirs, "--prompt", "-", "--temp", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3", "-m", "10")
+    assert main(args + ["--verbose", "false"]) == 0
+    first = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
+    assert main(args + ["--verbose", "false"]) == 0
+    assert capsys.readouterr().out == first  # seeded
+    assert len(first.split()) == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model", "--prompt", "w3"], "no model at '/nonexistent/model'"),
+        (["--prompt", "w3", "--adapter-path", "OTHER"], "hidden_size=32"),
+        (["--prompt", "w3", "--num-masks", str(K + 1)], f"more than the adapter was trained with ({K})"),
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", " ".join(["w5"] * CONTEXT)], f"context of {CONTEXT} tokens"),
+        (["--prompt", "w3", "--max-tokens", "0"], "non-zero"),
+    ],
+)
+def test_cli_bad_input_exits_2(dirs, capsys, args, message):
+    args = [str(dirs[2]) if a == "OTHER" else a for a in args]
+    if "--model" not in args:
+        args = ["--model", str(dirs[0]), *args]
+    if "--adapter-path" not in args:
+        args += ["--adapter-path", str(dirs[1])]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_cli_as_module(dirs):
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "mlx_mtp.generate", *a], capture_output=True, text=True, timeout=120
+    )
+    ok = run(*cli(dirs, "--prompt", PROMPT, "-m", "5", "--verbose", "false"))
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout.split()) == 5
+    assert "Warning" not in ok.stderr and "Traceback" not in ok.stderr
+    bad = run(*cli(dirs, "--prompt", PROMPT, "--num-masks", "99"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: num_masks=99")
