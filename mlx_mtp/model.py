@@ -182,7 +182,10 @@ class MTPModel(nn.Module):
 
         ``positions`` (L,) or (B, L) are relative to the first new token;
         ``mask`` (L, L) or (B, L, L) says which new tokens each new token sees
-        (all committed tokens are visible); both None: the model's own causal
+        (all committed tokens are visible), or (L, C + L) / (B, L, C + L) with
+        C committed tokens says which committed and new tokens each new token
+        sees (training hides the regular tokens after a block's anchor this
+        way); both None: the model's own causal
         forward. ``gate`` (L,) or (B, L), true on masks: where LoRA is on.
         """
         if cache is None:
@@ -199,9 +202,14 @@ class MTPModel(nn.Module):
                 mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
             if mask.ndim == 2:
                 mask = mask[None]
-            if C:
+            if C and mask.shape[-1] == L:
                 seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
                 mask = mx.concatenate([seen, mask], axis=-1)
+            elif mask.shape[-1] != C + L:
+                raise ValueError(
+                    f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) "
+                    f"or {C + L} (committed + new)"
+                )
             set_step(cache, positions, mask[:, None])
         if gate is not None and self.masks is not None:
             g = gate if gate.ndim == 2 else gate[None]
