@@ -118,13 +118,13 @@ def read_jsonl(path: Path) -> Tuple[str, List[Tuple[int, dict]]]:
                 f"{where}: unknown format (found {keys or 'an empty object'}; expected "
                 "'messages', 'prompt' and 'completion', or 'text')"
             )
+        problem = check_row(row, row_fmt)
+        if problem:
+            raise DataError(f"{where}: {problem}")
         if fmt is None:
             fmt = row_fmt
         elif row_fmt != fmt:
             raise DataError(f"{where}: this line is in '{row_fmt}' format but the file started in '{fmt}' format")
-        problem = check_row(row, row_fmt)
-        if problem:
-            raise DataError(f"{where}: {problem}")
         rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: no examples")
