@@ -237,3 +237,30 @@ def test_loss_is_mean_over_counted_masks():
             lcm.setdefault((e, a), []).append(v)
     assert terms["base"] == pytest.approx(np.mean(base), rel=1e-5)
     assert terms["consistency"] == pytest.approx(np.mean([np.mean(v) for v in lcm.values()]), rel=1e-5)
+
+
+class FakeWorld:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_each_process_takes_its_share_of_the_global_batch():
+    k = 2
+    examples = [build_example(list(range(i + 3)), 1, k) for i in range(8)]
+    shares = []
+    for rank in range(2):
+        t = Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), None, TrainArgs(batch_size=4, progress=False), world=FakeWorld(rank, 2))
+        batch = t.local_batch(3)
+        glob = t.schedule.batch(3)
+        assert batch.tokens.shape[0] == 2
+        assert batch.response_tokens == sum(examples[i].num_blocks for i in glob[rank::2])
+        shares.append(set(glob[rank::2]))
+    assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 4
+    with pytest.raises(ValueError, match="divisible"):
+        Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), None, TrainArgs(batch_size=3, progress=False), world=FakeWorld(0, 2))
