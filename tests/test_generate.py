@@ -305,3 +305,20 @@ def test_cli_as_module(dirs):
     bad = run(*cli(dirs, "--prompt", PROMPT, "--num-masks", "99"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: num_masks=99")
+
+
+# --- the real default model -----------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_real_model_equals_mlx_lm_greedy(default_model_path):
+    """SmolLM2-135M-Instruct with a random adapter (nothing accepted: every
+    step goes through rejection) gives mlx-lm's greedy tokens."""
+    model, tokenizer = load(str(default_model_path), adapter_path=None)
+    mtp = randomize_adapter(MTPModel(model.model, MTPConfig(num_masks=2)), seed=1, std=0.02)
+    cases = [("What is 17 * 23?", "quadratic"), ("Write a Python function that reverses a string.", "linear")]
+    for text, mode in cases:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ref = [r.token for r in lm_stream_generate(mtp.model, tokenizer, prompt, max_tokens=8)]
+        got = [r.token for r in stream_generate(mtp, tokenizer, prompt, max_tokens=8, mode=mode)]
+        assert got == ref

@@ -1,0 +1,135 @@
+"""Temperature sampling: speculative sampling must leave the base model's
+distribution unchanged (after top-k / top-p, which apply to p).
+
+Chi-square goodness-of-fit tests, seeded (so each run is deterministic); the
+significance level is ALPHA = 1e-3: with a correct implementation a fresh
+seed fails a given check with probability 1e-3 (about 1e-2 over the 10
+checks here),
+while a wrong acceptance rule (e.g. always accepting, or resampling from p
+instead of (p - q)+) shifts these distributions far beyond that threshold.
+"""
+
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+from scipy import stats
+
+from mlx_mtp.decode import SpeculativeDecoder, speculative_accept
+from tiny import tiny_mtp
+
+ALPHA = 1e-3
+
+
+def chi_square_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
+    """Goodness of fit of observed ``counts`` to ``probs`` (cells with a small
+    expected count are pooled into one)."""
+    n = sum(counts.values())
+    assert all(c in probs and probs[c] > 0 for c in counts), "a sample the distribution cannot produce"
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for cell, p in probs.items():
+        if n * p >= min_expected:
+            obs.append(counts.get(cell, 0))
+            exp.append(n * float(p))
+        else:
+            pool_o += counts.get(cell, 0)
+            pool_e += n * float(p)
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    exp = np.array(exp, dtype=np.float64)
+    exp *= n / exp.sum()
+    return stats.chisquare(obs, exp).pvalue
+
+
+def test_speculative_accept_rule_keeps_p():
+    """One position, many independent draws: the emitted token (the draft if
+    accepted, else the correction) is distributed as p, whatever q is."""
+    mx.random.seed(0)
+    rng = np.random.default_rng(0)
+    V, N = 12, 20000
+    p0 = rng.dirichlet(np.ones(V))
+    q0 = rng.dirichlet(np.ones(V) * 0.5)
+    p = mx.broadcast_to(mx.array(p0, dtype=mx.float32), (N + 1, V))
+    q = mx.broadcast_to(mx.array(q0, dtype=mx.float32), (N, V))
+    drafts = mx.random.categorical(mx.log(q)).astype(mx.int32)
+    accept, correction = speculative_accept(p, q, drafts, mx.random.uniform(shape=(N,)))
+    out = mx.where(accept, drafts, correction[:N])
+    counts = Counter(out.tolist())
+    rate = accept.astype(mx.float32).mean().item()
+    assert rate == pytest.approx(np.minimum(p0, q0).sum(), abs=0.02)  # acceptance = sum min(p, q)
+    assert chi_square_pvalue(counts, dict(enumerate(p0))) > ALPHA
+    # the rule must matter: the drafts alone are far from p
+    assert chi_square_pvalue(Counter(drafts.tolist()), dict(enumerate(p0))) < 1e-12
+
+
+def test_speculative_accept_p_equals_q():
+    """No residual mass: everything is accepted, nothing breaks."""
+    p = mx.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    accept, correction = speculative_accept(p, p[:1], mx.array([1]), mx.array([0.999]))
+    assert accept.tolist() == [True]
+    assert correction.shape == (2,) and 0 <= correction[0].item() <= 1
+
+
+def exact_joint(mtp, prompt, temp, top_p, top_k, n_tokens):
+    """P(x_1..x_n) that mlx-lm's sampler (top-p, top-k, temperature) draws
+    from, by enumerating every prefix through the base model."""
+    V = mtp.vocab_size
+
+    def dist(prefixes):
+        logits = mtp.model(mx.array([prompt + list(c) for c in prefixes]))[:, -1].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if 0 < top_p < 1:
+            lp = apply_top_p(lp, top_p)
+        if 0 < top_k < V:
+            lp = apply_top_k(lp, top_k)
+        return np.array(mx.softmax(lp / temp, axis=-1)).astype(np.float64)
+
+    joint = {(): 1.0}
+    for _ in range(n_tokens):
+        prefixes = list(joint)
+        d = dist(prefixes)
+        joint = {c + (x,): joint[c] * d[i, x] for i, c in enumerate(prefixes) for x in range(V) if d[i, x] > 0}
+    return joint
+
+
+@pytest.mark.parametrize(
+    "mode, k, temp, top_p, top_k, seed",
+    [
+        ("quadratic", 2, 1.0, 1.0, 0, 0),
+        ("linear", 2, 0.7, 1.0, 3, 1),
+        ("quadratic", 3, 1.0, 0.8, 0, 2),
+    ],
+)
+def test_sampled_tokens_follow_base_distribution(mode, k, temp, top_p, top_k, seed):
+    """The first three generated tokens (the second and third go through
+    speculation, acceptance and residual resampling) of a tiny model with
+    5 tokens, against the exact joint distribution of the base model."""
+    V, N = 5, 1000
+    mtp = tiny_mtp("qwen3", num_masks=k, seed=10 + seed, vocab_size=V, tie_word_embeddings=False)
+    prompt = [3]
+    joint = exact_joint(mtp, prompt, temp, top_p, top_k, 3)
+    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=temp, top_p=top_p, top_k=top_k)
+    mx.random.seed(seed)
+    counts, accepted, proposed = Counter(), 0, 0
+    for _ in range(N):
+        tokens = []
+        for step in decoder.steps(prompt, max_tokens=3):
+            tokens += step.tokens
+            accepted += step.accepted
+            proposed += step.proposed
+        counts[tuple(tokens)] += 1
+    # both paths are exercised: some drafts accepted, some rejected
+    assert 0.1 * proposed < accepted < 0.9 * proposed
+    # (x1, x2, x3) jointly (no sample where the filtered p is 0), and the
+    # marginals of x2 and x3
+    assert chi_square_pvalue(counts, joint) > ALPHA
+    for i in (1, 2):
+        marg_c, marg_p = Counter(), Counter()
+        for c, n in counts.items():
+            marg_c[c[i]] += n
+        for c, p in joint.items():
+            marg_p[c[i]] += p
+        assert chi_square_pvalue(marg_c, dict(marg_p)) > ALPHA
