@@ -259,3 +259,44 @@ def test_property_equals_mlx_lm(seed, model_type, mode, k, length, rate, max_tok
     assert got == expected
     assert len(got) <= max_tokens
     assert all(len(s.tokens) <= s.proposed + 1 for s in steps)
+
+
+def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(monkeypatch):
+    """The host waits once per step (``_finish``: one ``tolist``), launches the
+    next step (``mx.async_eval``) before it hands out this step's tokens, and
+    calls ``mx.eval`` only to prefill the prompt chunks."""
+    import mlx_mtp.decode as decode
+
+    events = []
+
+    class CountingMx:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def eval(self, *args):
+            events.append("eval")
+            return mx.eval(*args)
+
+        def async_eval(self, *args):
+            events.append("launch")
+            return mx.async_eval(*args)
+
+    finish = SpeculativeDecoder._finish
+
+    def counting_finish(self, step):
+        events.append("wait")
+        return finish(self, step)
+
+    monkeypatch.setattr(decode, "mx", CountingMx())
+    monkeypatch.setattr(SpeculativeDecoder, "_finish", counting_finish)
+    mtp = mtp_for("qwen2")
+    prompt = make_prompt(11, seed=1)
+    decoder = SpeculativeDecoder(mtp, num_masks=3, prefill_step_size=4)
+    steps = 0
+    for _ in decoder.steps(prompt, max_tokens=12):
+        events.append("tokens")
+        steps += 1
+    assert steps >= 3
+    prefill = ["eval"] * 3  # 10 tokens in chunks of 4
+    loop = ["launch", "wait"] + ["launch", "tokens", "wait"] * (steps - 1) + ["tokens"]
+    assert events == prefill + loop
