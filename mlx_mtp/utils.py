@@ -70,6 +70,8 @@ def load_base(path_or_repo: str):
         return mlx_lm.load(path)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not Path(path).exists():
+            msg = f"no such directory, and not on the Hugging Face hub ({msg})"
         raise ModelLoadError(f"cannot load model '{path_or_repo}': {msg}") from None
 
 
