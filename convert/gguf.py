@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import json
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -500,10 +501,8 @@ def _staging_dir(out: Path, force: bool) -> Iterator[Path]:
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         if out.exists():

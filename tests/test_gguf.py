@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -126,15 +127,16 @@ def gguf_tensors(model: nn.Module, interleave_qk: bool = True) -> dict:
 def write_gguf(
     path: Path,
     tensors: dict,
-    types: dict = {},
+    types: Optional[dict] = None,
     arch: str = "llama",
-    args: llama.ModelArgs = None,
+    args: Optional[llama.ModelArgs] = None,
     tokenizer_model: str = "gpt2",
     pre: str = "smollm",
 ) -> Path:
     """A GGUF file: ``tensors`` (numpy float32) stored as ``types[name]`` (F32)."""
     gguf = need("gguf")
     args = args or tiny_args()
+    types = types or {}
     vocab = tiny_vocab()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(args.num_hidden_layers)
@@ -195,7 +197,7 @@ def reference_from(model: llama.Model, tensors: dict) -> llama.Model:
         if name.startswith("blk."):
             _, i, kind, _ = name.split(".")
             heads = {"attn_q": args.num_attention_heads, "attn_k": args.num_key_value_heads}
-            if kind in heads:  # interleave is its own inverse up to the half split
+            if kind in heads:  # undo the interleaving
                 h = heads[kind]
                 w = w.reshape(h, w.shape[0] // h // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
             key = f"model.layers.{i}.{inverse[kind]}.weight"
