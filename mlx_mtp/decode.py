@@ -134,7 +134,6 @@ class _Launched:
 
     fed: List[int]
     quadratic: bool
-    committed: int
     packed: mx.array
     q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
     logprobs: mx.array  # (n, V)
@@ -211,17 +210,15 @@ class SpeculativeDecoder:
         quadratic = self.mode == "quadratic" and n > 1
         if k == 0:
             h = model(tokens[None], cache)[0]
-            regular, Z, row_blocks = h, None, None
+            regular, Z = h, None
         elif quadratic:
             layout = quadratic_layout(tokens, k)
             h = model.forward_layout(layout, cache)[0].reshape(n, k + 1, -1)
             regular, Z = h[:, 0], h[:, 1:]  # (n, d), (n, k, d)
-            row_blocks = mx.arange(n, dtype=mx.int32)
         else:  # linear layout (also quadratic with one block: same thing)
             layout = linear_layout(tokens, k)
             h = model(layout.tokens[None], cache, gate=layout.gate)[0]  # causal
             regular, Z = h[:n], h[None, n:]  # (n, d), (1, k, d)
-            row_blocks = mx.array([n - 1], dtype=mx.int32)
         logits = model.lm_head(regular)  # (n, V), at the regular positions only
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -263,7 +260,7 @@ class SpeculativeDecoder:
                 q_rows = mx.stack(qs)  # (k, V)
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
-        return _Launched(fed, quadratic, C, packed, q_rows, logprobs)
+        return _Launched(fed, quadratic, packed, q_rows, logprobs)
 
     def _finish(self, step: _Launched):
         """Wait for a step (the one sync) and read it: (emitted tokens, accepted
