@@ -21,6 +21,7 @@ from .model import MTPConfig, MTPModel, base_model_identity
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
+DRAFT_VOCAB = "draft_vocab"  # optional int32 ids: the sampler head drafts among these only
 
 
 class AdapterError(ValueError):
@@ -55,6 +56,8 @@ def save_adapter(
     weights = dict(weights if weights is not None else model.adapter_parameters())
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
+    if model.draft_vocab is not None:
+        weights[DRAFT_VOCAB] = model.draft_vocab
     config = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model_identity(model.model),
@@ -123,6 +126,7 @@ def load_adapter(
     if not weights_file.exists():
         raise AdapterError(f"no adapter weights at '{weights_file}'")
     weights = mx.load(str(weights_file))
+    draft_vocab = weights.pop(DRAFT_VOCAB, None)
     try:
         mtp = MTPModel(base, mtp_config)
     except ValueError as e:
@@ -152,5 +156,10 @@ def load_adapter(
             raise AdapterError(
                 f"num_masks={num_masks} is more than the adapter was trained with ({mtp.num_masks})"
             )
+    if draft_vocab is not None:
+        try:
+            mtp.set_draft_vocab(draft_vocab)
+        except ValueError as e:
+            raise AdapterError(f"adapter '{path}': {e}") from None
     mx.eval(mtp.parameters())
     return mtp

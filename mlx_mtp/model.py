@@ -123,6 +123,8 @@ class MTPModel(nn.Module):
         self.model = model
         self.model.freeze()
         self._gate = Gate()
+        self._draft_vocab: Optional[mx.array] = None
+        self._draft_head = None
         self.config = config
         self.masks: Optional[MaskEmbeddings] = None
         self.sampler: Optional[SamplerHead] = None
@@ -232,8 +234,55 @@ class MTPModel(nn.Module):
         return self.lm_head(self(tokens, cache, **kwargs))
 
     def sampler_logits(self, prev_tokens: mx.array, z: mx.array) -> mx.array:
-        """Sampler-head logits from the previous tokens and mask hidden states."""
+        """Sampler-head logits from the previous tokens and mask hidden states.
+
+        With a draft vocabulary (:meth:`set_draft_vocab`) only its rows of the
+        output projection are computed; other tokens get -inf.
+        """
         if self.sampler is None:
             raise ValueError("this model has no adapter (no sampler head)")
         prev = self.model.model.embed_tokens(prev_tokens)
-        return self.lm_head(self.sampler(prev, z))
+        h = self.sampler(prev, z)
+        if self._draft_vocab is None:
+            return self.lm_head(h)
+        sub = self._draft_head(h)
+        full = mx.full((*sub.shape[:-1], self.vocab_size), -mx.inf, dtype=sub.dtype)
+        full[..., self._draft_vocab] = sub
+        return full
+
+    @property
+    def draft_vocab(self) -> Optional[mx.array]:
+        return self._draft_vocab
+
+    def set_draft_vocab(self, ids: Optional[mx.array]):
+        """Restrict the sampler head's drafts to the token ids ``ids``.
+
+        Drafting is then cheaper (the output projection is the sampler chain's
+        main cost on small models, one call per speculated token); verification
+        still uses the whole vocabulary, so outputs are unchanged.
+        """
+        if ids is None:
+            self._draft_vocab = self._draft_head = None
+            return
+        ids = mx.array(ids).astype(mx.int32).reshape(-1)
+        if ids.size and (ids.min().item() < 0 or ids.max().item() >= self.vocab_size):
+            raise ValueError(f"draft vocabulary ids must be in [0, {self.vocab_size})")
+        src = self.model.lm_head if hasattr(self.model, "lm_head") else self.model.model.embed_tokens
+        if "scales" in src:
+            w, scales = src.weight[ids], src.scales[ids]
+            biases = src.biases[ids] if "biases" in src else None
+            group_size, bits = src.group_size, src.bits
+            mode = getattr(src, "mode", "affine")
+
+            def head(h):
+                return mx.quantized_matmul(
+                    h, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+                )
+        else:
+            w = src.weight[ids]
+
+            def head(h):
+                return h @ w.astype(h.dtype).T
+
+        mx.eval(w)
+        self._draft_vocab, self._draft_head = ids, head

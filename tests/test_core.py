@@ -261,3 +261,24 @@ def test_failed_save_leaves_previous_adapter(tmp_path, monkeypatch):
         save_adapter(mtp, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapters.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapters.safetensors"]
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_draft_vocab_restricts_sampler_and_round_trips(tmp_path, bits):
+    mtp = tiny_mtp("llama", num_masks=2, bits=bits)
+    prev, z = mx.array([[1, 2, 3]]), mx.random.normal((1, 3, 64))
+    full = mtp.sampler_logits(prev, z)
+    ids = mx.array([0, 5, 7, 100, 127])
+    mtp.set_draft_vocab(ids)
+    sub = mtp.sampler_logits(prev, z)
+    assert sub.shape == full.shape
+    assert mx.allclose(sub[..., ids], full[..., ids], atol=1e-5).item()
+    outside = np.ones(128, dtype=bool)
+    outside[np.array(ids)] = False
+    assert np.isneginf(np.array(sub)[..., outside]).all()
+    save_adapter(mtp, tmp_path / "ad")
+    loaded = load_adapter(tiny_model("llama", bits=bits), tmp_path / "ad")
+    assert loaded.draft_vocab.tolist() == ids.tolist()
+    assert mx.array_equal(loaded.sampler_logits(prev, z), sub).item()
+    with pytest.raises(ValueError, match="draft vocabulary ids"):
+        mtp.set_draft_vocab(mx.array([128]))
