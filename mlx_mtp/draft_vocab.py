@@ -1,0 +1,94 @@
+"""Frequency-ranked draft vocabulary for the sampler head.
+
+On small models the output projection dominates the sampler chain (one call
+per speculated token over the whole vocabulary). Drafting among the N most
+frequent response tokens of the training data makes each call V/N times
+cheaper; the base model still verifies over the whole vocabulary, so outputs
+do not change, only how often a rare token is drafted.
+
+    python -m mlx_mtp.draft_vocab --model M --adapter-path A --data DIR --size 8192
+"""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, List, Sequence
+
+import numpy as np
+
+
+def frequent_tokens(responses: Iterable[Sequence[int]], size: int, always: Sequence[int] = ()) -> np.ndarray:
+    """The ``size`` most frequent ids in ``responses`` (``always`` included), sorted."""
+    counts = Counter()
+    for tokens in responses:
+        counts.update(int(t) for t in tokens)
+    chosen = list(dict.fromkeys(int(t) for t in always))
+    for token, _ in counts.most_common():
+        if len(chosen) >= size:
+            break
+        if token not in chosen:
+            chosen.append(token)
+    return np.array(sorted(chosen[:size]), dtype=np.int32)
+
+
+def coverage(responses: Iterable[Sequence[int]], ids: np.ndarray) -> float:
+    """Share of response tokens that are in ``ids``."""
+    inside = total = 0
+    ids = set(ids.tolist())
+    for tokens in responses:
+        total += len(tokens)
+        inside += sum(1 for t in tokens if int(t) in ids)
+    return inside / max(total, 1)
+
+
+def response_tokens(data_dir: Path, tokenizer, split: str) -> List[List[int]]:
+    from .data import tokenize_file
+
+    return [r.tokens[r.prompt_length :] for r in tokenize_file(data_dir / f"{split}.jsonl", tokenizer)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mlx_mtp.draft_vocab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
+    p.add_argument("--adapter-path", required=True, help="adapter directory to update")
+    p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
+    p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (0 removes it)")
+    args = p.parse_args(argv)
+    from .adapter import AdapterError, save_adapter
+    from .data import DataError
+    from .utils import load
+
+    try:
+        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+        if model.num_masks == 0:
+            raise AdapterError(f"no adapter at '{args.adapter_path}'")
+        if args.size <= 0:
+            model.set_draft_vocab(None)
+        else:
+            train = response_tokens(Path(args.data), tokenizer, "train")
+            ids = frequent_tokens(train, args.size, always=tokenizer.eos_token_ids)
+            model.set_draft_vocab(ids)
+            msg = f"draft vocabulary: {len(ids)} of {model.vocab_size} tokens, covering {coverage(train, ids):.2%} of train"
+            if (Path(args.data) / "valid.jsonl").exists():
+                valid = response_tokens(Path(args.data), tokenizer, "valid")
+                msg += f", {coverage(valid, ids):.2%} of valid"
+            print(msg + " response tokens")
+        import mlx.core as mx
+
+        from .adapter import WEIGHTS_FILE, read_adapter_config
+
+        recipe = read_adapter_config(args.adapter_path).get("recipe", {})
+        dtype = mx.load(str(Path(args.adapter_path) / WEIGHTS_FILE))["masks.weight"].dtype
+        if args.size > 0:
+            recipe["draft_vocab_size"] = int(args.size)
+        else:
+            recipe.pop("draft_vocab_size", None)
+        save_adapter(model, args.adapter_path, recipe=recipe, dtype=dtype)
+    except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
