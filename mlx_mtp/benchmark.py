@@ -1,0 +1,292 @@
+"""Benchmark MTP decoding against mlx-lm greedy decoding on Spec-Bench.
+
+    python -m mlx_mtp.benchmark [--model M --adapter-path A] [--prompts FILE]
+        [--categories a,b] [--num-prompts N] [--max-tokens N] [--num-masks K]
+        [--mode quadratic|linear] [--json OUT] [--plot OUT.png]
+
+For each prompt, in one process and interleaved (baseline, MTP, baseline,
+MTP, ...), after a warm-up, it runs mlx-lm's own greedy ``stream_generate`` and
+ours, records both token sequences and counts identical outputs. Per category
+and overall it reports baseline and MTP tokens/sec, the speedup (ratio of
+per-prompt medians), mean tokens/step and identical outputs. It also measures
+the cost of one forward over T new tokens (T = 1, k+1, (k+1)^2), which bounds
+the wall-clock speedup that a given tokens/step can buy.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+
+@dataclass
+class Row:
+    category: str
+    prompts: int
+    baseline_tps: float
+    mtp_tps: float
+    speedup: float
+    tokens_per_step: float
+    identical: int
+
+
+def blas_in_use() -> str:
+    """Which BLAS MLX's CPU backend runs with (Linux: read from loaded libraries)."""
+    if sys.platform == "darwin":
+        return "Accelerate" if not mx.metal.is_available() else "Metal (GPU)"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    if "libopenblas" in maps:
+        return "OpenBLAS"
+    if "libmkl" in maps:
+        return "MKL"
+    return "reference BLAS (bundled)"
+
+
+def default_prompts_file() -> Optional[Path]:
+    for candidate in (Path.cwd().parent / "shared/data/spec_bench/question.jsonl", DEFAULT_PROMPTS):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def read_prompts(path: Path, categories: Optional[List[str]], per_category: Optional[int]):
+    rows = []
+    counts: Dict[str, int] = defaultdict(int)
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            cat = row.get("category", "all")
+            if categories and cat not in categories:
+                continue
+            if per_category is not None and counts[cat] >= per_category:
+                continue
+            text = row["turns"][0] if "turns" in row else row.get("prompt")
+            if not text:
+                raise ValueError(f"{path}:{line_no}: no 'turns' or 'prompt'")
+            counts[cat] += 1
+            rows.append((cat, text))
+    return rows
+
+
+def forward_costs(model, k: int, context: int = 300, repeats: int = 5) -> Dict[int, float]:
+    """Seconds per forward over T new tokens after ``context`` cached tokens."""
+    from .cache import commit
+    from .layouts import quadratic_layout
+
+    costs = {}
+    vocab = model.vocab_size
+    for T in sorted({1, k + 1, (k + 1) ** 2}):
+        times = []
+        for r in range(repeats + 1):
+            cache = model.make_cache()
+            ctx = mx.random.randint(0, vocab, (1, context))
+            model(ctx, cache)
+            commit(cache)
+            mx.eval([c.keys for c in cache])
+            tic = time.perf_counter()
+            if T == 1:
+                out = model.lm_head(model(mx.array([[1]]), cache))
+            else:
+                layout = quadratic_layout([1] * (T // (k + 1)), k)
+                h = model.forward_layout(layout, cache)
+                out = model.lm_head(h[:, mx.array(layout.regular)])
+            mx.eval(out)
+            if r:
+                times.append(time.perf_counter() - tic)
+        costs[T] = statistics.median(times)
+    return costs
+
+
+def summarize(category: str, records: List[dict]) -> Row:
+    base = [r["baseline_tps"] for r in records]
+    ours = [r["mtp_tps"] for r in records]
+    steps = sum(r["steps"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    return Row(
+        category=category,
+        prompts=len(records),
+        baseline_tps=statistics.median(base),
+        mtp_tps=statistics.median(ours),
+        speedup=statistics.median(ours) / statistics.median(base),
+        tokens_per_step=tokens / max(steps, 1),
+        identical=sum(r["identical"] for r in records),
+    )
+
+
+def print_table(rows: List[Row]):
+    print(f"{'category':<16}{'n':>4}{'base tok/s':>12}{'mtp tok/s':>11}{'speedup':>9}{'tok/step':>10}{'identical':>11}")
+    for r in rows:
+        print(
+            f"{r.category:<16}{r.prompts:>4}{r.baseline_tps:>12.2f}{r.mtp_tps:>11.2f}"
+            f"{r.speedup:>8.2f}x{r.tokens_per_step:>10.2f}{r.identical:>6}/{r.prompts}"
+        )
+
+
+def plot(rows: List[Row], path: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install 'mlx-mtp[plot]'")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r.category for r in rows]
+    axes[0].bar(names, [r.tokens_per_step for r in rows])
+    axes[0].set_title("tokens per step")
+    axes[1].bar(names, [r.speedup for r in rows], color="tab:orange")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[1].set_title("wall-clock speedup over mlx-lm greedy")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args) -> int:
+    from mlx_lm.generate import stream_generate as lm_stream_generate
+
+    from . import load, stream_generate
+
+    prompts_file = Path(args.prompts) if args.prompts else default_prompts_file()
+    if prompts_file is None or not prompts_file.exists():
+        raise ValueError("no prompts file: pass --prompts (Spec-Bench's question.jsonl by default)")
+    categories = args.categories.split(",") if args.categories else None
+    prompts = read_prompts(prompts_file, categories, args.num_prompts)
+    if not prompts:
+        raise ValueError(f"no prompts selected from {prompts_file}")
+
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+    if model.num_masks == 0:
+        raise ValueError("the model has no MTP adapter: pass --adapter-path")
+    k = args.num_masks or model.num_masks
+    base_model = model.model
+    dtype = str(base_model.model.embed_tokens.weight.dtype).replace("mlx.core.", "")
+    if hasattr(base_model.model.embed_tokens, "bits"):
+        dtype = f"{base_model.model.embed_tokens.bits}-bit"
+    blas = blas_in_use()
+    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}")
+    if sys.platform.startswith("linux") and blas != "OpenBLAS":
+        print(
+            "note: MLX uses its bundled reference BLAS here; for ~20x faster fp32 matmuls run with\n"
+            f"      LD_PRELOAD={OPENBLAS} (Debian package libopenblas0-pthread)"
+        )
+
+    def chat(text):
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        return text
+
+    costs = forward_costs(model, k)
+    print("cost of one forward over T new tokens (300 cached), relative to T=1:")
+    print("  " + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
+
+    # warm-up
+    for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
+        pass
+    for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode):
+        pass
+
+    records = defaultdict(list)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(prompts, desc="prompts", unit="prompt")
+    except ImportError:
+        bar = prompts
+    try:
+        for cat, text in bar:
+            prompt = chat(text)
+            base_tokens, base_tps = [], 0.0
+            for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
+                base_tokens.append(resp.token)
+                base_tps = resp.generation_tps
+            ours, resp = [], None
+            for resp in stream_generate(
+                model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode
+            ):
+                ours.append(resp.token)
+            records[cat].append(
+                {
+                    "baseline_tps": base_tps,
+                    "mtp_tps": resp.generation_tps,
+                    "steps": resp.steps,
+                    "tokens": len(ours),
+                    "identical": int(ours == base_tokens),
+                }
+            )
+    except KeyboardInterrupt:
+        print("\ninterrupted: partial results")
+    if not records:
+        return 1
+
+    rows = [summarize(cat, recs) for cat, recs in records.items()]
+    overall = summarize("overall", [r for recs in records.values() for r in recs])
+    print_table(rows + [overall])
+    if args.json:
+        result = {
+            "model": args.model or "default",
+            "adapter": args.adapter_path or "shipped",
+            "dtype": dtype,
+            "blas": blas,
+            "platform": platform.platform(),
+            "num_masks": k,
+            "mode": args.mode,
+            "max_tokens": args.max_tokens,
+            "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
+            "results": [asdict(r) for r in rows],
+            "overall": asdict(overall),
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(rows + [overall], args.plot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_mtp.benchmark", description="Benchmark MTP decoding against mlx-lm greedy decoding.")
+    p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
+    p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
+    p.add_argument("--prompts", default=None, help="jsonl with Spec-Bench rows (default: Spec-Bench's question.jsonl)")
+    p.add_argument("--categories", default=None, help="comma-separated categories")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per category")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--num-masks", type=int, default=None)
+    p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
