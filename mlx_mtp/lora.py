@@ -42,7 +42,7 @@ DEFAULTS = {
     "warmup": 100,
     "weight_decay": 0.01,
     "max_seq_length": 2048,
-    "mask_chunk": 1024,
+    "mask_chunk": 256,
     "adapter_path": "adapters",
     "resume_adapter_file": None,
     "save_every": 100,
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, help="linear warm-up steps (default: 100)")
     a("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     a("--max-seq-length", type=int, help="cap on the layout length, regular tokens + k masks per response token; responses are cut (default: 2048)")
-    a("--mask-chunk", type=int, help="mask tokens per forward/backward chunk, whole batch (default: 1024; 0: no chunking)")
+    a("--mask-chunk", type=int, help="mask tokens per forward/backward chunk, whole batch (default: 256; 0: no chunking)")
     a("--adapter-path", help="where checkpoints and the adapter go (default: adapters)")
     a("--resume-adapter-file", help="checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)")
     a("--save-every", type=int, help="checkpoint every N steps (default: 100)")
@@ -288,6 +288,8 @@ def run(args) -> int:
         if not path.exists():
             raise UsageError(f"no test.jsonl or valid.jsonl in {data_dir}")
         ds = build_dataset(tokenize_file(path, tokenizer), mtp_test.num_masks, args.max_seq_length, path)
+        if not ds.examples:
+            raise UsageError(f"{path}: no example fits --max-seq-length {args.max_seq_length}")
         trainer = Trainer(mtp_test, None, ds, train_args, world=world)
         m = trainer.evaluate(ds, -1)
         accs = " ".join(f"{a:.3f}" for a in m["accuracy"])

@@ -73,7 +73,7 @@ class TrainArgs:
     warmup: int = 100
     weight_decay: float = 0.01
     max_seq_length: int = 2048
-    mask_chunk: int = 1024
+    mask_chunk: int = 256
     loss_weights: LossWeights = field(default_factory=LossWeights)
     distill_logits: bool = False
     save_every: int = 100
@@ -359,17 +359,20 @@ class _SignalGuard:
 
     def __init__(self):
         self.requested = False
+        self.saving = False  # while a checkpoint is written, signals only set the flag
         self._old = {}
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.saving:
             raise KeyboardInterrupt
+        if not self.requested:
+            print(
+                "\nInterrupt received: saving a checkpoint after this step "
+                "(press Ctrl-C again to stop without saving).",
+                file=sys.stderr,
+                flush=True,
+            )
         self.requested = True
-        print(
-            "\nInterrupt received: saving a checkpoint after this step (press Ctrl-C again to stop without saving).",
-            file=sys.stderr,
-            flush=True,
-        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -557,9 +560,20 @@ class Trainer:
         return {**self.recipe, "step": self.step, "train_args": self.args.to_dict()}
 
     def save(self, path: Optional[Path] = None):
-        """Write the checkpoint of the current step (rank 0; atomic files)."""
+        """Write the checkpoint of the current step (rank 0; atomic files;
+        Ctrl-C waits until both files are written)."""
         if self.rank != 0:
             return
+        guard = self._guard
+        if guard is not None:
+            guard.saving = True
+        try:
+            self._save(path)
+        finally:
+            if guard is not None:
+                guard.saving = False
+
+    def _save(self, path: Optional[Path] = None):
         path = Path(path or self.args.adapter_path)
         path.mkdir(parents=True, exist_ok=True)
         weights = self.mtp.adapter_parameters()

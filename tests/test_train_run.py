@@ -279,3 +279,11 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(*logs):
         for term in ("base", "sampler", "consistency"):
             assert b[term] == pytest.approx(a[term], rel=1e-4), (a["step"], term)
+
+
+def test_example_config_is_valid():
+    from mlx_mtp.lora import resolve_args
+
+    args = resolve_args(["-c", str(REPO / "examples" / "train_config.yaml"), "--iters", "7"])
+    assert args.train and args.num_masks == 8 and args.rank == 16 and args.alpha == 32 and args.iters == 7
+    assert len(args.lora_keys) == 7 and args.mask_chunk == 256
