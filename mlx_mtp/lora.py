@@ -151,6 +151,8 @@ def _check(args):
     for key in ["warmup", "save_every", "steps_per_eval", "mask_chunk"]:
         if getattr(args, key) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 0")
+    if not isinstance(args.num_layers, int) or (args.num_layers < 1 and args.num_layers != -1):
+        raise UsageError("--num-layers must be a positive integer, or -1 for all layers")
     if args.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
     if not args.lora_keys:
@@ -266,6 +268,8 @@ def run(args) -> int:
         try:
             trainer.train()
         except TrainingInterrupted as e:
+            if rank != 0:
+                return 130
             print(
                 f"Interrupted at step {e.step}; checkpoint saved to {e.path}. "
                 f"Continue with --resume-adapter-file {e.path}",

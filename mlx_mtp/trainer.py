@@ -357,15 +357,16 @@ def _resolve_state_file(path: Path) -> Path:
 class _SignalGuard:
     """First SIGINT/SIGTERM: finish the step, save, stop. Second: stop now."""
 
-    def __init__(self):
+    def __init__(self, verbose: bool = True):
         self.requested = False
+        self.verbose = verbose
         self.saving = False  # while a checkpoint is written, signals only set the flag
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.requested and not self.saving:
             raise KeyboardInterrupt
-        if not self.requested:
+        if not self.requested and self.verbose:
             print(
                 "\nInterrupt received: saving a checkpoint after this step "
                 "(press Ctrl-C again to stop without saving).",
@@ -698,7 +699,7 @@ class Trainer:
         start_step = self.step
         window = {"terms": {t: 0.0 for t in self.terms}, "steps": 0, "time": 0.0, "tokens": 0, "resp": 0}
         try:
-            with _SignalGuard() as guard:
+            with _SignalGuard(verbose=self.rank == 0) as guard:
                 self._guard = guard
                 if self.valid_set is not None and self.step == 0 and args.steps_per_eval > 0:
                     self._report_val(bar)
