@@ -1,0 +1,32 @@
+"""Copy a trained adapter into the package (fp16), recording the recipe.
+
+    python examples/ship_adapter.py --adapter-path runs/adapter_k4 \
+        --out mlx_mtp/adapters/smollm2-135m-instruct --recipe '{"script": "examples/train_default_adapter.sh"}'
+"""
+
+import argparse
+import json
+
+import mlx.core as mx
+
+from mlx_mtp.adapter import read_adapter_config, save_adapter
+from mlx_mtp.utils import load
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="base model (default: the default model)")
+    p.add_argument("--adapter-path", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--recipe", default="{}", help="JSON merged into the adapter's recipe")
+    args = p.parse_args()
+    model, _ = load(args.model, adapter_path=args.adapter_path)
+    recipe = read_adapter_config(args.adapter_path).get("recipe", {})
+    recipe.update(json.loads(args.recipe))
+    save_adapter(model, args.out, recipe=recipe, dtype=getattr(mx, args.dtype))
+    print(f"wrote {args.out} ({args.dtype})")
+
+
+if __name__ == "__main__":
+    main()
