@@ -33,6 +33,9 @@ def _atomic_write(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

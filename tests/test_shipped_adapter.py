@@ -1,0 +1,39 @@
+"""The adapter shipped for the default model, on the real SmolLM2-135M."""
+
+import json
+
+import pytest
+from mlx_lm import stream_generate as lm_stream_generate
+
+from mlx_mtp import load, stream_generate
+from mlx_mtp.utils import ADAPTERS_DIR, find_shipped_adapter
+
+SHIPPED = ADAPTERS_DIR / "smollm2-135m-instruct"
+
+
+def test_shipped_adapter_files():
+    config = json.loads((SHIPPED / "adapter_config.json").read_text())
+    assert config["base_model"] == {
+        "model_type": "llama", "hidden_size": 576, "num_layers": 30, "vocab_size": 49152,
+    }
+    assert 1 <= config["num_masks"] <= 16
+    assert config["recipe"]["script"] == "examples/train_default_adapter.sh"
+    assert (SHIPPED / "adapters.safetensors").stat().st_size < 32 * 2**20
+
+
+@pytest.mark.real_model
+def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_path):
+    model, tokenizer = load(str(default_model_path))
+    assert find_shipped_adapter(model.model) == SHIPPED
+    assert model.num_masks == json.loads((SHIPPED / "adapter_config.json").read_text())["num_masks"]
+    assert model.draft_vocab is not None
+    steps = tokens = 0
+    for text in ("Write a Python function that checks whether a number is even.", "What is 12 times 7?"):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ref = [r.token for r in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=40)]
+        rs = list(stream_generate(model, tokenizer, prompt, max_tokens=40))
+        assert [r.token for r in rs] == ref
+        steps += rs[-1].steps
+        tokens += len(rs)
+    # the trained masks do speculate correctly sometimes
+    assert tokens / steps > 1.0
