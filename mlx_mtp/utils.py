@@ -77,11 +77,12 @@ def load_base(path_or_repo: str):
 
 def load(
     path_or_repo: Optional[str] = None,
-    adapter_path: Optional[Union[str, Path]] = None,
+    adapter_path: Union[str, Path, None, bool] = None,
 ) -> Tuple[MTPModel, "object"]:
     """Load an mlx-lm model (local directory or hub id; None: the default
     model) and its MTP adapter: ``adapter_path`` or, if None, the adapter
-    shipped for that model if there is one (else none: plain decoding).
+    shipped for that model if there is one (else none: plain decoding);
+    ``False``: no adapter.
 
     Returns ``(model, tokenizer)``; ``model`` is an :class:`MTPModel` whose
     ``.model`` is the unmodified mlx-lm model.
@@ -89,6 +90,8 @@ def load(
     if path_or_repo is None:
         path_or_repo = default_model_path()
     base, tokenizer = load_base(str(path_or_repo))
+    if adapter_path is False:
+        return MTPModel(base), tokenizer
     if adapter_path is None:
         adapter_path = find_shipped_adapter(base)
     if adapter_path is None:

@@ -314,7 +314,8 @@ def test_cli_as_module(dirs):
 def test_real_model_equals_mlx_lm_greedy(default_model_path):
     """SmolLM2-135M-Instruct with a random adapter (nothing accepted: every
     step goes through rejection) gives mlx-lm's greedy tokens."""
-    model, tokenizer = load(str(default_model_path), adapter_path=None)
+    model, tokenizer = load(str(default_model_path), adapter_path=False)
+    assert model.num_masks == 0
     mtp = randomize_adapter(MTPModel(model.model, MTPConfig(num_masks=2)), seed=1, std=0.02)
     cases = [("What is 17 * 23?", "quadratic"), ("Write a Python function that reverses a string.", "linear")]
     for text, mode in cases:
