@@ -11,6 +11,12 @@ and overall it reports baseline and MTP tokens/sec, the speedup (ratio of
 per-prompt medians), mean tokens/step and identical outputs. It also measures
 the cost of one forward over T new tokens (T = 1, k+1, (k+1)^2), which bounds
 the wall-clock speedup that a given tokens/step can buy.
+
+It also reports the acceptance per depth (the fraction of steps whose j-th
+speculation was accepted) and, from it and the measured cost of a quadratic
+step with j masks per block (a forward over (j+1)^2 tokens plus j sampler
+calls), the tokens/step and speedup that decoding with ``--num-masks j``
+would give for every j <= k: how to choose k on this machine.
 """
 
 import argparse
@@ -22,7 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -87,14 +93,24 @@ def read_prompts(path: Path, categories: Optional[List[str]], per_category: Opti
     return rows
 
 
-def forward_costs(model, k: int, context: int = 300, repeats: int = 5) -> Dict[int, float]:
-    """Seconds per forward over T new tokens after ``context`` cached tokens."""
+def step_shapes(k: int) -> List[Tuple[int, int]]:
+    """(regular tokens n, masks per block j) of the forwards to time: one
+    token; one token with k masks (T = k+1); quadratic steps with j masks,
+    T = (j+1)^2, j = 1..k."""
+    return [(1, 0), (1, k)] + [(j + 1, j) for j in range(1, k + 1)]
+
+
+def forward_costs(model, shapes: List[Tuple[int, int]], context: int = 300, repeats: int = 5) -> Dict[int, float]:
+    """Seconds per forward over T = n(j+1) new tokens (n regular tokens, each
+    followed by j masks) after ``context`` cached tokens, keyed by T."""
     from .cache import commit
     from .layouts import quadratic_layout
 
     costs = {}
     vocab = model.vocab_size
-    for T in sorted({1, k + 1, (k + 1) ** 2}):
+    # equal T: the quadratic shape (n = j+1) is timed last and kept
+    for n, j in sorted(set(shapes), key=lambda s: (s[0] * (s[1] + 1), s[0] == s[1] + 1)):
+        T = n * (j + 1)
         times = []
         for r in range(repeats + 1):
             cache = model.make_cache()
@@ -103,10 +119,10 @@ def forward_costs(model, k: int, context: int = 300, repeats: int = 5) -> Dict[i
             commit(cache)
             mx.eval([c.keys for c in cache])
             tic = time.perf_counter()
-            if T == 1:
-                out = model.lm_head(model(mx.array([[1]]), cache))
+            if j == 0:
+                out = model.lm_head(model(mx.ones((1, n), dtype=mx.int32), cache))
             else:
-                layout = quadratic_layout([1] * (T // (k + 1)), k)
+                layout = quadratic_layout([1] * n, j)
                 h = model.forward_layout(layout, cache)
                 out = model.lm_head(h[:, mx.array(layout.regular)])
             mx.eval(out)
@@ -114,6 +130,57 @@ def forward_costs(model, k: int, context: int = 300, repeats: int = 5) -> Dict[i
                 times.append(time.perf_counter() - tic)
         costs[T] = statistics.median(times)
     return costs
+
+
+def chain_cost(model, k: int, repeats: int = 5) -> float:
+    """Seconds per sampler-head call in a greedy draft chain (mean over k calls)."""
+    d = model.model.model.embed_tokens.weight.shape[-1]
+    z = mx.random.normal((1, k, d))
+    times = []
+    for r in range(repeats + 1):
+        mx.eval(z)
+        tic = time.perf_counter()
+        prev = mx.array([1], dtype=mx.int32)
+        for j in range(k):
+            prev = mx.argmax(model.sampler_logits(prev, z[:, j]), axis=-1).astype(mx.int32)
+        mx.eval(prev)
+        if r:
+            times.append((time.perf_counter() - tic) / k)
+    return statistics.median(times)
+
+
+def accepted_per_step(from_draft: List[bool]) -> List[int]:
+    """Accepted speculations of each step, from the tokens' ``from_draft``
+    flags (a step emits its accepted drafts, then the base model's token)."""
+    counts, run = [], 0
+    for flag in from_draft:
+        if flag:
+            run += 1
+        else:
+            counts.append(run)
+            run = 0
+    return counts
+
+
+def acceptance_per_depth(counts: List[int], k: int) -> List[float]:
+    """Fraction of steps that accepted at least j speculations, j = 1..k."""
+    if not counts:
+        return [0.0] * k
+    return [sum(c >= j for c in counts) / len(counts) for j in range(1, k + 1)]
+
+
+def projection(acceptance: List[float], fwd: Dict[int, float], chain: float) -> List[dict]:
+    """Tokens/step, step cost (relative to a one-token forward) and speedup of
+    quadratic decoding with j <= k masks, from the acceptance per depth
+    measured at k (the j-th speculation does not depend on k) and measured
+    costs. Verification alone bounds it: overheads outside the forward and
+    the chain are not counted."""
+    rows = []
+    for j in range(1, len(acceptance) + 1):
+        tps = 1.0 + sum(acceptance[:j])
+        cost = (fwd[(j + 1) ** 2] + j * chain) / fwd[1]
+        rows.append({"num_masks": j, "tokens_per_step": tps, "step_cost": cost, "speedup": tps / cost})
+    return rows
 
 
 def summarize(category: str, records: List[dict]) -> Row:
@@ -198,9 +265,11 @@ def run(args) -> int:
             )
         return text
 
-    costs = forward_costs(model, k)
+    costs = forward_costs(model, step_shapes(k))
+    chain = chain_cost(model, k)
     print("cost of one forward over T new tokens (300 cached), relative to T=1:")
     print("  " + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
+    print(f"  one sampler-head call: {chain * 1e3:.1f} ms ({chain / costs[1]:.2f}x)")
 
     # warm-up
     for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
@@ -222,11 +291,12 @@ def run(args) -> int:
             for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
                 base_tokens.append(resp.token)
                 base_tps = resp.generation_tps
-            ours, resp = [], None
+            ours, flags, resp = [], [], None
             for resp in stream_generate(
                 model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode
             ):
                 ours.append(resp.token)
+                flags.append(resp.from_draft)
             records[cat].append(
                 {
                     "baseline_tps": base_tps,
@@ -234,6 +304,8 @@ def run(args) -> int:
                     "steps": resp.steps,
                     "tokens": len(ours),
                     "identical": int(ours == base_tokens),
+                    # the first step has nothing to verify; the last may be cut short
+                    "accepted": accepted_per_step(flags)[1:],
                 }
             )
     except KeyboardInterrupt:
@@ -244,6 +316,19 @@ def run(args) -> int:
     rows = [summarize(cat, recs) for cat, recs in records.items()]
     overall = summarize("overall", [r for recs in records.values() for r in recs])
     print_table(rows + [overall])
+    counts = [c for recs in records.values() for r in recs for c in r["accepted"]]
+    acceptance = acceptance_per_depth(counts, k)
+    print("acceptance per depth (steps whose j-th speculation was accepted): "
+          + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1)))
+    proj = []
+    if args.mode == "quadratic":
+        proj = projection(acceptance, costs, chain)
+        print("quadratic decoding with j masks, projected from these measurements:")
+        print(f"{'j':>4}{'tok/step':>10}{'step cost':>11}{'speedup':>9}")
+        for p in proj:
+            print(f"{p['num_masks']:>4}{p['tokens_per_step']:>10.2f}{p['step_cost']:>10.2f}x{p['speedup']:>8.2f}x")
+        best = max(proj, key=lambda p: p["speedup"])
+        print(f"fastest here: --num-masks {best['num_masks']}")
     if args.json:
         result = {
             "model": args.model or "default",
@@ -255,6 +340,9 @@ def run(args) -> int:
             "mode": args.mode,
             "max_tokens": args.max_tokens,
             "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
+            "sampler_call_ms": chain * 1e3,
+            "acceptance_per_depth": acceptance,
+            "projection": proj,
             "results": [asdict(r) for r in rows],
             "overall": asdict(overall),
         }

@@ -42,9 +42,36 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
         assert r["tokens_per_step"] >= 1.0
         assert r["speedup"] > 0 and r["baseline_tps"] > 0 and r["mtp_tps"] > 0
     assert result["overall"]["prompts"] == 4
-    assert sorted(result["forward_cost_ms"]) == sorted(str(t) for t in {1, K + 1, (K + 1) ** 2})
+    sizes = {1, K + 1} | {(j + 1) ** 2 for j in range(1, K + 1)}
+    assert sorted(result["forward_cost_ms"]) == sorted(str(t) for t in sizes)
+    acc = result["acceptance_per_depth"]
+    assert len(acc) == K and all(0 <= a <= 1 for a in acc)
+    assert all(a >= b for a, b in zip(acc, acc[1:]))
+    assert [p["num_masks"] for p in result["projection"]] == list(range(1, K + 1))
+    assert result["sampler_call_ms"] > 0
     text = capsys.readouterr().out
     assert "overall" in text and "identical" in text and "relative to T=1" in text
+    assert "acceptance per depth" in text and "fastest here: --num-masks" in text
+
+
+def test_acceptance_from_flags():
+    # steps: [d d b] [b] [d b] [d d d b]
+    flags = [True, True, False, False, True, False, True, True, True, False]
+    counts = benchmark.accepted_per_step(flags)
+    assert counts == [2, 0, 1, 3]
+    assert benchmark.acceptance_per_depth(counts, 4) == [0.75, 0.5, 0.25, 0.0]
+    assert benchmark.acceptance_per_depth([], 2) == [0.0, 0.0]
+
+
+def test_projection_arithmetic():
+    fwd = {1: 0.1, 4: 0.12, 9: 0.15}
+    rows = benchmark.projection([0.5, 0.25], fwd, chain=0.01)
+    assert [r["num_masks"] for r in rows] == [1, 2]
+    assert rows[0]["tokens_per_step"] == pytest.approx(1.5)
+    assert rows[0]["step_cost"] == pytest.approx((0.12 + 0.01) / 0.1)
+    assert rows[1]["tokens_per_step"] == pytest.approx(1.75)
+    assert rows[1]["step_cost"] == pytest.approx((0.15 + 0.02) / 0.1)
+    assert rows[1]["speedup"] == pytest.approx(1.75 / 1.7)
 
 
 def test_benchmark_errors(dirs, tmp_path, capsys):  # noqa: F811
