@@ -6,6 +6,7 @@
 
 import argparse
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 
@@ -20,8 +21,15 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--recipe", default="{}", help="JSON merged into the adapter's recipe")
+    p.add_argument(
+        "--decode-num-masks", default=None,
+        help="default k per device type, e.g. 'cpu=2' (from the benchmark's projection)",
+    )
     args = p.parse_args()
     model, _ = load(args.model, adapter_path=args.adapter_path)
+    if args.decode_num_masks:
+        pairs = dict(item.split("=") for item in args.decode_num_masks.split(","))
+        model.config = replace(model.config, decode_num_masks={d: int(k) for d, k in pairs.items()})
     recipe = read_adapter_config(args.adapter_path).get("recipe", {})
     recipe.update(json.loads(args.recipe))
     save_adapter(model, args.out, recipe=recipe, dtype=getattr(mx, args.dtype))

@@ -245,7 +245,7 @@ def run(args) -> int:
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     if model.num_masks == 0:
         raise ValueError("the model has no MTP adapter: pass --adapter-path")
-    k = args.num_masks or model.num_masks
+    k = args.num_masks or model.default_num_masks
     base_model = model.model
     dtype = str(base_model.model.embed_tokens.weight.dtype).replace("mlx.core.", "")
     if hasattr(base_model.model.embed_tokens, "bits"):
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default=None, help="comma-separated categories")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per category")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-masks", type=int, default=None)
+    p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device)")
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)

@@ -61,7 +61,8 @@ def context_limit(model: MTPModel) -> Optional[int]:
 
 
 def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> int:
-    """The k to decode with: 0 in mode ``off`` or without an adapter."""
+    """The k to decode with: 0 in mode ``off`` or without an adapter; by
+    default the adapter's choice for this device (:attr:`MTPModel.default_num_masks`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}': expected one of {', '.join(MODES)}")
     trained = model.num_masks
@@ -76,7 +77,7 @@ def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> i
             )
     if mode == "off":
         return 0
-    return trained if num_masks is None else num_masks
+    return model.default_num_masks if num_masks is None else num_masks
 
 
 def _apply_filters(logprobs: mx.array, top_p: float, top_k: int) -> mx.array:

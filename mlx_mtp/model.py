@@ -71,6 +71,16 @@ class MTPConfig:
     num_masks: int = 8
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # k to decode with by default, per device type ("cpu", "gpu"), where it was
+    # measured to beat the trained k (verification costs more per token on CPUs)
+    decode_num_masks: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for device, k in self.decode_num_masks.items():
+            if device not in ("cpu", "gpu") or not 0 <= int(k) <= self.num_masks:
+                raise ValueError(
+                    f"decode_num_masks: '{device}': {k} (devices cpu/gpu, 0 <= k <= num_masks={self.num_masks})"
+                )
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -81,6 +91,7 @@ class MTPConfig:
             num_masks=int(d["num_masks"]),
             lora=LoRAConfig(**d.get("lora", {})),
             sampler=SamplerConfig(**d.get("sampler", {})),
+            decode_num_masks={str(k): int(v) for k, v in d.get("decode_num_masks", {}).items()},
         )
 
 
@@ -146,6 +157,15 @@ class MTPModel(nn.Module):
     @property
     def num_masks(self) -> int:
         return 0 if self.masks is None else self.masks.num_masks
+
+    @property
+    def default_num_masks(self) -> int:
+        """The k to decode with when none is asked for: the adapter's
+        ``decode_num_masks`` for the default device's type, else the trained k."""
+        if self.config is None:
+            return 0
+        device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+        return self.config.decode_num_masks.get(device, self.num_masks)
 
     @property
     def layers(self) -> List[nn.Module]:

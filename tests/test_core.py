@@ -282,3 +282,25 @@ def test_draft_vocab_restricts_sampler_and_round_trips(tmp_path, bits):
     assert mx.array_equal(loaded.sampler_logits(prev, z), sub).item()
     with pytest.raises(ValueError, match="draft vocabulary ids"):
         mtp.set_draft_vocab(mx.array([128]))
+
+
+def test_adapter_decode_num_masks_default(tmp_path):
+    from dataclasses import replace
+
+    from mlx_mtp.decode import SpeculativeDecoder
+
+    mtp = tiny_mtp("llama", num_masks=4)
+    assert mtp.default_num_masks == 4  # nothing recorded: the trained k
+    mtp.config = replace(mtp.config, decode_num_masks={"cpu": 2, "gpu": 3})
+    save_adapter(mtp, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["decode_num_masks"] == {"cpu": 2, "gpu": 3}
+    loaded = load_adapter(tiny_model("llama"), tmp_path / "ad")
+    expected = 3 if mx.default_device().type == mx.DeviceType.gpu else 2
+    assert loaded.default_num_masks == expected
+    assert SpeculativeDecoder(loaded).k == expected
+    assert SpeculativeDecoder(loaded, num_masks=4).k == 4  # asking still wins
+    config["decode_num_masks"] = {"cpu": 5}
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="decode_num_masks"):
+        load_adapter(tiny_model("llama"), tmp_path / "ad")
