@@ -18,6 +18,7 @@ Ctrl-C saves a checkpoint and stops; ``--resume-adapter-file`` continues it.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ DEFAULTS = {
     "mask_chunk": 256,
     "adapter_path": "adapters",
     "resume_adapter_file": None,
+    "init_adapter": None,
+    "sampler_skip": True,
     "save_every": 100,
     "steps_per_report": 10,
     "steps_per_eval": 200,
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mask-chunk", type=int, help="mask tokens per forward/backward chunk, whole batch (default: 256; 0: no chunking)")
     a("--adapter-path", help="where checkpoints and the adapter go (default: adapters)")
     a("--resume-adapter-file", help="checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)")
+    a("--init-adapter", help="start from this adapter's LoRA and mask weights with a fresh sampler head (step 0, fresh optimizer)")
+    a("--sampler-skip", dest="sampler_skip", action="store_true", default=None, help="sampler head adds its output to the mask's hidden state and starts as the LM head (default)")
+    a("--no-sampler-skip", dest="sampler_skip", action="store_false", default=None, help="the paper's plain sampler head, p = W_unembed MLP([E(y_prev); z])")
     a("--save-every", type=int, help="checkpoint every N steps (default: 100)")
     a("--steps-per-report", type=int, help="report training losses every N steps (default: 10)")
     a("--steps-per-eval", type=int, help="validate every N steps (default: 200; 0: never)")
@@ -186,6 +192,7 @@ def run(args) -> int:
     from .gated_lora import LoRAConfig, model_layers
     from .losses import LossWeights
     from .model import MTPConfig, MTPModel
+    from .sampler import SamplerConfig
     from .trainer import LOG_FILE, TrainArgs, Trainer, TrainingInterrupted
 
     world = mx.distributed.init()
@@ -245,20 +252,34 @@ def run(args) -> int:
         if valid_set is None:
             say(f"[data] no valid.jsonl in {args.data}: training without validation")
         mx.random.seed(args.seed)
-        config = MTPConfig(num_masks=args.num_masks, lora=LoRAConfig(rank=args.rank, scale=scale, keys=list(args.lora_keys), layers=layers))
+        config = MTPConfig(
+            num_masks=args.num_masks,
+            lora=LoRAConfig(rank=args.rank, scale=scale, keys=list(args.lora_keys), layers=layers),
+            sampler=SamplerConfig(skip=bool(args.sampler_skip)),
+        )
         try:
             mtp = MTPModel(model, config)
         except ValueError as e:
             raise UsageError(str(e)) from None
         recipe = {"trainer": "mlx_mtp.lora", "base_model": args.model, "data": str(args.data)}
+        if args.init_adapter and not args.resume_adapter_file:
+            cfg = Path(args.init_adapter) / "adapter_config.json"
+            earlier = json.loads(cfg.read_text()).get("recipe") if cfg.exists() else None
+            recipe["init_adapter"] = {"path": str(args.init_adapter), "recipe": earlier}
         trainer = Trainer(mtp, train_set, valid_set, train_args, recipe=recipe, world=world)
+        if args.resume_adapter_file and args.init_adapter:
+            raise UsageError("give --resume-adapter-file or --init-adapter, not both")
         if args.resume_adapter_file:
             step = trainer.resume(args.resume_adapter_file)
             say(f"[resume] from {args.resume_adapter_file} at step {step}")
-        elif rank == 0:
-            log = Path(args.adapter_path) / LOG_FILE
-            if log.exists():
-                log.unlink()
+        else:
+            if rank == 0:
+                log = Path(args.adapter_path) / LOG_FILE
+                if log.exists():
+                    log.unlink()
+            if args.init_adapter:
+                n = trainer.init_from(args.init_adapter)
+                say(f"[init] {n} LoRA and mask tensors from {args.init_adapter}; fresh sampler head")
         n_params = sum(v.size for v in mtp.adapter_parameters().values())
         say(
             f"[train] {len(train_set)} train / {len(valid_set) if valid_set else 0} valid examples | "

@@ -633,8 +633,29 @@ class Trainer:
         self.step = int(metadata["step"])
         return self.step
 
-    def _load_weights(self, weights: Dict[str, mx.array], source: Path):
+    def init_from(self, path) -> int:
+        """Start from the LoRA and mask weights of the adapter at ``path``
+        with this run's fresh sampler head, at step 0 with a fresh optimizer
+        (``--init-adapter``: e.g. to change the sampler head's configuration
+        without losing the rest of a run). Returns how many tensors were loaded."""
+        path = Path(path)
+        weights_file = path / "adapters.safetensors" if path.is_dir() else path
+        if not weights_file.exists():
+            raise AdapterError(f"no adapter weights at '{weights_file}'")
+        weights = {k: v for k, v in mx.load(str(weights_file)).items() if not k.startswith("sampler.")}
+        weights.pop("draft_vocab", None)
+        expected = {k for k in self.mtp.adapter_parameters() if not k.startswith("sampler.")}
+        missing = sorted(expected - set(weights))
+        if missing:
+            raise AdapterError(f"'{weights_file}' does not fit this adapter configuration (missing {missing[0]})")
+        self._load_weights(weights, weights_file, partial=True)
+        self.step = 0
+        return len(weights)
+
+    def _load_weights(self, weights: Dict[str, mx.array], source: Path, partial: bool = False):
         expected = self.mtp.adapter_parameters()
+        if partial:
+            expected = {k: v for k, v in expected.items() if k in weights or not k.startswith("sampler.")}
         missing = sorted(set(expected) - set(weights))
         extra = sorted(set(weights) - set(expected))
         if missing or extra:

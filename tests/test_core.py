@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import AdapterError, load_adapter, save_adapter
 from mlx_mtp.cache import commit
@@ -304,3 +305,25 @@ def test_adapter_decode_num_masks_default(tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="decode_num_masks"):
         load_adapter(tiny_model("llama"), tmp_path / "ad")
+
+
+def test_skip_sampler_starts_as_lm_head_and_gets_gradients():
+    import mlx.nn as nn_
+
+    from mlx_mtp.sampler import SamplerConfig, SamplerHead
+
+    head = SamplerHead(64, SamplerConfig(skip=True))
+    prev, z = mx.random.normal((5, 64)), mx.random.normal((5, 64))
+    assert mx.array_equal(head(prev, z), z).item()
+    target = mx.random.normal((5, 64))
+
+    def loss(params):
+        head.update(params)
+        return ((head(prev, z) - target) ** 2).mean()
+
+    grads = dict(tree_flatten(mx.grad(loss)(head.trainable_parameters())))
+    assert mx.any(grads["layers.0.norm.weight"] != 0).item()
+    # the plain head of the paper starts elsewhere
+    plain = SamplerHead(64, SamplerConfig(skip=False))
+    assert not mx.allclose(plain(prev, z), z).item()
+    assert isinstance(plain.layers[0].linear, nn_.Linear)

@@ -287,3 +287,53 @@ def test_example_config_is_valid():
     args = resolve_args(["-c", str(REPO / "examples" / "train_config.yaml"), "--iters", "7"])
     assert args.train and args.num_masks == 8 and args.rank == 16 and args.alpha == 32 and args.iters == 7
     assert len(args.lora_keys) == 7 and args.mask_chunk == 256
+
+
+def test_cli_init_adapter_keeps_lora_and_masks_with_a_fresh_skip_sampler(tmp_path, capsys):
+    first = tmp_path / "first"
+    base = ["--iters", "2", "--batch-size", "2", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0"]
+    assert main(_cli(tmp_path, *base, "--no-sampler-skip", "--adapter-path", str(first))) == 0
+    config = json.loads((first / "adapter_config.json").read_text())
+    assert config["sampler"]["skip"] is False
+    trained = dict(mx.load(str(first / "adapters.safetensors")))
+    capsys.readouterr()
+
+    second = tmp_path / "second"
+    assert main(_cli(tmp_path, *base, "--adapter-path", str(second), "--init-adapter", str(first))) == 0
+    out = capsys.readouterr().out
+    assert f"[init] {len([k for k in trained if not k.startswith('sampler.')])} LoRA and mask tensors" in out
+    config = json.loads((second / "adapter_config.json").read_text())
+    assert config["sampler"]["skip"] is True and config["recipe"]["step"] == 2
+    assert config["recipe"]["init_adapter"]["recipe"]["step"] == 2
+    assert load_adapter(_load()[0], second).config.sampler.skip
+
+    # what init_from loads, exactly
+    model, tok = _load()
+    mtp = MTPModel(model, MTPConfig.from_dict({**config, "recipe": None}))
+    trainer = Trainer(mtp, None, None, TrainArgs(adapter_path=str(tmp_path / "x"), progress=False))
+    trainer.step = 7
+    trainer.init_from(first)
+    assert trainer.step == 0
+    got = mtp.adapter_parameters()
+    for name, v in trained.items():
+        if not name.startswith("sampler."):
+            assert mx.array_equal(got[name], v).item(), name
+    for name, v in got.items():
+        if name.endswith("norm.weight") and name.startswith("sampler."):
+            assert not mx.any(v).item(), name  # fresh skip head: zero norms
+    # the fresh head drafts what the LM head says at the mask
+    z = mx.random.normal((3, mtp.hidden_size))
+    prev = mx.array([1, 2, 3])
+    assert mx.array_equal(mtp.sampler_logits(prev, z), mtp.lm_head(z)).item()
+
+    # both starting points at once is a usage error, nothing written
+    third = tmp_path / "third"
+    argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first), "--resume-adapter-file", str(first))
+    assert main(argv) == 1
+    assert "not both" in capsys.readouterr().err
+    assert not third.exists()
+    # an adapter of another shape is refused by name
+    argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first))
+    argv[argv.index("--rank") + 1] = "8"
+    assert main(argv) == 1
+    assert "lora_a' has shape" in capsys.readouterr().err
