@@ -129,7 +129,7 @@ def test_peft_cli_parity(base, tmp_path):
     assert config["num_masks"] == 3
     assert config["lora"]["rank"] == RANK and config["lora"]["scale"] == ALPHA / RANK
     assert config["lora"]["ranks"] == {} and config["lora"]["scales"] == {}
-    assert config["sampler"] == {"residual": True, "eps": R.EPS}
+    assert config["sampler"] == {"residual": True, "eps": R.EPS, "skip": False}
     assert config["recipe"]["source"] == "peft"
     check_parity(torch_model, adapter, model_dir, out)
 
