@@ -41,6 +41,7 @@ DEFAULTS = {
     "batch_size": 4,
     "learning_rate": 2e-4,
     "warmup": 100,
+    "sampler_lr_scale": 1.0,
     "weight_decay": 0.01,
     "max_seq_length": 2048,
     "mask_chunk": 256,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--iters", type=int, help="training steps (default: 1000)")
     a("--batch-size", type=int, help="examples per step, all processes together (default: 4)")
     a("--learning-rate", type=float, help="AdamW learning rate, flat after warm-up (default: 2e-4)")
+    a("--sampler-lr-scale", type=float, help="the sampler head's learning rate relative to --learning-rate (default: 1)")
     a("--warmup", type=int, help="linear warm-up steps (default: 100)")
     a("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     a("--max-seq-length", type=int, help="cap on the layout length, regular tokens + k masks per response token; responses are cut (default: 2048)")
@@ -161,6 +163,8 @@ def _check(args):
         raise UsageError("--num-layers must be a positive integer, or -1 for all layers")
     if args.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
+    if args.sampler_lr_scale <= 0:
+        raise UsageError("--sampler-lr-scale must be positive")
     if not args.lora_keys:
         raise UsageError("--lora-keys is empty")
 
@@ -213,6 +217,7 @@ def run(args) -> int:
         iters=args.iters,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        sampler_lr_scale=args.sampler_lr_scale,
         warmup=args.warmup,
         weight_decay=args.weight_decay,
         max_seq_length=args.max_seq_length,

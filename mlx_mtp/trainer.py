@@ -70,6 +70,7 @@ class TrainArgs:
     iters: int = 1000
     batch_size: int = 4
     learning_rate: float = 2e-4
+    sampler_lr_scale: float = 1.0  # the sampler head's learning rate, relative
     warmup: int = 100
     weight_decay: float = 0.01
     max_seq_length: int = 2048
@@ -420,13 +421,22 @@ class Trainer:
             else None
         )
         self.step = 0
-        lr = args.learning_rate
-        if args.warmup > 0:
-            warmup = args.warmup
-            schedule = lambda step: lr * mx.minimum(1.0, (step + 1) / warmup)  # noqa: E731
+        def schedule(lr):
+            if args.warmup > 0:
+                return lambda step: lr * mx.minimum(1.0, (step + 1) / args.warmup)
+            return lr
+
+        main = optim.AdamW(learning_rate=schedule(args.learning_rate), weight_decay=args.weight_decay)
+        self._main_optimizer = main
+        if args.sampler_lr_scale != 1.0:
+            # a skip sampler head starts with zero norm weights: its output
+            # scale grows by about one learning rate per Adam step
+            head = optim.AdamW(
+                learning_rate=schedule(args.learning_rate * args.sampler_lr_scale), weight_decay=args.weight_decay
+            )
+            self.optimizer = optim.MultiOptimizer([head, main], [lambda path, _: path.startswith("sampler.")])
         else:
-            schedule = lr
-        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+            self.optimizer = main
         self.optimizer.init(mtp.trainable_parameters())
         self.terms = tuple(
             t for t in TERMS if (t != "distill" or args.distill_logits) and args.loss_weights.get(t)
@@ -775,7 +785,7 @@ class Trainer:
         t = max(window["time"], 1e-9)
         terms = {k: v / n for k, v in window["terms"].items()}
         loss = sum(self.args.loss_weights.get(k) * v for k, v in terms.items())
-        lr = float(self.optimizer.learning_rate.item())
+        lr = float(self._main_optimizer.learning_rate.item())
         peak = mx.get_peak_memory() / 1e9
         rec = {
             "type": "train",

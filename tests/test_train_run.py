@@ -343,3 +343,37 @@ def test_cli_init_adapter_keeps_lora_and_masks_with_a_fresh_skip_sampler(tmp_pat
     argv[argv.index("--rank") + 1] = "8"
     assert main(argv) == 1
     assert "lora_a' has shape" in capsys.readouterr().err
+
+
+def test_sampler_lr_scale_moves_only_the_sampler_faster(tmp_path):
+    """Two runs from the same start, one with the sampler head's learning
+    rate x10: the LoRA and mask updates are identical, the head's are not,
+    and its checkpoint resumes exactly."""
+    model, tok = _load()
+    data = _data(tok, k=2)
+    runs = {}
+    for scale in (1.0, 10.0):
+        mx.random.seed(0)
+        mtp = MTPModel(model, MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
+        args = TrainArgs(iters=1, batch_size=2, learning_rate=1e-3, warmup=0, steps_per_eval=0, save_every=0,
+                         sampler_lr_scale=scale, adapter_path=str(tmp_path / str(scale)), progress=False)
+        trainer = Trainer(mtp, data["train"], None, args)
+        before = {k: mx.array(v) for k, v in mtp.adapter_parameters().items()}
+        trainer.train()
+        runs[scale] = {k: v - before[k] for k, v in mtp.adapter_parameters().items()}
+        model = _load()[0]
+    for name, d1 in runs[1.0].items():
+        d10 = runs[10.0][name]
+        if name.startswith("sampler."):
+            # Adam's first step is lr * sign(g), so x10 exactly where g != 0
+            np.testing.assert_allclose(np.array(d10), 10 * np.array(d1), rtol=1e-4, atol=1e-9, err_msg=name)
+        else:
+            assert mx.array_equal(d1, d10).item(), name
+    # resume with the same setting continues; the plain optimizer's state does not fit
+    mtp = MTPModel(_load()[0], MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
+    args = TrainArgs(iters=2, batch_size=2, learning_rate=1e-3, warmup=0, steps_per_eval=0, save_every=0,
+                     sampler_lr_scale=10.0, adapter_path=str(tmp_path / "10.0"), progress=False)
+    assert Trainer(mtp, data["train"], None, args).resume(tmp_path / "10.0") == 1
+    with pytest.raises(Exception, match="optimizer state"):
+        Trainer(mtp, data["train"], None, TrainArgs(**{**args.to_dict(), "sampler_lr_scale": 1.0,
+                "loss_weights": args.loss_weights})).resume(tmp_path / "10.0")
