@@ -41,7 +41,7 @@ DEFAULTS = {
     "batch_size": 4,
     "learning_rate": 2e-4,
     "warmup": 100,
-    "sampler_lr_scale": 1.0,
+    "sampler_lr_scale": 10.0,
     "weight_decay": 0.01,
     "max_seq_length": 2048,
     "mask_chunk": 256,
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--iters", type=int, help="training steps (default: 1000)")
     a("--batch-size", type=int, help="examples per step, all processes together (default: 4)")
     a("--learning-rate", type=float, help="AdamW learning rate, flat after warm-up (default: 2e-4)")
-    a("--sampler-lr-scale", type=float, help="the sampler head's learning rate relative to --learning-rate (default: 1)")
+    a("--sampler-lr-scale", type=float, help="the sampler head's learning rate relative to --learning-rate (default: 10; a skip head's zero norms grow by one learning rate per step)")
     a("--warmup", type=int, help="linear warm-up steps (default: 100)")
     a("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     a("--max-seq-length", type=int, help="cap on the layout length, regular tokens + k masks per response token; responses are cut (default: 2048)")

@@ -247,13 +247,14 @@ def test_two_processes_match_one(tmp_path):
     """mlx.launch -n 2 --backend ring: each process takes half of every batch;
     the averaged update equals the one-process update on the whole batch.
 
-    The plain sampler head: the skip head's zero-initialised norms give its
-    first layer gradients near zero at step 2, which Adam's normalisation
-    turns into full-size steps, so the order of the gradient sum shows at
-    1e-5; the plain head keeps the comparison at rtol 1e-4."""
+    The plain sampler head at the common learning rate: the skip head's
+    zero-initialised norms give its first layer gradients near zero at step 2,
+    which Adam's normalisation turns into full-size steps (ten times larger
+    at the CLI's default --sampler-lr-scale), so the order of the gradient
+    sum shows at 1e-5; this keeps the comparison at rtol 1e-4."""
     common = ["--iters", "3", "--batch-size", "4", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0",
               "--learning-rate", "1e-2", "--warmup", "0", "--mask-chunk", "16", "--steps-per-report", "1",
-              "--no-sampler-skip"]
+              "--no-sampler-skip", "--sampler-lr-scale", "1"]
     assert main(_cli(tmp_path / "one", *common)) == 0
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     launch = [
