@@ -62,6 +62,21 @@ def blas_in_use() -> str:
     return "reference BLAS (bundled)"
 
 
+def weights_dtype(model) -> str:
+    """The layers' weight format: "float32", "float16", "4-bit", ... (quantized
+    embeddings of another width are named too)."""
+    import mlx.nn as nn
+
+    def name(module) -> str:
+        if hasattr(module, "bits"):
+            return f"{module.bits}-bit"
+        return str(module.weight.dtype).replace("mlx.core.", "")
+
+    linear = next(m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    layers, embed = name(linear), name(model.model.embed_tokens)
+    return layers if embed == layers else f"{layers} (embeddings {embed})"
+
+
 def default_prompts_file() -> Optional[Path]:
     for candidate in (Path.cwd().parent / "shared/data/spec_bench/question.jsonl", DEFAULT_PROMPTS):
         if candidate.exists():
@@ -247,9 +262,7 @@ def run(args) -> int:
         raise ValueError("the model has no MTP adapter: pass --adapter-path")
     k = args.num_masks or model.default_num_masks
     base_model = model.model
-    dtype = str(base_model.model.embed_tokens.weight.dtype).replace("mlx.core.", "")
-    if hasattr(base_model.model.embed_tokens, "bits"):
-        dtype = f"{base_model.model.embed_tokens.bits}-bit"
+    dtype = weights_dtype(base_model)
     blas = blas_in_use()
     print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}")
     if sys.platform.startswith("linux") and blas != "OpenBLAS":

@@ -34,6 +34,7 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
     for key in ("model", "adapter", "dtype", "blas", "platform", "num_masks", "mode", "max_tokens", "results", "overall"):
         assert key in result
     assert result["num_masks"] == K and result["mode"] == "quadratic" and result["max_tokens"] == 6
+    assert result["dtype"] == "float32"
     rows = {r["category"]: r for r in result["results"]}
     assert sorted(rows) == ["coding", "math_reasoning"]
     assert rows["coding"]["prompts"] == 2 and rows["math_reasoning"]["prompts"] == 2
@@ -86,3 +87,15 @@ def test_benchmark_errors(dirs, tmp_path, capsys):  # noqa: F811
         benchmark.main(["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(bad)])
     assert e.value.code == 2
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+def test_weights_dtype_names_the_layers():
+    from tiny import tiny_model
+
+    assert benchmark.weights_dtype(tiny_model("llama")) == "float32"
+    assert benchmark.weights_dtype(tiny_model("llama", bits=4)) == "4-bit"
+    import mlx.nn as nn
+
+    model = tiny_model("llama")
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    assert benchmark.weights_dtype(model) == "4-bit (embeddings float32)"
