@@ -2,6 +2,7 @@
 
 import json
 
+import mlx.core as mx
 import pytest
 from mlx_lm import stream_generate as lm_stream_generate
 
@@ -27,13 +28,18 @@ def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_pat
     assert find_shipped_adapter(model.model) == SHIPPED
     assert model.num_masks == json.loads((SHIPPED / "adapter_config.json").read_text())["num_masks"]
     assert model.draft_vocab is not None
-    steps = tokens = 0
-    for text in ("Write a Python function that checks whether a number is even.", "What is 12 times 7?"):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ref = [r.token for r in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=40)]
-        rs = list(stream_generate(model, tokenizer, prompt, max_tokens=40))
-        assert [r.token for r in rs] == ref
-        steps += rs[-1].steps
-        tokens += len(rs)
-    # the trained masks do speculate correctly sometimes
-    assert tokens / steps > 1.0
+    config = json.loads((SHIPPED / "adapter_config.json").read_text())
+    device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+    assert model.default_num_masks == config.get("decode_num_masks", {}).get(device, config["num_masks"])
+    for k in sorted({model.default_num_masks, model.num_masks}):
+        steps = tokens = 0
+        for text in ("Write a Python function that checks whether a number is even.", "What is 12 times 7?"):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            ref = [r.token for r in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=40)]
+            rs = list(stream_generate(model, tokenizer, prompt, max_tokens=40, num_masks=k))
+            assert [r.token for r in rs] == ref, k
+            assert rs[-1].num_masks == k
+            steps += rs[-1].steps
+            tokens += len(rs)
+        # the trained masks do speculate correctly, often
+        assert tokens / steps > 1.2, k
