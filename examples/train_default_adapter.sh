@@ -5,7 +5,7 @@
 # again (distill and training keep their progress in runs/).
 #
 # Wall time here (Linux x86_64, 2 cores, fp32, OpenBLAS): distillation of 640
-# prompts ~45 min (batch 16); stage 1 184 steps ~62 min; stage 2 ~15-20 s per
+# prompts 42 min (batch 16); stage 1 184 steps ~62 min; stage 2 ~13 s per
 # step, 360 steps ~80 min; packaging 1 min; benchmarks ~12 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts

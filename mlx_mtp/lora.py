@@ -18,7 +18,6 @@ Ctrl-C saves a checkpoint and stops; ``--resume-adapter-file`` continues it.
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -165,6 +164,8 @@ def _check(args):
         raise UsageError("--learning-rate must be positive")
     if args.sampler_lr_scale <= 0:
         raise UsageError("--sampler-lr-scale must be positive")
+    if args.resume_adapter_file and args.init_adapter:
+        raise UsageError("give --resume-adapter-file or --init-adapter, not both")
     if not args.lora_keys:
         raise UsageError("--lora-keys is empty")
 
@@ -191,7 +192,7 @@ def load_base_model(name: str):
 def run(args) -> int:
     import mlx.core as mx
 
-    from .adapter import load_adapter
+    from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
     from .data import load_data
     from .gated_lora import LoRAConfig, model_layers
     from .losses import LossWeights
@@ -267,13 +268,11 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         recipe = {"trainer": "mlx_mtp.lora", "base_model": args.model, "data": str(args.data)}
-        if args.init_adapter and not args.resume_adapter_file:
-            cfg = Path(args.init_adapter) / "adapter_config.json"
-            earlier = json.loads(cfg.read_text()).get("recipe") if cfg.exists() else None
+        if args.init_adapter:
+            cfg = Path(args.init_adapter) / CONFIG_FILE
+            earlier = read_adapter_config(args.init_adapter).get("recipe") if cfg.exists() else None
             recipe["init_adapter"] = {"path": str(args.init_adapter), "recipe": earlier}
         trainer = Trainer(mtp, train_set, valid_set, train_args, recipe=recipe, world=world)
-        if args.resume_adapter_file and args.init_adapter:
-            raise UsageError("give --resume-adapter-file or --init-adapter, not both")
         if args.resume_adapter_file:
             step = trainer.resume(args.resume_adapter_file)
             say(f"[resume] from {args.resume_adapter_file} at step {step}")

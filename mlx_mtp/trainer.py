@@ -43,7 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .adapter import AdapterError, _atomic_write, save_adapter
+from .adapter import DRAFT_VOCAB, WEIGHTS_FILE, AdapterError, _atomic_write, save_adapter
 from .cache import SpecCache, commit
 from .data import BatchSchedule, DataError, Dataset, Example, shard
 from .gated_lora import GatedLoRALinear
@@ -355,6 +355,17 @@ def _resolve_state_file(path: Path) -> Path:
     return path.parent / STATE_FILE
 
 
+def _read_weights(path: Path):
+    """The adapter weights at ``path`` (a directory or its weights file),
+    without the draft vocabulary, and the file they came from."""
+    weights_file = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights_file.exists():
+        raise AdapterError(f"no adapter weights at '{weights_file}'")
+    weights = dict(mx.load(str(weights_file)))
+    weights.pop(DRAFT_VOCAB, None)
+    return weights, weights_file
+
+
 class _SignalGuard:
     """First SIGINT/SIGTERM: finish the step, save, stop. Second: stop now."""
 
@@ -610,10 +621,7 @@ class Trainer:
             raise AdapterError(f"resume file '{path}' not found")
         state_file = _resolve_state_file(path)
         if not state_file.exists():
-            weights_file = path / "adapters.safetensors" if path.is_dir() else path
-            if not weights_file.exists():
-                raise AdapterError(f"no adapter weights at '{weights_file}'")
-            weights = mx.load(str(weights_file))
+            weights, weights_file = _read_weights(path)
             self._load_weights(weights, weights_file)
             print(f"[resume] {weights_file} has no training state next to it: weights restored, step 0, fresh optimizer")
             self.step = 0
@@ -648,24 +656,18 @@ class Trainer:
         with this run's fresh sampler head, at step 0 with a fresh optimizer
         (``--init-adapter``: e.g. to change the sampler head's configuration
         without losing the rest of a run). Returns how many tensors were loaded."""
-        path = Path(path)
-        weights_file = path / "adapters.safetensors" if path.is_dir() else path
-        if not weights_file.exists():
-            raise AdapterError(f"no adapter weights at '{weights_file}'")
-        weights = {k: v for k, v in mx.load(str(weights_file)).items() if not k.startswith("sampler.")}
-        weights.pop("draft_vocab", None)
-        expected = {k for k in self.mtp.adapter_parameters() if not k.startswith("sampler.")}
-        missing = sorted(expected - set(weights))
-        if missing:
-            raise AdapterError(f"'{weights_file}' does not fit this adapter configuration (missing {missing[0]})")
-        self._load_weights(weights, weights_file, partial=True)
+        weights, weights_file = _read_weights(Path(path))
+        weights = {k: v for k, v in weights.items() if not k.startswith("sampler.")}
+        self._load_weights(weights, weights_file, exclude="sampler.")
         self.step = 0
         return len(weights)
 
-    def _load_weights(self, weights: Dict[str, mx.array], source: Path, partial: bool = False):
+    def _load_weights(self, weights: Dict[str, mx.array], source: Path, exclude: Optional[str] = None):
+        """Load ``weights``, which must be exactly the adapter's parameters
+        (less those starting with ``exclude``), with their shapes."""
         expected = self.mtp.adapter_parameters()
-        if partial:
-            expected = {k: v for k, v in expected.items() if k in weights or not k.startswith("sampler.")}
+        if exclude:
+            expected = {k: v for k, v in expected.items() if not k.startswith(exclude)}
         missing = sorted(set(expected) - set(weights))
         extra = sorted(set(weights) - set(expected))
         if missing or extra:
