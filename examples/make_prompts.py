@@ -4,7 +4,13 @@ Sources: templated code tasks, Python standard-library docstrings turned into
 tasks (implement, explain, summarise), templated arithmetic word problems, and
 templated chat / knowledge / writing instructions. No benchmark prompt is used.
 
+``--extra`` writes a second set with the task shapes the first lacks: long
+documents (whole standard-library docstrings) to summarise, answer questions
+from or extract from, sentences to translate (written here from templates),
+role-play, logic puzzles, short factual questions and longer writing.
+
     python examples/make_prompts.py --out runs/prompts.jsonl --num 2000 --seed 0
+    python examples/make_prompts.py --out runs/prompts_extra.jsonl --num 400 --extra
 """
 
 import argparse
@@ -12,6 +18,7 @@ import importlib
 import inspect
 import json
 import random
+import warnings
 from pathlib import Path
 
 CODE_TASKS = [
@@ -175,17 +182,187 @@ def make_prompts(num: int, seed: int = 0):
             yield {"prompt": p, "kind": kind}
 
 
+# --- the second set (--extra) -------------------------------------------------
+DOC_MODULES = [
+    "re", "statistics", "random", "itertools", "collections", "heapq", "json", "csv", "copy",
+    "hashlib", "difflib", "uuid", "argparse", "sqlite3", "unittest", "subprocess", "socket",
+    "struct", "typing", "io", "tempfile", "sched", "pprint", "locale", "gettext", "colorsys",
+    "timeit", "doctest", "ast", "tokenize", "inspect", "smtplib", "ftplib", "configparser",
+    "getpass", "platform", "textwrap", "string", "fractions", "decimal", "datetime", "pathlib",
+    "functools", "operator", "shutil", "zipfile", "tarfile", "pickle", "logging", "threading",
+    "queue", "enum", "dataclasses", "contextlib", "ipaddress", "calendar", "bisect", "fnmatch",
+]
+SUMMARY_FORMS = [
+    "Summarize the following text in a few sentences.\n\n{doc}",
+    "Read the following documentation and write a short summary of it.\n\n{doc}",
+    "{doc}\n\nSummarize the text above in one paragraph.",
+    "Write a summary of this article for a busy reader:\n\n{doc}",
+]
+QA_DOC_FORMS = [
+    "Answer the question using the documents below.\n\n{docs}\n\nQuestion: {q}",
+    "{docs}\n\nBased on the documents above, answer: {q}",
+]
+DOC_QUESTIONS = [
+    "What does `{name}` do?", "How is `{name}` used?", "What arguments does `{name}` take?",
+    "What does `{name}` return?", "When should I use `{name}`?",
+]
+EXTRACT_FORMS = [
+    "Extract the names of all functions, classes and parameters mentioned in the following text, as a list.\n\n{doc}",
+    "List the key facts in the following text as bullet points.\n\n{doc}",
+    "From the text below, extract every rule or requirement it states.\n\n{doc}",
+    "Turn the following text into a JSON object with the fields \"topic\", \"summary\" and \"keywords\".\n\n{doc}",
+]
+# sentences written from templates: (German, French, Spanish) subject / verb phrase / time
+SUBJECTS = {
+    "German": ["Der Lehrer", "Meine Schwester", "Der alte Mann", "Das Kind", "Unsere Nachbarin", "Der Arzt"],
+    "French": ["Le professeur", "Ma sœur", "Le vieil homme", "L'enfant", "Notre voisine", "Le médecin"],
+    "Spanish": ["El profesor", "Mi hermana", "El anciano", "El niño", "Nuestra vecina", "El médico"],
+}
+PREDICATES = {
+    "German": ["liest jeden Morgen die Zeitung", "fährt mit dem Fahrrad zur Arbeit", "kocht gern für die ganze Familie",
+               "hat ein neues Haus am See gekauft", "lernt seit zwei Jahren Japanisch", "geht am Wochenende in den Bergen wandern",
+               "schreibt einen langen Brief an einen Freund", "hat den Zug nach Berlin verpasst"],
+    "French": ["lit le journal tous les matins", "va au travail à vélo", "aime cuisiner pour toute la famille",
+               "a acheté une nouvelle maison près du lac", "apprend le japonais depuis deux ans", "fait de la randonnée en montagne le week-end",
+               "écrit une longue lettre à un ami", "a raté le train pour Paris"],
+    "Spanish": ["lee el periódico todas las mañanas", "va al trabajo en bicicleta", "cocina con gusto para toda la familia",
+                "ha comprado una casa nueva junto al lago", "aprende japonés desde hace dos años", "hace senderismo en la montaña los fines de semana",
+                "escribe una carta larga a un amigo", "ha perdido el tren a Madrid"],
+}
+CLAUSES = {
+    "German": ["", ", weil das Wetter schön ist", ", obwohl es regnet", ", und danach trinkt er einen Kaffee"],
+    "French": ["", " parce qu'il fait beau", " bien qu'il pleuve", ", puis il boit un café"],
+    "Spanish": ["", " porque hace buen tiempo", " aunque llueve", " y después toma un café"],
+}
+TRANSLATE_FORMS = [
+    "Translate the following {lang} text into English: {text}",
+    "Translate into English:\n{text}",
+    "What does this {lang} sentence mean in English? {text}",
+]
+ROLES = [
+    "a pirate captain", "a medieval knight", "a travel guide in Rome", "a detective from the 1920s",
+    "a friendly robot", "a chef in a busy restaurant", "an astronaut on the Moon", "a museum curator",
+    "a sports coach", "a wise old wizard", "a customer support agent", "a tour guide on a safari",
+]
+ROLE_TASKS = [
+    "Introduce yourself to a new apprentice.", "Describe a typical day in your life.",
+    "Give a short speech to motivate your team.", "Explain the most important rule of your job.",
+    "Tell me about the strangest thing that happened to you.", "Answer a customer who is unhappy with a delay.",
+]
+ROLE_FORMS = [
+    "Pretend you are {role}. {task}", "Act as {role}. {task}", "You are {role}. Stay in character. {task}",
+]
+WRITING_FORMS = [
+    "Write a persuasive essay arguing for {t}.", "Write a product description for a new {p}.",
+    "Write a speech for the opening of a new {place}.", "Draft a formal letter to a city council about {t}.",
+    "Write a travel blog post about a weekend trip to {city}.", "Write a short dialogue between two friends discussing {t}.",
+]
+PRODUCTS = ["water bottle", "laptop bag", "pair of running shoes", "desk lamp", "coffee maker", "backpack"]
+PLACES = ["library", "park", "hospital", "school", "museum", "train station"]
+CITIES = ["Lisbon", "Kyoto", "Vancouver", "Prague", "Cape Town", "Buenos Aires", "Edinburgh", "Seoul"]
+COUNTRIES = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Brazil", "Brasília"),
+    ("Kenya", "Nairobi"), ("Egypt", "Cairo"), ("India", "New Delhi"), ("Norway", "Oslo"), ("Mexico", "Mexico City"),
+]
+QA_FORMS = [
+    "What is the capital of {c}?", "What language is spoken in {c}?", "Tell me about the history of {c} in a few sentences.",
+    "What is {t} and who discovered or invented it?", "When did {t} begin, and why does it matter?",
+]
+
+
+def long_docs():
+    """(name, text) of standard-library docstrings of 60 to 400 words (whole, not just the first paragraph)."""
+    docs = []
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for mod_name in DOC_MODULES:
+            docs.extend(_module_docs(mod_name, {name for name, _ in docs}))
+    return docs
+
+
+def _module_docs(mod_name: str, known: set):
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError:
+        return []
+    items = [(mod_name, mod)] + [
+        (f"{mod_name}.{n}", o) for n, o in sorted(vars(mod).items()) if not n.startswith("_") and callable(o)
+    ]
+    docs = []
+    for name, obj in items:
+        doc = inspect.getdoc(obj) or ""
+        if 60 <= len(doc.split()) <= 400 and name not in known:
+            docs.append((name, doc))
+            known.add(name)
+    return docs
+
+
+def reasoning_prompt(rng: random.Random) -> str:
+    a, b, c = rng.sample(NAMES, 3)
+    x, y = rng.randint(2, 9), rng.randint(2, 9)
+    forms = [
+        f"{a} is taller than {b}, and {b} is taller than {c}. Who is the shortest? Explain your reasoning.",
+        f"What comes next in the sequence {x}, {2 * x}, {4 * x}, {8 * x}? Explain the pattern.",
+        f"If all {rng.choice(ITEMS)} in a box are red and {a} takes one from the box, what color is it? Explain.",
+        f"{a} is older than {b}. {c} is younger than {b}. Is {a} older than {c}? Think step by step.",
+        f"A clock shows {x}:00. What time will it show after {y * 5} hours? Explain step by step.",
+        f"There are {x} boxes with {y} {rng.choice(ITEMS)} each. {a} removes one box. How many are left? Think step by step.",
+        f"{a} has twice as many {rng.choice(ITEMS)} as {b}, and {b} has {x} more than {c}, who has {y}. How many does {a} have?",
+    ]
+    return rng.choice(forms)
+
+
+def make_extra_prompts(num: int, seed: int = 0):
+    rng = random.Random(seed + 1)
+    docs = long_docs()
+    kinds = ["summary", "doc_qa", "extract", "translate", "roleplay", "reasoning", "qa", "writing"]
+    weights = [0.2, 0.15, 0.1, 0.1, 0.1, 0.15, 0.1, 0.1]
+    seen = set()
+    while len(seen) < num:
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "summary":
+            p = rng.choice(SUMMARY_FORMS).format(doc=rng.choice(docs)[1])
+        elif kind == "doc_qa":
+            picked = rng.sample(docs, 2)
+            body = "\n\n".join(f"Document {i + 1}:\n{d}" for i, (_, d) in enumerate(picked))
+            q = rng.choice(DOC_QUESTIONS).format(name=rng.choice(picked)[0])
+            p = rng.choice(QA_DOC_FORMS).format(docs=body, q=q)
+        elif kind == "extract":
+            p = rng.choice(EXTRACT_FORMS).format(doc=rng.choice(docs)[1])
+        elif kind == "translate":
+            lang = rng.choice(list(SUBJECTS))
+            text = " ".join(
+                f"{rng.choice(SUBJECTS[lang])} {rng.choice(PREDICATES[lang])}{rng.choice(CLAUSES[lang])}."
+                for _ in range(rng.randint(1, 3))
+            )
+            p = rng.choice(TRANSLATE_FORMS).format(lang=lang, text=text)
+        elif kind == "roleplay":
+            p = rng.choice(ROLE_FORMS).format(role=rng.choice(ROLES), task=rng.choice(ROLE_TASKS))
+        elif kind == "reasoning":
+            p = reasoning_prompt(rng)
+        elif kind == "qa":
+            p = rng.choice(QA_FORMS).format(c=rng.choice(COUNTRIES)[0], t=rng.choice(TOPICS))
+        else:
+            p = rng.choice(WRITING_FORMS).format(
+                t=rng.choice(TOPICS), p=rng.choice(PRODUCTS), place=rng.choice(PLACES), city=rng.choice(CITIES)
+            )
+        if p not in seen:
+            seen.add(p)
+            yield {"prompt": p, "kind": kind}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--num", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", action="store_true", help="the second set (long documents, translation, role-play, ...)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with open(tmp, "w") as f:
-        for row in make_prompts(args.num, args.seed):
+        for row in (make_extra_prompts if args.extra else make_prompts)(args.num, args.seed):
             f.write(json.dumps(row) + "\n")
     tmp.replace(out)
     print(f"wrote {args.num} prompts to {out}")

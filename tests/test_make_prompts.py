@@ -1,0 +1,55 @@
+"""The training-prompt generator of examples/ (the shipped adapter's data)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("make_prompts", ROOT / "examples" / "make_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompt_sets_are_reproducible_distinct_and_cover_their_kinds():
+    mp = _module()
+    base = list(mp.make_prompts(300, seed=0))
+    extra = list(mp.make_extra_prompts(200, seed=0))
+    assert base == list(mp.make_prompts(300, seed=0))
+    assert extra == list(mp.make_extra_prompts(200, seed=0))
+    assert len({r["prompt"] for r in extra}) == 200
+    assert {r["kind"] for r in base} == {"code", "stdlib", "math", "chat", "pair", "advice"}
+    assert {r["kind"] for r in extra} == {
+        "summary", "doc_qa", "extract", "translate", "roleplay", "reasoning", "qa", "writing",
+    }
+    assert not {r["prompt"] for r in base} & {r["prompt"] for r in extra}
+    # the long-document kinds carry a whole docstring (60-400 words)
+    docs = [r["prompt"] for r in extra if r["kind"] in ("summary", "extract")]
+    assert min(len(p.split()) for p in docs) >= 60
+    doc_qa = [r["prompt"] for r in extra if r["kind"] == "doc_qa"]
+    assert all("Document 1:" in p and "Document 2:" in p for p in doc_qa)
+
+
+def test_prompts_share_no_eight_word_span_with_spec_bench():
+    """Disjoint from the evaluation: no 8-word span in common with Spec-Bench
+    (checked against its file where the checkout has it, else against a few
+    of its phrasings written here)."""
+    import json
+
+    mp = _module()
+    path = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+    if path.exists():
+        texts = [t for line in path.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
+    else:
+        texts = ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences"]
+    assert texts
+
+    def spans(s, n=8):
+        w = s.split()
+        return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+    bench = set().union(*(spans(t) for t in texts))
+    ours = list(mp.make_prompts(3000, seed=0)) + list(mp.make_extra_prompts(400, seed=0))
+    assert not [r["prompt"] for r in ours if spans(r["prompt"]) & bench]
