@@ -64,10 +64,18 @@ def contiguous_mask_hidden(mtp: MTPModel, prefix, k):
     return h[0, -k:]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_quadratic_masks_match_contiguous_reference(model_type):
+LLAMA3_ROPE = {
+    "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+}
+
+
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen3", {}), ("llama", LLAMA3_ROPE)])
+def test_quadratic_masks_match_contiguous_reference(model_type, overrides):
     k = 3
-    mtp = tiny_mtp(model_type, num_masks=k)
+    mtp = tiny_mtp(model_type, num_masks=k, **overrides)
     committed, fed = PROMPT[:5], PROMPT[5:8]
     layout = quadratic_layout(fed, k)
     h = mtp.forward_layout(layout, prefilled(mtp, committed))[0]
