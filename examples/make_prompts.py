@@ -276,11 +276,11 @@ def long_docs():
     with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when touched
         warnings.simplefilter("ignore", DeprecationWarning)
         for mod_name in DOC_MODULES:
-            docs.extend(_module_docs(mod_name, {name for name, _ in docs}))
+            docs.extend(_module_docs(mod_name))
     return docs
 
 
-def _module_docs(mod_name: str, known: set):
+def _module_docs(mod_name: str):
     try:
         mod = importlib.import_module(mod_name)
     except ImportError:
@@ -288,13 +288,8 @@ def _module_docs(mod_name: str, known: set):
     items = [(mod_name, mod)] + [
         (f"{mod_name}.{n}", o) for n, o in sorted(vars(mod).items()) if not n.startswith("_") and callable(o)
     ]
-    docs = []
-    for name, obj in items:
-        doc = inspect.getdoc(obj) or ""
-        if 60 <= len(doc.split()) <= 400 and name not in known:
-            docs.append((name, doc))
-            known.add(name)
-    return docs
+    docs = [(name, inspect.getdoc(obj) or "") for name, obj in items]
+    return [(name, doc) for name, doc in docs if 60 <= len(doc.split()) <= 400]
 
 
 def reasoning_prompt(rng: random.Random) -> str:

@@ -657,17 +657,18 @@ class Trainer:
         (``--init-adapter``: e.g. to change the sampler head's configuration
         without losing the rest of a run). Returns how many tensors were loaded."""
         weights, weights_file = _read_weights(Path(path))
-        weights = {k: v for k, v in weights.items() if not k.startswith("sampler.")}
-        self._load_weights(weights, weights_file, exclude="sampler.")
+        loaded = self._load_weights(weights, weights_file, exclude="sampler.")
         self.step = 0
-        return len(weights)
+        return loaded
 
-    def _load_weights(self, weights: Dict[str, mx.array], source: Path, exclude: Optional[str] = None):
-        """Load ``weights``, which must be exactly the adapter's parameters
-        (less those starting with ``exclude``), with their shapes."""
+    def _load_weights(self, weights: Dict[str, mx.array], source: Path, exclude: Optional[str] = None) -> int:
+        """Load ``weights``, which must be exactly the adapter's parameters,
+        with their shapes; names starting with ``exclude`` are left out on
+        both sides. Returns how many tensors were loaded."""
         expected = self.mtp.adapter_parameters()
         if exclude:
             expected = {k: v for k, v in expected.items() if not k.startswith(exclude)}
+            weights = {k: v for k, v in weights.items() if not k.startswith(exclude)}
         missing = sorted(set(expected) - set(weights))
         extra = sorted(set(weights) - set(expected))
         if missing or extra:
@@ -680,6 +681,7 @@ class Trainer:
                     f"this adapter configuration needs {tuple(expected[name].shape)}"
                 )
         self.mtp.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
+        return len(weights)
 
     # --- the loop -----------------------------------------------------------------
     def _log(self, record: dict):

@@ -1,6 +1,7 @@
 """The training-prompt generator of examples/ (the shipped adapter's data)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,6 @@ def test_prompts_share_no_eight_word_span_with_spec_bench():
     """Disjoint from the evaluation: no 8-word span in common with Spec-Bench
     (checked against its file where the checkout has it, else against a few
     of its phrasings written here)."""
-    import json
-
     mp = _module()
     path = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
     if path.exists():

@@ -25,10 +25,10 @@ def test_shipped_adapter_files():
 @pytest.mark.real_model
 def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_path):
     model, tokenizer = load(str(default_model_path))
-    assert find_shipped_adapter(model.model) == SHIPPED
-    assert model.num_masks == json.loads((SHIPPED / "adapter_config.json").read_text())["num_masks"]
-    assert model.draft_vocab is not None
     config = json.loads((SHIPPED / "adapter_config.json").read_text())
+    assert find_shipped_adapter(model.model) == SHIPPED
+    assert model.num_masks == config["num_masks"]
+    assert model.draft_vocab is not None
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     assert model.default_num_masks == config.get("decode_num_masks", {}).get(device, config["num_masks"])
     for k in sorted({model.default_num_masks, model.num_masks}):
