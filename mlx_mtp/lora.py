@@ -40,6 +40,7 @@ DEFAULTS = {
     "batch_size": 4,
     "learning_rate": 2e-4,
     "warmup": 100,
+    "decay_steps": 0,
     "sampler_lr_scale": 10.0,
     "weight_decay": 0.01,
     "max_seq_length": 2048,
@@ -89,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-layers", type=int, help="adapt the last N layers (default: -1, all)")
     a("--iters", type=int, help="training steps (default: 1000)")
     a("--batch-size", type=int, help="examples per step, all processes together (default: 4)")
-    a("--learning-rate", type=float, help="AdamW learning rate, flat after warm-up (default: 2e-4)")
+    a("--learning-rate", type=float, help="AdamW learning rate, flat after warm-up until --decay-steps (default: 2e-4)")
     a("--sampler-lr-scale", type=float, help="the sampler head's learning rate relative to --learning-rate (default: 10; a skip head's zero norms grow by one learning rate per step)")
     a("--warmup", type=int, help="linear warm-up steps (default: 100)")
+    a("--decay-steps", type=int, help="cosine decay of the learning rate to zero over the last N of --iters steps (default: 0, flat)")
     a("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     a("--max-seq-length", type=int, help="cap on the layout length, regular tokens + k masks per response token; responses are cut (default: 2048)")
     a("--mask-chunk", type=int, help="mask tokens per forward/backward chunk, whole batch (default: 256; 0: no chunking)")
@@ -155,9 +157,11 @@ def _check(args):
     for key in positive:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)!r}")
-    for key in ["warmup", "save_every", "steps_per_eval", "mask_chunk"]:
+    for key in ["warmup", "decay_steps", "save_every", "steps_per_eval", "mask_chunk"]:
         if getattr(args, key) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 0")
+    if args.decay_steps > args.iters:
+        raise UsageError(f"--decay-steps {args.decay_steps} is more than --iters {args.iters}")
     if not isinstance(args.num_layers, int) or (args.num_layers < 1 and args.num_layers != -1):
         raise UsageError("--num-layers must be a positive integer, or -1 for all layers")
     if args.learning_rate <= 0:
@@ -220,6 +224,7 @@ def run(args) -> int:
         learning_rate=args.learning_rate,
         sampler_lr_scale=args.sampler_lr_scale,
         warmup=args.warmup,
+        decay_steps=args.decay_steps,
         weight_decay=args.weight_decay,
         max_seq_length=args.max_seq_length,
         mask_chunk=args.mask_chunk,

@@ -72,6 +72,7 @@ class TrainArgs:
     learning_rate: float = 2e-4
     sampler_lr_scale: float = 1.0  # the sampler head's learning rate, relative
     warmup: int = 100
+    decay_steps: int = 0  # cosine decay to zero over the last N of ``iters``
     weight_decay: float = 0.01
     max_seq_length: int = 2048
     mask_chunk: int = 256
@@ -88,6 +89,28 @@ class TrainArgs:
 
     def to_dict(self):
         return asdict(self)
+
+
+def learning_rate_schedule(lr: float, warmup: int, decay_steps: int, iters: int):
+    """Linear warm-up over ``warmup`` steps, flat, then (``decay_steps`` > 0)
+    a cosine decay to zero over the last ``decay_steps`` of ``iters``: the
+    flat part can be continued from a checkpoint and the decay run at the end.
+    Returns a constant when there is neither warm-up nor decay."""
+    if warmup <= 0 and decay_steps <= 0:
+        return lr
+    start = iters - decay_steps
+
+    def at(step):
+        step = mx.array(step).astype(mx.float32)  # the optimizer's step is unsigned
+        f = mx.array(lr, dtype=mx.float32)
+        if warmup > 0:
+            f = f * mx.minimum(1.0, (step + 1) / warmup)
+        if decay_steps > 0:
+            t = mx.clip((step - start) / decay_steps, 0.0, 1.0)
+            f = f * 0.5 * (1.0 + mx.cos(math.pi * t))
+        return f
+
+    return at
 
 
 # ---------------------------------------------------------------------------
@@ -433,9 +456,7 @@ class Trainer:
         )
         self.step = 0
         def schedule(lr):
-            if args.warmup > 0:
-                return lambda step: lr * mx.minimum(1.0, (step + 1) / args.warmup)
-            return lr
+            return learning_rate_schedule(lr, args.warmup, args.decay_steps, args.iters)
 
         main = optim.AdamW(learning_rate=schedule(args.learning_rate), weight_decay=args.weight_decay)
         self._main_optimizer = main

@@ -20,7 +20,7 @@ from mlx_mtp.data import load_data
 from mlx_mtp.gated_lora import LoRAConfig
 from mlx_mtp.lora import main
 from mlx_mtp.model import MTPConfig, MTPModel
-from mlx_mtp.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted
+from mlx_mtp.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
 from test_train_fixtures import distilled_dir, model_dir
 
 K = 3
@@ -167,6 +167,7 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
         ("unknown_format", "train.jsonl:1: unknown format"),
         ("missing_resume", "resume file"),
         ("bad_option", "--rank must be a positive integer"),
+        ("decay_over_iters", "--decay-steps 3 is more than --iters 2"),
         ("unknown_config_key", "unknown option(s) rnak"),
     ],
 )
@@ -189,6 +190,8 @@ def test_cli_user_errors(tmp_path, capsys, case, expect):
         argv += ["--resume-adapter-file", str(tmp_path / "nope" / "adapters.safetensors")]
     elif case == "bad_option":
         argv += ["--rank", "0"]
+    elif case == "decay_over_iters":
+        argv += ["--decay-steps", "3"]
     elif case == "unknown_config_key":
         (tmp_path / "c.yaml").write_text("rnak: 4\n")
         argv = ["-c", str(tmp_path / "c.yaml"), *argv]
@@ -378,3 +381,30 @@ def test_sampler_lr_scale_moves_only_the_sampler_faster(tmp_path):
     with pytest.raises(Exception, match="optimizer state"):
         Trainer(mtp, data["train"], None, TrainArgs(**{**args.to_dict(), "sampler_lr_scale": 1.0,
                 "loss_weights": args.loss_weights})).resume(tmp_path / "10.0")
+
+
+def test_learning_rate_warms_up_stays_flat_then_decays_to_zero(tmp_path):
+    """--warmup 2 --decay-steps 4 --iters 8: the learning rate each update
+    used (the train log's, one report per step) is linear warm-up, flat, then
+    a cosine to zero over the last 4 steps; the sampler head's keeps its x10."""
+    lr = 1e-3
+    expected = [lr * min(1, (s + 1) / 2) * (0.5 * (1 + np.cos(np.pi * min(max((s - 4) / 4, 0), 1)))) for s in range(8)]
+    assert expected[:5] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    assert expected[7] == pytest.approx(lr * 0.5 * (1 + np.cos(np.pi * 3 / 4)))
+    f = learning_rate_schedule(lr, 2, 4, 8)
+    got = [f(mx.array(s, dtype=mx.uint64)).item() for s in range(8)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert learning_rate_schedule(lr, 0, 0, 8) == lr
+
+    model, tok = _load()
+    data = _data(tok, k=2)
+    mtp = MTPModel(model, MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
+    args = TrainArgs(iters=8, batch_size=2, learning_rate=lr, warmup=2, decay_steps=4, steps_per_eval=0,
+                     save_every=0, steps_per_report=1, sampler_lr_scale=10.0, adapter_path=str(tmp_path / "a"),
+                     progress=False)
+    trainer = Trainer(mtp, data["train"], None, args)
+    trainer.train()
+    logged = [r["learning_rate"] for r in trainer.history if r["type"] == "train"]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)
+    head = trainer.optimizer.optimizers[0].learning_rate.item()
+    assert head == pytest.approx(10 * expected[-1], rel=1e-5)
