@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
+from .decode import DEFAULT_LOOKUP
+
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
@@ -166,15 +168,16 @@ def chain_cost(model, k: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def accepted_per_step(from_draft: List[bool]) -> List[int]:
-    """Accepted speculations of each step, from the tokens' ``from_draft``
-    flags (a step emits its accepted drafts, then the base model's token)."""
+def accepted_per_step(from_draft: List[bool], sources: Optional[List[str]] = None) -> List[Tuple[int, str]]:
+    """(accepted speculations, their source) of each step, from the tokens'
+    ``from_draft`` flags (a step emits its accepted drafts, then the base
+    model's token) and ``draft_source`` (default: all "mtp")."""
     counts, run = [], 0
-    for flag in from_draft:
+    for i, flag in enumerate(from_draft):
         if flag:
             run += 1
         else:
-            counts.append(run)
+            counts.append((run, sources[i] if sources else "mtp"))
             run = 0
     return counts
 
@@ -266,7 +269,7 @@ def run(args) -> int:
     base_model = model.model
     dtype = weights_dtype(base_model)
     blas = blas_in_use()
-    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}")
+    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, lookup={args.lookup}")
     if sys.platform.startswith("linux") and blas != "OpenBLAS":
         print(
             "note: MLX uses its bundled reference BLAS here; for ~20x faster fp32 matmuls run with\n"
@@ -306,12 +309,14 @@ def run(args) -> int:
             for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
                 base_tokens.append(resp.token)
                 base_tps = resp.generation_tps
-            ours, flags, resp = [], [], None
+            ours, flags, sources, resp = [], [], [], None
             for resp in stream_generate(
-                model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode
+                model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode,
+                lookup=args.lookup,
             ):
                 ours.append(resp.token)
                 flags.append(resp.from_draft)
+                sources.append(resp.draft_source)
             records[cat].append(
                 {
                     "baseline_tps": base_tps,
@@ -320,7 +325,7 @@ def run(args) -> int:
                     "tokens": len(ours),
                     "identical": int(ours == base_tokens),
                     # the first step has nothing to verify; the last may be cut short
-                    "accepted": accepted_per_step(flags)[1:],
+                    "accepted": accepted_per_step(flags, sources)[1:],
                 }
             )
     except KeyboardInterrupt:
@@ -331,12 +336,22 @@ def run(args) -> int:
     rows = [summarize(cat, recs) for cat, recs in records.items()]
     overall = summarize("overall", [r for recs in records.values() for r in recs])
     print_table(rows + [overall])
-    counts = [c for recs in records.values() for r in recs for c in r["accepted"]]
-    acceptance = acceptance_per_depth(counts, k)
-    print("acceptance per depth (steps whose j-th speculation was accepted): "
+    steps = [c for recs in records.values() for r in recs for c in r["accepted"]]
+    acceptance = acceptance_per_depth([c for c, src in steps if src == "mtp"], k)
+    print("acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
           + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1)))
+    copied = [c for c, src in steps if src == "lookup"]
+    lookup_stats = {
+        "share_of_steps": len(copied) / max(len(steps), 1),
+        "accepted_per_step": sum(copied) / max(len(copied), 1),
+    }
+    if args.lookup:
+        print(f"prompt lookup (up to {args.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
+              f"{lookup_stats['accepted_per_step']:.2f} copied tokens accepted per such step")
     proj = []
     if args.mode == "quadratic":
+        if args.lookup:
+            print("(the projection counts the masks' speculations only, without prompt lookup)")
         proj = projection(acceptance, costs, chain)
         print("quadratic decoding with j masks, projected from these measurements:")
         print(f"{'j':>4}{'tok/step':>10}{'step cost':>11}{'speedup':>9}")
@@ -353,10 +368,12 @@ def run(args) -> int:
             "platform": platform.platform(),
             "num_masks": k,
             "mode": args.mode,
+            "lookup": args.lookup,
             "max_tokens": args.max_tokens,
             "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
             "sampler_call_ms": chain * 1e3,
             "acceptance_per_depth": acceptance,
+            "lookup_steps": lookup_stats,
             "projection": proj,
             "results": [asdict(r) for r in rows],
             "overall": asdict(overall),
@@ -377,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device)")
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
+    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+                   help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     return p

@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import MODES, DraftFn, SpeculativeDecoder
+from .decode import DEFAULT_LOOKUP, MODES, DraftFn, SpeculativeDecoder
 from .model import MTPModel
 from .utils import load
 
@@ -39,12 +39,14 @@ DEFAULT_MAX_TOKENS = 256
 class MTPGenerationResponse(GenerationResponse):
     """mlx-lm's response, plus ``steps`` (verification passes so far, the
     first pass over the prompt included) and ``tokens_per_step``
-    (``generation_tokens / steps``)."""
+    (``generation_tokens / steps``), and ``draft_source``: where the
+    speculations verified in the step that emitted this token came from."""
 
     steps: int = 0
     tokens_per_step: float = 0.0
     num_masks: int = 0
     mode: str = "off"
+    draft_source: str = "mtp"  # of the step that emitted this token: "mtp" or "lookup"
 
 
 def _as_mtp(model: nn.Module) -> MTPModel:
@@ -114,6 +116,7 @@ def stream_generate(
     stop: Optional[Union[str, Sequence[str]]] = None,
     prefill_step_size: int = 2048,
     draft_fn: Optional[DraftFn] = None,
+    lookup: int = DEFAULT_LOOKUP,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
     last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
@@ -121,8 +124,11 @@ def stream_generate(
     model's context limit).
 
     ``num_masks`` (default: the adapter's k) speculations per step, ``mode``
-    "quadratic" (default), "linear" or "off". ``draft_fn`` replaces the
-    sampler head (tests and inspection, see :mod:`mlx_mtp.decode`).
+    "quadratic" (default), "linear" or "off". ``lookup=d`` (0: off): where
+    the last tokens occurred before in the prompt or the output, verify the d
+    tokens that followed them instead (prompt lookup, :mod:`mlx_mtp.lookup`).
+    ``draft_fn`` replaces the sampler head (tests and inspection, see
+    :mod:`mlx_mtp.decode`).
     """
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
@@ -136,6 +142,7 @@ def stream_generate(
         top_k=top_k,
         draft_fn=draft_fn,
         prefill_step_size=prefill_step_size,
+        lookup=lookup,
     )
     ids = _encode(tokenizer, prompt)
     decoder.check_prompt(ids)
@@ -144,6 +151,8 @@ def stream_generate(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stopper = _StopText(tokenizer, stops) if any(stops) else None
     detokenizer = tokenizer.detokenizer
+
+    source = "mtp"
 
     def response(text, token, logprobs, from_draft, n, steps, finish_reason=None):
         return MTPGenerationResponse(
@@ -161,6 +170,7 @@ def stream_generate(
             tokens_per_step=n / max(steps, 1),
             num_masks=decoder.k,
             mode=decoder.mode,
+            draft_source=source,
         )
 
     tic = time.perf_counter()
@@ -169,6 +179,7 @@ def stream_generate(
     steps = 0
     for step in decoder.steps(ids, max_tokens=limit, eos_token_ids=eos):
         steps += 1
+        source = step.source
         for i, token in enumerate(step.tokens):
             if n == 0:
                 prompt_tps = len(ids) / (time.perf_counter() - tic)
@@ -288,6 +299,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--num-masks", type=int, default=None, help="speculated tokens per step (default: the adapter's)")
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
+    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"where the last tokens occurred before in the prompt or output, verify up to N of the tokens that followed them instead of the masks' speculations (default: {DEFAULT_LOOKUP}; 0: off)")
     p.add_argument("--verbose", type=_str2bool, default=True, help="print statistics after the text (default: true)")
     return p
 
@@ -313,7 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
         # validate everything before any output
-        decoder = SpeculativeDecoder(model, num_masks=args.num_masks, mode=args.mode, temp=args.temp)
+        decoder = SpeculativeDecoder(
+            model, num_masks=args.num_masks, mode=args.mode, temp=args.temp, lookup=args.lookup
+        )
         decoder.check_prompt(ids)
         text = generate(
             model,
@@ -325,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             top_k=args.top_k,
             num_masks=args.num_masks,
             mode=args.mode,
+            lookup=args.lookup,
             verbose=args.verbose,
         )
     except (ValueError, FileNotFoundError) as e:  # AdapterError, ModelLoadError are ValueErrors

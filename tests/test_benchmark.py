@@ -33,6 +33,7 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
     result = json.loads(out.read_text())
     for key in ("model", "adapter", "dtype", "blas", "platform", "num_masks", "mode", "max_tokens", "results", "overall"):
         assert key in result
+    assert result["lookup"] == 6 and 0 <= result["lookup_steps"]["share_of_steps"] <= 1
     assert result["num_masks"] == K and result["mode"] == "quadratic" and result["max_tokens"] == 6
     assert result["dtype"] == "float32"
     rows = {r["category"]: r for r in result["results"]}
@@ -59,8 +60,10 @@ def test_acceptance_from_flags():
     # steps: [d d b] [b] [d b] [d d d b]
     flags = [True, True, False, False, True, False, True, True, True, False]
     counts = benchmark.accepted_per_step(flags)
-    assert counts == [2, 0, 1, 3]
-    assert benchmark.acceptance_per_depth(counts, 4) == [0.75, 0.5, 0.25, 0.0]
+    assert counts == [(2, "mtp"), (0, "mtp"), (1, "mtp"), (3, "mtp")]
+    assert benchmark.acceptance_per_depth([c for c, _ in counts], 4) == [0.75, 0.5, 0.25, 0.0]
+    sources = ["lookup"] * 3 + ["mtp"] + ["mtp"] * 2 + ["lookup"] * 4
+    assert benchmark.accepted_per_step(flags, sources) == [(2, "lookup"), (0, "mtp"), (1, "mtp"), (3, "lookup")]
     assert benchmark.acceptance_per_depth([], 2) == [0.0, 0.0]
 
 

@@ -174,3 +174,28 @@ def test_sampled_tokens_follow_base_distribution(mode, k, temp, top_p, top_k, se
         for c, p in joint.items():
             marg_p[c[i]] += p
         assert chi_square_pvalue(marg_c, dict(marg_p)) > ALPHA
+
+
+@pytest.mark.parametrize("mode, k, seed", [("quadratic", 2, 3), ("linear", 1, 4)])
+def test_sampling_with_copied_drafts_follows_base_distribution(mode, k, seed):
+    """Prompt lookup drafts are one-hot: accepted with probability p(s),
+    otherwise resampled from p without s. The first three tokens, where
+    copied drafts (every earlier occurrence of the last token, n = 1) and
+    the masks' drafts alternate, against the base model's exact joint."""
+    V, N = 5, 1000
+    mtp = tiny_mtp("qwen3", num_masks=k, seed=20 + seed, vocab_size=V, tie_word_embeddings=False)
+    prompt = [3, 1, 4, 0, 2, 1]
+    joint = exact_joint(mtp, prompt, 1.0, 1.0, 0, 3)
+    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=1.0, lookup=2, lookup_ngram=1)
+    mx.random.seed(seed)
+    counts, copied, accepted = Counter(), 0, 0
+    for _ in range(N):
+        tokens = []
+        for step in decoder.steps(prompt, max_tokens=3):
+            tokens += step.tokens
+            if step.source == "lookup":
+                copied += step.proposed
+                accepted += step.accepted
+        counts[tuple(tokens)] += 1
+    assert 0.1 * copied < accepted < 0.9 * copied
+    assert chi_square_pvalue(counts, joint) > ALPHA
