@@ -59,6 +59,8 @@ MODES = ("quadratic", "linear", "off")
 # copied tokens verified per lookup step (stream_generate, the CLIs); on
 # SmolLM2-135M, Spec-Bench, k=1: 1.40 -> 1.54 tokens/step (d=6), 1.53 (d=4)
 DEFAULT_LOOKUP = 6
+# prompt lookup matches n-grams of lookup_ngram (default 3) .. MAX_NGRAM tokens, longest first
+MAX_NGRAM = 8
 
 # (prev tokens (R,), mask hidden states (R, d), absolute positions of the
 # predicted tokens (R,)) -> draft logits (R, V)
@@ -345,7 +347,7 @@ class SpeculativeDecoder:
             return
         self.prefill(prompt[:-1])
         inflight = self._launch(prompt[-1], [], None)
-        lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, 8)) if self.lookup else None
+        lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
             lookup.extend(prompt)
         generated = 0
@@ -353,13 +355,6 @@ class SpeculativeDecoder:
             emitted, a, specs, q, keep = self._finish(inflight)
             proposed, step_source = len(inflight.fed) - 1, inflight.source
             commit(self.cache, keep)
-            source = "mtp"
-            if lookup is not None:
-                lookup.extend(emitted)
-                copied = lookup.draft(self.lookup)
-                if copied:
-                    specs, source = copied, "lookup"
-                    q = None if self.greedy else self._one_hot(copied)
             logprobs = inflight.logprobs
             done = False
             for i, t in enumerate(emitted):
@@ -368,6 +363,13 @@ class SpeculativeDecoder:
                     break
             generated += len(emitted)
             if not done:
+                source = "mtp"
+                if lookup is not None:
+                    lookup.extend(emitted)
+                    copied = lookup.draft(self.lookup)
+                    if copied:
+                        specs, source = copied, "lookup"
+                        q = None if self.greedy else self._one_hot(copied)
                 room = budget - generated if budget >= 0 else len(specs) + 1
                 n_spec = max(0, min(len(specs), room - 1))
                 specs = specs[:n_spec]

@@ -136,6 +136,23 @@ def exact_joint(mtp, prompt, temp, top_p, top_k, n_tokens):
     return joint
 
 
+def sample_first_tokens(decoder, prompt, n, seed, source=None):
+    """``n`` runs of three tokens: (Counter of the token triples, drafts
+    proposed, drafts accepted), counting the steps whose drafts came from
+    ``source`` (default: all)."""
+    mx.random.seed(seed)
+    counts, proposed, accepted = Counter(), 0, 0
+    for _ in range(n):
+        tokens = []
+        for step in decoder.steps(prompt, max_tokens=3):
+            tokens += step.tokens
+            if source is None or step.source == source:
+                proposed += step.proposed
+                accepted += step.accepted
+        counts[tuple(tokens)] += 1
+    return counts, proposed, accepted
+
+
 @pytest.mark.parametrize(
     "mode, k, temp, top_p, top_k, seed",
     [
@@ -153,15 +170,7 @@ def test_sampled_tokens_follow_base_distribution(mode, k, temp, top_p, top_k, se
     prompt = [3]
     joint = exact_joint(mtp, prompt, temp, top_p, top_k, 3)
     decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=temp, top_p=top_p, top_k=top_k)
-    mx.random.seed(seed)
-    counts, accepted, proposed = Counter(), 0, 0
-    for _ in range(N):
-        tokens = []
-        for step in decoder.steps(prompt, max_tokens=3):
-            tokens += step.tokens
-            accepted += step.accepted
-            proposed += step.proposed
-        counts[tuple(tokens)] += 1
+    counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
     # both paths are exercised: some drafts accepted, some rejected
     assert 0.1 * proposed < accepted < 0.9 * proposed
     # (x1, x2, x3) jointly (no sample where the filtered p is 0), and the
@@ -187,15 +196,6 @@ def test_sampling_with_copied_drafts_follows_base_distribution(mode, k, seed):
     prompt = [3, 1, 4, 0, 2, 1]
     joint = exact_joint(mtp, prompt, 1.0, 1.0, 0, 3)
     decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=1.0, lookup=2, lookup_ngram=1)
-    mx.random.seed(seed)
-    counts, copied, accepted = Counter(), 0, 0
-    for _ in range(N):
-        tokens = []
-        for step in decoder.steps(prompt, max_tokens=3):
-            tokens += step.tokens
-            if step.source == "lookup":
-                copied += step.proposed
-                accepted += step.accepted
-        counts[tuple(tokens)] += 1
+    counts, copied, accepted = sample_first_tokens(decoder, prompt, N, seed, source="lookup")
     assert 0.1 * copied < accepted < 0.9 * copied
     assert chi_square_pvalue(counts, joint) > ALPHA
