@@ -3,7 +3,8 @@
 The config records the format version, the base model's identity (model type,
 hidden size, layers, vocab size), the MTP config (num_masks, LoRA, sampler) and
 a free-form ``recipe``; the weights file holds the LoRA matrices, the mask
-embeddings and the sampler head. Saving is atomic; loading checks every shape
+embeddings and the sampler head (and, optionally, the draft vocabulary and
+the datastore of responses). Saving is atomic; loading checks every shape
 against the model and names the offending tensor on a mismatch.
 """
 
@@ -15,13 +16,16 @@ from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .datastore import Datastore
 from .model import MTPConfig, MTPModel, base_model_identity
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 DRAFT_VOCAB = "draft_vocab"  # optional int32 ids: the sampler head drafts among these only
+DATASTORE = "datastore"  # optional: responses for datastore drafts (mlx_mtp.datastore)
 
 
 class AdapterError(ValueError):
@@ -61,6 +65,8 @@ def save_adapter(
         weights = {k: v.astype(dtype) for k, v in weights.items()}
     if model.draft_vocab is not None:
         weights[DRAFT_VOCAB] = model.draft_vocab
+    if model.datastore is not None:
+        weights[DATASTORE] = mx.array(model.datastore.storage())
     config = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model_identity(model.model),
@@ -130,6 +136,7 @@ def load_adapter(
         raise AdapterError(f"no adapter weights at '{weights_file}'")
     weights = mx.load(str(weights_file))
     draft_vocab = weights.pop(DRAFT_VOCAB, None)
+    datastore = weights.pop(DATASTORE, None)
     try:
         mtp = MTPModel(base, mtp_config)
     except ValueError as e:
@@ -164,5 +171,10 @@ def load_adapter(
             mtp.set_draft_vocab(draft_vocab)
         except ValueError as e:
             raise AdapterError(f"adapter '{path}': {e}") from None
+    if datastore is not None:
+        packed = np.array(datastore)
+        if packed.ndim != 1 or packed.max(initial=0) > mtp.vocab_size:
+            raise AdapterError(f"adapter '{path}': its datastore holds token ids outside the vocabulary")
+        mtp.datastore = Datastore(packed)
     mx.eval(mtp.parameters())
     return mtp

@@ -269,7 +269,8 @@ def run(args) -> int:
     base_model = model.model
     dtype = weights_dtype(base_model)
     blas = blas_in_use()
-    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, lookup={args.lookup}")
+    use_datastore = model.datastore is not None and not args.no_datastore and args.lookup > 0
+    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, lookup={args.lookup}, datastore={use_datastore}")
     if sys.platform.startswith("linux") and blas != "OpenBLAS":
         print(
             "note: MLX uses its bundled reference BLAS here; for ~20x faster fp32 matmuls run with\n"
@@ -312,7 +313,7 @@ def run(args) -> int:
             ours, flags, sources, resp = [], [], [], None
             for resp in stream_generate(
                 model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode,
-                lookup=args.lookup,
+                lookup=args.lookup, use_datastore=not args.no_datastore,
             ):
                 ours.append(resp.token)
                 flags.append(resp.from_draft)
@@ -340,18 +341,24 @@ def run(args) -> int:
     acceptance = acceptance_per_depth([c for c, src in steps if src == "mtp"], k)
     print("acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
           + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1)))
-    copied = [c for c, src in steps if src == "lookup"]
-    lookup_stats = {
-        "share_of_steps": len(copied) / max(len(steps), 1),
-        "accepted_per_step": sum(copied) / max(len(copied), 1),
-    }
+    def source_stats(source):
+        accepted = [c for c, src in steps if src == source]
+        return {
+            "share_of_steps": len(accepted) / max(len(steps), 1),
+            "accepted_per_step": sum(accepted) / max(len(accepted), 1),
+        }
+
+    lookup_stats, datastore_stats = source_stats("lookup"), source_stats("datastore")
     if args.lookup:
         print(f"prompt lookup (up to {args.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
               f"{lookup_stats['accepted_per_step']:.2f} copied tokens accepted per such step")
+        if datastore_stats["share_of_steps"]:
+            print(f"datastore drafts: {datastore_stats['share_of_steps']:.0%} of steps, "
+                  f"{datastore_stats['accepted_per_step']:.2f} drafted tokens accepted per such step")
     proj = []
     if args.mode == "quadratic":
         if args.lookup:
-            print("(the projection counts the masks' speculations only, without prompt lookup)")
+            print("(the projection counts the masks' speculations only, without prompt lookup or datastore)")
         proj = projection(acceptance, costs, chain)
         print("quadratic decoding with j masks, projected from these measurements:")
         print(f"{'j':>4}{'tok/step':>10}{'step cost':>11}{'speedup':>9}")
@@ -369,11 +376,13 @@ def run(args) -> int:
             "num_masks": k,
             "mode": args.mode,
             "lookup": args.lookup,
+            "datastore": use_datastore,
             "max_tokens": args.max_tokens,
             "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
             "sampler_call_ms": chain * 1e3,
             "acceptance_per_depth": acceptance,
             "lookup_steps": lookup_stats,
+            "datastore_steps": datastore_stats,
             "projection": proj,
             "results": [asdict(r) for r in rows],
             "overall": asdict(overall),
@@ -396,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
                    help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")
+    p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     return p

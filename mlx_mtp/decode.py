@@ -29,10 +29,15 @@ Layouts (:mod:`mlx_mtp.layouts`):
 
 With ``lookup=d`` (:mod:`mlx_mtp.lookup`), a step whose last tokens occurred
 earlier in the prompt or the output feeds up to d tokens copied from what
-followed them instead of the masks' speculations, in the linear layout (the
-regular tokens, then k masks): copies often run long, and on a CPU a forward
-over d+1+k tokens costs far less than over (d+1)(k+1). Their draft
-distribution is one-hot, so speculative sampling stays exact.
+followed them instead of the masks' speculations. Masks follow only the
+pending token and the last copied token (``block`` layout; linear mode: the
+last only): copies are often right to their end, and on a CPU a forward over
+d+1+2k tokens costs far less than over (d+1)(k+1), while a copy rejected from
+its first token still leaves the masks' speculations for the next step. Their
+draft distribution is one-hot, so speculative sampling stays exact. Where the text
+has no such match, an adapter's datastore (:mod:`mlx_mtp.datastore`: the
+responses it was trained on) drafts the most common continuation of the last
+tokens in the same way.
 
 Only the accepted regular tokens are committed to the KV cache (their entries
 equal the base model's); masks and rejected tokens are dropped.
@@ -45,12 +50,12 @@ prefilled in chunks through the plain causal forward.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from .cache import commit
-from .layouts import linear_layout, quadratic_layout
+from .layouts import block_layout, linear_layout
 from .lookup import NGramLookup
 from .model import MTPModel
 
@@ -60,6 +65,11 @@ MODES = ("quadratic", "linear", "off")
 # shipped SmolLM2-135M adapter at k=1 (fp32; Spec-Bench, 1 prompt per category,
 # 96 tokens, greedy): 1.40 tokens/step without lookup, 1.53 at d=4, 1.54 at d=6
 DEFAULT_LOOKUP = 6
+# tokens drafted per step from an adapter's datastore (at most the lookup's d):
+# its drafts are right for fewer leading tokens than copies from the text
+# (SmolLM2-135M, self-distilled responses, on 26 Spec-Bench greedy outputs:
+# 0.80 leading tokens right of up to 4 drafted, 0.87 of up to 6)
+DATASTORE_TOKENS = 4
 # prompt lookup matches n-grams of lookup_ngram (default 3) .. MAX_NGRAM tokens, longest first
 MAX_NGRAM = 8
 
@@ -134,6 +144,15 @@ def speculative_accept(
     return accept, mx.random.categorical(mx.log(dist)).astype(mx.int32)
 
 
+def _slots(masked: Sequence[bool]) -> List[int]:
+    """For each block, its index among the blocks with masks (0 if none)."""
+    out, i = [], 0
+    for b in masked:
+        out.append(i if b else 0)
+        i += bool(b)
+    return out
+
+
 @dataclass
 class Step:
     """What one step emitted."""
@@ -141,7 +160,7 @@ class Step:
     tokens: List[int]  # accepted speculations, then the base model's token
     proposed: int  # speculations fed (verified) in this step
     accepted: int  # of which accepted
-    source: str = "mtp"  # where the speculations came from: "mtp" or "lookup"
+    source: str = "mtp"  # where the speculations came from: "mtp", "lookup" or "datastore"
     logprobs: List[mx.array] = field(default_factory=list)  # (V,) per token, lazy
 
 
@@ -150,7 +169,8 @@ class _Launched:
     """A step in flight (everything lazy until the host syncs)."""
 
     fed: List[int]
-    quadratic: bool
+    masked: Tuple[bool, ...]  # which fed tokens had masks after them
+    regular: Tuple[int, ...]  # layout index of each fed token
     source: str
     packed: mx.array
     q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
@@ -177,6 +197,7 @@ class SpeculativeDecoder:
         prefill_step_size: int = 2048,
         lookup: int = 0,
         lookup_ngram: int = 3,
+        use_datastore: bool = True,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
@@ -197,6 +218,8 @@ class SpeculativeDecoder:
         self.prefill_step_size = prefill_step_size
         self.lookup = lookup if mode != "off" else 0
         self.lookup_ngram = lookup_ngram
+        # drafts from the adapter's datastore where prompt lookup finds none
+        self.datastore = getattr(model, "datastore", None) if (use_datastore and self.lookup) else None
         if draft_fn is None and self.k:
             draft_fn = lambda prev, z, pos: model.sampler_logits(prev, z)  # noqa: E731
         self.draft_fn = draft_fn
@@ -235,18 +258,25 @@ class SpeculativeDecoder:
         fed = [pending] + list(specs)
         n, m = len(fed), len(specs)
         tokens = mx.array(fed, dtype=mx.int32)
-        quadratic = self.mode == "quadratic" and n > 1 and source == "mtp"
+        masked = self._masked(n, source)
         if k == 0:
             h = model(tokens[None], cache)[0]
-            regular, Z = h, None
-        elif quadratic:
-            layout = quadratic_layout(tokens, k)
-            h = model.forward_layout(layout, cache)[0].reshape(n, k + 1, -1)
-            regular, Z = h[:, 0], h[:, 1:]  # (n, d), (n, k, d)
-        else:  # linear layout (also quadratic with one block: same thing)
+            regular, Z, layout_regular = h, None, tuple(range(n))
+        elif not any(masked[:-1]):  # linear layout (plain causal attention)
             layout = linear_layout(tokens, k)
-            h = model(layout.tokens[None], cache, gate=layout.gate)[0]  # causal
-            regular, Z = h[:n], h[None, n:]  # (n, d), (1, k, d)
+            h = model(layout.tokens[None], cache, gate=layout.gate)[0]
+            regular, Z, layout_regular = h[:n], h[None, n:], tuple(range(n))  # (n, d), (1, k, d)
+        else:
+            layout = block_layout(tokens, k, masked)
+            h = model.forward_layout(layout, cache)[0]
+            layout_regular = layout.regular
+            if all(masked):  # quadratic
+                h = h.reshape(n, k + 1, -1)
+                regular, Z = h[:, 0], h[:, 1:]  # (n, d), (n, k, d)
+            else:
+                gated = sorted(set(range(h.shape[0])) - set(layout_regular))
+                regular = h[mx.array(layout_regular)]
+                Z = h[mx.array(gated)].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
         logits = model.lm_head(regular)  # (n, V), at the regular positions only
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -268,10 +298,11 @@ class SpeculativeDecoder:
 
         q_rows = None
         if k:
-            if quadratic:
-                z, prev, block = Z[a[0]][None], targets[a], a  # block a
-            else:
+            if not any(masked[:-1]):  # linear: the last block
                 z, prev, block = Z, targets[n - 1 :], mx.array([n - 1], dtype=mx.int32)
+            else:  # block a (when it has masks; the host checks)
+                slot = a if all(masked) else mx.array(_slots(masked), dtype=mx.int32)[a]
+                z, prev, block = Z[slot[0]][None], targets[a], a
             chain, qs = [], []
             for j in range(k):
                 # chain step j from the block at position C + b predicts position C + b + j + 2
@@ -288,7 +319,7 @@ class SpeculativeDecoder:
                 q_rows = mx.stack(qs)  # (k, V)
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
-        return _Launched(fed, quadratic, source, packed, q_rows, logprobs)
+        return _Launched(fed, masked, layout_regular, source, packed, q_rows, logprobs)
 
     def _finish(self, step: _Launched):
         """Wait for a step (the one sync) and read it: (emitted tokens, accepted
@@ -298,18 +329,61 @@ class SpeculativeDecoder:
         m, k = n - 1, self.k
         a, targets, chain = vals[0], vals[1 : n + 1], vals[n + 1 :]
         emitted = step.fed[1 : a + 1] + [targets[a]]
-        # quadratic: the chain ran from block a; linear: from the last block,
-        # which is only valid if every speculation was accepted
-        fresh = k > 0 and (step.quadratic or a == m)
+        # the chain ran from block a, or (linear) from the last block: its
+        # speculations are fresh only if that block had masks
+        fresh = k > 0 and step.masked[a]
         next_specs = chain if fresh else []
         next_q = step.q_rows if fresh else None
-        keep = [b * (k + 1) for b in range(a + 1)] if step.quadratic else list(range(a + 1))
+        keep = list(step.regular[: a + 1])
         return emitted, a, next_specs, next_q, keep
+
+    def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
+        """Which of the n fed tokens get k masks after them: none without
+        masks; linear: the last; quadratic: every one, or for copied drafts
+        the pending token and the last draft (a copy is mostly right to its
+        end or wrong from its first token, and masks after each token would
+        cost more than they give on a CPU)."""
+        if self.k == 0:
+            return (False,) * n
+        if self.mode == "linear" or n == 1:
+            return (False,) * (n - 1) + (True,)
+        if source == "mtp":
+            return (True,) * n
+        return (True,) + (False,) * (n - 2) + (True,)
 
     def _one_hot(self, tokens: List[int]) -> mx.array:
         """The draft distribution of copied tokens: (d, V), one-hot."""
         V = self.model.vocab_size
         return (mx.arange(V)[None] == mx.array(tokens, dtype=mx.int32)[:, None]).astype(mx.float32)
+
+    def _launch_next(
+        self,
+        pending: int,
+        lookup: Optional[NGramLookup],
+        specs: List[int],
+        q: Optional[mx.array],
+        room: int,
+    ) -> _Launched:
+        """Launch the step that feeds ``pending`` (the last token of the text
+        in ``lookup``, if any) and its drafts: copied drafts (prompt lookup, then the datastore) where there
+        are any, else the masks' speculations ``specs``; at most ``room`` - 1
+        drafts (``room`` < 0: no limit)."""
+        source = "mtp"
+        if lookup is not None:
+            copied = lookup.draft(self.lookup)
+            if copied:
+                source = "lookup"
+            elif self.datastore is not None:
+                copied = self.datastore.draft(lookup.tokens[-MAX_NGRAM:], min(self.lookup, DATASTORE_TOKENS))
+                source = "datastore"
+            if copied:
+                specs, q = copied, None if self.greedy else self._one_hot(copied)
+            else:
+                source = "mtp"
+        n_spec = len(specs) if room < 0 else max(0, min(len(specs), room - 1))
+        specs = specs[:n_spec]
+        q = q[:n_spec] if (q is not None and n_spec) else None
+        return self._launch(pending, specs, q, source if specs else "mtp")
 
     # --- the loop ------------------------------------------------------------------
     def budget(self, prompt_len: int, max_tokens: int) -> int:
@@ -347,10 +421,10 @@ class SpeculativeDecoder:
         if budget == 0:
             return
         self.prefill(prompt[:-1])
-        inflight = self._launch(prompt[-1], [], None)
         lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
             lookup.extend(prompt)
+        inflight = self._launch_next(prompt[-1], lookup, [], None, budget)
         generated = 0
         while True:
             emitted, a, specs, q, keep = self._finish(inflight)
@@ -364,19 +438,11 @@ class SpeculativeDecoder:
                     break
             generated += len(emitted)
             if not done:
-                source = "mtp"
                 if lookup is not None:
                     lookup.extend(emitted)
-                    copied = lookup.draft(self.lookup)
-                    if copied:
-                        specs, source = copied, "lookup"
-                        q = None if self.greedy else self._one_hot(copied)
-                room = budget - generated if budget >= 0 else len(specs) + 1
-                n_spec = max(0, min(len(specs), room - 1))
-                specs = specs[:n_spec]
-                q = q[:n_spec] if (q is not None and n_spec) else None
                 # the next step is in flight before the host hands over these tokens
-                inflight = self._launch(emitted[-1], specs, q, source if specs else "mtp")
+                room = budget - generated if budget >= 0 else -1
+                inflight = self._launch_next(emitted[-1], lookup, specs, q, room)
             yield Step(
                 tokens=emitted,
                 proposed=proposed,

@@ -46,7 +46,7 @@ class MTPGenerationResponse(GenerationResponse):
     tokens_per_step: float = 0.0
     num_masks: int = 0
     mode: str = "off"
-    draft_source: str = "mtp"  # of the step that emitted this token: "mtp" or "lookup"
+    draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
 
 
 def _as_mtp(model: nn.Module) -> MTPModel:
@@ -117,6 +117,7 @@ def stream_generate(
     prefill_step_size: int = 2048,
     draft_fn: Optional[DraftFn] = None,
     lookup: int = DEFAULT_LOOKUP,
+    use_datastore: bool = True,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
     last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
@@ -126,7 +127,9 @@ def stream_generate(
     ``num_masks`` (default: the adapter's k) speculations per step, ``mode``
     "quadratic" (default), "linear" or "off". ``lookup=d`` (0: off): where
     the last tokens occurred before in the prompt or the output, verify the d
-    tokens that followed them instead (prompt lookup, :mod:`mlx_mtp.lookup`).
+    tokens that followed them instead (prompt lookup, :mod:`mlx_mtp.lookup`);
+    where they did not, and the adapter has a datastore (``use_datastore``),
+    the continuation its responses most often had (:mod:`mlx_mtp.datastore`).
     ``draft_fn`` replaces the sampler head (tests and inspection, see
     :mod:`mlx_mtp.decode`).
     """
@@ -143,6 +146,7 @@ def stream_generate(
         draft_fn=draft_fn,
         prefill_step_size=prefill_step_size,
         lookup=lookup,
+        use_datastore=use_datastore,
     )
     ids = _encode(tokenizer, prompt)
     decoder.check_prompt(ids)
@@ -300,6 +304,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-masks", type=int, default=None, help="speculated tokens per step (default: the adapter's)")
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"where the last tokens occurred before in the prompt or output, verify up to N of the tokens that followed them instead of the masks' speculations (default: {DEFAULT_LOOKUP}; 0: off)")
+    p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
     p.add_argument("--verbose", type=_str2bool, default=True, help="print statistics after the text (default: true)")
     return p
 
@@ -326,7 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
         # validate everything before any output
         decoder = SpeculativeDecoder(
-            model, num_masks=args.num_masks, mode=args.mode, temp=args.temp, lookup=args.lookup
+            model, num_masks=args.num_masks, mode=args.mode, temp=args.temp, lookup=args.lookup,
+            use_datastore=not args.no_datastore,
         )
         decoder.check_prompt(ids)
         text = generate(
@@ -340,6 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             num_masks=args.num_masks,
             mode=args.mode,
             lookup=args.lookup,
+            use_datastore=not args.no_datastore,
             verbose=args.verbose,
         )
     except (ValueError, FileNotFoundError) as e:  # AdapterError, ModelLoadError are ValueErrors

@@ -12,6 +12,9 @@ that part.
 - linear decoding: the regular tokens, then k masks (plain causal).
 - quadratic decoding: every regular token followed by its own k masks; a block
   sees the regular tokens of the blocks before it and its own prefix only.
+- block decoding: the same with masks after chosen regular tokens only
+  (quadratic: all of them; the masks after the last alone see what linear
+  decoding's masks see).
 """
 
 from dataclasses import dataclass
@@ -76,12 +79,14 @@ def linear_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
     return Layout(ids, positions, gate, mask, regular)
 
 
-def quadratic_structure(n: int, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positions, gate and mask of n regular tokens each followed by k masks."""
-    B = k + 1
-    L = n * B
-    block = np.repeat(np.arange(n), B)  # block of each slot
-    j = np.tile(np.arange(B), n)  # 0: the regular token, j: mask m_j
+def quadratic_structure(
+    n: int, k: int, masked: Optional[Sequence[bool]] = None
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, gate and mask of n regular tokens each followed by k masks
+    (only those with ``masked[i]``, if given)."""
+    sizes = 1 + k * (np.ones(n, dtype=np.int64) if masked is None else np.asarray(masked, dtype=np.int64))
+    block = np.repeat(np.arange(n), sizes)  # block of each slot
+    j = np.arange(block.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # 0: the regular token, j: mask m_j
     positions = (block + j).astype(np.int32)
     gate = j > 0
     qb, kb = block[:, None], block[None, :]
@@ -107,6 +112,25 @@ def quadratic_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
     ids = mx.concatenate([tokens[:, None], masks], axis=1).reshape(-1)
     positions, gate, mask, regular = _quadratic_structure_mx(n, k)
     return Layout(ids, positions, gate, mask, regular)
+
+
+@lru_cache(maxsize=256)
+def _block_structure_mx(k: int, masked: Tuple[bool, ...]):
+    positions, gate, mask = quadratic_structure(len(masked), k, masked)
+    regular = tuple(int(i) for i in np.nonzero(~gate)[0])
+    return mx.array(positions), mx.array(gate), mx.array(mask), regular
+
+
+def block_layout(tokens: Union[Sequence[int], mx.array], k: int, masked: Sequence[bool]) -> Layout:
+    """``tokens``, each with ``masked[i]`` followed by its own ``m_1..m_k``
+    (the quadratic layout's attention)."""
+    tokens = _as_tokens(tokens)
+    masked = tuple(bool(b) for b in masked)
+    if len(masked) != tokens.shape[0]:
+        raise ValueError(f"masked has {len(masked)} entries for {tokens.shape[0]} tokens")
+    positions, gate, mask, regular = _block_structure_mx(k, masked)
+    slots = [tokens[i : i + 1] if not b else mx.concatenate([tokens[i : i + 1], mask_ids(k)]) for i, b in enumerate(masked)]
+    return Layout(mx.concatenate(slots), positions, gate, mask, regular)
 
 
 def training_layout(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_mtp.layouts import IGNORE, linear_layout, quadratic_layout, training_layout
+from mlx_mtp.layouts import IGNORE, block_layout, linear_layout, quadratic_layout, training_layout
 
 I = IGNORE
 
@@ -107,6 +107,34 @@ def test_quadratic_layout_k2():
     expected = rows("100000", "110000", "111000", "100100", "100110", "100111")
     np.testing.assert_array_equal(np.array(lay.mask), expected)
     assert lay.regular == (0, 3)
+
+
+def test_block_layout_masks_after_chosen_tokens():
+    # masks after the first and the last of four tokens (a copied draft's step)
+    lay = block_layout([7, 8, 9, 6], k=2, masked=[True, False, False, True])
+    np.testing.assert_array_equal(np.array(lay.tokens), [7, -1, -2, 8, 9, 6, -1, -2])
+    np.testing.assert_array_equal(np.array(lay.positions), [0, 1, 2, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(np.array(lay.gate), [0, 1, 1, 0, 0, 0, 1, 1])
+    expected = rows(
+        "10000000",
+        "11000000",
+        "11100000",
+        "10010000",
+        "10011000",
+        "10011100",
+        "10011110",
+        "10011111",
+    )
+    np.testing.assert_array_equal(np.array(lay.mask), expected)
+    assert lay.regular == (0, 3, 4, 5)
+    # every token: the quadratic layout; the last only: the linear layout's attention
+    for builder, masked in ((quadratic_layout, [True] * 3), (linear_layout, [False, False, True])):
+        a, b = builder([7, 8, 9], 2), block_layout([7, 8, 9], 2, masked)
+        for field in ("tokens", "positions", "gate", "mask"):
+            np.testing.assert_array_equal(np.array(getattr(a, field)), np.array(getattr(b, field)))
+        assert a.regular == b.regular
+    with pytest.raises(ValueError, match="2 entries for 3 tokens"):
+        block_layout([7, 8, 9], 2, [True, True])
 
 
 def test_quadratic_layout_k3():
