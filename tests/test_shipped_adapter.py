@@ -29,10 +29,12 @@ def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_pat
     assert find_shipped_adapter(model.model) == SHIPPED
     assert model.num_masks == config["num_masks"]
     assert model.draft_vocab is not None
+    assert model.datastore is not None and model.datastore.num_tokens == config["recipe"]["datastore_tokens"]
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     assert model.default_num_masks == config.get("decode_num_masks", {}).get(device, config["num_masks"])
     for k in sorted({model.default_num_masks, model.num_masks}):
         steps = tokens = 0
+        sources = set()
         for text in ("Write a Python function that checks whether a number is even.", "What is 12 times 7?"):
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
             ref = [r.token for r in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=40)]
@@ -41,5 +43,7 @@ def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_pat
             assert rs[-1].num_masks == k
             steps += rs[-1].steps
             tokens += len(rs)
-        # the trained masks do speculate correctly, often
+            sources |= {r.draft_source for r in rs if r.from_draft}
+        # the trained masks do speculate correctly, often, and so does the datastore
         assert tokens / steps > 1.2, k
+        assert {"mtp", "datastore"} <= sources, k
