@@ -85,6 +85,13 @@ def save_adapter(
     _atomic_write(path / CONFIG_FILE, write_config)
 
 
+def update_adapter(model: MTPModel, path: Union[str, Path], recipe: Dict[str, Any]):
+    """Rewrite the adapter at ``path`` from ``model`` (e.g. after adding a draft
+    vocabulary or a datastore) in the dtype its weights are stored in."""
+    dtype = mx.load(str(Path(path) / WEIGHTS_FILE))["masks.weight"].dtype
+    save_adapter(model, path, recipe=recipe, dtype=dtype)
+
+
 def read_adapter_config(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     cfg_file = path / CONFIG_FILE

@@ -207,9 +207,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.remove and args.data is None:
         p.error("--data is required (or --remove)")
-    import mlx.core as mx
-
-    from .adapter import WEIGHTS_FILE, AdapterError, read_adapter_config, save_adapter
+    from .adapter import AdapterError, read_adapter_config, update_adapter
     from .data import DataError
     from .utils import load
 
@@ -233,8 +231,7 @@ def main(argv=None):
                     f"{rate['leading_right_per_draft']:.2f} leading tokens right per draft"
                 )
             print(msg)
-        dtype = mx.load(str(Path(args.adapter_path) / WEIGHTS_FILE))["masks.weight"].dtype
-        save_adapter(model, args.adapter_path, recipe=recipe, dtype=dtype)
+        update_adapter(model, args.adapter_path, recipe)
     except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -55,7 +55,7 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
-    from .adapter import AdapterError, save_adapter
+    from .adapter import AdapterError, read_adapter_config, update_adapter
     from .data import DataError
     from .utils import load
 
@@ -74,17 +74,12 @@ def main(argv=None):
                 valid = response_tokens(Path(args.data), tokenizer, "valid")
                 msg += f", {coverage(valid, ids):.2%} of valid"
             print(msg + " response tokens")
-        import mlx.core as mx
-
-        from .adapter import WEIGHTS_FILE, read_adapter_config
-
         recipe = read_adapter_config(args.adapter_path).get("recipe", {})
-        dtype = mx.load(str(Path(args.adapter_path) / WEIGHTS_FILE))["masks.weight"].dtype
         if args.size > 0:
             recipe["draft_vocab_size"] = int(args.size)
         else:
             recipe.pop("draft_vocab_size", None)
-        save_adapter(model, args.adapter_path, recipe=recipe, dtype=dtype)
+        update_adapter(model, args.adapter_path, recipe)
     except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
