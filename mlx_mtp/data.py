@@ -240,6 +240,12 @@ class Example:
         return len(self.tokens) + self.labels.size
 
 
+def response_tokens(path: Path, tokenizer, prefix: int = 0) -> List[List[int]]:
+    """The response tokens of each row of a jsonl file, with the last
+    ``prefix`` tokens of its prompt before them."""
+    return [r.tokens[max(0, r.prompt_length - prefix) :] for r in tokenize_file(path, tokenizer)]
+
+
 def layout_length(n: int, loss_start: int, k: int) -> int:
     """Length of the interleaved layout of n tokens whose first loss token is ``loss_start``."""
     return n + k * max(n - loss_start, 0)

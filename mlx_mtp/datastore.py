@@ -96,9 +96,10 @@ class Datastore:
         dtype = np.uint16 if self.packed.max(initial=0) < 2**16 else np.uint32
         return self.packed.astype(dtype)
 
-    def _range(self, ngram: np.ndarray, start: int, end: int):
+    def _range(self, ngram: np.ndarray):
         """The range of sorted suffixes that begin with ``ngram`` (packed ids)."""
         bits, per = self._bits, self._per
+        start, end = 0, self.packed.size
         for w in range(math.ceil(len(ngram) / per)):
             part = ngram[w * per : (w + 1) * per]
             value = 0
@@ -128,7 +129,7 @@ class Datastore:
         best, start, end = None, 0, 0
         for n in range(self.min_n, min(self.max_n, tail.size) + 1):
             # the longer n-gram starts a token earlier: a range of its own
-            s, e = self._range(tail[tail.size - n :], 0, self.packed.size)
+            s, e = self._range(tail[tail.size - n :])
             if s == e:
                 break
             best, start, end = n, s, e
@@ -154,10 +155,9 @@ def response_documents(data_dir: Path, tokenizer, split: str = "train") -> List[
     """The responses of ``split``.jsonl, each from the chat template's
     generation prompt on (e.g. ``<|im_start|>assistant\\n``, which the text
     being drafted for also has): what the model itself writes."""
-    from .data import tokenize_file
+    from .data import response_tokens
 
-    header = _generation_header_length(tokenizer)
-    return [r.tokens[max(0, r.prompt_length - header) :] for r in tokenize_file(data_dir / f"{split}.jsonl", tokenizer)]
+    return response_tokens(data_dir / f"{split}.jsonl", tokenizer, prefix=_generation_header_length(tokenizer))
 
 
 def _generation_header_length(tokenizer) -> int:

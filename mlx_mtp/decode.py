@@ -62,7 +62,7 @@ from .model import MTPModel
 MODES = ("quadratic", "linear", "off")
 
 # copied tokens verified per lookup step (stream_generate, the CLIs); with the
-# shipped SmolLM2-135M adapter at k=1 (fp32; Spec-Bench, 1 prompt per category,
+# step-541 SmolLM2-135M adapter at k=1 (fp32; Spec-Bench, 1 prompt per category,
 # 96 tokens, greedy): 1.40 tokens/step without lookup, 1.53 at d=4, 1.54 at d=6
 DEFAULT_LOOKUP = 6
 # tokens drafted per step from an adapter's datastore (at most the lookup's d):
@@ -142,15 +142,6 @@ def speculative_accept(
     resid = mx.where(resid.sum(-1, keepdims=True) > 0, resid, p[:m])
     dist = mx.concatenate([resid, p[m:]], axis=0)
     return accept, mx.random.categorical(mx.log(dist)).astype(mx.int32)
-
-
-def _slots(masked: Sequence[bool]) -> List[int]:
-    """For each block, its index among the blocks with masks (0 if none)."""
-    out, i = [], 0
-    for b in masked:
-        out.append(i if b else 0)
-        i += bool(b)
-    return out
 
 
 @dataclass
@@ -261,22 +252,16 @@ class SpeculativeDecoder:
         masked = self._masked(n, source)
         if k == 0:
             h = model(tokens[None], cache)[0]
-            regular, Z, layout_regular = h, None, tuple(range(n))
-        elif not any(masked[:-1]):  # linear layout (plain causal attention)
-            layout = linear_layout(tokens, k)
-            h = model(layout.tokens[None], cache, gate=layout.gate)[0]
-            regular, Z, layout_regular = h[:n], h[None, n:], tuple(range(n))  # (n, d), (1, k, d)
+            regular, layout = h, None
         else:
-            layout = block_layout(tokens, k, masked)
-            h = model.forward_layout(layout, cache)[0]
-            layout_regular = layout.regular
-            if all(masked):  # quadratic
-                h = h.reshape(n, k + 1, -1)
-                regular, Z = h[:, 0], h[:, 1:]  # (n, d), (n, k, d)
+            if not any(masked[:-1]):  # masks after the last token only: plain causal attention
+                layout = linear_layout(tokens, k)
+                h = model(layout.tokens[None], cache, gate=layout.gate)[0]
             else:
-                gated = sorted(set(range(h.shape[0])) - set(layout_regular))
-                regular = h[mx.array(layout_regular)]
-                Z = h[mx.array(gated)].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
+                layout = block_layout(tokens, k, masked)
+                h = model.forward_layout(layout, cache)[0]
+            regular = h[mx.array(layout.regular)]  # (n, d)
+            Z = h[layout.masks].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
         logits = model.lm_head(regular)  # (n, V), at the regular positions only
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -298,11 +283,8 @@ class SpeculativeDecoder:
 
         q_rows = None
         if k:
-            if not any(masked[:-1]):  # linear: the last block
-                z, prev, block = Z, targets[n - 1 :], mx.array([n - 1], dtype=mx.int32)
-            else:  # block a (when it has masks; the host checks)
-                slot = a if all(masked) else mx.array(_slots(masked), dtype=mx.int32)[a]
-                z, prev, block = Z[slot[0]][None], targets[a], a
+            # the chain from block a: valid when it has masks (the host checks)
+            z, prev, block = Z[layout.mask_block[a]], targets[a], a
             chain, qs = [], []
             for j in range(k):
                 # chain step j from the block at position C + b predicts position C + b + j + 2
@@ -319,7 +301,8 @@ class SpeculativeDecoder:
                 q_rows = mx.stack(qs)  # (k, V)
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
-        return _Launched(fed, masked, layout_regular, source, packed, q_rows, logprobs)
+        regular_index = tuple(range(n)) if layout is None else layout.regular
+        return _Launched(fed, masked, regular_index, source, packed, q_rows, logprobs)
 
     def _finish(self, step: _Launched):
         """Wait for a step (the one sync) and read it: (emitted tokens, accepted
@@ -329,8 +312,8 @@ class SpeculativeDecoder:
         m, k = n - 1, self.k
         a, targets, chain = vals[0], vals[1 : n + 1], vals[n + 1 :]
         emitted = step.fed[1 : a + 1] + [targets[a]]
-        # the chain ran from block a, or (linear) from the last block: its
-        # speculations are fresh only if that block had masks
+        # the chain ran from block a: its speculations are fresh only if
+        # that block had masks
         fresh = k > 0 and step.masked[a]
         next_specs = chain if fresh else []
         next_q = step.q_rows if fresh else None
@@ -356,6 +339,18 @@ class SpeculativeDecoder:
         V = self.model.vocab_size
         return (mx.arange(V)[None] == mx.array(tokens, dtype=mx.int32)[:, None]).astype(mx.float32)
 
+    def _copied_drafts(self, lookup: NGramLookup) -> Tuple[List[int], str]:
+        """Drafts copied from earlier in the text, else from the datastore:
+        (tokens, source); ([], "mtp") when neither has any."""
+        copied = lookup.draft(self.lookup)
+        if copied:
+            return copied, "lookup"
+        if self.datastore is not None:
+            copied = self.datastore.draft(lookup.tokens[-MAX_NGRAM:], min(self.lookup, DATASTORE_TOKENS))
+            if copied:
+                return copied, "datastore"
+        return [], "mtp"
+
     def _launch_next(
         self,
         pending: int,
@@ -365,21 +360,12 @@ class SpeculativeDecoder:
         room: int,
     ) -> _Launched:
         """Launch the step that feeds ``pending`` (the last token of the text
-        in ``lookup``, if any) and its drafts: copied drafts (prompt lookup, then the datastore) where there
-        are any, else the masks' speculations ``specs``; at most ``room`` - 1
+        in ``lookup``, if any) and its drafts: copied drafts where there are
+        any, else the masks' speculations ``specs``; at most ``room`` - 1
         drafts (``room`` < 0: no limit)."""
-        source = "mtp"
-        if lookup is not None:
-            copied = lookup.draft(self.lookup)
-            if copied:
-                source = "lookup"
-            elif self.datastore is not None:
-                copied = self.datastore.draft(lookup.tokens[-MAX_NGRAM:], min(self.lookup, DATASTORE_TOKENS))
-                source = "datastore"
-            if copied:
-                specs, q = copied, None if self.greedy else self._one_hot(copied)
-            else:
-                source = "mtp"
+        copied, source = self._copied_drafts(lookup) if lookup is not None else ([], "mtp")
+        if copied:
+            specs, q = copied, None if self.greedy else self._one_hot(copied)
         n_spec = len(specs) if room < 0 else max(0, min(len(specs), room - 1))
         specs = specs[:n_spec]
         q = q[:n_spec] if (q is not None and n_spec) else None

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -42,10 +42,6 @@ def coverage(responses: Iterable[Sequence[int]], ids: np.ndarray) -> float:
     return inside / max(total, 1)
 
 
-def response_tokens(data_dir: Path, tokenizer, split: str) -> List[List[int]]:
-    from .data import tokenize_file
-
-    return [r.tokens[r.prompt_length :] for r in tokenize_file(data_dir / f"{split}.jsonl", tokenizer)]
 
 
 def main(argv=None):
@@ -56,7 +52,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
     from .adapter import AdapterError, read_adapter_config, update_adapter
-    from .data import DataError
+    from .data import DataError, response_tokens
     from .utils import load
 
     try:
@@ -66,12 +62,12 @@ def main(argv=None):
         if args.size <= 0:
             model.set_draft_vocab(None)
         else:
-            train = response_tokens(Path(args.data), tokenizer, "train")
+            train = response_tokens(Path(args.data) / "train.jsonl", tokenizer)
             ids = frequent_tokens(train, args.size, always=tokenizer.eos_token_ids)
             model.set_draft_vocab(ids)
             msg = f"draft vocabulary: {len(ids)} of {model.vocab_size} tokens, covering {coverage(train, ids):.2%} of train"
             if (Path(args.data) / "valid.jsonl").exists():
-                valid = response_tokens(Path(args.data), tokenizer, "valid")
+                valid = response_tokens(Path(args.data) / "valid.jsonl", tokenizer)
                 msg += f", {coverage(valid, ids):.2%} of valid"
             print(msg + " response tokens")
         recipe = read_adapter_config(args.adapter_path).get("recipe", {})

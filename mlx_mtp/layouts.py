@@ -38,6 +38,10 @@ class Layout:
     gate: mx.array  # (L,) bool, True on masks
     mask: mx.array  # (L, L) bool, query x key
     regular: Tuple[int, ...]  # indices of the regular tokens
+    # indices of the masks, block by block ((blocks with masks) * k,), and for
+    # each regular token, the index of its mask block among them (0 if none)
+    masks: Optional[mx.array] = None
+    mask_block: Optional[mx.array] = None
 
     @property
     def num_masks(self) -> int:
@@ -67,16 +71,17 @@ def _linear_structure(n: int, k: int):
     positions = np.arange(L, dtype=np.int32)
     gate = np.arange(L) >= n
     mask = np.tril(np.ones((L, L), dtype=bool))
-    return mx.array(positions), mx.array(gate), mx.array(mask), tuple(range(n))
+    masks, mask_block = mx.arange(n, L, dtype=mx.int32), mx.zeros((n,), dtype=mx.int32)
+    return mx.array(positions), mx.array(gate), mx.array(mask), tuple(range(n)), masks, mask_block
 
 
 def linear_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
     """``tokens`` followed by ``m_1..m_k``; causal attention."""
     tokens = _as_tokens(tokens)
     n = tokens.shape[0]
-    positions, gate, mask, regular = _linear_structure(n, k)
+    positions, gate, mask, regular, masks, mask_block = _linear_structure(n, k)
     ids = mx.concatenate([tokens, mask_ids(k)]) if k else tokens
-    return Layout(ids, positions, gate, mask, regular)
+    return Layout(ids, positions, gate, mask, regular, masks, mask_block)
 
 
 def quadratic_structure(
@@ -97,28 +102,20 @@ def quadratic_structure(
     return positions, gate, mask
 
 
-@lru_cache(maxsize=64)
-def _quadratic_structure_mx(n: int, k: int):
-    positions, gate, mask = quadratic_structure(n, k)
-    regular = tuple(range(0, n * (k + 1), k + 1))
-    return mx.array(positions), mx.array(gate), mx.array(mask), regular
-
-
-def quadratic_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
-    """Each of ``tokens`` followed by its own ``m_1..m_k``."""
-    tokens = _as_tokens(tokens)
-    n = tokens.shape[0]
-    masks = mx.broadcast_to(mask_ids(k)[None], (n, k))
-    ids = mx.concatenate([tokens[:, None], masks], axis=1).reshape(-1)
-    positions, gate, mask, regular = _quadratic_structure_mx(n, k)
-    return Layout(ids, positions, gate, mask, regular)
-
-
 @lru_cache(maxsize=256)
-def _block_structure_mx(k: int, masked: Tuple[bool, ...]):
-    positions, gate, mask = quadratic_structure(len(masked), k, masked)
-    regular = tuple(int(i) for i in np.nonzero(~gate)[0])
-    return mx.array(positions), mx.array(gate), mx.array(mask), regular
+def _block_structure(k: int, masked: Tuple[bool, ...]):
+    n = len(masked)
+    positions, gate, mask = quadratic_structure(n, k, masked)
+    # which slots of the quadratic layout (every token with its k masks) are kept
+    slots = np.arange(n * (k + 1)).reshape(n, k + 1)
+    kept = np.concatenate([row if b else row[:1] for row, b in zip(slots, masked)])
+    regular = tuple(int(i) for i in np.flatnonzero(~gate))
+    mask_block = np.where(masked, np.cumsum(masked) - 1, 0)
+    return (
+        mx.array(positions), mx.array(gate), mx.array(mask), regular,
+        None if all(masked) else mx.array(kept, dtype=mx.int32),
+        mx.array(np.flatnonzero(gate), dtype=mx.int32), mx.array(mask_block, dtype=mx.int32),
+    )
 
 
 def block_layout(tokens: Union[Sequence[int], mx.array], k: int, masked: Sequence[bool]) -> Layout:
@@ -126,11 +123,17 @@ def block_layout(tokens: Union[Sequence[int], mx.array], k: int, masked: Sequenc
     (the quadratic layout's attention)."""
     tokens = _as_tokens(tokens)
     masked = tuple(bool(b) for b in masked)
-    if len(masked) != tokens.shape[0]:
-        raise ValueError(f"masked has {len(masked)} entries for {tokens.shape[0]} tokens")
-    positions, gate, mask, regular = _block_structure_mx(k, masked)
-    slots = [tokens[i : i + 1] if not b else mx.concatenate([tokens[i : i + 1], mask_ids(k)]) for i, b in enumerate(masked)]
-    return Layout(mx.concatenate(slots), positions, gate, mask, regular)
+    n = tokens.shape[0]
+    if len(masked) != n:
+        raise ValueError(f"masked has {len(masked)} entries for {n} tokens")
+    positions, gate, mask, regular, kept, masks, mask_block = _block_structure(k, masked)
+    ids = mx.concatenate([tokens[:, None], mx.broadcast_to(mask_ids(k)[None], (n, k))], axis=1).reshape(-1)
+    return Layout(ids if kept is None else ids[kept], positions, gate, mask, regular, masks, mask_block)
+
+
+def quadratic_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
+    """Each of ``tokens`` followed by its own ``m_1..m_k``."""
+    return block_layout(tokens, k, (True,) * len(_as_tokens(tokens)))
 
 
 def training_layout(
