@@ -7,7 +7,8 @@
 # Wall time here (Linux x86_64, 2 cores, fp32, OpenBLAS): distillation of 640
 # prompts 42 min and of the 400 --extra prompts 46 min (batch 16); stage 1 184
 # steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
-# ~100 min (~15-20 s per step: the long-document prompts); packaging 1 min;
+# ~125 min (15-30 s per step: the long-document prompts, and part of it ran
+# beside other jobs); packaging 1 min;
 # benchmarks ~12 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
