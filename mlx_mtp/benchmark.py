@@ -265,7 +265,7 @@ def run(args) -> int:
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     if model.num_masks == 0:
         raise ValueError("the model has no MTP adapter: pass --adapter-path")
-    k = args.num_masks or model.default_num_masks
+    k = model.default_num_masks if args.num_masks is None else args.num_masks
     base_model = model.model
     dtype = weights_dtype(base_model)
     blas = blas_in_use()
@@ -285,7 +285,7 @@ def run(args) -> int:
         return text
 
     costs = forward_costs(model, step_shapes(k))
-    chain = chain_cost(model, k)
+    chain = chain_cost(model, max(k, 1))
     print("cost of one forward over T new tokens (300 cached), relative to T=1:")
     print("  " + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
     print(f"  one sampler-head call: {chain * 1e3:.1f} ms ({chain / costs[1]:.2f}x)")
@@ -356,7 +356,7 @@ def run(args) -> int:
             print(f"datastore drafts: {datastore_stats['share_of_steps']:.0%} of steps, "
                   f"{datastore_stats['accepted_per_step']:.2f} drafted tokens accepted per such step")
     proj = []
-    if args.mode == "quadratic":
+    if args.mode == "quadratic" and k:
         if args.lookup:
             print("(the projection counts the masks' speculations only, without prompt lookup or datastore)")
         proj = projection(acceptance, costs, chain)

@@ -49,6 +49,13 @@ class MTPGenerationResponse(GenerationResponse):
     draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
 
 
+def _decoding(response: MTPGenerationResponse) -> str:
+    """How the tokens were decoded, for the stats line."""
+    if response.num_masks == 0 and response.mode != "off":
+        return "k=0: copied drafts only"
+    return f"k={response.num_masks}, {response.mode}"
+
+
 def _as_mtp(model: nn.Module) -> MTPModel:
     return model if isinstance(model, MTPModel) else MTPModel(model)
 
@@ -256,7 +263,7 @@ def generate(
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(
             f"Acceptance: {response.tokens_per_step:.2f} tokens/step over {response.steps} steps "
-            f"(k={response.num_masks}, {response.mode})"
+            f"({_decoding(response)})"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     return text

@@ -56,6 +56,30 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
     assert "acceptance per depth" in text and "fastest here: --num-masks" in text
 
 
+def test_benchmark_num_masks_zero_runs_copied_drafts_only(dirs, tmp_path, capsys):  # noqa: F811
+    """--num-masks 0 is honoured (not read as "the adapter's default"):
+    copied drafts only, no masks' acceptance or projection."""
+    model_dir, adapter_dir, _ = dirs
+    prompts = tmp_path / "q.jsonl"
+    write_prompts(prompts)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(
+            [
+                "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(prompts),
+                "--categories", "coding", "--num-prompts", "2", "--max-tokens", "6",
+                "--num-masks", "0", "--json", str(out),
+            ]
+        )
+    assert e.value.code == 0
+    result = json.loads(out.read_text())
+    assert result["num_masks"] == 0 and result["acceptance_per_depth"] == [] and result["projection"] == []
+    assert sorted(result["forward_cost_ms"]) == ["1"]
+    assert result["overall"]["identical"] == 2
+    text = capsys.readouterr().out
+    assert "k=0" in text and "fastest here" not in text
+
+
 def test_acceptance_from_flags():
     # steps: [d d b] [b] [d b] [d d d b]
     flags = [True, True, False, False, True, False, True, True, True, False]

@@ -177,6 +177,11 @@ def test_generate_text_equals_mlx_lm(loaded, capsys):
     assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
     assert f"tokens/step over" in out and f"(k={K}, quadratic)" in out
     assert "Peak memory:" in out
+    # k = 0: copied drafts only, said so; plain decoding says "off"
+    assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=0, verbose=True) == expected
+    assert "(k=0: copied drafts only)" in capsys.readouterr().out
+    assert generate(model, tokenizer, PROMPT, max_tokens=20, mode="off", verbose=True) == expected
+    assert "(k=0, off)" in capsys.readouterr().out
 
 
 def test_stop_strings(loaded):

@@ -74,6 +74,22 @@ def test_greedy_with_lookup_equals_mlx_lm(mode, k):
     assert lookup_steps >= 5 and accepted >= 5
 
 
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+def test_k0_with_an_adapter_verifies_copied_drafts_only(mode):
+    """num_masks=0 on a model with an adapter: copied drafts through the
+    plain forward (no masks, so no "mtp" step ever proposes), same output;
+    the decoder keeps the mode (it is not plain decoding)."""
+    mtp = mtp_for("llama")
+    prompt = make_prompt(9, seed=1)
+    ref = reference(mtp.model, prompt, 80)
+    dec = SpeculativeDecoder(mtp, num_masks=0, mode=mode, lookup=4, lookup_ngram=2)
+    assert dec.k == 0 and dec.mode == mode and dec.lookup == 4
+    got, steps = run(mtp, prompt + ref[:40], 40, num_masks=0, mode=mode, lookup=4, lookup_ngram=2)
+    assert got == ref[40:80]
+    assert all(s.proposed == 0 for s in steps if s.source == "mtp")
+    assert sum(s.accepted for s in steps if s.source == "lookup") > 0 and len(steps) < 40
+
+
 def test_lookup_without_an_adapter_and_off_mode():
     """Without mask tokens the copied drafts alone speed up plain decoding
     (same output); mode "off" proposes nothing at all."""
