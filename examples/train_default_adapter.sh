@@ -9,7 +9,7 @@
 # steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
 # ~125 min (15-30 s per step: the long-document prompts, and part of it ran
 # beside other jobs); packaging 1 min;
-# benchmarks ~12 min.
+# benchmarks ~20 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
 # stayed worse than the LM head's own prediction at the same mask (validation
@@ -67,11 +67,11 @@ python -m mlx_mtp.lora "${COMMON[@]}" --data runs/distill --adapter-path runs/ad
 python -m mlx_mtp.lora "${COMMON[@]}" --data runs/distill_all --adapter-path runs/adapter_k4s --sampler-skip \
     --sampler-lr-scale 10 --iters "$STAGE3_ITERS" --decay-steps "$STAGE3_DECAY" --resume-adapter-file runs/adapter_k4s
 # 4. into the package, fp16, with a frequency-ranked draft vocabulary and the
-#    training responses as a datastore for drafts; on CPUs decode with the k that
-#    the benchmark's projection found fastest here
+#    training responses as a datastore for drafts; on CPUs decode with the k
+#    that the benchmark measured fastest here (k=0: copied drafts only; step 5)
 python examples/ship_adapter.py --model "$MODEL" --adapter-path runs/adapter_k4s --out "$OUT" \
-    --decode-num-masks "${DECODE_CPU:-cpu=1}" \
-    --recipe '{"script": "examples/train_default_adapter.sh", "data": "self-distilled, examples/make_prompts.py (first set: 640 prompts; --extra set: 400 prompts)", "decode": "k=1 on CPUs: fastest in the benchmark'"'"'s projection on Linux x86_64, 2 cores, fp32, OpenBLAS (step 541: acceptance per depth 0.39/0.16/0.06/0.02; projected 1.04x at k=1, 0.87x k=2, 0.72x k=3, 0.67x k=4); GPUs: the trained k=4"}'
+    --decode-num-masks "${DECODE_CPU:-cpu=0}" \
+    --recipe '{"script": "examples/train_default_adapter.sh", "data": "self-distilled, examples/make_prompts.py (first set: 640 prompts; --extra set: 400 prompts)", "decode": "k=0 on CPUs (copied drafts only: prompt lookup, then the datastore), measured with the benchmark on Spec-Bench (2 prompts per category, 96 tokens, greedy), Linux x86_64, 2 cores, fp32, OpenBLAS, step 700: k=0 1.21x at 1.40 tokens/step, k=1 quadratic 1.02x at 1.68 (the first speculation of the masks was accepted in 32% of its steps, and a forward over its 4 tokens cost 1.57-1.65x one: break-even needs ~60%); step 541 projected 0.87x at k=2 and 0.67x at k=4; GPUs: the trained k=4"}'
 python -m mlx_mtp.draft_vocab --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all --size 8192
 python -m mlx_mtp.datastore --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all
 # 5. measure (Spec-Bench): at k=4 on 1 prompt per category, which also projects every
@@ -80,3 +80,5 @@ python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts
     --num-masks 4 --json runs/benchmark_k4.json
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
     --json runs/benchmark.json
+python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
+    --num-masks 1 --json runs/benchmark_k1.json

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default=None, help="comma-separated categories")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per category")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device)")
+    p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)")
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
                    help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")

@@ -131,7 +131,8 @@ def stream_generate(
     stop string, which its text leaves out) or "length" (``max_tokens`` or the
     model's context limit).
 
-    ``num_masks`` (default: the adapter's k) speculations per step, ``mode``
+    ``num_masks`` (default: the adapter's k for this device; 0 with lookup:
+    copied drafts only) speculations per step, ``mode``
     "quadratic" (default), "linear" or "off". ``lookup=d`` (0: off): where
     the last tokens occurred before in the prompt or the output, verify the d
     tokens that followed them instead (prompt lookup, :mod:`mlx_mtp.lookup`);
@@ -308,7 +309,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--top-k", type=int, default=0, help="sample among the top k tokens only (0: all)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--num-masks", type=int, default=None, help="speculated tokens per step (default: the adapter's)")
+    p.add_argument("--num-masks", type=int, default=None, help="masks' speculated tokens per step (default: the adapter's choice for this device; 0: copied drafts only)")
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"where the last tokens occurred before in the prompt or output, verify up to N of the tokens that followed them instead of the masks' speculations (default: {DEFAULT_LOOKUP}; 0: off)")
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")

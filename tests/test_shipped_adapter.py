@@ -44,6 +44,8 @@ def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_pat
             steps += rs[-1].steps
             tokens += len(rs)
             sources |= {r.draft_source for r in rs if r.from_draft}
-        # the trained masks do speculate correctly, often, and so does the datastore
+        # the trained masks do speculate correctly, often, and so does the
+        # datastore; at k=0 (CPUs) only copied drafts are verified
         assert tokens / steps > 1.2, k
-        assert {"mtp", "datastore"} <= sources, k
+        assert "datastore" in sources, k
+        assert ("mtp" in sources) == (k > 0), k
