@@ -16,7 +16,8 @@ def write_prompts(path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
+def run_benchmark(dirs, tmp_path, *args) -> dict:
+    """The benchmark's CLI on the tiny model and adapter; its JSON."""
     model_dir, adapter_dir, _ = dirs
     prompts = tmp_path / "q.jsonl"
     write_prompts(prompts)
@@ -25,12 +26,15 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
         benchmark.main(
             [
                 "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(prompts),
-                "--categories", "coding,math_reasoning", "--num-prompts", "2", "--max-tokens", "6",
-                "--json", str(out),
+                "--num-prompts", "2", "--max-tokens", "6", "--json", str(out), *args,
             ]
         )
     assert e.value.code == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding,math_reasoning")
     for key in ("model", "adapter", "dtype", "blas", "platform", "num_masks", "mode", "max_tokens", "results", "overall"):
         assert key in result
     assert result["lookup"] == 6 and 0 <= result["lookup_steps"]["share_of_steps"] <= 1
@@ -59,20 +63,7 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
 def test_benchmark_num_masks_zero_runs_copied_drafts_only(dirs, tmp_path, capsys):  # noqa: F811
     """--num-masks 0 is honoured (not read as "the adapter's default"):
     copied drafts only, no masks' acceptance or projection."""
-    model_dir, adapter_dir, _ = dirs
-    prompts = tmp_path / "q.jsonl"
-    write_prompts(prompts)
-    out = tmp_path / "bench.json"
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(
-            [
-                "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(prompts),
-                "--categories", "coding", "--num-prompts", "2", "--max-tokens", "6",
-                "--num-masks", "0", "--json", str(out),
-            ]
-        )
-    assert e.value.code == 0
-    result = json.loads(out.read_text())
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding", "--num-masks", "0")
     assert result["num_masks"] == 0 and result["acceptance_per_depth"] == [] and result["projection"] == []
     assert sorted(result["forward_cost_ms"]) == ["1"]
     assert result["overall"]["identical"] == 2
