@@ -22,7 +22,6 @@ n-gram are one contiguous range found with a few ``searchsorted`` calls.
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
@@ -207,35 +206,26 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.remove and args.data is None:
         p.error("--data is required (or --remove)")
-    from .adapter import AdapterError, read_adapter_config, update_adapter
-    from .data import DataError
-    from .utils import load
+    from .utils import edit_adapter
 
-    try:
-        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-        if model.num_masks == 0:
-            raise AdapterError(f"no adapter at '{args.adapter_path}'")
-        recipe = read_adapter_config(args.adapter_path).get("recipe", {})
+    def edit(model, tokenizer, recipe):
         if args.remove:
             model.datastore = None
             recipe.pop("datastore_tokens", None)
-        else:
-            store = Datastore.from_documents(response_documents(Path(args.data), tokenizer, "train"))
-            model.datastore = store
-            recipe["datastore_tokens"] = store.num_tokens
-            msg = f"datastore: {store.num_tokens} tokens"
-            if (Path(args.data) / "valid.jsonl").exists():
-                rate = hit_rate(store, response_documents(Path(args.data), tokenizer, "valid"))
-                msg += (
-                    f"; on valid responses it drafts at {rate['share_drafted']:.0%} of positions, "
-                    f"{rate['leading_right_per_draft']:.2f} leading tokens right per draft"
-                )
-            print(msg)
-        update_adapter(model, args.adapter_path, recipe)
-    except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            return
+        store = Datastore.from_documents(response_documents(Path(args.data), tokenizer, "train"))
+        model.datastore = store
+        recipe["datastore_tokens"] = store.num_tokens
+        msg = f"datastore: {store.num_tokens} tokens"
+        if (Path(args.data) / "valid.jsonl").exists():
+            rate = hit_rate(store, response_documents(Path(args.data), tokenizer, "valid"))
+            msg += (
+                f"; on valid responses it drafts at {rate['share_drafted']:.0%} of positions, "
+                f"{rate['leading_right_per_draft']:.2f} leading tokens right per draft"
+            )
+        print(msg)
 
+    edit_adapter(args.model, args.adapter_path, edit)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ do not change, only how often a rare token is drafted.
 """
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -51,35 +50,25 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
-    from .adapter import AdapterError, read_adapter_config, update_adapter
-    from .data import DataError, response_tokens
-    from .utils import load
+    from .data import response_tokens
+    from .utils import edit_adapter
 
-    try:
-        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-        if model.num_masks == 0:
-            raise AdapterError(f"no adapter at '{args.adapter_path}'")
+    def edit(model, tokenizer, recipe):
         if args.size <= 0:
             model.set_draft_vocab(None)
-        else:
-            train = response_tokens(Path(args.data) / "train.jsonl", tokenizer)
-            ids = frequent_tokens(train, args.size, always=tokenizer.eos_token_ids)
-            model.set_draft_vocab(ids)
-            msg = f"draft vocabulary: {len(ids)} of {model.vocab_size} tokens, covering {coverage(train, ids):.2%} of train"
-            if (Path(args.data) / "valid.jsonl").exists():
-                valid = response_tokens(Path(args.data) / "valid.jsonl", tokenizer)
-                msg += f", {coverage(valid, ids):.2%} of valid"
-            print(msg + " response tokens")
-        recipe = read_adapter_config(args.adapter_path).get("recipe", {})
-        if args.size > 0:
-            recipe["draft_vocab_size"] = int(args.size)
-        else:
             recipe.pop("draft_vocab_size", None)
-        update_adapter(model, args.adapter_path, recipe)
-    except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            return
+        train = response_tokens(Path(args.data) / "train.jsonl", tokenizer)
+        ids = frequent_tokens(train, args.size, always=tokenizer.eos_token_ids)
+        model.set_draft_vocab(ids)
+        recipe["draft_vocab_size"] = int(args.size)
+        msg = f"draft vocabulary: {len(ids)} of {model.vocab_size} tokens, covering {coverage(train, ids):.2%} of train"
+        if (Path(args.data) / "valid.jsonl").exists():
+            valid = response_tokens(Path(args.data) / "valid.jsonl", tokenizer)
+            msg += f", {coverage(valid, ids):.2%} of valid"
+        print(msg + " response tokens")
 
+    edit_adapter(args.model, args.adapter_path, edit)
 
 if __name__ == "__main__":
     main()

@@ -43,10 +43,6 @@ class Layout:
     masks: Optional[mx.array] = None
     mask_block: Optional[mx.array] = None
 
-    @property
-    def num_masks(self) -> int:
-        return (len(self.tokens) - len(self.regular)) // max(len(self.regular), 1)
-
 
 @dataclass
 class TrainLayout:

@@ -2,12 +2,13 @@
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.nn as nn
 
-from .adapter import CONFIG_FILE, AdapterError, load_adapter
+from .adapter import CONFIG_FILE, AdapterError, load_adapter, read_adapter_config, update_adapter
 from .model import MTPModel, base_model_identity
 
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
@@ -99,3 +100,26 @@ def load(
     if not Path(adapter_path).exists():
         raise AdapterError(f"no adapter at '{adapter_path}': the directory does not exist")
     return load_adapter(base, adapter_path), tokenizer
+
+
+def edit_adapter(
+    model_path: Optional[str],
+    adapter_path: str,
+    edit: Callable[[MTPModel, Any, Dict[str, Any]], None],
+):
+    """Load the adapter at ``adapter_path`` over its base model, let
+    ``edit(model, tokenizer, recipe)`` change the model and the recipe, and
+    rewrite the adapter in place (the draft_vocab and datastore CLIs). A user
+    error ends in one line on stderr and exit status 2, with nothing written."""
+    from .data import DataError
+
+    try:
+        model, tokenizer = load(model_path, adapter_path=adapter_path)
+        if model.num_masks == 0:
+            raise AdapterError(f"no adapter at '{adapter_path}'")
+        recipe = read_adapter_config(adapter_path).get("recipe", {})
+        edit(model, tokenizer, recipe)
+        update_adapter(model, adapter_path, recipe)
+    except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
