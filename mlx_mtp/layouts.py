@@ -15,6 +15,10 @@ that part.
 - block decoding: the same with masks after chosen regular tokens only
   (quadratic: all of them; the masks after the last alone see what linear
   decoding's masks see).
+- tree decoding: the regular tokens form a tree (``parents``: several
+  speculated continuations of one token); a token sits at its depth and sees
+  its ancestors, its masks see them and their own block. A chain
+  (``parents[i] = i - 1``) is the block layout.
 """
 
 from dataclasses import dataclass
@@ -80,28 +84,62 @@ def linear_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
     return Layout(ids, positions, gate, mask, regular, masks, mask_block)
 
 
+def chain_parents(n: int) -> Tuple[int, ...]:
+    """The parents of n tokens in a chain: ``(-1, 0, 1, ..., n - 2)``."""
+    return tuple(range(-1, n - 1))
+
+
+def tree_parents(branch_lengths: Sequence[int]) -> Tuple[int, ...]:
+    """The parents of a root followed by branches laid out one after another,
+    each a chain from the root: ``(2, 1)`` -> ``(-1, 0, 1, 0)``."""
+    parents, start = [-1], 1
+    for length in branch_lengths:
+        parents += [0] + list(range(start, start + length - 1)) if length else []
+        start += length
+    return tuple(parents)
+
+
+def tree_structure(parents: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Depth of every node and the (n, n) matrix ``anc[i, j]``: j is i or an
+    ancestor of i. Token 0 is the root; every parent comes before its child."""
+    n = len(parents)
+    depth = np.zeros(n, dtype=np.int64)
+    anc = np.eye(n, dtype=bool)
+    for i, p in enumerate(parents):
+        if i == 0:
+            if p != -1:
+                raise ValueError("token 0 must be the root (parent -1)")
+            continue
+        if not 0 <= p < i:
+            raise ValueError(f"token {i} has parent {p}: parents must come before their children")
+        depth[i] = depth[p] + 1
+        anc[i] |= anc[p]
+    return depth, anc
+
+
 def quadratic_structure(
-    n: int, k: int, masked: Optional[Sequence[bool]] = None
+    n: int, k: int, masked: Optional[Sequence[bool]] = None, parents: Optional[Sequence[int]] = None
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions, gate and mask of n regular tokens each followed by k masks
-    (only those with ``masked[i]``, if given)."""
+    (only those with ``masked[i]``, if given); a chain unless ``parents``."""
+    depth, anc = tree_structure(chain_parents(n) if parents is None else parents)
     sizes = 1 + k * (np.ones(n, dtype=np.int64) if masked is None else np.asarray(masked, dtype=np.int64))
     block = np.repeat(np.arange(n), sizes)  # block of each slot
     j = np.arange(block.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # 0: the regular token, j: mask m_j
-    positions = (block + j).astype(np.int32)
+    positions = (depth[block] + j).astype(np.int32)
     gate = j > 0
     qb, kb = block[:, None], block[None, :]
     qj, kj = j[:, None], j[None, :]
-    sees_regular = (kj == 0) & (kb <= qb)
+    sees_regular = (kj == 0) & anc[qb, kb]
     sees_own_masks = (kb == qb) & (kj > 0) & (kj <= qj)
     mask = sees_regular | sees_own_masks
     return positions, gate, mask
 
 
 @lru_cache(maxsize=256)
-def _block_structure(k: int, masked: Tuple[bool, ...]):
+def _block_structure(k: int, masked: Tuple[bool, ...], parents: Optional[Tuple[int, ...]]):
     n = len(masked)
-    positions, gate, mask = quadratic_structure(n, k, masked)
+    positions, gate, mask = quadratic_structure(n, k, masked, parents)
     # which slots of the quadratic layout (every token with its k masks) are kept
     slots = np.arange(n * (k + 1)).reshape(n, k + 1)
     kept = np.concatenate([row if b else row[:1] for row, b in zip(slots, masked)])
@@ -114,15 +152,27 @@ def _block_structure(k: int, masked: Tuple[bool, ...]):
     )
 
 
-def block_layout(tokens: Union[Sequence[int], mx.array], k: int, masked: Sequence[bool]) -> Layout:
+def block_layout(
+    tokens: Union[Sequence[int], mx.array],
+    k: int,
+    masked: Sequence[bool],
+    parents: Optional[Sequence[int]] = None,
+) -> Layout:
     """``tokens``, each with ``masked[i]`` followed by its own ``m_1..m_k``
-    (the quadratic layout's attention)."""
+    (the quadratic layout's attention); a tree of tokens with ``parents``
+    (:func:`tree_parents`), else a chain."""
     tokens = _as_tokens(tokens)
     masked = tuple(bool(b) for b in masked)
     n = tokens.shape[0]
     if len(masked) != n:
         raise ValueError(f"masked has {len(masked)} entries for {n} tokens")
-    positions, gate, mask, regular, kept, masks, mask_block = _block_structure(k, masked)
+    if parents is not None:
+        parents = tuple(int(p) for p in parents)
+        if len(parents) != n:
+            raise ValueError(f"parents has {len(parents)} entries for {n} tokens")
+        if parents == chain_parents(n):
+            parents = None
+    positions, gate, mask, regular, kept, masks, mask_block = _block_structure(k, masked, parents)
     ids = mx.concatenate([tokens[:, None], mx.broadcast_to(mask_ids(k)[None], (n, k))], axis=1).reshape(-1)
     return Layout(ids if kept is None else ids[kept], positions, gate, mask, regular, masks, mask_block)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_mtp.layouts import IGNORE, block_layout, linear_layout, quadratic_layout, training_layout
+from mlx_mtp.layouts import IGNORE, block_layout, linear_layout, quadratic_layout, training_layout, tree_parents
 
 I = IGNORE
 
@@ -135,6 +135,37 @@ def test_block_layout_masks_after_chosen_tokens():
         assert a.regular == b.regular
     with pytest.raises(ValueError, match="2 entries for 3 tokens"):
         block_layout([7, 8, 9], 2, [True, True])
+
+
+def test_tree_layout_branches_see_their_own_path():
+    # pending 7, branch (8, 9), branch (5): 5 sits where 8 does and sees 7 only
+    assert tree_parents((2, 1)) == (-1, 0, 1, 0)
+    assert tree_parents((3,)) == (-1, 0, 1, 2)
+    assert tree_parents(()) == (-1,)
+    lay = block_layout([7, 8, 9, 5], k=1, masked=[True] * 4, parents=tree_parents((2, 1)))
+    np.testing.assert_array_equal(np.array(lay.tokens), [7, -1, 8, -1, 9, -1, 5, -1])
+    np.testing.assert_array_equal(np.array(lay.positions), [0, 1, 1, 2, 2, 3, 1, 2])
+    np.testing.assert_array_equal(np.array(lay.gate), [0, 1, 0, 1, 0, 1, 0, 1])
+    expected = rows(
+        "10000000",
+        "11000000",
+        "10100000",
+        "10110000",
+        "10101000",
+        "10101100",
+        "10000010",
+        "10000011",
+    )
+    np.testing.assert_array_equal(np.array(lay.mask), expected)
+    assert lay.regular == (0, 2, 4, 6)
+    np.testing.assert_array_equal(np.array(lay.mask_block), [0, 1, 2, 3])
+    # a chain's parents give the block layout
+    a, b = quadratic_layout([7, 8, 9], 2), block_layout([7, 8, 9], 2, [True] * 3, parents=(-1, 0, 1))
+    np.testing.assert_array_equal(np.array(a.mask), np.array(b.mask))
+    with pytest.raises(ValueError, match="3 entries for 4 tokens"):
+        block_layout([7, 8, 9, 5], 1, [True] * 4, parents=(-1, 0, 1))
+    with pytest.raises(ValueError, match="parents must come before"):
+        block_layout([7, 8, 9], 1, [True] * 3, parents=(-1, 2, 0))
 
 
 def test_quadratic_layout_k3():
