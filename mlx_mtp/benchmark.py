@@ -2,7 +2,7 @@
 
     python -m mlx_mtp.benchmark [--model M --adapter-path A] [--prompts FILE]
         [--categories a,b] [--num-prompts N] [--max-tokens N] [--num-masks K]
-        [--mode quadratic|linear] [--json OUT] [--plot OUT.png]
+        [--mode quadratic|linear] [--branches B] [--json OUT] [--plot OUT.png]
 
 For each prompt, in one process and interleaved (baseline, MTP, baseline,
 MTP, ...), after a warm-up, it runs mlx-lm's own greedy ``stream_generate`` and
@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .decode import DEFAULT_LOOKUP
+from .decode import DEFAULT_LOOKUP, SpeculativeDecoder
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
@@ -110,11 +110,12 @@ def read_prompts(path: Path, categories: Optional[List[str]], per_category: Opti
     return rows
 
 
-def step_shapes(k: int) -> List[Tuple[int, int]]:
+def step_shapes(k: int, branches: int = 1) -> List[Tuple[int, int]]:
     """(regular tokens n, masks per block j) of the forwards to time: one
     token; one token with k masks (T = k+1); quadratic steps with j masks,
-    T = (j+1)^2, j = 1..k."""
-    return [(1, 0), (1, k)] + [(j + 1, j) for j in range(1, k + 1)]
+    T = (j+1)^2, j = 1..k; with b branches, also T = (1 + b j)(j+1)."""
+    shapes = [(1, 0), (1, k)] + [(j + 1, j) for j in range(1, k + 1)]
+    return shapes + ([(1 + branches * j, j) for j in range(1, k + 1)] if branches > 1 else [])
 
 
 def forward_costs(model, shapes: List[Tuple[int, int]], context: int = 300, repeats: int = 5) -> Dict[int, float]:
@@ -189,16 +190,17 @@ def acceptance_per_depth(counts: List[int], k: int) -> List[float]:
     return [sum(c >= j for c in counts) / len(counts) for j in range(1, k + 1)]
 
 
-def projection(acceptance: List[float], fwd: Dict[int, float], chain: float) -> List[dict]:
+def projection(acceptance: List[float], fwd: Dict[int, float], chain: float, branches: int = 1) -> List[dict]:
     """Tokens/step, step cost (relative to a one-token forward) and speedup of
-    quadratic decoding with j <= k masks, from the acceptance per depth
-    measured at k (the j-th speculation does not depend on k) and measured
-    costs. Verification alone bounds it: overheads outside the forward and
-    the chain are not counted."""
+    quadratic decoding with j <= k masks (and b branches: a forward over
+    (1 + b j)(j+1) tokens), from the acceptance per depth measured at k (the
+    j-th speculation does not depend on k) and measured costs. Verification
+    alone bounds it: overheads outside the forward and the chain are not
+    counted."""
     rows = []
     for j in range(1, len(acceptance) + 1):
         tps = 1.0 + sum(acceptance[:j])
-        cost = (fwd[(j + 1) ** 2] + j * chain) / fwd[1]
+        cost = (fwd[(1 + branches * j) * (j + 1)] + j * chain) / fwd[1]
         rows.append({"num_masks": j, "tokens_per_step": tps, "step_cost": cost, "speedup": tps / cost})
     return rows
 
@@ -266,11 +268,14 @@ def run(args) -> int:
     if model.num_masks == 0:
         raise ValueError("the model has no MTP adapter: pass --adapter-path")
     k = model.default_num_masks if args.num_masks is None else args.num_masks
+    # the decoder's own checks (k, mode, branches), before anything is timed
+    SpeculativeDecoder(model, num_masks=k, mode=args.mode, lookup=args.lookup, branches=args.branches)
     base_model = model.model
     dtype = weights_dtype(base_model)
     blas = blas_in_use()
     use_datastore = model.datastore is not None and not args.no_datastore and args.lookup > 0
-    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, lookup={args.lookup}, datastore={use_datastore}")
+    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, "
+          f"branches={args.branches}, lookup={args.lookup}, datastore={use_datastore}")
     if sys.platform.startswith("linux") and blas != "OpenBLAS":
         print(
             "note: MLX uses its bundled reference BLAS here; for ~20x faster fp32 matmuls run with\n"
@@ -284,7 +289,7 @@ def run(args) -> int:
             )
         return text
 
-    costs = forward_costs(model, step_shapes(k))
+    costs = forward_costs(model, step_shapes(k, args.branches))
     chain = chain_cost(model, max(k, 1))
     print("cost of one forward over T new tokens (300 cached), relative to T=1:")
     print("  " + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
@@ -293,7 +298,7 @@ def run(args) -> int:
     # warm-up
     for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
         pass
-    for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode):
+    for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode, branches=args.branches):
         pass
 
     records = defaultdict(list)
@@ -313,7 +318,7 @@ def run(args) -> int:
             ours, flags, sources, resp = [], [], [], None
             for resp in stream_generate(
                 model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode,
-                lookup=args.lookup, use_datastore=not args.no_datastore,
+                lookup=args.lookup, use_datastore=not args.no_datastore, branches=args.branches,
             ):
                 ours.append(resp.token)
                 flags.append(resp.from_draft)
@@ -359,8 +364,9 @@ def run(args) -> int:
     if args.mode == "quadratic" and k:
         if args.lookup:
             print("(the projection counts the masks' speculations only, without prompt lookup or datastore)")
-        proj = projection(acceptance, costs, chain)
-        print("quadratic decoding with j masks, projected from these measurements:")
+        proj = projection(acceptance, costs, chain, args.branches)
+        branches = f" and {args.branches} branches" if args.branches > 1 else ""
+        print(f"quadratic decoding with j masks{branches}, projected from these measurements:")
         print(f"{'j':>4}{'tok/step':>10}{'step cost':>11}{'speedup':>9}")
         for p in proj:
             print(f"{p['num_masks']:>4}{p['tokens_per_step']:>10.2f}{p['step_cost']:>10.2f}x{p['speedup']:>8.2f}x")
@@ -375,6 +381,7 @@ def run(args) -> int:
             "platform": platform.platform(),
             "num_masks": k,
             "mode": args.mode,
+            "branches": args.branches,
             "lookup": args.lookup,
             "datastore": use_datastore,
             "max_tokens": args.max_tokens,
@@ -403,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)")
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
+    p.add_argument("--branches", type=int, default=1,
+                   help="verify the sampler head's B most likely first speculations, each with its own chain (default: 1)")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
                    help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")

@@ -27,6 +27,15 @@ Layouts (:mod:`mlx_mtp.layouts`):
 - ``off`` (or a model without adapter): one token per step, plain decoding
   through the same code path.
 
+With ``branches=b`` > 1 (greedy, quadratic), the speculations are a tree:
+the sampler head's b most likely first tokens, each followed by its own
+greedy chain, all verified in one pass (each branch sees the pending token
+and its own earlier tokens, :func:`mlx_mtp.layouts.block_layout`); the step
+keeps the branch accepted the furthest. Where the first speculation is wrong
+but among the sampler head's next choices, a branch still gets it, at the
+cost of b times the tokens per forward: worth it where a wide forward costs
+about as much as a narrow one (a GPU).
+
 With k = 0 in another mode, only copied drafts (below) are verified, through
 the plain causal forward: no masks, no LoRA. Where verifying the masks'
 speculation costs more than it returns (a CPU, where a forward over 4 tokens
@@ -60,7 +69,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .cache import commit
-from .layouts import block_layout, linear_layout
+from .layouts import block_layout, linear_layout, tree_parents, tree_structure
 from .lookup import NGramLookup
 from .model import MTPModel
 
@@ -165,6 +174,7 @@ class _Launched:
     """A step in flight (everything lazy until the host syncs)."""
 
     fed: List[int]
+    parents: Tuple[int, ...]  # of each fed token in the tree of speculations
     masked: Tuple[bool, ...]  # which fed tokens had masks after them
     regular: Tuple[int, ...]  # layout index of each fed token
     source: str
@@ -194,6 +204,7 @@ class SpeculativeDecoder:
         lookup: int = 0,
         lookup_ngram: int = 3,
         use_datastore: bool = True,
+        branches: int = 1,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
@@ -207,6 +218,16 @@ class SpeculativeDecoder:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
         self.model = model
         self.k = resolve_num_masks(model, num_masks, mode)
+        if branches < 1:
+            raise ValueError(f"branches must be >= 1, got {branches}")
+        if branches > 1:
+            if self.k == 0:
+                raise ValueError("branches > 1 needs the masks' speculations (num_masks >= 1)")
+            if mode != "quadratic":
+                raise ValueError("branches > 1 needs mode 'quadratic'")
+            if temp != 0:
+                raise ValueError("branches > 1 needs greedy decoding (temp 0)")
+        self.branches = branches
         self.lookup = lookup if mode != "off" else 0
         # k = 0 with lookup: copied drafts only (see the module docstring)
         self.mode = mode if (self.k or self.lookup) else "off"
@@ -246,84 +267,122 @@ class SpeculativeDecoder:
             mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
             mx.clear_cache()
 
-    def _launch(
-        self, pending: int, specs: List[int], q_prev: Optional[mx.array], source: str = "mtp"
-    ) -> _Launched:
-        """Build one step's graph and start computing it."""
-        model, cache, k = self.model, self.cache, self.k
-        C = cache[0].committed
-        fed = [pending] + list(specs)
-        n, m = len(fed), len(specs)
-        tokens = mx.array(fed, dtype=mx.int32)
-        masked = self._masked(n, source)
-        if k == 0:
-            h = model(tokens[None], cache)[0]
-            regular, layout = h, None
-        else:
-            if not any(masked[:-1]):  # masks after the last token only: plain causal attention
-                layout = linear_layout(tokens, k)
-                h = model(layout.tokens[None], cache, gate=layout.gate)[0]
-            else:
-                layout = block_layout(tokens, k, masked)
-                h = model.forward_layout(layout, cache)[0]
-            regular = h[mx.array(layout.regular)]  # (n, d)
-            Z = h[layout.masks].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
-        logits = model.lm_head(regular)  # (n, V), at the regular positions only
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
+    def _verify(
+        self, tokens: mx.array, logits: mx.array, parents: Optional[Tuple[int, ...]], q_prev: Optional[mx.array]
+    ) -> Tuple[mx.array, mx.array, mx.array]:
+        """Verify the fed tokens' speculations (a chain, or a tree with
+        ``parents``) against the base model's ``logits`` (n, V) at them:
+        ``(a, best, targets)``, lazy. ``best`` (1,)
+        is the accepted node furthest from the pending token (0: none
+        accepted), ``a`` (1,) its depth (the accepted speculations) and
+        ``targets`` (n,) the base model's token after each fed token (when
+        sampling: the correction sample there)."""
+        m = tokens.shape[0] - 1
         if self.greedy:
             targets = mx.argmax(logits, axis=-1).astype(mx.int32)
+            if parents is not None:
+                # a tree: a node is accepted when it and each of its ancestors
+                # equal the base model's token after their parent
+                depth, anc = tree_structure(parents)
+                depth = mx.array(depth, dtype=mx.int32)
+                ok = tokens[1:] == targets[mx.array(parents[1:], dtype=mx.int32)]
+                reached = ~(mx.array(anc[:, 1:]) & ~ok[None]).any(axis=1)
+                best = mx.argmax(mx.where(reached, depth, -1), keepdims=True).astype(mx.int32)
+                return depth[best], best, targets
             accept = tokens[1:] == targets[:m]
         else:
             p = self._probs(logits)
             accept, targets = speculative_accept(
                 p, q_prev if m else None, tokens[1:], mx.random.uniform(shape=(m,))
             )
-        # accepted prefix length, on the device: the sampler chain runs from
-        # block a only, picked before the host waits
         if m:
             a = mx.cumprod(accept.astype(mx.int32)).sum(keepdims=True).astype(mx.int32)
         else:
             a = mx.zeros((1,), dtype=mx.int32)
-        head = [a, targets]
+        return a, a, targets
+
+    def _launch(
+        self, pending: int, specs: List[List[int]], q_prev: Optional[mx.array], source: str = "mtp"
+    ) -> _Launched:
+        """Build one step's graph and start computing it. ``specs``: the
+        speculations, one list per branch (each a chain after ``pending``)."""
+        model, cache, k = self.model, self.cache, self.k
+        C = cache[0].committed
+        fed = [pending] + [t for branch in specs for t in branch]
+        parents = tree_parents([len(branch) for branch in specs])
+        n = len(fed)
+        tree = len(specs) > 1
+        tokens = mx.array(fed, dtype=mx.int32)
+        masked = self._masked(n, source)
+        if k == 0:
+            h = model(tokens[None], cache)[0]
+            regular, layout = h, None
+        else:
+            if not tree and not any(masked[:-1]):  # masks after the last token only: plain causal attention
+                layout = linear_layout(tokens, k)
+                h = model(layout.tokens[None], cache, gate=layout.gate)[0]
+            else:
+                layout = block_layout(tokens, k, masked, parents if tree else None)
+                h = model.forward_layout(layout, cache)[0]
+            regular = h[mx.array(layout.regular)]  # (n, d)
+            Z = h[layout.masks].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
+        logits = model.lm_head(regular)  # (n, V), at the regular positions only
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+        # on the device: the sampler chain runs from node best, picked before the host waits
+        a, best, targets = self._verify(tokens, logits, parents if tree else None, q_prev)
+        head = [a, best, targets]
 
         q_rows = None
         if k:
-            # the chain from block a: valid when it has masks (the host checks)
-            z, prev, block = Z[layout.mask_block[a]], targets[a], a
+            # the chain from node best: valid when it has masks (the host checks);
+            # with branches, its first step keeps the b most likely tokens
+            z, prev, at = Z[layout.mask_block[best]], targets[best], a
             chain, qs = [], []
             for j in range(k):
-                # chain step j from the block at position C + b predicts position C + b + j + 2
-                draft = self.draft_fn(prev, z[:, j], block + (C + j + 2))
-                if self.greedy:
+                # chain step j from the node at position C + a predicts position C + a + j + 2
+                draft = self.draft_fn(prev, z[:, j], at + (C + j + 2))
+                if self.greedy and j == 0 and self.branches > 1:
+                    b = self.branches
+                    top = mx.argpartition(-draft[0], kth=b - 1)[:b]
+                    prev = top[mx.argsort(-draft[0, top])].astype(mx.int32)
+                    z, at = mx.broadcast_to(z, (b, *z.shape[1:])), mx.broadcast_to(at, (b,))
+                elif self.greedy:
                     prev = mx.argmax(draft, axis=-1).astype(mx.int32)
                 else:
                     q = self._probs(draft)
                     prev = mx.random.categorical(mx.log(q)).astype(mx.int32)
                     qs.append(q[0])
                 chain.append(prev)
-            head.append(mx.concatenate(chain))
+            head.append(mx.stack(chain, axis=1).reshape(-1))  # branch by branch
             if qs:
                 q_rows = mx.stack(qs)  # (k, V)
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(n)) if layout is None else layout.regular
-        return _Launched(fed, masked, regular_index, source, packed, q_rows, logprobs)
+        return _Launched(fed, parents, masked, regular_index, source, packed, q_rows, logprobs)
 
     def _finish(self, step: _Launched):
         """Wait for a step (the one sync) and read it: (emitted tokens, accepted
-        count, next speculations, their draft distributions, keep indices)."""
+        count, next speculations (one list per branch), their draft
+        distributions, keep indices)."""
         vals = step.packed.tolist()
         n = len(step.fed)
-        m, k = n - 1, self.k
-        a, targets, chain = vals[0], vals[1 : n + 1], vals[n + 1 :]
-        emitted = step.fed[1 : a + 1] + [targets[a]]
-        # the chain ran from block a: its speculations are fresh only if
-        # that block had masks
-        fresh = k > 0 and step.masked[a]
-        next_specs = chain if fresh else []
+        k = self.k
+        a, best, targets, chain = vals[0], vals[1], vals[2 : n + 2], vals[n + 2 :]
+        path = []  # the accepted nodes, root excluded
+        node = best
+        while node > 0:
+            path.append(node)
+            node = step.parents[node]
+        path.reverse()
+        emitted = [step.fed[i] for i in path] + [targets[best]]
+        # the chain ran from node best: its speculations are fresh only if
+        # that node had masks
+        fresh = k > 0 and step.masked[best]
+        next_specs = [chain[i : i + k] for i in range(0, len(chain), k)] if fresh else []
         next_q = step.q_rows if fresh else None
-        keep = list(step.regular[: a + 1])
+        keep = [step.regular[0]] + [step.regular[i] for i in path]
         return emitted, a, next_specs, next_q, keep
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
@@ -361,20 +420,20 @@ class SpeculativeDecoder:
         self,
         pending: int,
         lookup: Optional[NGramLookup],
-        specs: List[int],
+        specs: List[List[int]],
         q: Optional[mx.array],
         room: int,
     ) -> _Launched:
         """Launch the step that feeds ``pending`` (the last token of the text
         in ``lookup``, if any) and its drafts: copied drafts where there are
-        any, else the masks' speculations ``specs``; at most ``room`` - 1
-        drafts (``room`` < 0: no limit)."""
+        any, else the masks' speculations ``specs`` (one list per branch); at
+        most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
         copied, source = self._copied_drafts(lookup) if lookup is not None else ([], "mtp")
         if copied:
-            specs, q = copied, None if self.greedy else self._one_hot(copied)
-        n_spec = len(specs) if room < 0 else max(0, min(len(specs), room - 1))
-        specs = specs[:n_spec]
-        q = q[:n_spec] if (q is not None and n_spec) else None
+            specs, q = [copied], None if self.greedy else self._one_hot(copied)
+        limit = None if room < 0 else max(0, room - 1)
+        specs = [branch[:limit] for branch in specs if branch[:limit]]
+        q = q[: len(specs[0])] if (q is not None and specs) else None
         return self._launch(pending, specs, q, source if specs else "mtp")
 
     # --- the loop ------------------------------------------------------------------
@@ -454,4 +513,4 @@ class SpeculativeDecoder:
         self.check_prompt(prompt)
         self.prefill(prompt[:-1])
         emitted, _, specs, _, _ = self._finish(self._launch(prompt[-1], [], None))
-        return emitted + specs
+        return emitted + (specs[0] if specs else [])

@@ -8,7 +8,7 @@ Command line (like ``mlx_lm.generate``)::
 
     python -m mlx_mtp.generate --model M [--adapter-path A] --prompt P|-
         [--max-tokens N] [--temp T] [--top-p P] [--top-k K] [--seed S]
-        [--num-masks K] [--mode quadratic|linear|off] [--system-prompt S]
+        [--num-masks K] [--mode quadratic|linear|off] [--branches B] [--system-prompt S]
         [--ignore-chat-template] [--verbose true|false]
 
 At temperature 0 the tokens are exactly mlx-lm's greedy tokens; at
@@ -46,6 +46,7 @@ class MTPGenerationResponse(GenerationResponse):
     tokens_per_step: float = 0.0
     num_masks: int = 0
     mode: str = "off"
+    branches: int = 1
     draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
 
 
@@ -53,7 +54,8 @@ def _decoding(response: MTPGenerationResponse) -> str:
     """How the tokens were decoded, for the stats line."""
     if response.num_masks == 0 and response.mode != "off":
         return "k=0: copied drafts only"
-    return f"k={response.num_masks}, {response.mode}"
+    branches = f", {response.branches} branches" if response.branches > 1 else ""
+    return f"k={response.num_masks}, {response.mode}{branches}"
 
 
 def _as_mtp(model: nn.Module) -> MTPModel:
@@ -125,6 +127,7 @@ def stream_generate(
     draft_fn: Optional[DraftFn] = None,
     lookup: int = DEFAULT_LOOKUP,
     use_datastore: bool = True,
+    branches: int = 1,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
     last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
@@ -138,6 +141,9 @@ def stream_generate(
     tokens that followed them instead (prompt lookup, :mod:`mlx_mtp.lookup`);
     where they did not, and the adapter has a datastore (``use_datastore``),
     the continuation its responses most often had (:mod:`mlx_mtp.datastore`).
+    ``branches=b`` (greedy, quadratic): verify the sampler head's b most
+    likely first speculations, each with its own chain, in one pass (worth it
+    where a wide forward costs about as much as one token's: a GPU).
     ``draft_fn`` replaces the sampler head (tests and inspection, see
     :mod:`mlx_mtp.decode`).
     """
@@ -155,6 +161,7 @@ def stream_generate(
         prefill_step_size=prefill_step_size,
         lookup=lookup,
         use_datastore=use_datastore,
+        branches=branches,
     )
     ids = _encode(tokenizer, prompt)
     decoder.check_prompt(ids)
@@ -182,6 +189,7 @@ def stream_generate(
             tokens_per_step=n / max(steps, 1),
             num_masks=decoder.k,
             mode=decoder.mode,
+            branches=decoder.branches,
             draft_source=source,
         )
 
@@ -313,6 +321,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"where the last tokens occurred before in the prompt or output, verify up to N of the tokens that followed them instead of the masks' speculations (default: {DEFAULT_LOOKUP}; 0: off)")
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
+    p.add_argument("--branches", type=int, default=1, help="greedy, quadratic, k >= 1: verify the sampler head's B most likely first speculations, each with its own chain, in one pass (default: 1; more pays where a wide forward costs about as much as a narrow one, a GPU)")
     p.add_argument("--verbose", type=_str2bool, default=True, help="print statistics after the text (default: true)")
     return p
 
@@ -340,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # validate everything before any output
         decoder = SpeculativeDecoder(
             model, num_masks=args.num_masks, mode=args.mode, temp=args.temp, lookup=args.lookup,
-            use_datastore=not args.no_datastore,
+            use_datastore=not args.no_datastore, branches=args.branches,
         )
         decoder.check_prompt(ids)
         text = generate(
@@ -355,6 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mode=args.mode,
             lookup=args.lookup,
             use_datastore=not args.no_datastore,
+            branches=args.branches,
             verbose=args.verbose,
         )
     except (ValueError, FileNotFoundError) as e:  # AdapterError, ModelLoadError are ValueErrors

@@ -71,6 +71,27 @@ def test_benchmark_num_masks_zero_runs_copied_drafts_only(dirs, tmp_path, capsys
     assert "k=0" in text and "fastest here" not in text
 
 
+def test_benchmark_branches(dirs, tmp_path, capsys):  # noqa: F811
+    """--branches b: recorded, its step (1 + b k tokens, k masks each) timed,
+    outputs still identical; a bad combination ends before anything is timed."""
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding", "--branches", "3", "--num-masks", "2")
+    assert result["branches"] == 3 and result["num_masks"] == 2
+    sizes = {1, 2 + 1} | {(j + 1) ** 2 for j in (1, 2)} | {(1 + 3 * j) * (j + 1) for j in (1, 2)}
+    assert sorted(result["forward_cost_ms"]) == sorted(str(t) for t in sizes)
+    assert [p["num_masks"] for p in result["projection"]] == [1, 2]
+    assert result["overall"]["identical"] == 2
+    assert "branches=3" in capsys.readouterr().out
+    model_dir, adapter_dir, _ = dirs
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(
+            ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "q.jsonl"),
+             "--branches", "2", "--num-masks", "0"]
+        )
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "num_masks >= 1" in captured.err and "relative to T=1" not in captured.out
+
+
 def test_acceptance_from_flags():
     # steps: [d d b] [b] [d b] [d d d b]
     flags = [True, True, False, False, True, False, True, True, True, False]
@@ -91,6 +112,11 @@ def test_projection_arithmetic():
     assert rows[1]["tokens_per_step"] == pytest.approx(1.75)
     assert rows[1]["step_cost"] == pytest.approx((0.15 + 0.02) / 0.1)
     assert rows[1]["speedup"] == pytest.approx(1.75 / 1.7)
+    # 2 branches: j=1 verifies 1 + 2 tokens (T = 6), j=2 1 + 4 (T = 15)
+    fwd.update({6: 0.13, 15: 0.2})
+    rows = benchmark.projection([0.5, 0.25], fwd, chain=0.01, branches=2)
+    assert rows[0]["step_cost"] == pytest.approx((0.13 + 0.01) / 0.1)
+    assert rows[1]["step_cost"] == pytest.approx((0.2 + 0.02) / 0.1)
 
 
 def test_benchmark_errors(dirs, tmp_path, capsys):  # noqa: F811

@@ -263,6 +263,103 @@ def test_property_equals_mlx_lm(seed, model_type, mode, k, length, rate, max_tok
     assert all(len(s.tokens) <= s.proposed + 1 for s in steps)
 
 
+def ranked_oracle_draft(mtp: MTPModel, sequence, rate: float, second: float, seed: int = 0):
+    """Like :func:`oracle_draft`, but where the coin says so the right token
+    is the draft's second choice (a wrong one first) with probability
+    ``second``, its first otherwise."""
+    known_len = len(sequence)
+    pad = 64
+    rng = np.random.default_rng(seed)
+    good = mx.array(rng.random(known_len + pad) < rate)
+    runner_up = mx.array(rng.random(known_len + pad) < second)
+    seq = mx.array(list(sequence) + [0] * pad)
+    vocab = mx.arange(mtp.vocab_size)
+
+    def draft(prev, z, pos):
+        real = mtp.sampler_logits(prev, z)
+        use = good[pos] & (pos < known_len)
+        right = seq[pos][:, None]
+        wrong = (right + 1) % mtp.vocab_size
+        boost = (vocab[None] == right) * 1e4 + (vocab[None] == wrong) * 2e4 * runner_up[pos][:, None]
+        return mx.where(use[:, None], boost.astype(real.dtype), real)
+
+    return draft
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("branches", [2, 3])
+def test_branches_take_the_draft_second_choice(k, branches):
+    """Every first speculation wrong but the draft's second choice right: one
+    branch gets it, so every step after the first emits 2 tokens (1 without
+    branches), with the same output."""
+    mtp = mtp_for("llama")
+    prompt = make_prompt(8, seed=12)
+    ref = reference(mtp.model, prompt, 60)
+    draft = ranked_oracle_draft(mtp, prompt + ref, rate=1.0, second=1.0)
+    got, steps = run(mtp, prompt, 31, num_masks=k, draft_fn=draft)
+    assert got == ref[:31]
+    assert [len(s.tokens) for s in steps] == [1] * 31
+    got, steps = run(mtp, prompt, 31, num_masks=k, draft_fn=draft, branches=branches)
+    assert got == ref[:31]
+    assert [len(s.tokens) for s in steps] == [1] + [2] * 15
+    assert [s.accepted for s in steps] == [0] + [1] * 15
+    # every branch stops at the token budget: room for 31 - 1 - 2 (i - 1) more
+    assert [s.proposed for s in steps] == [0] + [branches * min(k, 31 - 2 * i) for i in range(1, 16)]
+
+
+@pytest.mark.parametrize("branches", [2, 3])
+def test_branches_with_right_first_choices_reach_k_plus_1(branches):
+    k = 3
+    mtp = mtp_for("qwen3")
+    prompt = make_prompt(7, seed=3)
+    ref = reference(mtp.model, prompt, 80)
+    draft = oracle_draft(mtp, prompt + ref, rate=1.0)
+    n = 1 + 5 * (k + 1)
+    got, steps = run(mtp, prompt, n, num_masks=k, draft_fn=draft, branches=branches)
+    assert got == ref[:n]
+    assert [len(s.tokens) for s in steps] == [1] + [k + 1] * 5
+
+
+def test_branches_bad_arguments():
+    mtp = mtp_for("llama")
+    with pytest.raises(ValueError, match="branches must be >= 1"):
+        SpeculativeDecoder(mtp, num_masks=2, branches=0)
+    with pytest.raises(ValueError, match="num_masks >= 1"):
+        SpeculativeDecoder(mtp, num_masks=0, lookup=4, branches=2)
+    with pytest.raises(ValueError, match="mode 'quadratic'"):
+        SpeculativeDecoder(mtp, num_masks=2, mode="linear", branches=2)
+    with pytest.raises(ValueError, match="greedy"):
+        SpeculativeDecoder(mtp, num_masks=2, temp=0.7, branches=2)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    model_type=st.sampled_from(MODEL_TYPES),
+    k=st.sampled_from([1, 2, 4]),
+    branches=st.sampled_from([2, 3, 4]),
+    length=st.integers(1, 30),
+    rate=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    second=st.sampled_from([0.0, 0.5, 1.0]),
+    max_tokens=st.integers(1, 30),
+    lookup=st.sampled_from([0, 3]),
+    plant_eos=st.booleans(),
+)
+def test_property_branches_equal_mlx_lm(seed, model_type, k, branches, length, rate, second, max_tokens, lookup, plant_eos):
+    mtp = mtp_for(model_type, seed=seed % 3)
+    prompt = make_prompt(length, seed=seed, vocab=16 if lookup else 128)
+    ref = reference(mtp.model, prompt, max_tokens + k + 2)
+    eos = {ref[seed % max_tokens]} if plant_eos else ()
+    expected = reference(mtp.model, prompt, max_tokens, eos=eos or None)
+    draft = ranked_oracle_draft(mtp, prompt + ref, rate=rate, second=second, seed=seed)
+    got, steps = run(
+        mtp, prompt, max_tokens, num_masks=k, draft_fn=draft, eos=eos, branches=branches,
+        lookup=lookup, lookup_ngram=2,
+    )
+    assert got == expected
+    assert all(len(s.tokens) <= k + 1 or s.source != "mtp" for s in steps)
+
+
 def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(monkeypatch):
     """The host waits once per step (``_finish``: one ``tolist``), launches the
     next step (``mx.async_eval``) before it hands out this step's tokens, and

@@ -260,6 +260,10 @@ def test_cli_generates_like_mlx_lm(dirs, loaded, capsys):
     args = cli(dirs, "--prompt", PROMPT, "--ignore-chat-template", "-m", "8", "--mode", "linear", "--num-masks", "2")
     assert main(args + ["--verbose", "false"]) == 0
     assert capsys.readouterr().out == raw + "\n"
+    args = cli(dirs, "--prompt", PROMPT, "--ignore-chat-template", "-m", "8", "--branches", "3")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert raw in out and any(l.endswith(f"(k={K}, quadratic, 3 branches)") for l in out.splitlines())
 
 
 def test_cli_reads_stdin_and_samples(dirs, capsys, monkeypatch):
@@ -284,6 +288,8 @@ def test_cli_reads_stdin_and_samples(dirs, capsys, monkeypatch):
         (["--prompt", "  "], "the prompt is empty"),
         (["--prompt", " ".join(["w5"] * CONTEXT)], f"context of {CONTEXT} tokens"),
         (["--prompt", "w3", "--max-tokens", "0"], "non-zero"),
+        (["--prompt", "w3", "--branches", "2", "--temp", "0.5"], "greedy decoding"),
+        (["--prompt", "w3", "--branches", "2", "--num-masks", "0"], "num_masks >= 1"),
     ],
 )
 def test_cli_bad_input_exits_2(dirs, capsys, args, message):
