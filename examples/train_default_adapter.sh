@@ -9,7 +9,7 @@
 # steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
 # ~125 min (15-30 s per step: the long-document prompts, and part of it ran
 # beside other jobs); packaging 1 min;
-# benchmarks ~20 min.
+# benchmarks ~30 min (the three-branch run ~10 min).
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
 # stayed worse than the LM head's own prediction at the same mask (validation
@@ -82,3 +82,7 @@ python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts
     --json runs/benchmark.json
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
     --num-masks 1 --json runs/benchmark_k1.json
+# the trained k with tree verification (three branches: the sampler head's three
+# most likely first speculations, each with its own chain)
+python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
+    --num-masks 4 --branches 3 --json runs/benchmark_k4_b3.json
