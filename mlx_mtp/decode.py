@@ -222,7 +222,10 @@ class SpeculativeDecoder:
             raise ValueError(f"branches must be >= 1, got {branches}")
         if branches > 1:
             if self.k == 0:
-                raise ValueError("branches > 1 needs the masks' speculations (num_masks >= 1)")
+                raise ValueError(
+                    "branches > 1 needs the masks' speculations: pass num_masks >= 1 "
+                    "(k is 0 here: no adapter, or the adapter's choice for this device)"
+                )
             if mode != "quadratic":
                 raise ValueError("branches > 1 needs mode 'quadratic'")
             if temp != 0:
