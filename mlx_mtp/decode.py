@@ -64,6 +64,7 @@ prefilled in chunks through the plain causal forward.
 """
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -90,6 +91,19 @@ MAX_NGRAM = 8
 # (prev tokens (R,), mask hidden states (R, d), absolute positions of the
 # predicted tokens (R,)) -> draft logits (R, V)
 DraftFn = Callable[[mx.array, mx.array, mx.array], mx.array]
+
+
+@lru_cache(maxsize=64)
+def _tree_arrays(parents: Tuple[int, ...]) -> Tuple[mx.array, mx.array, mx.array]:
+    """For verifying a tree of n fed tokens: each node's depth (n,), the
+    parent of each non-root node (n-1,) and whether non-root node j is node
+    i or an ancestor of it (n, n-1)."""
+    depth, anc = tree_structure(parents)
+    return (
+        mx.array(depth, dtype=mx.int32),
+        mx.array(parents[1:], dtype=mx.int32),
+        mx.array(anc[:, 1:]),
+    )
 
 
 def context_limit(model: MTPModel) -> Optional[int]:
@@ -286,10 +300,9 @@ class SpeculativeDecoder:
             if parents is not None:
                 # a tree: a node is accepted when it and each of its ancestors
                 # equal the base model's token after their parent
-                depth, anc = tree_structure(parents)
-                depth = mx.array(depth, dtype=mx.int32)
-                ok = tokens[1:] == targets[mx.array(parents[1:], dtype=mx.int32)]
-                reached = ~(mx.array(anc[:, 1:]) & ~ok[None]).any(axis=1)
+                depth, parent_index, ancestors = _tree_arrays(parents)
+                ok = tokens[1:] == targets[parent_index]
+                reached = ~(ancestors & ~ok[None]).any(axis=1)
                 best = mx.argmax(mx.where(reached, depth, -1), keepdims=True).astype(mx.int32)
                 return depth[best], best, targets
             accept = tokens[1:] == targets[:m]

@@ -41,8 +41,6 @@ def coverage(responses: Iterable[Sequence[int]], ids: np.ndarray) -> float:
     return inside / max(total, 1)
 
 
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_mtp.draft_vocab", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
@@ -69,6 +67,7 @@ def main(argv=None):
         print(msg + " response tokens")
 
     edit_adapter(args.model, args.adapter_path, edit)
+
 
 if __name__ == "__main__":
     main()

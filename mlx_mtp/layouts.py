@@ -94,7 +94,8 @@ def tree_parents(branch_lengths: Sequence[int]) -> Tuple[int, ...]:
     each a chain from the root: ``(2, 1)`` -> ``(-1, 0, 1, 0)``."""
     parents, start = [-1], 1
     for length in branch_lengths:
-        parents += [0] + list(range(start, start + length - 1)) if length else []
+        # the branch's first token hangs off the root, each next one off the one before
+        parents += [0, *range(start, start + length - 1)][:length]
         start += length
     return tuple(parents)
 
