@@ -9,7 +9,8 @@
 # steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
 # ~125 min (15-30 s per step: the long-document prompts, and part of it ran
 # beside other jobs); packaging 1 min;
-# benchmarks ~30 min (the three-branch run ~10 min).
+# benchmarks ~50 min (the three-branch run ~10 min, the two linear ones ~20 min);
+# the cost of each rank 2 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
 # stayed worse than the LM head's own prediction at the same mask (validation
@@ -71,7 +72,7 @@ python -m mlx_mtp.lora "${COMMON[@]}" --data runs/distill_all --adapter-path run
 #    that the benchmark measured fastest here (k=0: copied drafts only; step 5)
 python examples/ship_adapter.py --model "$MODEL" --adapter-path runs/adapter_k4s --out "$OUT" \
     --decode-num-masks "${DECODE_CPU:-cpu=0}" \
-    --recipe '{"script": "examples/train_default_adapter.sh", "data": "self-distilled, examples/make_prompts.py (first set: 640 prompts; --extra set: 400 prompts)", "decode": "k=0 on CPUs (copied drafts only: prompt lookup, then the datastore), measured with the benchmark on Spec-Bench (2 prompts per category, 96 tokens, greedy), Linux x86_64, 2 cores, fp32, OpenBLAS, step 700: k=0 1.21x at 1.40 tokens/step, k=1 quadratic 1.02x at 1.68 (the first speculation of the masks was accepted in 32% of its steps, and a forward over its 4 tokens cost 1.57-1.65x one: break-even needs ~60%); step 541 projected 0.87x at k=2 and 0.67x at k=4; GPUs: the trained k=4"}'
+    --recipe '{"script": "examples/train_default_adapter.sh", "data": "self-distilled, examples/make_prompts.py (first set: 640 prompts; --extra set: 400 prompts)", "decode": "k=0 on CPUs (copied drafts only: prompt lookup, then the datastore), measured with the benchmark on Spec-Bench (2 prompts per category, 96 tokens, greedy), Linux x86_64, 2 cores, fp32, OpenBLAS, step 700: k=0 1.21x at 1.40 tokens/step, k=1 quadratic 1.02x at 1.68 (the first speculation of the masks was accepted in 32% of its steps, and a forward over its 4 tokens cost 1.57-1.65x one: break-even needs ~60%); step 541 projected 0.87x at k=2 and 0.67x at k=4; GPUs: the trained k=4", "mode": "quadratic (the default): linear measured faster on this CPU at the same k but slower than k=0 (Spec-Bench, 2 prompts per category, 96 tokens, step 700: linear k=1 1.08x at 1.58 tokens/step, k=4 0.93x at 1.65; quadratic k=1 1.02x at 1.68, k=4 0.71x at 1.82); on GPUs tokens/step decide", "rank": "16: examples/forward_cost_by_rank.py, fp32, OpenBLAS: a 25-token gated forward cost 2.83/2.85/2.85/2.98/3.59/4.67x a plain one-token forward at ranks 4/8/16/32/64/128; 16 is the largest at the floor"}'
 python -m mlx_mtp.draft_vocab --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all --size 8192
 python -m mlx_mtp.datastore --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all
 # 5. measure (Spec-Bench): at k=4 on 1 prompt per category, which also projects every
@@ -86,3 +87,10 @@ python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts
 # most likely first speculations, each with its own chain)
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
     --num-masks 4 --branches 3 --json runs/benchmark_k4_b3.json
+# the mode: linear at k=1 and at the trained k (quadratic is the default above)
+for K in 1 4; do
+    python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \
+        --num-masks "$K" --mode linear --json "runs/benchmark_k${K}_linear.json"
+done
+# the rank: what a forward through the gated path costs at each rank
+python examples/forward_cost_by_rank.py --model "$MODEL" | tee runs/forward_cost_by_rank.txt

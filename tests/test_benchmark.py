@@ -143,3 +143,22 @@ def test_weights_dtype_names_the_layers():
     model = tiny_model("llama")
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
     assert benchmark.weights_dtype(model) == "4-bit (embeddings float32)"
+
+
+def test_forward_cost_by_rank_example(dirs, capsys):  # noqa: F811
+    """examples/forward_cost_by_rank.py times every rank at the same shapes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "forward_cost_by_rank.py"
+    spec = importlib.util.spec_from_file_location("forward_cost_by_rank", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model_dir, _, _ = dirs
+    script.main(["--model", str(model_dir), "--ranks", "2,4", "--num-masks", "2", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("BLAS: ") and "plain T=1: " in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["rank    2", "rank    4"]
+    for line in lines[1:]:
+        # one token; one token with 2 masks; the quadratic steps at k=1 and k=2
+        assert [t.split(":")[0] for t in line.split(": ", 1)[1].split(", ")] == ["T=1", "T=3", "T=4", "T=9"]

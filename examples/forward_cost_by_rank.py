@@ -1,0 +1,44 @@
+"""What the gated LoRA's rank costs when decoding: one forward over T new
+tokens through the gated path (the quadratic layout, after 300 cached tokens)
+for each rank, relative to the plain one-token forward of the same model.
+
+    python examples/forward_cost_by_rank.py [--model M] [--ranks 4,8,16,32,64,128] [--num-masks 4]
+
+On Linux, preload OpenBLAS first (see the README). The weights' values do not
+change the cost, so fresh (untrained) adapters are timed.
+"""
+
+import argparse
+
+from mlx_mtp.benchmark import blas_in_use, forward_costs, weights_dtype
+from mlx_mtp.gated_lora import LoRAConfig
+from mlx_mtp.model import MTPConfig, MTPModel
+from mlx_mtp.utils import default_model_path, load_base
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
+    p.add_argument("--ranks", default="4,8,16,32,64,128")
+    p.add_argument("--num-masks", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    k = args.num_masks
+    # one token with k masks, and the quadratic steps at k=1 and k
+    shapes = [(1, 0), (1, k), (2, 1), (k + 1, k)]
+    plain = None
+    for rank in [0] + [int(r) for r in args.ranks.split(",")]:
+        base, _ = load_base(str(args.model or default_model_path()))
+        if rank == 0:
+            model = MTPModel(base)
+            plain = forward_costs(model, [(1, 0)], repeats=args.repeats)[1]
+            print(f"BLAS: {blas_in_use()}, weights: {weights_dtype(base)}; plain T=1: {plain * 1e3:.1f} ms")
+            continue
+        model = MTPModel(base, MTPConfig(num_masks=k, lora=LoRAConfig(rank=rank)))
+        costs = forward_costs(model, shapes, repeats=args.repeats)
+        line = ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / plain:.2f}x)" for T, c in sorted(costs.items()))
+        print(f"rank {rank:4d}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
