@@ -9,7 +9,8 @@
 # steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
 # ~125 min (15-30 s per step: the long-document prompts, and part of it ran
 # beside other jobs); packaging 1 min;
-# benchmarks ~50 min (the three-branch run ~10 min, the two linear ones ~20 min);
+# benchmarks ~75 min (the three-branch run ~10 min, the two linear ones ~20 min,
+# the 1024-token one ~26 min);
 # the cost of each rank 2 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
@@ -94,3 +95,6 @@ for K in 1 4; do
 done
 # the rank: what a forward through the gated path costs at each rank
 python examples/forward_cost_by_rank.py --model "$MODEL" | tee runs/forward_cost_by_rank.txt
+# at Spec-Bench's own output length (1024 tokens), as shipped: the targets
+python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 1024 \
+    --json runs/benchmark_1024.json
