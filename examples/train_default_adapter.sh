@@ -10,7 +10,7 @@
 # ~125 min (15-30 s per step: the long-document prompts, and part of it ran
 # beside other jobs); packaging 1 min;
 # benchmarks ~75 min (the three-branch run ~10 min, the two linear ones ~20 min,
-# the 1024-token one ~26 min);
+# the 1024-token ones ~26 + 9 min);
 # the cost of each rank 2 min.
 #
 # Why two stages: stage 1 trained the paper's plain sampler head; its drafts
@@ -98,3 +98,5 @@ python examples/forward_cost_by_rank.py --model "$MODEL" | tee runs/forward_cost
 # at Spec-Bench's own output length (1024 tokens), as shipped: the targets
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 1024 \
     --json runs/benchmark_1024.json
+python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 4 --max-tokens 1024 \
+    --categories coding,math_reasoning --json runs/benchmark_1024_coding_math_4.json
