@@ -1,6 +1,7 @@
 """What the gated LoRA's rank costs when decoding: one forward over T new
-tokens through the gated path (the quadratic layout, after 300 cached tokens)
-for each rank, relative to the plain one-token forward of the same model.
+tokens through the gated path for each rank (the benchmark's shapes: one
+token, one token with k masks, the quadratic steps with j = 1..k masks; 300
+cached tokens), relative to the plain one-token forward of the same model.
 
     python examples/forward_cost_by_rank.py [--model M] [--ranks 4,8,16,32,64,128] [--num-masks 4]
 
@@ -10,7 +11,7 @@ change the cost, so fresh (untrained) adapters are timed.
 
 import argparse
 
-from mlx_mtp.benchmark import blas_in_use, forward_costs, weights_dtype
+from mlx_mtp.benchmark import blas_in_use, forward_costs, step_shapes, weights_dtype
 from mlx_mtp.gated_lora import LoRAConfig
 from mlx_mtp.model import MTPConfig, MTPModel
 from mlx_mtp.utils import default_model_path, load_base
@@ -23,22 +24,22 @@ def main(argv=None):
     p.add_argument("--num-masks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
+    path = str(args.model or default_model_path())
+
+    def fresh(config=None) -> MTPModel:
+        # MTPModel installs LoRA into the base model: each rank gets its own load
+        base, _ = load_base(path)
+        return MTPModel(base, config)
+
+    plain_model = fresh()
+    plain = forward_costs(plain_model, [(1, 0)], repeats=args.repeats)[1]
+    print(f"BLAS: {blas_in_use()}, weights: {weights_dtype(plain_model.model)}; plain T=1: {plain * 1e3:.1f} ms")
     k = args.num_masks
-    # one token with k masks, and the quadratic steps at k=1 and k
-    shapes = [(1, 0), (1, k), (2, 1), (k + 1, k)]
-    plain = None
-    for rank in [0] + [int(r) for r in args.ranks.split(",")]:
-        base, _ = load_base(str(args.model or default_model_path()))
-        if rank == 0:
-            model = MTPModel(base)
-            plain = forward_costs(model, [(1, 0)], repeats=args.repeats)[1]
-            print(f"BLAS: {blas_in_use()}, weights: {weights_dtype(base)}; plain T=1: {plain * 1e3:.1f} ms")
-            continue
-        model = MTPModel(base, MTPConfig(num_masks=k, lora=LoRAConfig(rank=rank)))
-        costs = forward_costs(model, shapes, repeats=args.repeats)
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        model = fresh(MTPConfig(num_masks=k, lora=LoRAConfig(rank=rank)))
+        costs = forward_costs(model, step_shapes(k), repeats=args.repeats)
         line = ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / plain:.2f}x)" for T, c in sorted(costs.items()))
         print(f"rank {rank:4d}: {line}", flush=True)
-
 
 if __name__ == "__main__":
     main()

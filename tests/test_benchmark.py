@@ -160,5 +160,5 @@ def test_forward_cost_by_rank_example(dirs, capsys):  # noqa: F811
     assert lines[0].startswith("BLAS: ") and "plain T=1: " in lines[0]
     assert [line.split(":")[0] for line in lines[1:]] == ["rank    2", "rank    4"]
     for line in lines[1:]:
-        # one token; one token with 2 masks; the quadratic steps at k=1 and k=2
+        # the benchmark's shapes at k=2: one token; one token with 2 masks; the quadratic steps at j=1, 2
         assert [t.split(":")[0] for t in line.split(": ", 1)[1].split(", ")] == ["T=1", "T=3", "T=4", "T=9"]
