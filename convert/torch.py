@@ -98,10 +98,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_mtp.adapter import AdapterError, save_adapter
-from mlx_mtp.gated_lora import LoRAConfig, _get, model_layers
-from mlx_mtp.masks import MAX_MASKS
-from mlx_mtp.model import MTPConfig, MTPModel, _embedding_shape
-from mlx_mtp.sampler import SamplerConfig
+from mlx_mtp.model.gated_lora import LoRAConfig, _get, model_layers
+from mlx_mtp.model.masks import MAX_MASKS
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, _embedding_shape
+from mlx_mtp.model.sampler import SamplerConfig
 
 FORMATS = ("auto", "peft", "mtp-glora")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}

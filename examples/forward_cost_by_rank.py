@@ -12,9 +12,9 @@ change the cost, so fresh (untrained) adapters are timed.
 import argparse
 
 from mlx_mtp.benchmark import blas_in_use, forward_costs, step_shapes, weights_dtype
-from mlx_mtp.gated_lora import LoRAConfig
-from mlx_mtp.model import MTPConfig, MTPModel
-from mlx_mtp.utils import default_model_path, load_base
+from mlx_mtp.model.gated_lora import LoRAConfig
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
+from mlx_mtp.loading import default_model_path, load_base
 
 
 def main(argv=None):

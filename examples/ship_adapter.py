@@ -11,7 +11,7 @@ from dataclasses import replace
 import mlx.core as mx
 
 from mlx_mtp.adapter import read_adapter_config, save_adapter
-from mlx_mtp.utils import load
+from mlx_mtp.loading import load
 
 
 def main():

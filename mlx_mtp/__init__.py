@@ -12,19 +12,20 @@ module without it being imported twice.
 import importlib
 
 _EXPORTS = {
-    "load": "utils",
+    "load": "loading",
     "generate": "generate",
     "stream_generate": "generate",
     "propose": "generate",
     "MTPGenerationResponse": "generate",
-    "SpeculativeDecoder": "decode",
-    "MTPModel": "model",
-    "MTPConfig": "model",
-    "LoRAConfig": "gated_lora",
-    "SamplerConfig": "sampler",
+    "SpeculativeDecoder": "decoding.decode",
+    "MTPModel": "model.mtp_model",
+    "MTPConfig": "model.mtp_model",
+    "LoRAConfig": "model.gated_lora",
+    "SamplerConfig": "model.sampler",
     "load_adapter": "adapter",
     "save_adapter": "adapter",
-    "AdapterError": "adapter",
+    "AdapterError": "errors",
+    "MTPError": "errors",
 }
 
 __all__ = list(_EXPORTS)

@@ -10,7 +10,6 @@ against the model and names the offending tensor on a mismatch.
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -18,33 +17,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .datastore import Datastore
-from .model import MTPConfig, MTPModel, base_model_identity
+from .decoding.datastore import Datastore
+from .errors import AdapterError
+from .files import atomic_write
+from .model.mtp_model import MTPConfig, MTPModel, base_model_identity
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 DRAFT_VOCAB = "draft_vocab"  # optional int32 ids: the sampler head drafts among these only
 DATASTORE = "datastore"  # optional: responses for datastore drafts (mlx_mtp.datastore)
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be used with this model (or at all)."""
-
-
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_adapter(
@@ -81,8 +63,8 @@ def save_adapter(
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
 
-    _atomic_write(path / WEIGHTS_FILE, write_weights)
-    _atomic_write(path / CONFIG_FILE, write_config)
+    atomic_write(path / WEIGHTS_FILE, write_weights)
+    atomic_write(path / CONFIG_FILE, write_config)
 
 
 def update_adapter(model: MTPModel, path: Union[str, Path], recipe: Dict[str, Any]):

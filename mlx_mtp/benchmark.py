@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .decode import DEFAULT_LOOKUP, SpeculativeDecoder
+from .decoding.decode import DEFAULT_LOOKUP, SpeculativeDecoder
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
@@ -80,10 +80,7 @@ def weights_dtype(model) -> str:
 
 
 def default_prompts_file() -> Optional[Path]:
-    for candidate in (Path.cwd().parent / "shared/data/spec_bench/question.jsonl", DEFAULT_PROMPTS):
-        if candidate.exists():
-            return candidate
-    return None
+    return DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None
 
 
 def read_prompts(path: Path, categories: Optional[List[str]], per_category: Optional[int]):
@@ -121,8 +118,8 @@ def step_shapes(k: int, branches: int = 1) -> List[Tuple[int, int]]:
 def forward_costs(model, shapes: List[Tuple[int, int]], context: int = 300, repeats: int = 5) -> Dict[int, float]:
     """Seconds per forward over T = n(j+1) new tokens (n regular tokens, each
     followed by j masks) after ``context`` cached tokens, keyed by T."""
-    from .cache import commit
-    from .layouts import quadratic_layout
+    from .model.cache import commit
+    from .model.layouts import quadratic_layout
 
     costs = {}
     vocab = model.vocab_size

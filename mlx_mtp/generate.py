@@ -27,9 +27,9 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import DEFAULT_LOOKUP, MODES, DraftFn, SpeculativeDecoder
-from .model import MTPModel
-from .utils import load
+from .decoding.decode import DEFAULT_LOOKUP, MODES, DraftFn, SpeculativeDecoder
+from .model.mtp_model import MTPModel
+from .loading import load
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256

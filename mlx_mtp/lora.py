@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .gated_lora import DEFAULT_KEYS
+from .model.gated_lora import DEFAULT_KEYS
 
 DEFAULTS = {
     "model": None,
@@ -197,12 +197,12 @@ def run(args) -> int:
     import mlx.core as mx
 
     from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
-    from .data import load_data
-    from .gated_lora import LoRAConfig, model_layers
-    from .losses import LossWeights
-    from .model import MTPConfig, MTPModel
-    from .sampler import SamplerConfig
-    from .trainer import LOG_FILE, TrainArgs, Trainer, TrainingInterrupted
+    from .training.data import load_data
+    from .model.gated_lora import LoRAConfig, model_layers
+    from .training.losses import LossWeights
+    from .model.mtp_model import MTPConfig, MTPModel
+    from .model.sampler import SamplerConfig
+    from .training.trainer import LOG_FILE, TrainArgs, Trainer, TrainingInterrupted
 
     world = mx.distributed.init()
     rank = world.rank()
@@ -314,7 +314,7 @@ def run(args) -> int:
             mtp_test = model_for_test
         else:
             mtp_test = load_adapter(model, args.adapter_path)
-        from .data import build_dataset, tokenize_file
+        from .training.data import build_dataset, tokenize_file
 
         data_dir = Path(args.data)
         split = "test" if (data_dir / "test.jsonl").exists() else "valid"
@@ -337,7 +337,7 @@ def run(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .adapter import AdapterError
-    from .data import DataError
+    from .training.data import DataError
 
     try:
         args = resolve_args(argv)

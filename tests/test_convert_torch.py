@@ -33,8 +33,8 @@ from mlx_lm import load
 import torch_reference as R
 from convert.torch import convert, glora_mask_token_id, main
 from mlx_mtp.adapter import load_adapter, read_adapter_config
-from mlx_mtp.layouts import linear_layout
-from mlx_mtp.model import MTPModel
+from mlx_mtp.model.layouts import linear_layout
+from mlx_mtp.model.mtp_model import MTPModel
 
 try:  # the library's own draft chain, where it exists
     from mlx_mtp.generate import propose

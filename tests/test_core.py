@@ -11,10 +11,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import AdapterError, load_adapter, save_adapter
-from mlx_mtp.cache import commit
-from mlx_mtp.gated_lora import GatedLoRALinear, LoRAConfig
-from mlx_mtp.layouts import linear_layout, quadratic_layout, training_layout
-from mlx_mtp.model import MTPConfig, MTPModel
+from mlx_mtp.model.cache import commit
+from mlx_mtp.model.gated_lora import GatedLoRALinear, LoRAConfig
+from mlx_mtp.model.layouts import linear_layout, quadratic_layout, training_layout
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from tiny import MODEL_TYPES, randomize_adapter, tiny_model, tiny_mtp
 
 PROMPT = [3, 17, 42, 99, 5, 64, 7, 120, 33]
@@ -163,7 +163,7 @@ def test_gated_lora_formula(bits):
     linear = nn.Linear(64, 32)
     if bits:
         linear = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=bits)
-    from mlx_mtp.gated_lora import Gate
+    from mlx_mtp.model.gated_lora import Gate
 
     gate = Gate()
     lora = GatedLoRALinear(linear, gate, rank=4, scale=2.5)
@@ -296,7 +296,7 @@ def test_draft_vocab_restricts_sampler_and_round_trips(tmp_path, bits):
 def test_adapter_decode_num_masks_default(tmp_path):
     from dataclasses import replace
 
-    from mlx_mtp.decode import SpeculativeDecoder
+    from mlx_mtp.decoding.decode import SpeculativeDecoder
 
     mtp = tiny_mtp("llama", num_masks=4)
     assert mtp.default_num_masks == 4  # nothing recorded: the trained k
@@ -318,7 +318,7 @@ def test_adapter_decode_num_masks_default(tmp_path):
 def test_skip_sampler_starts_as_lm_head_and_gets_gradients():
     import mlx.nn as nn_
 
-    from mlx_mtp.sampler import SamplerConfig, SamplerHead
+    from mlx_mtp.model.sampler import SamplerConfig, SamplerHead
 
     head = SamplerHead(64, SamplerConfig(skip=True))
     prev, z = mx.random.normal((5, 64)), mx.random.normal((5, 64))

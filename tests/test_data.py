@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_mtp.data import (
+from mlx_mtp.training.data import (
     BatchSchedule,
     DataError,
     build_example,
@@ -19,7 +19,7 @@ from mlx_mtp.data import (
     shard,
     tokenize_file,
 )
-from mlx_mtp.layouts import training_layout
+from mlx_mtp.model.layouts import training_layout
 from test_train_fixtures import make_tokenizer
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from mlx_mtp.adapter import load_adapter, save_adapter
 from mlx_mtp.datastore import Datastore, hit_rate, main
-from mlx_mtp.decode import SpeculativeDecoder
-from mlx_mtp.model import MTPModel
+from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.model.mtp_model import MTPModel
 from test_decode import make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 
@@ -155,8 +155,8 @@ def test_bad_arguments():
 def test_cli_stores_the_training_responses(tmp_path, capsys):
     from test_train_fixtures import distilled_dir, model_dir
 
-    from mlx_mtp.model import MTPConfig
-    from mlx_mtp.utils import load
+    from mlx_mtp.model.mtp_model import MTPConfig
+    from mlx_mtp.loading import load
 
     ad = tmp_path / "adapter"
     model, _ = load(str(model_dir()), adapter_path=False)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
 
-from mlx_mtp.decode import SpeculativeDecoder, resolve_num_masks
-from mlx_mtp.model import MTPModel
+from mlx_mtp.decoding.decode import SpeculativeDecoder, resolve_num_masks
+from mlx_mtp.model.mtp_model import MTPModel
 from tiny import tiny_model, tiny_mtp
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -351,7 +351,7 @@ def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(
     """The host waits once per step (``_finish``: one ``tolist``), launches the
     next step (``mx.async_eval``) before it hands out this step's tokens, and
     calls ``mx.eval`` only to prefill the prompt chunks."""
-    import mlx_mtp.decode as decode
+    import mlx_mtp.decoding.decode as decode
 
     events = []
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from mlx_mtp.decode import SpeculativeDecoder, speculative_accept
+from mlx_mtp.decoding.decode import SpeculativeDecoder, speculative_accept
 from tiny import tiny_mtp
 
 ALPHA = 1e-3

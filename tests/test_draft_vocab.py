@@ -20,7 +20,7 @@ def test_generation_with_draft_vocab_equals_mlx_lm():
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_mtp.decode import SpeculativeDecoder
+    from mlx_mtp.decoding.decode import SpeculativeDecoder
     from tiny import tiny_mtp
 
     mtp = tiny_mtp("llama", num_masks=4, tie_word_embeddings=False)

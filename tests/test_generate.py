@@ -18,8 +18,8 @@ import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError, save_adapter
 from mlx_mtp.generate import main
-from mlx_mtp.model import MTPConfig
-from mlx_mtp.utils import ModelLoadError, find_shipped_adapter
+from mlx_mtp.model.mtp_model import MTPConfig
+from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from test_decode import oracle_draft
 from tiny import randomize_adapter, tiny_config, tiny_model
 
@@ -92,7 +92,7 @@ def test_load(dirs, loaded):
 def test_shipped_adapter_is_found_by_base_model(dirs, tmp_path, monkeypatch):
     import shutil
 
-    import mlx_mtp.utils as utils
+    import mlx_mtp.loading as utils
 
     shipped = tmp_path / "adapters"
     shutil.copytree(dirs[2], shipped / "a_other")  # another model's: skipped

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_mtp.layouts import IGNORE, block_layout, linear_layout, quadratic_layout, training_layout, tree_parents
+from mlx_mtp.model.layouts import IGNORE, block_layout, linear_layout, quadratic_layout, training_layout, tree_parents
 
 I = IGNORE
 

@@ -3,9 +3,9 @@ against mlx-lm's own greedy decoding, token for token, on tiny random models."""
 
 import pytest
 
-from mlx_mtp.decode import SpeculativeDecoder
-from mlx_mtp.lookup import NGramLookup
-from mlx_mtp.model import MTPModel
+from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.decoding.lookup import NGramLookup
+from mlx_mtp.model.mtp_model import MTPModel
 from test_decode import MODEL_TYPES, make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 

@@ -34,16 +34,11 @@ def test_prompt_sets_are_reproducible_distinct_and_cover_their_kinds():
 
 
 def test_prompts_share_no_eight_word_span_with_spec_bench():
-    """Disjoint from the evaluation: no 8-word span in common with Spec-Bench
-    (checked against its file where the checkout has it, else against a few
-    of its phrasings written here)."""
+    """Disjoint from the evaluation: no 8-word span in common with Spec-Bench."""
     mp = _module()
-    path = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
-    if path.exists():
-        texts = [t for line in path.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
-    else:
-        texts = ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences"]
-    assert texts
+    path = ROOT / "mlx_mtp" / "spec_bench" / "question.jsonl"
+    texts = [t for line in path.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
+    assert len(texts) >= 480
 
     def spans(s, n=8):
         w = s.split()

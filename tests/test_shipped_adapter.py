@@ -7,7 +7,7 @@ import pytest
 from mlx_lm import stream_generate as lm_stream_generate
 
 from mlx_mtp import load, stream_generate
-from mlx_mtp.utils import ADAPTERS_DIR, find_shipped_adapter
+from mlx_mtp.loading import ADAPTERS_DIR, find_shipped_adapter
 
 SHIPPED = ADAPTERS_DIR / "smollm2-135m-instruct"
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mtp.data import Dataset, build_example
-from mlx_mtp.layouts import IGNORE, training_layout
-from mlx_mtp.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
-from mlx_mtp.model import MTPConfig, MTPModel
-from mlx_mtp.trainer import (
+from mlx_mtp.training.data import Dataset, build_example
+from mlx_mtp.model.layouts import IGNORE, training_layout
+from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
+from mlx_mtp.training.trainer import (
     TrainArgs,
     Trainer,
     _fork,

@@ -16,11 +16,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import load_adapter
-from mlx_mtp.data import load_data
-from mlx_mtp.gated_lora import LoRAConfig
+from mlx_mtp.training.data import load_data
+from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.lora import main
-from mlx_mtp.model import MTPConfig, MTPModel
-from mlx_mtp.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
+from mlx_mtp.training.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
 from test_train_fixtures import distilled_dir, model_dir
 
 K = 3

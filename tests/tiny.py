@@ -7,7 +7,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.utils import _get_classes
 
-from mlx_mtp.model import MTPConfig, MTPModel
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 

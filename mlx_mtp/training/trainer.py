@@ -43,13 +43,15 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .adapter import DRAFT_VOCAB, WEIGHTS_FILE, AdapterError, _atomic_write, save_adapter
-from .cache import SpecCache, commit
+from ..adapter import DRAFT_VOCAB, WEIGHTS_FILE, save_adapter
+from ..errors import AdapterError
+from ..files import atomic_write
+from ..model.cache import SpecCache, commit
 from .data import BatchSchedule, DataError, Dataset, Example, shard
-from .gated_lora import GatedLoRALinear
-from .layouts import IGNORE
+from ..model.gated_lora import GatedLoRALinear
+from ..model.layouts import IGNORE
 from .losses import TERMS, LossWeights, mask_losses, total_loss
-from .model import MTPConfig, MTPModel
+from ..model.mtp_model import MTPConfig, MTPModel
 
 STATE_FILE = "training_state.safetensors"
 STATE_FORMAT = "mlx-mtp-training-state"
@@ -629,7 +631,7 @@ class Trainer:
             "mtp_config": json.dumps(self.mtp.config.to_dict()),
             "train_args": json.dumps(self.args.to_dict()),
         }
-        _atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata))
+        atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata))
         save_adapter(self.mtp, path, recipe=self.checkpoint_recipe(), weights=weights)
 
     def resume(self, path) -> int:

@@ -27,17 +27,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .layouts import IGNORE, TrainLayout
+from ..errors import DataError
+from ..model.layouts import IGNORE, TrainLayout
 
 FORMATS = {
     "chat": ("messages",),
     "completions": ("prompt", "completion"),
     "text": ("text",),
 }
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file and the line."""
 
 
 # ---------------------------------------------------------------------------

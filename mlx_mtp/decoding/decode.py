@@ -69,10 +69,10 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .cache import commit
-from .layouts import block_layout, linear_layout, tree_parents, tree_structure
+from ..model.cache import commit
+from ..model.layouts import block_layout, linear_layout, tree_parents, tree_structure
 from .lookup import NGramLookup
-from .model import MTPModel
+from ..model.mtp_model import MTPModel
 
 MODES = ("quadratic", "linear", "off")
 

@@ -8,14 +8,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.nn as nn
 
-from .adapter import CONFIG_FILE, AdapterError, load_adapter, read_adapter_config, update_adapter
-from .model import MTPModel, base_model_identity
+from .adapter import CONFIG_FILE, load_adapter, read_adapter_config, update_adapter
+from .errors import AdapterError, DataError, ModelLoadError
+from .model.mtp_model import MTPModel, base_model_identity
 
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
-
-
-class ModelLoadError(ValueError):
-    """The model (or the default model) cannot be loaded."""
 
 
 def default_model_path() -> str:
@@ -111,8 +108,6 @@ def edit_adapter(
     ``edit(model, tokenizer, recipe)`` change the model and the recipe, and
     rewrite the adapter in place (the draft_vocab and datastore CLIs). A user
     error ends in one line on stderr and exit status 2, with nothing written."""
-    from .data import DataError
-
     try:
         model, tokenizer = load(model_path, adapter_path=adapter_path)
         if model.num_masks == 0:

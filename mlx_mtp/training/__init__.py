@@ -1,0 +1,1 @@
+"""Training an adapter: data, losses and the training loop."""
