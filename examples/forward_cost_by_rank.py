@@ -5,7 +5,8 @@ cached tokens), relative to the plain one-token forward of the same model.
 
     python examples/forward_cost_by_rank.py [--model M] [--ranks 4,8,16,32,64,128] [--num-masks 4]
 
-On Linux, preload OpenBLAS first (see the README). The weights' values do not
+On Linux, preload OpenBLAS first (see docs/linux.md). Its figures are in
+docs/benchmarks.md ("Which rank"). The weights' values do not
 change the cost, so fresh (untrained) adapters are timed.
 """
 

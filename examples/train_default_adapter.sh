@@ -1,31 +1,15 @@
 #!/usr/bin/env bash
 # Reproduce the adapter shipped for the default model (SmolLM2-135M-Instruct):
 # prompts -> self-distilled responses -> training (three stages) -> package with a
-# draft vocabulary and a datastore of the responses -> benchmark. Every step resumes where it stopped when run
-# again (distill and training keep their progress in runs/).
+# draft vocabulary and a datastore of the responses -> benchmark. Every step resumes
+# where it stopped when run again (distill and training keep their progress in runs/).
 #
-# Wall time here (Linux x86_64, 2 cores, fp32, OpenBLAS): distillation of 640
-# prompts 42 min and of the 400 --extra prompts 46 min (batch 16); stage 1 184
-# steps ~62 min; stage 2 ~13 s per step, 371 steps ~80 min; stage 3 329 steps
-# ~125 min (15-30 s per step: the long-document prompts, and part of it ran
-# beside other jobs); packaging 1 min;
-# benchmarks ~75 min (the three-branch run ~10 min, the two linear ones ~20 min,
-# the 1024-token ones ~26 + 9 min);
-# the cost of each rank 2 min.
-#
-# Why two stages: stage 1 trained the paper's plain sampler head; its drafts
-# stayed worse than the LM head's own prediction at the same mask (validation
-# top-1 at depth 1: 0.29 vs 0.42 at step 120). Stage 2 keeps stage 1's LoRA and
-# mask embeddings and starts a fresh sampler head with a skip connection
-# (--sampler-skip, the default for new runs), which starts exactly as the LM
-# head (0.49 at depth 1 at its step 0) and learns the correction from the
-# previous token. A new run can train stage 2's configuration from the start.
-# Stage 3 continues stage 2's run (same optimizer) on both prompt sets: the first
-# set has no long-context, translation or role-play tasks, and acceptance on
-# Spec-Bench trailed validation (0.38 vs 0.62 at depth 1). Its learning rate
-# stays flat to step 560, then decays to zero along a cosine (--decay-steps 140):
-# validation top-1 at depth 1..4 went from 0.55/0.41/0.36/0.31 at step 540 to
-# 0.57/0.45/0.38/0.34 at step 700.
+# Why three stages, what each reached and how long each took here: docs/adapter.md.
+# In short: stage 1 trains the paper's plain sampler head; stage 2 keeps its LoRA and
+# mask embeddings and starts a fresh sampler head with a skip connection (which starts
+# as the LM head; a new run can train this configuration from the start); stage 3
+# continues stage 2's run on both prompt sets, with a cosine decay at its end.
+# The benchmark runs at the end produce the tables of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
@@ -77,7 +61,7 @@ python examples/ship_adapter.py --model "$MODEL" --adapter-path runs/adapter_k4s
 python -m mlx_mtp.draft_vocab --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all --size 8192
 python -m mlx_mtp.datastore --model "$MODEL" --adapter-path "$OUT" --data runs/distill_all
 # 5. measure (Spec-Bench): at k=4 on 1 prompt per category, which also projects every
-#    smaller k (the choice above), then as shipped on 2 per category (the README's table)
+#    smaller k (the choice above), then as shipped on 2 per category (docs/benchmarks.md)
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 1 --max-tokens 96 \
     --num-masks 4 --json runs/benchmark_k4.json
 python -m mlx_mtp.benchmark --model "$MODEL" --adapter-path "$OUT" --num-prompts 2 --max-tokens 96 \

@@ -1,21 +1,58 @@
-"""Shared fixtures.
+"""What the tests share: the one "skip locally, fail under CI=true" rule,
+fixtures, and helpers that several test modules use (test modules import
+from here or from ``tiny.py``, never from each other).
 
-The real default model (SmolLM2-135M-Instruct) is downloaded and converted
-once (see :func:`convert.gguf.ensure_default_model`). Where it cannot be had,
-its tests are skipped locally and fail under ``CI=true``.
+- the rule: :func:`unavailable` and :func:`need`;
+- the real default model (SmolLM2-135M-Instruct), downloaded and converted
+  once (see :func:`convert.gguf.ensure_default_model`): ``default_gguf_path``,
+  ``default_model_path``;
+- decoding against mlx-lm on tiny random models: :func:`mtp_for`,
+  :func:`make_prompt`, :func:`reference`, :func:`oracle_draft`, :func:`run`;
+- a tiny qwen3 model directory with a word-level tokenizer and a random
+  adapter, for the API, the CLIs and the benchmark: ``dirs``, ``K``;
+- a tiny llama model directory with a character-level tokenizer and chat
+  template, and a tiny self-distilled dataset written by ``mlx_mtp.distill``,
+  for the training and data tests: :func:`model_dir`, :func:`distilled_dir`,
+  :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`.
 """
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_map
+from mlx_lm.generate import generate_step
+
+from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
+
+# ------------------------------------------------------ skip locally, fail under CI=true
 
 
 def unavailable(reason: str) -> None:
-    """Skip locally; fail under CI=true, where everything must run."""
+    """Skip locally; fail under CI=true, where everything must run.
+
+    Called at module level (a module that cannot run at all), the skip
+    covers the whole module and the failure is a collection error."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: not skipping)", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need(module: str, hint: str = "pip install -e '.[parity]'"):
+    """Import ``module``, or skip (locally) / fail (CI=true) without it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        unavailable(f"{module} is not installed ({hint})")
+
+
+# ------------------------------------------------------------------ the real default model
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +75,204 @@ def default_model_path() -> Path:
         return ensure_default_model()
     except (ConversionError, OSError) as e:
         unavailable(f"default model unavailable: {e}")
+
+
+# ------------------------------------------------------- decoding against mlx-lm, tiny models
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")  # the decoding tests' families
+_MODELS = {}
+
+
+def mtp_for(model_type: str, seed: int = 0, **overrides):
+    """A cached tiny model with a random 8-mask adapter. Untied embeddings:
+    tied random models mostly repeat one token, which would hide bugs."""
+    overrides.setdefault("tie_word_embeddings", False)
+    key = (model_type, seed, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        _MODELS[key] = tiny_mtp(model_type, num_masks=8, seed=seed, **overrides)
+    return _MODELS[key]
+
+
+def make_prompt(length: int, seed: int = 0, vocab: int = 128):
+    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
+
+
+def reference(model, prompt, n, eos=None):
+    """mlx-lm greedy tokens (argmax sampler), cut after the first EOS."""
+    out = []
+    for t, _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        out.append(t)
+        if eos is not None and t in eos:
+            break
+    return out
+
+
+def oracle_draft(mtp, sequence, rate: float, seed: int = 0):
+    """A draft that proposes ``sequence[pos]`` (prompt + greedy continuation)
+    where a seeded coin with probability ``rate`` says so, and the real
+    sampler head's logits elsewhere."""
+    known_len = len(sequence)
+    pad = 64
+    good = mx.array(np.random.default_rng(seed).random(known_len + pad) < rate)
+    seq = mx.array(list(sequence) + [0] * pad)
+    vocab = mx.arange(mtp.vocab_size)
+
+    def draft(prev, z, pos):
+        real = mtp.sampler_logits(prev, z)
+        use = good[pos] & (pos < known_len)
+        onehot = (vocab[None] == seq[pos][:, None]).astype(real.dtype) * 1e4
+        return mx.where(use[:, None], onehot, real)
+
+    return draft
+
+
+def run(mtp, prompt, max_tokens, **kwargs):
+    """The decoder's tokens and its steps."""
+    from mlx_mtp.decoding.decode import SpeculativeDecoder
+
+    eos = kwargs.pop("eos", ())
+    decoder = SpeculativeDecoder(mtp, **kwargs)
+    steps = list(decoder.steps(prompt, max_tokens=max_tokens, eos_token_ids=eos))
+    return [t for s in steps for t in s.tokens], steps
+
+
+# ------------------------------------------- a tiny qwen3 model directory (API, CLIs, benchmark)
+
+K = 4
+CONTEXT = 64
+OVERRIDES = dict(tie_word_embeddings=False, max_position_embeddings=CONTEXT)
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def write_tokenizer(path: Path):
+    """Word-level: w0..w127, EOS w127."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w127", chat_template=CHAT_TEMPLATE).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """(model directory, adapter directory, other model's adapter directory)."""
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_mtp.adapter import save_adapter
+    from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    save_model(model_dir, tiny_model("qwen3", seed=0, **OVERRIDES))
+    save_config(tiny_config("qwen3", **OVERRIDES), model_dir / "config.json")
+    write_tokenizer(model_dir)
+    adapter_dir = root / "adapter"
+    mtp = randomize_adapter(MTPModel(tiny_model("qwen3", seed=0, **OVERRIDES), MTPConfig(num_masks=K)))
+    save_adapter(mtp, adapter_dir)
+    other_dir = root / "other_adapter"
+    other = MTPModel(tiny_model("qwen3", seed=0, hidden_size=32, head_dim=8), MTPConfig(num_masks=K))
+    save_adapter(other, other_dir)
+    return model_dir, adapter_dir, other_dir
+
+
+# ---------------------------------- a tiny llama model directory and its distilled data (training)
+# Built once per test session, in a temporary directory.
+
+VOCAB = 256
+EOS = 255
+# Weights scaled by 2: the greedy output of the random model then mixes runs
+# of repeated tokens with changes (at scale 1 it repeats one token forever).
+WEIGHT_SCALE = 2.0
+TRAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def tmp_root() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="mlx_mtp_train_tests_"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def make_tokenizer():
+    """One token per character (253 of them) + 3 specials; decode/encode
+    round-trips every id sequence without specials."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (
+        ["\n", " "] + [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x180) if chr(c).isprintable()]
+    )
+    chars = chars[:253]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TRAIN_CHAT_TEMPLATE
+    )
+
+
+def scaled_tiny_model(seed: int = 0):
+    model = tiny_model("llama", seed=seed, vocab_size=VOCAB)
+    model.update(tree_map(lambda x: x * WEIGHT_SCALE if x.ndim == 2 else x, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def save_model_dir(path: Path, seed: int = 0, chat_template: bool = True) -> Path:
+    from mlx_lm.utils import save_config, save_model
+
+    path = Path(path)
+    save_model(path, scaled_tiny_model(seed))
+    config = tiny_config("llama", vocab_size=VOCAB)
+    config["eos_token_id"] = EOS
+    save_config(config, path / "config.json")
+    tok = make_tokenizer()
+    if not chat_template:
+        tok.chat_template = None
+    tok.save_pretrained(str(path))
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def model_dir() -> Path:
+    return save_model_dir(tmp_root() / "model")
+
+
+def prompts(n: int = 48, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return ["".join(rng.choice(list(letters), size=int(rng.integers(4, 12)))) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def prompts_file() -> Path:
+    path = tmp_root() / "prompts.txt"
+    path.write_text("\n".join(prompts()) + "\n")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def distilled_dir() -> Path:
+    """train.jsonl / valid.jsonl: the tiny model's own greedy responses
+    (32 tokens) to 48 prompts, every 4th in valid."""
+    from mlx_mtp.distill import main
+
+    out = tmp_root() / "distilled"
+    rc = main(
+        [
+            "--model", str(model_dir()), "--prompts", str(prompts_file()), "--out", str(out),
+            "--max-tokens", "32", "--batch-size", "16", "--valid-fraction", "0.25", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    return out

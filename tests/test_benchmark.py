@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mlx_mtp import benchmark
-from test_generate import K, dirs  # noqa: F401  (fixture)
+from conftest import K
 
 
 def write_prompts(path):

@@ -11,7 +11,6 @@ CI=true, where a missing torch is a failure.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("torch/transformers not installed (pip install torch==2.13.0)", allow_module_level=True)
+from conftest import need
+
+torch = need("torch", "pip install torch==2.13.0")
+need("transformers", "pip install -e '.[parity]'")
 
 import mlx.core as mx
 from mlx_lm import load

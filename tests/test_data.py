@@ -20,7 +20,7 @@ from mlx_mtp.training.data import (
     tokenize_file,
 )
 from mlx_mtp.model.layouts import training_layout
-from test_train_fixtures import make_tokenizer
+from conftest import make_tokenizer
 
 
 @pytest.fixture(scope="module")

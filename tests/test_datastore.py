@@ -13,7 +13,7 @@ from mlx_mtp.adapter import load_adapter, save_adapter
 from mlx_mtp.datastore import Datastore, hit_rate, main
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.model.mtp_model import MTPModel
-from test_decode import make_prompt, mtp_for, reference, run
+from conftest import make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 
 
@@ -153,7 +153,7 @@ def test_bad_arguments():
 
 
 def test_cli_stores_the_training_responses(tmp_path, capsys):
-    from test_train_fixtures import distilled_dir, model_dir
+    from conftest import distilled_dir, model_dir
 
     from mlx_mtp.model.mtp_model import MTPConfig
     from mlx_mtp.loading import load

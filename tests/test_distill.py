@@ -9,7 +9,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_mtp.training.data import read_jsonl
 from mlx_mtp.distill import DistillError, distill, is_valid_row, main, read_prompts
-from test_train_fixtures import distilled_dir, make_tokenizer, model_dir, prompts, prompts_file
+from conftest import distilled_dir, make_tokenizer, model_dir, prompts, prompts_file
 
 
 def test_read_prompts_formats(tmp_path):

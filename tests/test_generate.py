@@ -6,54 +6,20 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from mlx_lm import generate as lm_generate
 from mlx_lm import stream_generate as lm_stream_generate
-from mlx_lm.utils import save_config, save_model
 
 import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
-from mlx_mtp.adapter import AdapterError, save_adapter
+from mlx_mtp.adapter import AdapterError
 from mlx_mtp.generate import main
 from mlx_mtp.model.mtp_model import MTPConfig
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
-from test_decode import oracle_draft
-from tiny import randomize_adapter, tiny_config, tiny_model
-
-K = 4
-CONTEXT = 64
-OVERRIDES = dict(tie_word_embeddings=False, max_position_embeddings=CONTEXT)
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-
-
-def write_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w127", chat_template=CHAT_TEMPLATE).save_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    """(model directory, adapter directory, other model's adapter directory)."""
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "model"
-    save_model(model_dir, tiny_model("qwen3", seed=0, **OVERRIDES))
-    save_config(tiny_config("qwen3", **OVERRIDES), model_dir / "config.json")
-    write_tokenizer(model_dir)
-    adapter_dir = root / "adapter"
-    mtp = randomize_adapter(MTPModel(tiny_model("qwen3", seed=0, **OVERRIDES), MTPConfig(num_masks=K)))
-    save_adapter(mtp, adapter_dir)
-    other_dir = root / "other_adapter"
-    other = MTPModel(tiny_model("qwen3", seed=0, hidden_size=32, head_dim=8), MTPConfig(num_masks=K))
-    save_adapter(other, other_dir)
-    return model_dir, adapter_dir, other_dir
+from conftest import CONTEXT, K, OVERRIDES, oracle_draft
+from tiny import randomize_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")

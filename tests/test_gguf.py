@@ -28,26 +28,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 
+from conftest import need, unavailable
 from convert import gguf as conv
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIT_TOL = 1e-3  # measured max |diff| 8e-5 against transformers (fp32)
 KEEP_TOL = 0.05  # 4-bit model vs its float32 dequantization, measured 0.014
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally; fail under CI=true, where everything must run."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: not skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
-def need(module: str):
-    """Import ``module``, or skip (locally) / fail (CI=true) without it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        unavailable(f"{module} is not installed (pip install -e '.[parity]')")
 
 
 # ------------------------------------------------------------ tiny GGUF files

@@ -21,7 +21,7 @@ from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.lora import main
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from mlx_mtp.training.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
-from test_train_fixtures import distilled_dir, model_dir
+from conftest import distilled_dir, model_dir
 
 K = 3
 REPO = Path(__file__).resolve().parents[1]
