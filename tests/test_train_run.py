@@ -56,8 +56,8 @@ def test_short_run_learns_and_keeps_the_base_model_exact(tmp_path):
     data = _data(tok)
     mtp = _mtp(model)
     args = TrainArgs(
-        iters=50, batch_size=4, learning_rate=3e-3, warmup=5, steps_per_report=25, steps_per_eval=50,
-        val_batches=-1, save_every=0, adapter_path=str(tmp_path / "ad"), progress=False,
+        iters=50, batch_size=4, learning_rate=3e-3, sampler_lr_scale=1.0, warmup=5, steps_per_report=25,
+        steps_per_eval=50, val_batches=-1, save_every=0, adapter_path=str(tmp_path / "ad"), progress=False,
     )
     history = Trainer(mtp, data["train"], data["valid"], args).train()
     val = [h for h in history if h["type"] == "val"]
@@ -161,7 +161,7 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, expect",
     [
-        ("missing_model", "not found"),
+        ("missing_model", "the directory does not exist"),
         ("bad_json", "train.jsonl:2: invalid JSON"),
         ("empty_response", "valid.jsonl:1: empty response"),
         ("unknown_format", "train.jsonl:1: unknown format"),

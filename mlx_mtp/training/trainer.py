@@ -50,7 +50,8 @@ from ..model.cache import SpecCache, commit
 from .data import BatchSchedule, DataError, Dataset, Example, shard
 from ..model.gated_lora import GatedLoRALinear
 from ..model.layouts import IGNORE
-from .losses import TERMS, LossWeights, mask_losses, total_loss
+from .args import TrainArgs, learning_rate_schedule
+from .losses import TERMS, mask_losses, total_loss
 from ..model.mtp_model import MTPConfig, MTPModel
 
 STATE_FILE = "training_state.safetensors"
@@ -65,54 +66,6 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at step {step}")
         self.step = step
         self.path = path
-
-
-@dataclass
-class TrainArgs:
-    iters: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    sampler_lr_scale: float = 1.0  # the sampler head's learning rate, relative
-    warmup: int = 100
-    decay_steps: int = 0  # cosine decay to zero over the last N of ``iters``
-    weight_decay: float = 0.01
-    max_seq_length: int = 2048
-    mask_chunk: int = 256
-    loss_weights: LossWeights = field(default_factory=LossWeights)
-    distill_logits: bool = False
-    save_every: int = 100
-    steps_per_report: int = 10
-    steps_per_eval: int = 200
-    val_batches: int = 25
-    grad_checkpoint: bool = False
-    seed: int = 0
-    adapter_path: str = "adapters"
-    progress: bool = True
-
-    def to_dict(self):
-        return asdict(self)
-
-
-def learning_rate_schedule(lr: float, warmup: int, decay_steps: int, iters: int):
-    """Linear warm-up over ``warmup`` steps, flat, then (``decay_steps`` > 0)
-    a cosine decay to zero over the last ``decay_steps`` of ``iters``: the
-    flat part can be continued from a checkpoint and the decay run at the end.
-    Returns a constant when there is neither warm-up nor decay."""
-    if warmup <= 0 and decay_steps <= 0:
-        return lr
-    start = iters - decay_steps
-
-    def at(step):
-        step = mx.array(step).astype(mx.float32)  # the optimizer's step is unsigned
-        f = mx.array(lr, dtype=mx.float32)
-        if warmup > 0:
-            f = f * mx.minimum(1.0, (step + 1) / warmup)
-        if decay_steps > 0:
-            t = mx.clip((step - start) / decay_steps, 0.0, 1.0)
-            f = f * 0.5 * (1.0 + mx.cos(math.pi * t))
-        return f
-
-    return at
 
 
 # ---------------------------------------------------------------------------
