@@ -188,7 +188,8 @@ def run(args) -> int:
     from .model.gated_lora import LoRAConfig, model_layers
     from .model.mtp_model import MTPModel
     from .model.sampler import SamplerConfig
-    from .training.trainer import LOG_FILE, Trainer, TrainingInterrupted
+    from .training.callbacks import LOG_FILE
+    from .training.trainer import Trainer, TrainingInterrupted
 
     world = mx.distributed.init()
     rank = world.rank()

@@ -5,7 +5,6 @@ layout, chunking and gradient checkpointing (same gradients)."""
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -13,17 +12,13 @@ from mlx.utils import tree_flatten
 from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.model.layouts import IGNORE, training_layout
 from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
-from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
-from mlx_mtp.training.trainer import (
-    TrainArgs,
-    Trainer,
-    _fork,
-    expected_tokens_per_step,
-    leading_correct,
-    make_batch,
-    regular_forward,
-)
-from tiny import randomize_adapter, tiny_model, tiny_mtp
+from mlx_mtp.training.args import TrainArgs
+from mlx_mtp.training.batching import make_batch
+from mlx_mtp.training.forward import fork_cache as _fork
+from mlx_mtp.training.forward import regular_forward
+from mlx_mtp.training.metrics import expected_tokens_per_step, leading_correct
+from mlx_mtp.training.trainer import Trainer
+from tiny import tiny_mtp
 
 LN = math.log
 
@@ -200,8 +195,8 @@ def _grads(mtp, examples, **kw):
     args = TrainArgs(batch_size=len(examples), progress=False, **kw)
     trainer = Trainer(mtp, Dataset(examples), None, args)
     batch = make_batch(examples, args.mask_chunk)
-    terms, grads, _ = trainer.loss_and_grad(batch)
-    return terms, dict(tree_flatten(grads))
+    out = trainer.loss_and_grad(batch)
+    return out.terms, dict(tree_flatten(out.grads))
 
 
 def test_chunking_and_grad_checkpoint_keep_gradients():

@@ -20,7 +20,10 @@ from mlx_mtp.training.data import load_data
 from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.lora import main
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
-from mlx_mtp.training.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
+from mlx_mtp.training.args import TrainArgs, learning_rate_schedule
+from mlx_mtp.training.callbacks import TrainingCallback
+from mlx_mtp.training.checkpoint import STATE_FILE
+from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
 from test_train_fixtures import distilled_dir, model_dir
 
 K = 3
@@ -98,6 +101,17 @@ def _trainer(tmp_path, name, data, iters=8):
     return Trainer(_mtp(model), data["train"], None, args)
 
 
+class StopAt(TrainingCallback):
+    """Requests a stop after step ``step``, as a signal would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.step:
+            trainer.request_stop()
+
+
 def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
     _, tok = _load()
     data = _data(tok)
@@ -106,7 +120,7 @@ def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
 
     b = _trainer(tmp_path, "b", data)
     with pytest.raises(TrainingInterrupted) as e:
-        b.train(on_step=lambda t: t.request_stop() if t.step == 5 else None)
+        b.train(StopAt(5))
     assert e.value.step == 5
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["recipe"]["step"] == 5
     assert not [p for p in (tmp_path / "b").iterdir() if ".tmp" in p.name]
