@@ -15,6 +15,8 @@ Several processes train data-parallel when started with ``mlx.launch``:
     mlx.launch -n 2 --backend ring --python $(which python) -m mlx_mtp.lora ...
 
 Ctrl-C saves a checkpoint and stops; ``--resume-adapter-file`` continues it.
+Errors a user can cause (options, config, data, adapters, a full disk, an
+interrupt) end in one line on stderr and exit status 2.
 """
 
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 from dataclasses import fields
 from typing import Any, Dict, List, Optional
 
-from .errors import MTPError
+from .errors import USER_ERROR_EXIT, MTPError
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
 from .model.mtp_model import MTPConfig
 from .training.args import TrainArgs, train_arg_defaults, train_arg_help
@@ -153,7 +155,50 @@ def train_args(args: argparse.Namespace) -> TrainArgs:
     return TrainArgs(**values, loss_weights=LossWeights(**weights))
 
 
+def _kind(default: Any, kw: dict):
+    """The type an option's value must have (None: any)."""
+    if kw.get("type") in (int, float):
+        return kw["type"]
+    if isinstance(default, bool) or kw.get("action") in ("store_true", argparse.BooleanOptionalAction):
+        return bool
+    if isinstance(default, list):
+        return list
+    return str
+
+
+_KINDS = {name: _kind(default, kw) for name, default, _, kw in OPTIONS}
+
+
+def _check_types(args):
+    """Values from a YAML config have the options' types (a float may be
+    written as YAML reads ``2e-4``, a string)."""
+    for name, kind in _KINDS.items():
+        v = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if v is None or (kind is list and isinstance(v, (list, str))):
+            continue
+        if kind is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+            setattr(args, name, v)
+        ok = {
+            int: lambda x: type(x) is int,
+            float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x == x,
+            bool: lambda x: isinstance(x, bool),
+            str: lambda x: isinstance(x, str),
+            list: lambda x: False,
+        }[kind](v)
+        if not ok:
+            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[kind]
+            raise UsageError(f"{flag} must be {what}, got {v!r}")
+    if not all(isinstance(k, str) for k in args.lora_keys):
+        raise UsageError(f"--lora-keys must be names of projections, got {args.lora_keys!r}")
+
+
 def _check(args):
+    _check_types(args)
     if not args.model:
         raise UsageError("--model is required")
     if not args.train and not args.test:
@@ -260,15 +305,14 @@ def run(args) -> int:
         try:
             trainer.train()
         except TrainingInterrupted as e:
-            if rank != 0:
-                return 130
-            print(
-                f"Interrupted at step {e.step}; checkpoint saved to {e.path}. "
-                f"Continue with --resume-adapter-file {e.path}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 130
+            if rank == 0:
+                print(
+                    f"error: interrupted at step {e.step}; checkpoint saved to {e.path}; "
+                    f"continue with --resume-adapter-file {e.path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return USER_ERROR_EXIT
         say(f"[train] done: adapter saved to {args.adapter_path}")
         model_for_test = mtp
     if args.test:
@@ -297,23 +341,35 @@ def run(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; a user-caused error (bad option, config, data, adapter,
+    a file that cannot be written, an interrupt) ends in one line on stderr
+    and :data:`~mlx_mtp.errors.USER_ERROR_EXIT`."""
     try:
         args = resolve_args(argv)
         return run(args)
     except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except OSError as e:  # a file that cannot be read or written: disk full, read-only directory
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print("Interrupted (no checkpoint written since the last one).", file=sys.stderr)
-        return 130
+        print("error: interrupted; no checkpoint written since the last one", file=sys.stderr)
+        return USER_ERROR_EXIT
     except MemoryError:
         print("error: out of memory; try a smaller --batch-size, --mask-chunk or --max-seq-length", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     except Exception as e:
         if os.environ.get("MLX_MTP_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 
