@@ -143,6 +143,7 @@ class Trainer:
         main = optim.AdamW(learning_rate=schedule(args.learning_rate), weight_decay=args.weight_decay)
         self._main_optimizer = main
         if args.sampler_lr_scale != 1.0:
+            # the skip head's zero norms grow by about one learning rate per step (docs/training.md)
             head = optim.AdamW(
                 learning_rate=schedule(args.learning_rate * args.sampler_lr_scale), weight_decay=args.weight_decay
             )
