@@ -22,8 +22,8 @@ interrupt) end in one line on stderr and exit status 2.
 import argparse
 import os
 import sys
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import USER_ERROR_EXIT, MTPError
@@ -57,7 +57,8 @@ OPTIONS = [
     ("rank", LoRAConfig.rank, "LoRA rank", {"type": int}),
     ("scale", None, f"LoRA scale (default: {_LORA_SCALE:g}, i.e. alpha = {_LORA_SCALE:g} * rank)", {"type": float}),
     ("alpha", None, "LoRA alpha; scale = alpha / rank", {"type": float}),
-    ("lora_keys", list(DEFAULT_KEYS), "comma-separated projections to adapt (default: all seven of attention and MLP)", {}),
+    ("lora_keys", list(DEFAULT_KEYS),
+     "comma-separated projections to adapt (default: all seven of attention and MLP)", {}),
     ("num_layers", -1, "adapt the last N layers (-1: all)", {"type": int}),
     _train_option("iters", type=int),
     _train_option("batch_size", type=int),
@@ -229,11 +230,11 @@ def run(args) -> int:
 
     from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
     from .loading import load_base
-    from .training.data import load_data
     from .model.gated_lora import LoRAConfig, model_layers
     from .model.mtp_model import MTPModel
     from .model.sampler import SamplerConfig
     from .training.callbacks import LOG_FILE
+    from .training.data import load_data
     from .training.trainer import Trainer, TrainingInterrupted
 
     world = mx.distributed.init()
@@ -248,7 +249,9 @@ def run(args) -> int:
     if args.num_layers is not None and args.num_layers > num_layers:
         raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")
     layers = None if args.num_layers in (None, -1) else list(range(num_layers - args.num_layers, num_layers))
-    scale = args.scale if args.scale is not None else (args.alpha / args.rank if args.alpha is not None else _LORA_SCALE)
+    scale = args.scale
+    if scale is None:
+        scale = args.alpha / args.rank if args.alpha is not None else _LORA_SCALE
 
     targs = train_args(args)
 

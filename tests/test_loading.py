@@ -1,7 +1,6 @@
 """The one model loader: which names are hub ids and which are local paths,
 and what each kind of name loads (mlx-lm's ``load`` stubbed: no network)."""
 
-
 import mlx_lm
 import pytest
 

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.model.layouts import IGNORE, training_layout
-from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
 from mlx_mtp.training.args import TrainArgs
 from mlx_mtp.training.batching import make_batch
+from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.training.forward import fork_cache as _fork
 from mlx_mtp.training.forward import regular_forward
+from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
 from mlx_mtp.training.metrics import expected_tokens_per_step, leading_correct
 from mlx_mtp.training.trainer import Trainer
+
 from tiny import tiny_mtp
 
 LN = math.log

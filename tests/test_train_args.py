@@ -63,7 +63,13 @@ def test_sampler_lr_scale_default_is_the_shipped_recipe():
     assert resolve_args(REQUIRED).sampler_lr_scale == 10.0
 
 
-@pytest.mark.parametrize("flag, name, value", [("--no-progress", "progress", False), ("--no-sampler-skip", "sampler_skip", False),
-                                               ("--grad-checkpoint", "grad_checkpoint", True)])
+@pytest.mark.parametrize(
+    "flag, name, value",
+    [
+        ("--no-progress", "progress", False),
+        ("--no-sampler-skip", "sampler_skip", False),
+        ("--grad-checkpoint", "grad_checkpoint", True),
+    ],
+)
 def test_boolean_flags(flag, name, value):
     assert getattr(resolve_args([*REQUIRED, flag]), name) is value

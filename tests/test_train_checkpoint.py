@@ -16,6 +16,7 @@ from mlx_mtp.training.args import TrainArgs
 from mlx_mtp.training.callbacks import TrainingCallback
 from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.training.trainer import Trainer
+
 from tiny import tiny_mtp
 
 K = 2

@@ -39,7 +39,10 @@ def _lora(argv, **kw):
 
 
 def _tensors(path):
-    return {**mx.load(str(path / "adapters.safetensors")), **{f"state/{k}": v for k, v in mx.load(str(path / ckpt.STATE_FILE)).items()}}
+    return {
+        **mx.load(str(path / "adapters.safetensors")),
+        **{f"state/{k}": v for k, v in mx.load(str(path / ckpt.STATE_FILE)).items()},
+    }
 
 
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -67,7 +70,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     want, got = _tensors(tmp_path / "ref"), _tensors(tmp_path / "killed")
     assert set(want) == set(got)
     for name in want:
-        assert mx.array_equal(want[name], got[name]).item(), f"{name} (killed after step {kill_after}, resumed at {saved})"
+        assert mx.array_equal(want[name], got[name]).item(), (
+            f"{name} (killed after step {kill_after}, resumed at {saved})"
+        )
 
 
 def _snapshot(path):
@@ -83,7 +88,9 @@ def test_cli_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatc
 
     if fault == "read_only":
         code = errno.EROFS
-        monkeypatch.setattr(ckpt.tempfile, "mkdtemp", lambda *a, **kw: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+        monkeypatch.setattr(
+            ckpt.tempfile, "mkdtemp", lambda *a, **kw: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+        )
     else:
         code = errno.ENOSPC
 

@@ -17,13 +17,13 @@ from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import load_adapter
 from mlx_mtp.errors import USER_ERROR_EXIT
-from mlx_mtp.training.data import load_data
-from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.lora import main
+from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from mlx_mtp.training.args import TrainArgs, learning_rate_schedule
 from mlx_mtp.training.callbacks import TrainingCallback
 from mlx_mtp.training.checkpoint import STATE_FILE
+from mlx_mtp.training.data import load_data
 from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
 from test_train_fixtures import distilled_dir, model_dir
 

@@ -78,7 +78,12 @@ class ReportingCallback(TrainingCallback):
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=trainer.args.iters, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True, leave=False
+                total=trainer.args.iters,
+                initial=trainer.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
             )
 
     def on_train_end(self, trainer):

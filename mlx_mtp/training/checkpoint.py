@@ -86,7 +86,9 @@ def save_checkpoint(
         if isinstance(e, RuntimeError) and not _is_write_failure(e):
             raise
         kept = "the previous checkpoint is unchanged" if (path / STATE_FILE).exists() else "nothing was written"
-        raise CheckpointWriteError(f"cannot write the checkpoint of step {step} to {path}: {_reason(e)} ({kept})") from None
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint of step {step} to {path}: {_reason(e)} ({kept})"
+        ) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -63,7 +63,9 @@ class EvalTotals:
         """The totals over processes, ``add`` summing a float vector over them
         (the leading counts travel as a histogram)."""
         k, n = self.k, len(TERMS)
-        packed = add(np.concatenate([self.sums, self.correct.reshape(-1), self.total, [self.n_counted, self.n_anchors]]))
+        packed = add(
+            np.concatenate([self.sums, self.correct.reshape(-1), self.total, [self.n_counted, self.n_anchors]])
+        )
         hist = add(np.bincount(self.lead(), minlength=k + 1).astype(np.float32)).astype(np.int64)
         return EvalTotals(
             k=k,

@@ -129,7 +129,9 @@ class Trainer:
         self.rank, self.size = self.world.rank(), self.world.size()
         self.k = mtp.num_masks
         if args.batch_size % self.size:
-            raise DataError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({self.size})")
+            raise DataError(
+                f"--batch-size {args.batch_size} must be divisible by the number of processes ({self.size})"
+            )
         self.schedule = (
             BatchSchedule([e.layout_length for e in train_set.examples], args.batch_size, args.seed)
             if train_set is not None
@@ -151,9 +153,7 @@ class Trainer:
         else:
             self.optimizer = main
         self.optimizer.init(mtp.trainable_parameters())
-        self.terms = tuple(
-            t for t in TERMS if (t != "distill" or args.distill_logits) and args.loss_weights.get(t)
-        )
+        self.terms = tuple(t for t in TERMS if (t != "distill" or args.distill_logits) and args.loss_weights.get(t))
         if args.grad_checkpoint:
             enable_grad_checkpoint(mtp)
         self._loss_and_grad = nn.value_and_grad(mtp, self._loss)
@@ -238,7 +238,9 @@ class Trainer:
                 if len(chunk.block) == 0:
                     continue
                 logits: dict = {}
-                terms = chunk_terms(self.mtp, chunk, h_reg, cache, 1.0, 1.0, self.args.distill_logits, terms_all, logits)
+                terms = chunk_terms(
+                    self.mtp, chunk, h_reg, cache, 1.0, 1.0, self.args.distill_logits, terms_all, logits
+                )
                 pred = mx.stack([logits["sampler"].argmax(-1), logits["base"].argmax(-1)])
                 mx.eval(terms, pred)
                 ok = np.array(pred) == np.array(chunk.labels)[None]
@@ -301,7 +303,9 @@ class Trainer:
         if not state_file.exists():
             weights, weights_file = read_weights(path)
             self._load_weights(weights, weights_file)
-            print(f"[resume] {weights_file} has no training state next to it: weights restored, step 0, fresh optimizer")
+            print(
+                f"[resume] {weights_file} has no training state next to it: weights restored, step 0, fresh optimizer"
+            )
             self.step = 0
             return 0
         state = read_checkpoint(state_file)
@@ -317,8 +321,10 @@ class Trainer:
             raise AdapterError(f"'{state_file}': optimizer state lacks {missing[0]}")
         for name, v in fresh.items():
             if state.optimizer[name].shape != v.shape:
-                raise AdapterError(f"'{state_file}': optimizer state '{name}' has shape {tuple(state.optimizer[name].shape)}, "
-                                   f"this run needs {tuple(v.shape)}")
+                raise AdapterError(
+                    f"'{state_file}': optimizer state '{name}' has shape {tuple(state.optimizer[name].shape)}, "
+                    f"this run needs {tuple(v.shape)}"
+                )
         self.optimizer.state = tree_map_with_path(lambda p, v: state.optimizer[p], self.optimizer.state)
         mx.eval(self.mtp.trainable_parameters(), self.optimizer.state)
         self.step = state.step
@@ -406,7 +412,11 @@ class Trainer:
                 if self.step % args.steps_per_report == 0 or last:
                     self._report_train(window, callback)
                     window = _Window(self.terms)
-                if self.valid_set is not None and args.steps_per_eval > 0 and (self.step % args.steps_per_eval == 0 or last):
+                if (
+                    self.valid_set is not None
+                    and args.steps_per_eval > 0
+                    and (self.step % args.steps_per_eval == 0 or last)
+                ):
                     self._validate(callback)
                 if self._should_stop():
                     self.save()
