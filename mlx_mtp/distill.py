@@ -325,11 +325,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         prompts = read_prompts(args.prompts)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]
-        from .lora import UsageError, load_base_model
+        from .errors import ModelLoadError
+        from .loading import load_base
 
         try:
-            model, tokenizer = load_base_model(args.model)
-        except UsageError as e:
+            model, tokenizer = load_base(args.model)
+        except ModelLoadError as e:
             raise DistillError(str(e)) from None
         settings = {
             "model": args.model,

@@ -30,13 +30,16 @@ def default_model_path() -> str:
         raise ModelLoadError(f"the default model could not be made available: {e}") from None
 
 
-def _looks_like_local_path(path: str) -> bool:
-    """True for things that cannot be a hub id ('org/name' or 'name')."""
-    return (
-        path.startswith(("/", ".", "~"))
-        or path.count("/") > 1
-        or os.sep != "/" and os.sep in path
-    )
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hugging Face repo id (``org/name`` or
+    ``name``, by the hub's own rule); anything else is a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def find_shipped_adapter(model: nn.Module, adapters_dir: Union[str, Path, None] = None) -> Optional[Path]:
@@ -58,11 +61,12 @@ def find_shipped_adapter(model: nn.Module, adapters_dir: Union[str, Path, None] 
 
 
 def load_base(path_or_repo: str):
-    """``mlx_lm.load`` with one clear error for a model that cannot be had."""
+    """``mlx_lm.load`` of a local directory or a hub id, with one clear error
+    for a model that cannot be had: the one loader of every CLI."""
     import mlx_lm
 
     path = os.path.expanduser(path_or_repo)
-    if not Path(path).exists() and _looks_like_local_path(path_or_repo):
+    if not Path(path).exists() and not is_hub_id(path_or_repo):
         raise ModelLoadError(f"no model at '{path_or_repo}': the directory does not exist")
     try:
         return mlx_lm.load(path)

@@ -15,61 +15,91 @@ Several processes train data-parallel when started with ``mlx.launch``:
     mlx.launch -n 2 --backend ring --python $(which python) -m mlx_mtp.lora ...
 
 Ctrl-C saves a checkpoint and stops; ``--resume-adapter-file`` continues it.
+Errors a user can cause (options, config, data, adapters, a full disk, an
+interrupt) end in one line on stderr and exit status 2.
 """
 
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from .model.gated_lora import DEFAULT_KEYS
-
-DEFAULTS = {
-    "model": None,
-    "train": False,
-    "test": False,
-    "data": "data",
-    "num_masks": 8,
-    "rank": 16,
-    "scale": None,
-    "alpha": None,
-    "lora_keys": list(DEFAULT_KEYS),
-    "num_layers": -1,
-    "iters": 1000,
-    "batch_size": 4,
-    "learning_rate": 2e-4,
-    "warmup": 100,
-    "decay_steps": 0,
-    "sampler_lr_scale": 10.0,
-    "weight_decay": 0.01,
-    "max_seq_length": 2048,
-    "mask_chunk": 256,
-    "adapter_path": "adapters",
-    "resume_adapter_file": None,
-    "init_adapter": None,
-    "sampler_skip": True,
-    "save_every": 100,
-    "steps_per_report": 10,
-    "steps_per_eval": 200,
-    "val_batches": 25,
-    "grad_checkpoint": False,
-    "seed": 0,
-    "base_loss_weight": 1.0,
-    "sampler_loss_weight": 1.0,
-    "consistency_loss_weight": 1.0,
-    "distill_logits": False,
-    "distill_loss_weight": 1.0,
-    "progress": True,
-}
-
-# LoRA scale: y = W x + scale * B A x. The default keeps alpha = 2 * rank
-# (scale = alpha / rank = 2), the usual LoRA choice; --alpha sets alpha instead.
-DEFAULT_SCALE = 2.0
+from .errors import USER_ERROR_EXIT, MTPError
+from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
+from .model.mtp_model import MTPConfig
+from .training.args import TrainArgs, train_arg_defaults, train_arg_help
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(MTPError):
+    """A bad option, config file or combination of them."""
+
+
+# Every option: (name, default, help, argparse keywords). The training options'
+# defaults and help come from TrainArgs, the adapter's shape from MTPConfig and
+# LoRAConfig; the parser and the YAML config read CONFIG_DEFAULTS only.
+_TRAIN_DEFAULTS, _TRAIN_HELP = train_arg_defaults(), train_arg_help()
+_LORA_SCALE = LoRAConfig.scale
+
+
+def _train_option(name: str, **kw):
+    return (name, _TRAIN_DEFAULTS[name], _TRAIN_HELP[name], kw)
+
+
+_FLAG = {"action": "store_true", "default": None}
+OPTIONS = [
+    ("model", None, "mlx-lm model: local directory or Hugging Face repo", {}),
+    ("train", False, "train an adapter", _FLAG),
+    ("test", False, "evaluate the adapter at --adapter-path on test.jsonl (valid.jsonl if absent)", _FLAG),
+    ("data", "data", "directory with train.jsonl and valid.jsonl", {}),
+    ("num_masks", MTPConfig.num_masks, "number of mask tokens k", {"type": int}),
+    ("rank", LoRAConfig.rank, "LoRA rank", {"type": int}),
+    ("scale", None, f"LoRA scale (default: {_LORA_SCALE:g}, i.e. alpha = {_LORA_SCALE:g} * rank)", {"type": float}),
+    ("alpha", None, "LoRA alpha; scale = alpha / rank", {"type": float}),
+    ("lora_keys", list(DEFAULT_KEYS),
+     "comma-separated projections to adapt (default: all seven of attention and MLP)", {}),
+    ("num_layers", -1, "adapt the last N layers (-1: all)", {"type": int}),
+    _train_option("iters", type=int),
+    _train_option("batch_size", type=int),
+    _train_option("learning_rate", type=float),
+    _train_option("sampler_lr_scale", type=float),
+    _train_option("warmup", type=int),
+    _train_option("decay_steps", type=int),
+    _train_option("weight_decay", type=float),
+    _train_option("max_seq_length", type=int),
+    _train_option("mask_chunk", type=int),
+    _train_option("adapter_path"),
+    ("resume_adapter_file", None,
+     "checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)", {}),
+    ("init_adapter", None,
+     "start from this adapter's LoRA and mask weights with a fresh sampler head (step 0, fresh optimizer)", {}),
+    ("sampler_skip", True,
+     "sampler head adds its output to the mask's hidden state and starts as the LM head "
+     "(--no-sampler-skip: the paper's plain head, p = W_unembed MLP([E(y_prev); z]))",
+     {"action": argparse.BooleanOptionalAction, "default": None}),
+    _train_option("save_every", type=int),
+    _train_option("steps_per_report", type=int),
+    _train_option("steps_per_eval", type=int),
+    _train_option("val_batches", type=int),
+    _train_option("grad_checkpoint", **_FLAG),
+    _train_option("seed", type=int),
+    _train_option("base_loss_weight", type=float),
+    _train_option("sampler_loss_weight", type=float),
+    _train_option("consistency_loss_weight", type=float),
+    _train_option("distill_logits", **_FLAG),
+    _train_option("distill_loss_weight", type=float),
+    _train_option("progress", action=argparse.BooleanOptionalAction, default=None),
+]
+CONFIG_DEFAULTS: Dict[str, Any] = {name: default for name, default, _, _ in OPTIONS}
+
+
+def _help(help: str, default: Any, kw: dict) -> str:
+    if "(default" in help or default is None or kw.get("action") == "store_true":
+        return help
+    if isinstance(default, bool):
+        return f"{help} (default: {'yes' if default else 'no'})"
+    return f"{help} (default: {default:g})" if isinstance(default, float) else f"{help} (default: {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,51 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_mtp.lora",
         description="Train mask embeddings, gated LoRA and a sampler head (multi-token prediction) for an mlx-lm model.",
     )
-    a = p.add_argument
-    a("--model", help="mlx-lm model: local directory or Hugging Face repo")
-    a("--train", action="store_true", default=None, help="train an adapter")
-    a("--test", action="store_true", default=None, help="evaluate the adapter at --adapter-path on test.jsonl (valid.jsonl if absent)")
-    a("--data", help="directory with train.jsonl and valid.jsonl (default: data)")
-    a("--num-masks", type=int, help="number of mask tokens k (default: 8)")
-    a("--rank", type=int, help="LoRA rank (default: 16)")
-    a("--scale", type=float, help=f"LoRA scale (default: {DEFAULT_SCALE}, i.e. alpha = 2 * rank)")
-    a("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
-    a("--lora-keys", help="comma-separated projections to adapt (default: all seven of attention and MLP)")
-    a("--num-layers", type=int, help="adapt the last N layers (default: -1, all)")
-    a("--iters", type=int, help="training steps (default: 1000)")
-    a("--batch-size", type=int, help="examples per step, all processes together (default: 4)")
-    a("--learning-rate", type=float, help="AdamW learning rate, flat after warm-up until --decay-steps (default: 2e-4)")
-    a("--sampler-lr-scale", type=float, help="the sampler head's learning rate relative to --learning-rate (default: 10; a skip head's zero norms grow by one learning rate per step)")
-    a("--warmup", type=int, help="linear warm-up steps (default: 100)")
-    a("--decay-steps", type=int, help="cosine decay of the learning rate to zero over the last N of --iters steps (default: 0, flat)")
-    a("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
-    a("--max-seq-length", type=int, help="cap on the layout length, regular tokens + k masks per response token; responses are cut (default: 2048)")
-    a("--mask-chunk", type=int, help="mask tokens per forward/backward chunk, whole batch (default: 256; 0: no chunking)")
-    a("--adapter-path", help="where checkpoints and the adapter go (default: adapters)")
-    a("--resume-adapter-file", help="checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)")
-    a("--init-adapter", help="start from this adapter's LoRA and mask weights with a fresh sampler head (step 0, fresh optimizer)")
-    a("--sampler-skip", dest="sampler_skip", action="store_true", default=None, help="sampler head adds its output to the mask's hidden state and starts as the LM head (default)")
-    a("--no-sampler-skip", dest="sampler_skip", action="store_false", default=None, help="the paper's plain sampler head, p = W_unembed MLP([E(y_prev); z])")
-    a("--save-every", type=int, help="checkpoint every N steps (default: 100)")
-    a("--steps-per-report", type=int, help="report training losses every N steps (default: 10)")
-    a("--steps-per-eval", type=int, help="validate every N steps (default: 200; 0: never)")
-    a("--val-batches", type=int, help="validation batches (default: 25; -1: the whole set)")
-    a("--grad-checkpoint", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
-    a("--seed", type=int, help="random seed: initial adapter and data order (default: 0)")
-    a("--base-loss-weight", type=float, help="weight of the LM-head cross-entropy at masks (default: 1)")
-    a("--sampler-loss-weight", type=float, help="weight of the sampler-head cross-entropy (default: 1)")
-    a("--consistency-loss-weight", type=float, help="weight of the latent consistency loss (default: 1)")
-    a("--distill-logits", action="store_true", default=None, help="add a soft cross-entropy against the base model's next-token distribution")
-    a("--distill-loss-weight", type=float, help="weight of that term (default: 1)")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    a("-c", "--config", help="YAML file with any of these options (underscored names)")
+    for name, default, help, kw in OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=_help(help, default, kw), **kw)
+    p.add_argument("-c", "--config", help="YAML file with any of these options (underscored names)")
     return p
 
 
 def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command line over YAML config over defaults."""
+    """Command line over YAML config over :data:`CONFIG_DEFAULTS`."""
     ns = build_parser().parse_args(argv)
-    values = dict(DEFAULTS)
+    values = dict(CONFIG_DEFAULTS)
     if ns.config:
         import yaml
 
@@ -131,10 +126,11 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         except OSError as e:
             raise UsageError(f"cannot read config '{ns.config}': {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise UsageError(f"config '{ns.config}' is not valid YAML: {e}") from None
+            msg = str(e).replace("\n", " ")
+            raise UsageError(f"config '{ns.config}' is not valid YAML: {msg}") from None
         if not isinstance(cfg, dict):
             raise UsageError(f"config '{ns.config}' must be a mapping of option names to values")
-        unknown = sorted(set(cfg) - set(DEFAULTS))
+        unknown = sorted(str(k) for k in set(cfg) - set(CONFIG_DEFAULTS))
         if unknown:
             raise UsageError(f"config '{ns.config}': unknown option(s) {', '.join(unknown)}")
         values.update(cfg)
@@ -148,7 +144,62 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def train_args(args: argparse.Namespace) -> TrainArgs:
+    """The :class:`TrainArgs` of resolved CLI options."""
+    from .training.losses import LossWeights
+
+    values = {}
+    for name, default in _TRAIN_DEFAULTS.items():
+        v = getattr(args, name)
+        values[name] = bool(v) if isinstance(default, bool) else v
+    weights = {f.name: float(values.pop(f"{f.name}_loss_weight")) for f in fields(LossWeights)}
+    return TrainArgs(**values, loss_weights=LossWeights(**weights))
+
+
+def _kind(default: Any, kw: dict):
+    """The type an option's value must have (None: any)."""
+    if kw.get("type") in (int, float):
+        return kw["type"]
+    if isinstance(default, bool) or kw.get("action") in ("store_true", argparse.BooleanOptionalAction):
+        return bool
+    if isinstance(default, list):
+        return list
+    return str
+
+
+_KINDS = {name: _kind(default, kw) for name, default, _, kw in OPTIONS}
+
+
+def _check_types(args):
+    """Values from a YAML config have the options' types (a float may be
+    written as YAML reads ``2e-4``, a string)."""
+    for name, kind in _KINDS.items():
+        v = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if v is None or (kind is list and isinstance(v, (list, str))):
+            continue
+        if kind is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+            setattr(args, name, v)
+        ok = {
+            int: lambda x: type(x) is int,
+            float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x == x,
+            bool: lambda x: isinstance(x, bool),
+            str: lambda x: isinstance(x, str),
+            list: lambda x: False,
+        }[kind](v)
+        if not ok:
+            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[kind]
+            raise UsageError(f"{flag} must be {what}, got {v!r}")
+    if not all(isinstance(k, str) for k in args.lora_keys):
+        raise UsageError(f"--lora-keys must be names of projections, got {args.lora_keys!r}")
+
+
 def _check(args):
+    _check_types(args)
     if not args.model:
         raise UsageError("--model is required")
     if not args.train and not args.test:
@@ -174,35 +225,17 @@ def _check(args):
         raise UsageError("--lora-keys is empty")
 
 
-def _looks_local(name: str) -> bool:
-    """Not of the form ``org/name`` (a Hugging Face repo id)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1
-
-
-def load_base_model(name: str):
-    """mlx-lm ``load``, with one-line errors."""
-    path = Path(name).expanduser()
-    if not path.exists() and _looks_local(name):
-        raise UsageError(f"model '{name}' not found (no such directory, and not a Hugging Face repo id)")
-    from mlx_lm.utils import load
-
-    try:
-        return load(str(path) if path.exists() else name)
-    except Exception as e:  # missing files, unknown model type, hub errors
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load model '{name}': {msg}") from None
-
-
 def run(args) -> int:
     import mlx.core as mx
 
     from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
-    from .training.data import load_data
+    from .loading import load_base
     from .model.gated_lora import LoRAConfig, model_layers
-    from .training.losses import LossWeights
-    from .model.mtp_model import MTPConfig, MTPModel
+    from .model.mtp_model import MTPModel
     from .model.sampler import SamplerConfig
-    from .training.trainer import LOG_FILE, TrainArgs, Trainer, TrainingInterrupted
+    from .training.callbacks import LOG_FILE
+    from .training.data import load_data
+    from .training.trainer import Trainer, TrainingInterrupted
 
     world = mx.distributed.init()
     rank = world.rank()
@@ -211,39 +244,16 @@ def run(args) -> int:
         if rank == 0:
             print(msg, flush=True)
 
-    model, tokenizer = load_base_model(args.model)
+    model, tokenizer = load_base(args.model)
     num_layers = len(model_layers(model))
     if args.num_layers is not None and args.num_layers > num_layers:
         raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")
     layers = None if args.num_layers in (None, -1) else list(range(num_layers - args.num_layers, num_layers))
-    scale = args.scale if args.scale is not None else (args.alpha / args.rank if args.alpha is not None else DEFAULT_SCALE)
+    scale = args.scale
+    if scale is None:
+        scale = args.alpha / args.rank if args.alpha is not None else _LORA_SCALE
 
-    train_args = TrainArgs(
-        iters=args.iters,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        sampler_lr_scale=args.sampler_lr_scale,
-        warmup=args.warmup,
-        decay_steps=args.decay_steps,
-        weight_decay=args.weight_decay,
-        max_seq_length=args.max_seq_length,
-        mask_chunk=args.mask_chunk,
-        loss_weights=LossWeights(
-            base=args.base_loss_weight,
-            sampler=args.sampler_loss_weight,
-            consistency=args.consistency_loss_weight,
-            distill=args.distill_loss_weight,
-        ),
-        distill_logits=bool(args.distill_logits),
-        save_every=args.save_every,
-        steps_per_report=args.steps_per_report,
-        steps_per_eval=args.steps_per_eval,
-        val_batches=args.val_batches,
-        grad_checkpoint=bool(args.grad_checkpoint),
-        seed=args.seed,
-        adapter_path=args.adapter_path,
-        progress=bool(args.progress),
-    )
+    targs = train_args(args)
 
     if args.train:
         # everything is checked before anything is written
@@ -277,7 +287,7 @@ def run(args) -> int:
             cfg = Path(args.init_adapter) / CONFIG_FILE
             earlier = read_adapter_config(args.init_adapter).get("recipe") if cfg.exists() else None
             recipe["init_adapter"] = {"path": str(args.init_adapter), "recipe": earlier}
-        trainer = Trainer(mtp, train_set, valid_set, train_args, recipe=recipe, world=world)
+        trainer = Trainer(mtp, train_set, valid_set, targs, recipe=recipe, world=world)
         if args.resume_adapter_file:
             step = trainer.resume(args.resume_adapter_file)
             say(f"[resume] from {args.resume_adapter_file} at step {step}")
@@ -298,15 +308,14 @@ def run(args) -> int:
         try:
             trainer.train()
         except TrainingInterrupted as e:
-            if rank != 0:
-                return 130
-            print(
-                f"Interrupted at step {e.step}; checkpoint saved to {e.path}. "
-                f"Continue with --resume-adapter-file {e.path}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 130
+            if rank == 0:
+                print(
+                    f"error: interrupted at step {e.step}; checkpoint saved to {e.path}; "
+                    f"continue with --resume-adapter-file {e.path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return USER_ERROR_EXIT
         say(f"[train] done: adapter saved to {args.adapter_path}")
         model_for_test = mtp
     if args.test:
@@ -324,7 +333,7 @@ def run(args) -> int:
         ds = build_dataset(tokenize_file(path, tokenizer), mtp_test.num_masks, args.max_seq_length, path)
         if not ds.examples:
             raise UsageError(f"{path}: no example fits --max-seq-length {args.max_seq_length}")
-        trainer = Trainer(mtp_test, None, ds, train_args, world=world)
+        trainer = Trainer(mtp_test, None, ds, targs, world=world)
         m = trainer.evaluate(ds, -1)
         accs = " ".join(f"{a:.3f}" for a in m["accuracy"])
         tps = m["tokens_per_step"]
@@ -335,26 +344,35 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from .adapter import AdapterError
-    from .training.data import DataError
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; a user-caused error (bad option, config, data, adapter,
+    a file that cannot be written, an interrupt) ends in one line on stderr
+    and :data:`~mlx_mtp.errors.USER_ERROR_EXIT`."""
     try:
         args = resolve_args(argv)
         return run(args)
-    except (UsageError, DataError, AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except MTPError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except OSError as e:  # a file that cannot be read or written: disk full, read-only directory
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print("Interrupted (no checkpoint written since the last one).", file=sys.stderr)
-        return 130
+        print("error: interrupted; no checkpoint written since the last one", file=sys.stderr)
+        return USER_ERROR_EXIT
     except MemoryError:
         print("error: out of memory; try a smaller --batch-size, --mask-chunk or --max-seq-length", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     except Exception as e:
         if os.environ.get("MLX_MTP_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_mtp.model.layouts import IGNORE, training_layout
+from mlx_mtp.training.batching import BatchSchedule, make_batch, shard
 from mlx_mtp.training.data import (
-    BatchSchedule,
     DataError,
     build_example,
-    dense_layout,
     layout_length,
     load_data,
     read_jsonl,
-    shard,
     tokenize_file,
 )
-from mlx_mtp.model.layouts import training_layout
 from conftest import make_tokenizer
 
 
@@ -28,8 +26,39 @@ def tokenizer():
     return TokenizerWrapper(make_tokenizer())
 
 
+def reference_mask(tokens) -> np.ndarray:
+    """Who sees whom in an interleaved layout (masks as -j), by its definition,
+    one pair at a time: every token sees the regular tokens up to its own (a
+    mask's own is the regular token its block follows), and a mask sees the
+    masks of its own block up to itself."""
+    L = len(tokens)
+    own = []  # the layout index of each token's regular token
+    for i, t in enumerate(tokens):
+        own.append(i if t >= 0 else own[i - 1])
+    mask = np.zeros((L, L), dtype=bool)
+    for q in range(L):
+        for c in range(L):
+            if tokens[c] >= 0:
+                mask[q, c] = c <= own[q]
+            else:
+                mask[q, c] = tokens[q] < 0 and own[c] == own[q] and -tokens[c] <= -tokens[q]
+    return mask
+
+
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_compact_layout_is_the_training_layout(k):
+def test_training_mask_is_the_definition(k):
+    rng = np.random.default_rng(k)
+    for _ in range(10):
+        n = int(rng.integers(2, 12))
+        lay = training_layout(rng.integers(0, 500, n).tolist(), k, loss_start=int(rng.integers(1, n)))
+        np.testing.assert_array_equal(lay.mask, reference_mask(lay.tokens))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_compact_layout_and_batch_are_the_training_layout(k):
+    """An example made into a batch (one chunk) holds what the dense layout
+    holds at its masks: positions, attention over [regular | masks], labels,
+    previous tokens and anchors."""
     rng = np.random.default_rng(k)
     for _ in range(20):
         n = int(rng.integers(2, 30))
@@ -37,10 +66,22 @@ def test_compact_layout_is_the_training_layout(k):
         p = int(rng.integers(0, n))
         ex = build_example(x, p, k)
         ref = training_layout(x, k, loss_start=max(p, 1))
-        got = dense_layout(ex)
-        for f in ("tokens", "positions", "gate", "mask", "labels", "prev_tokens", "anchor"):
-            np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f"{f} n={n} p={p}")
         assert ex.layout_length == len(ref.tokens) == layout_length(n, max(p, 1), k)
+        batch = make_batch([ex], mask_chunk=0)
+        (chunk,) = batch.chunks
+        regular, masks = np.flatnonzero(~ref.gate), np.flatnonzero(ref.gate)
+        where = f"n={n} p={p}"
+        np.testing.assert_array_equal(np.array(batch.tokens)[0], ref.tokens[regular], err_msg=where)
+        np.testing.assert_array_equal(np.array(chunk.tokens)[0], ref.tokens[masks], err_msg=where)
+        np.testing.assert_array_equal(np.array(chunk.positions)[0], ref.positions[masks], err_msg=where)
+        keys = np.concatenate([regular, masks])
+        np.testing.assert_array_equal(np.array(chunk.mask)[0], ref.mask[masks][:, keys], err_msg=where)
+        counted = np.flatnonzero(ref.labels[masks] != IGNORE)
+        np.testing.assert_array_equal(np.array(chunk.valid), counted, err_msg=where)
+        np.testing.assert_array_equal(np.array(chunk.labels), ref.labels[masks][counted], err_msg=where)
+        np.testing.assert_array_equal(np.array(chunk.prev), ref.prev_tokens[masks][counted], err_msg=where)
+        anchors = np.searchsorted(regular, ref.anchor[masks][counted])
+        np.testing.assert_array_equal(np.array(chunk.anchor), anchors, err_msg=where)
 
 
 def test_max_seq_length_cuts_responses_never_mask_blocks():

@@ -142,7 +142,7 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert not out.exists()
     assert main(["--model", str(tmp_path / "no-model"), "--prompts", str(prompts_file()), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "not found" in err and "Traceback" not in err
+    assert "does not exist" in err and "Traceback" not in err
     assert not out.exists()
     assert main(["--model", str(model_dir()), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 1
     assert "not found" in capsys.readouterr().err and not out.exists()

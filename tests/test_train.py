@@ -5,25 +5,22 @@ layout, chunking and gradient checkpointing (same gradients)."""
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.model.layouts import IGNORE, training_layout
+from mlx_mtp.training.args import TrainArgs
+from mlx_mtp.training.batching import make_batch
+from mlx_mtp.training.callbacks import TrainingCallback
+from mlx_mtp.training.data import Dataset, build_example
+from mlx_mtp.training.forward import fork_cache as _fork
+from mlx_mtp.training.forward import regular_forward
 from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
-from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
-from mlx_mtp.training.trainer import (
-    TrainArgs,
-    Trainer,
-    _fork,
-    expected_tokens_per_step,
-    leading_correct,
-    make_batch,
-    regular_forward,
-)
-from tiny import randomize_adapter, tiny_model, tiny_mtp
+from mlx_mtp.training.metrics import expected_tokens_per_step, leading_correct
+from mlx_mtp.training.trainer import Trainer
+
+from tiny import tiny_mtp
 
 LN = math.log
 
@@ -200,8 +197,8 @@ def _grads(mtp, examples, **kw):
     args = TrainArgs(batch_size=len(examples), progress=False, **kw)
     trainer = Trainer(mtp, Dataset(examples), None, args)
     batch = make_batch(examples, args.mask_chunk)
-    terms, grads, _ = trainer.loss_and_grad(batch)
-    return terms, dict(tree_flatten(grads))
+    out = trainer.loss_and_grad(batch)
+    return out.terms, dict(tree_flatten(out.grads))
 
 
 def test_chunking_and_grad_checkpoint_keep_gradients():
@@ -265,3 +262,45 @@ def test_each_process_takes_its_share_of_the_global_batch():
     assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 4
     with pytest.raises(ValueError, match="divisible"):
         Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), None, TrainArgs(batch_size=3, progress=False), world=FakeWorld(0, 2))
+
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, trainer):
+        self.calls.append(("begin", trainer.step))
+
+    def on_step_end(self, trainer):
+        self.calls.append(("step", trainer.step))
+
+    def on_train_report(self, trainer, record):
+        self.calls.append(("train", record["step"], sorted(record)))
+
+    def on_val_report(self, trainer, record):
+        self.calls.append(("val", record["step"]))
+
+    def on_train_end(self, trainer):
+        self.calls.append(("end", trainer.step))
+
+
+def test_the_loop_reports_through_its_callback_only(tmp_path, capsys):
+    """The loop calls the callback's hooks in order; it prints nothing and
+    writes no log itself (the checkpoint is its only file)."""
+    k = 2
+    examples = [build_example(x, p, k) for x, p in SEQS]
+    args = TrainArgs(batch_size=1, iters=3, warmup=0, steps_per_report=2, steps_per_eval=3, val_batches=1,
+                     save_every=0, adapter_path=str(tmp_path / "ad"))  # fmt: skip
+    rec = Recorder()
+    history = Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), Dataset(examples), args).train(rec)
+    keys = sorted(["type", "step", "loss", "base", "sampler", "consistency", "learning_rate", "tokens_per_sec",
+                   "response_tokens_per_sec", "steps_per_sec", "peak_memory_gb"])  # fmt: skip
+    assert rec.calls == [
+        ("begin", 0), ("val", 0), ("step", 1), ("step", 2), ("train", 2, keys), ("step", 3), ("train", 3, keys),
+        ("val", 3), ("end", 3),
+    ]  # fmt: skip
+    assert [(h["type"], h["step"]) for h in history] == [("val", 0), ("train", 2), ("train", 3), ("val", 3)]
+    assert capsys.readouterr() == ("", "")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "training_state.safetensors"
+    ]  # fmt: skip

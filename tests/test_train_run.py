@@ -16,11 +16,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import load_adapter
-from mlx_mtp.training.data import load_data
-from mlx_mtp.model.gated_lora import LoRAConfig
+from mlx_mtp.errors import USER_ERROR_EXIT
 from mlx_mtp.lora import main
+from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
-from mlx_mtp.training.trainer import STATE_FILE, TrainArgs, Trainer, TrainingInterrupted, learning_rate_schedule
+from mlx_mtp.training.args import TrainArgs, learning_rate_schedule
+from mlx_mtp.training.callbacks import TrainingCallback
+from mlx_mtp.training.checkpoint import STATE_FILE
+from mlx_mtp.training.data import load_data
+from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
 from conftest import distilled_dir, model_dir
 
 K = 3
@@ -56,8 +60,8 @@ def test_short_run_learns_and_keeps_the_base_model_exact(tmp_path):
     data = _data(tok)
     mtp = _mtp(model)
     args = TrainArgs(
-        iters=50, batch_size=4, learning_rate=3e-3, warmup=5, steps_per_report=25, steps_per_eval=50,
-        val_batches=-1, save_every=0, adapter_path=str(tmp_path / "ad"), progress=False,
+        iters=50, batch_size=4, learning_rate=3e-3, sampler_lr_scale=1.0, warmup=5, steps_per_report=25,
+        steps_per_eval=50, val_batches=-1, save_every=0, adapter_path=str(tmp_path / "ad"), progress=False,
     )
     history = Trainer(mtp, data["train"], data["valid"], args).train()
     val = [h for h in history if h["type"] == "val"]
@@ -98,6 +102,17 @@ def _trainer(tmp_path, name, data, iters=8):
     return Trainer(_mtp(model), data["train"], None, args)
 
 
+class StopAt(TrainingCallback):
+    """Requests a stop after step ``step``, as a signal would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.step:
+            trainer.request_stop()
+
+
 def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
     _, tok = _load()
     data = _data(tok)
@@ -106,7 +121,7 @@ def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
 
     b = _trainer(tmp_path, "b", data)
     with pytest.raises(TrainingInterrupted) as e:
-        b.train(on_step=lambda t: t.request_stop() if t.step == 5 else None)
+        b.train(StopAt(5))
     assert e.value.step == 5
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["recipe"]["step"] == 5
     assert not [p for p in (tmp_path / "b").iterdir() if ".tmp" in p.name]
@@ -161,7 +176,7 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, expect",
     [
-        ("missing_model", "not found"),
+        ("missing_model", "the directory does not exist"),
         ("bad_json", "train.jsonl:2: invalid JSON"),
         ("empty_response", "valid.jsonl:1: empty response"),
         ("unknown_format", "train.jsonl:1: unknown format"),
@@ -169,6 +184,10 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
         ("bad_option", "--rank must be a positive integer"),
         ("decay_over_iters", "--decay-steps 3 is more than --iters 2"),
         ("unknown_config_key", "unknown option(s) rnak"),
+        ("config_not_yaml", "is not valid YAML"),
+        ("config_wrong_type", "--learning-rate must be a number, got 'fast'"),
+        ("config_not_a_mapping", "must be a mapping"),
+        ("missing_data_dir", "data directory"),
     ],
 )
 def test_cli_user_errors(tmp_path, capsys, case, expect):
@@ -195,7 +214,18 @@ def test_cli_user_errors(tmp_path, capsys, case, expect):
     elif case == "unknown_config_key":
         (tmp_path / "c.yaml").write_text("rnak: 4\n")
         argv = ["-c", str(tmp_path / "c.yaml"), *argv]
-    assert main(argv) == 1
+    elif case == "config_not_yaml":
+        (tmp_path / "c.yaml").write_text("rank: [4\niters: 2\n")
+        argv = ["-c", str(tmp_path / "c.yaml"), *argv]
+    elif case == "config_wrong_type":
+        (tmp_path / "c.yaml").write_text("learning_rate: fast\n")
+        argv = ["-c", str(tmp_path / "c.yaml"), *argv]
+    elif case == "config_not_a_mapping":
+        (tmp_path / "c.yaml").write_text("- rank\n")
+        argv = ["-c", str(tmp_path / "c.yaml"), *argv]
+    elif case == "missing_data_dir":
+        argv[argv.index("--data") + 1] = str(tmp_path / "nodata")
+    assert main(argv) == USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert expect in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -206,7 +236,7 @@ def test_cli_resume_with_other_adapter_config_is_refused(tmp_path, capsys):
     assert main(_cli(tmp_path, "--iters", "1", "--batch-size", "2", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0")) == 0
     before = (tmp_path / "ad" / STATE_FILE).read_bytes()
     argv = _cli(tmp_path, "--iters", "2", "--batch-size", "2", "--num-masks", "3", "--rank", "4", "--steps-per-eval", "0")
-    assert main(argv + ["--resume-adapter-file", str(tmp_path / "ad")]) == 1
+    assert main(argv + ["--resume-adapter-file", str(tmp_path / "ad")]) == USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert "different adapter configuration: num_masks: checkpoint 2, now 3" in err
     assert (tmp_path / "ad" / STATE_FILE).read_bytes() == before
@@ -231,11 +261,12 @@ def test_cli_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, capsys):
             if line.startswith("step 2/"):
                 proc.send_signal(signal.SIGINT)
                 break
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "checkpoint saved to" in err
+    assert proc.returncode == USER_ERROR_EXIT, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted at step ") and "checkpoint saved to" in err
     state = mx.load(str(tmp_path / "ad" / STATE_FILE), return_metadata=True)[1]
     step = int(state["step"])
     assert step >= 2
@@ -339,13 +370,13 @@ def test_cli_init_adapter_keeps_lora_and_masks_with_a_fresh_skip_sampler(tmp_pat
     # both starting points at once is a usage error, nothing written
     third = tmp_path / "third"
     argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first), "--resume-adapter-file", str(first))
-    assert main(argv) == 1
+    assert main(argv) == USER_ERROR_EXIT
     assert "not both" in capsys.readouterr().err
     assert not third.exists()
     # an adapter of another shape is refused by name
     argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first))
     argv[argv.index("--rank") + 1] = "8"
-    assert main(argv) == 1
+    assert main(argv) == USER_ERROR_EXIT
     assert "lora_a' has shape" in capsys.readouterr().err
 
 

@@ -183,6 +183,21 @@ def quadratic_layout(tokens: Union[Sequence[int], mx.array], k: int) -> Layout:
     return block_layout(tokens, k, (True,) * len(_as_tokens(tokens)))
 
 
+def training_mask(q_owner: np.ndarray, q_j: np.ndarray, k_owner: np.ndarray, k_j: np.ndarray) -> np.ndarray:
+    """The training layout's attention rule, the one place it is written.
+
+    A token is (owner i, j): j = 0 for the regular token x_i, j = 1..k for the
+    mask m_j of the block after x_i. A query sees a regular key x_i' when
+    i' <= i, and a mask key of its own block up to itself (masks only). Leading
+    dimensions broadcast; the result is ``(..., queries, keys)``.
+    """
+    qo, qj = np.asarray(q_owner)[..., :, None], np.asarray(q_j)[..., :, None]
+    ko, kj = np.asarray(k_owner)[..., None, :], np.asarray(k_j)[..., None, :]
+    sees_regular = (kj == 0) & (ko <= qo)
+    sees_own_masks = (qj > 0) & (ko == qo) & (kj > 0) & (kj <= qj)
+    return sees_regular | sees_own_masks
+
+
 def training_layout(
     tokens: Sequence[int],
     k: int,
@@ -223,11 +238,7 @@ def training_layout(
     prev = np.where(valid, x[np.minimum(target - 1, n - 1)], 0)
     anchor = np.where(gate & valid, start[np.minimum(owner + j, n - 1)], -1)
 
-    qo, ko = owner[:, None], owner[None, :]
-    qj, kj = j[:, None], j[None, :]
-    sees_regular = (kj == 0) & (ko <= qo)
-    sees_own_masks = (qj > 0) & (ko == qo) & (kj > 0) & (kj <= qj)
-    mask = sees_regular | sees_own_masks
+    mask = training_mask(owner, j, owner, j)
     return TrainLayout(
         tokens=ids.astype(np.int32),
         positions=positions.astype(np.int32),

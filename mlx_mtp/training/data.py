@@ -15,20 +15,21 @@ without a chat template tokenizes prompt and completion as plain text.
 
 The layout of an example is stored compactly (:class:`Example`): the regular
 tokens, and per block of k masks the regular token it follows (its owner),
-then per mask its label, previous token and anchor. The dense attention mask
-is never built here: it is a function of the owners (see
-:func:`dense_layout`, which reproduces :func:`mlx_mtp.layouts.training_layout`).
+then per mask its label, previous token and anchor. The attention mask is
+not stored: it is a function of the owners
+(:func:`mlx_mtp.model.layouts.training_mask`, applied by
+:mod:`mlx_mtp.training.batching`).
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import DataError
-from ..model.layouts import IGNORE, TrainLayout
+from ..model.layouts import IGNORE
 
 FORMATS = {
     "chat": ("messages",),
@@ -291,53 +292,6 @@ def build_example(
     )
 
 
-def dense_layout(ex: Example) -> TrainLayout:
-    """The same example as :func:`mlx_mtp.layouts.training_layout` writes it
-    (for tests and inspection)."""
-    n, k = len(ex.tokens), ex.num_masks
-    has_block = np.zeros(n, dtype=bool)
-    has_block[ex.owner] = True
-    sizes = 1 + k * has_block
-    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    L = int(sizes.sum())
-    owner = np.repeat(np.arange(n), sizes)
-    jj = np.arange(L) - start[owner]
-    block_of = np.full(n, -1)
-    block_of[ex.owner] = np.arange(len(ex.owner))
-    tokens = np.where(jj == 0, ex.tokens[owner], -jj).astype(np.int32)
-    labels = np.full(L, IGNORE, dtype=np.int64)
-    prev = np.zeros(L, dtype=np.int32)
-    anchor = np.full(L, -1, dtype=np.int64)
-    is_mask = jj > 0
-    b, jm = block_of[owner[is_mask]], jj[is_mask] - 1
-    labels[is_mask] = ex.labels[b, jm]
-    prev[is_mask] = ex.prev[b, jm]
-    a = ex.anchor[b, jm]
-    anchor[is_mask] = np.where(a >= 0, start[np.maximum(a, 0)], -1)
-    # regular tokens: label = next token where it carries loss
-    reg = ~is_mask
-    nxt = owner[reg] + 1
-    carries = np.zeros(n + 1, dtype=bool)
-    carries[ex.owner + 1] = True
-    ok = (nxt < n) & carries[nxt]
-    reg_labels = np.full(reg.sum(), IGNORE, dtype=np.int64)
-    reg_labels[ok] = ex.tokens[nxt[ok]]
-    labels[reg] = reg_labels
-    prev[reg] = np.where(nxt < n, ex.tokens[owner[reg]], 0)
-    qo, ko = owner[:, None], owner[None, :]
-    qj, kj = jj[:, None], jj[None, :]
-    mask = ((kj == 0) & (ko <= qo)) | ((qj > 0) & (ko == qo) & (kj > 0) & (kj <= qj))
-    return TrainLayout(
-        tokens=tokens,
-        positions=(owner + jj).astype(np.int32),
-        gate=is_mask,
-        mask=mask,
-        labels=labels,
-        prev_tokens=prev,
-        anchor=anchor,
-    )
-
-
 @dataclass
 class Dataset:
     examples: List[Example]
@@ -390,42 +344,3 @@ def load_data(
             )
         out[split] = dataset
     return out
-
-
-# ---------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------
-
-
-class BatchSchedule:
-    """Which examples make up global batch number ``step`` (0-based), as a
-    pure function of (seed, step): examples sorted by length are cut into
-    fixed batches (little padding), whose order is reshuffled every epoch.
-    Restarting at any step gives the same batches as an uninterrupted run.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True):
-        if len(lengths) < batch_size:
-            raise DataError(f"the dataset has {len(lengths)} examples, fewer than --batch-size {batch_size}")
-        order = np.argsort(np.asarray(lengths), kind="stable")
-        nb = len(order) // batch_size
-        self.batches = [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(nb)]
-        self.seed = seed
-        self.shuffle = shuffle
-        self._perm: Dict[int, np.ndarray] = {}
-
-    def __len__(self):
-        return len(self.batches)
-
-    def batch(self, step: int) -> List[int]:
-        epoch, i = divmod(step, len(self.batches))
-        if not self.shuffle:
-            return self.batches[i]
-        if epoch not in self._perm:
-            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))}
-        return self.batches[int(self._perm[epoch][i])]
-
-
-def shard(indices: List[int], rank: int, size: int) -> List[int]:
-    """This process's share of a global batch."""
-    return indices[rank::size]

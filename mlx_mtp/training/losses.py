@@ -21,7 +21,7 @@ Hidden states are the ones after the model's final norm (what the LM head
 reads).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import mlx.core as mx
@@ -31,10 +31,10 @@ TERMS = ("base", "sampler", "consistency", "distill")
 
 @dataclass
 class LossWeights:
-    base: float = 1.0
-    sampler: float = 1.0
-    consistency: float = 1.0
-    distill: float = 1.0  # used only with distill_logits
+    base: float = field(default=1.0, metadata={"help": "weight of the LM-head cross-entropy at masks"})
+    sampler: float = field(default=1.0, metadata={"help": "weight of the sampler-head cross-entropy"})
+    consistency: float = field(default=1.0, metadata={"help": "weight of the latent consistency loss"})
+    distill: float = field(default=1.0, metadata={"help": "weight of the --distill-logits term"})
 
     def get(self, name: str) -> float:
         return getattr(self, name)
