@@ -276,8 +276,7 @@ def test_default_lora_keys_follow_the_model():
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
     ]
-    assert sorted(keys["phi3"][:2]) == ["mlp.down_proj", "self_attn.o_proj"]
-    assert sorted(keys["phi3"][2:]) == ["mlp.gate_up_proj", "self_attn.qkv_proj"]
+    assert keys["phi3"] == ["self_attn.o_proj", "mlp.down_proj", "mlp.gate_up_proj", "self_attn.qkv_proj"]
     assert keys["starcoder2"] == [
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj",
     ]
@@ -324,3 +323,53 @@ def test_unsupported_family_decodes_plainly(name, capfd):
     assert all(len(s.tokens) == 1 and s.proposed == 0 for s in steps)
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"notice: model type '{name}' decodes without speculation")
+
+
+# --- python -m mlx_mtp.check ------------------------------------------------------
+
+
+def _save(config: dict, path):
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(path, build(config))
+    save_config(dict(config), path / "config.json")
+    return path
+
+
+def test_check_on_a_local_model_directory(tmp_path, capsys):
+    from mlx_mtp.check import main
+
+    path = _save(family_config("gemma3_text"), tmp_path / "gemma3")
+    assert main(["--model", str(path), "--rank", "4", "--num-masks", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "model type: gemma3_text, 2 blocks"
+    assert out[1] == "supported: yes"
+    assert "1 sliding-window blocks" in out[2]
+    # 7 projections x 2 blocks, rank 4: q (64->64), k, v (64->32), o (64->64), gate, up (64->128), down (128->64)
+    assert out[3].startswith("adapter wraps: 14 linear layers in 2 blocks: self_attn.q_proj")
+    lora = 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert f"(LoRA {lora:,};" in out[4]
+    assert out[-1] == "self-test: passed"
+    assert sum("identical to mlx-lm" in line for line in out) == 4
+
+
+def test_check_unsupported_and_missing_models(tmp_path, capsys):
+    from mlx_mtp.check import main
+
+    path = _save(UNSUPPORTED["mamba"], tmp_path / "mamba")
+    assert main(["--model", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("supported: no: layer 0 keeps an mlx-lm ArraysCache")
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no model at")
+
+
+@pytest.mark.real_model
+def test_check_on_the_default_model(default_model_path, capsys):
+    from mlx_mtp.check import main
+
+    assert main(["--no-self-test"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["model type: llama, 30 blocks", "supported: yes"]
+    assert out[3].startswith("adapter wraps: 210 linear layers in 30 blocks")

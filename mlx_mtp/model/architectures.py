@@ -98,7 +98,7 @@ def supports(model: nn.Module) -> Support:
     for i, c in enumerate(caches):
         if not isinstance(c, (KVCache, RotatingKVCache)):
             support.reason = (
-                f"layer {i} keeps a {type(c).__name__} (recurrent or state-space state), which cannot "
+                f"layer {i} keeps an mlx-lm {type(c).__name__} (recurrent or state-space state), which cannot "
                 "hold speculated tokens beside accepted ones nor drop the rejected ones"
             )
             return support

@@ -153,7 +153,7 @@ def _linear_names(block: nn.Module) -> List[str]:
 def default_keys(model: nn.Module) -> List[str]:
     """The projections gated LoRA wraps by default: those of
     :data:`DEFAULT_KEYS` that the model's blocks have, then every other
-    linear layer of their blocks (fused projections such as Phi-3's
+    linear layer of their blocks by name (fused projections such as Phi-3's
     ``qkv_proj`` and ``gate_up_proj``, StarCoder2's ``c_fc``), routers of
     mixture-of-experts blocks excepted."""
     found: List[str] = []
@@ -161,7 +161,7 @@ def default_keys(model: nn.Module) -> List[str]:
         for name in _linear_names(block):
             if name not in found and name.split(".")[-1] not in ROUTER_NAMES:
                 found.append(name)
-    return [k for k in DEFAULT_KEYS if k in found] + [k for k in found if k not in DEFAULT_KEYS]
+    return [k for k in DEFAULT_KEYS if k in found] + sorted(k for k in found if k not in DEFAULT_KEYS)
 
 
 def resolve_keys(model: nn.Module, keys: Sequence[str]) -> List[str]:
