@@ -373,3 +373,23 @@ def test_check_on_the_default_model(default_model_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["model type: llama, 30 blocks", "supported: yes"]
     assert out[3].startswith("adapter wraps: 210 linear layers in 30 blocks")
+
+
+@pytest.mark.parametrize("name", ["gemma2", "llama"])
+def test_batched_masked_forward_equals_each_row(name):
+    """A batch of 2 rows (= gemma2's kv heads here, where a mask broadcast
+    against the heads would go unnoticed) with a different mask and positions
+    per row, as training chunks have, equals each row run alone."""
+    mtp = mtp_for(name, k=3)
+    tokens = mx.array([prompt_of(6, seed=1), prompt_of(6, seed=2)])
+    tokens[:, 3:] = mx.array([[-1, -2, -3]] * 2)
+    positions = mx.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, 1, 2, 3]])
+    causal = np.tril(np.ones((6, 6), dtype=bool))
+    other = causal.copy()
+    other[3:, 1:3] = False  # the second row's masks follow token 0 only
+    mask = mx.array(np.stack([causal, other]))
+    gate = tokens < 0
+    h = mtp(tokens, None, positions, mask, gate)
+    for b in range(2):
+        row = mtp(tokens[b : b + 1], None, positions[b : b + 1], mask[b : b + 1], gate[b : b + 1])
+        assert mx.abs(h[b] - row[0]).max().item() <= 1e-5, b
