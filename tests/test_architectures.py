@@ -107,6 +107,17 @@ UNSUPPORTED = {
         "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "partial_rotary_factor": 0.5,
         "full_attention_interval": 2,
     },
+    "falcon_h1": {
+        "model_type": "falcon_h1", **BASE, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
+        "mamba_d_state": 8, "mamba_chunk_size": 8, "mamba_n_groups": 1,
+    },
+    "granitemoehybrid": {
+        "model_type": "granitemoehybrid", **BASE, "attention_bias": False, "embedding_multiplier": 1.0,
+        "attention_multiplier": 0.25, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_proj_bias": False,
+        "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True,
+        "shared_intermediate_size": 128,
+    },
     "gpt2": {
         "model_type": "gpt2", "n_ctx": 512, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 512,
         "layer_norm_epsilon": 1e-5, "vocab_size": V,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from ..errors import MTPError
 
@@ -82,6 +82,11 @@ def _ropes(block: nn.Module) -> List[nn.Module]:
     return [m for name, m in block.named_modules() if name.split(".")[-1] == "rope"]
 
 
+def _recurrent(cache) -> bool:
+    """An mlx-lm cache holding a recurrent state (alone or in a CacheList)."""
+    return isinstance(cache, ArraysCache) or any(_recurrent(c) for c in getattr(cache, "caches", ()))
+
+
 def supports(model: nn.Module) -> Support:
     """Check the seams the adapter needs on a loaded mlx-lm model."""
     from .mtp_model import PositionalRoPE
@@ -97,9 +102,10 @@ def supports(model: nn.Module) -> Support:
     support = Support(mtype, False, rollback=rollback, num_layers=len(layers))
     for i, c in enumerate(caches):
         if not isinstance(c, (KVCache, RotatingKVCache)):
+            kind = " (recurrent or state-space state)" if _recurrent(c) else ""
             support.reason = (
-                f"layer {i} keeps an mlx-lm {type(c).__name__} (recurrent or state-space state), which cannot "
-                "hold speculated tokens beside accepted ones nor drop the rejected ones"
+                f"layer {i} keeps an mlx-lm {type(c).__name__}{kind}, not a plain key/value cache that can "
+                "hold speculated tokens beside accepted ones and drop the rejected ones"
             )
             return support
     if lm is None:
