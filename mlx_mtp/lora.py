@@ -198,6 +198,7 @@ def run(args) -> int:
 
     from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
     from .training.data import load_data
+    from .model.architectures import require_supported
     from .model.gated_lora import LoRAConfig, model_layers
     from .training.losses import LossWeights
     from .model.mtp_model import MTPConfig, MTPModel
@@ -212,6 +213,7 @@ def run(args) -> int:
             print(msg, flush=True)
 
     model, tokenizer = load_base_model(args.model)
+    require_supported(model)  # a model that cannot carry an adapter fails before any data is read
     num_layers = len(model_layers(model))
     if args.num_layers is not None and args.num_layers > num_layers:
         raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")
