@@ -69,19 +69,20 @@ def _install_positional_rope(model: nn.Module):
                 module.rope = PositionalRoPE(rope)
 
 
-class _Owner:
-    """Points a base model's embedding at the :class:`MTPModel` whose mask
-    table it uses (a plain object, so not part of the module tree)."""
+class MaskSlot:
+    """The mask table of the forward in flight (None: none), shared by a base
+    model's embedding and every :class:`MTPModel` over it (a plain object, so
+    not part of the module tree)."""
 
-    def __init__(self, mtp: "MTPModel"):
-        self.mtp = mtp
+    def __init__(self):
+        self.masks: Optional[MaskEmbeddings] = None
 
 
 _MASK_AWARE: Dict[type, type] = {}
 
 
-def _install_mask_embedding(embed: nn.Module, owner: _Owner):
-    """Make ``embed`` embed masks (negative ids) from ``owner``'s mask table.
+def _install_mask_embedding(embed: nn.Module) -> MaskSlot:
+    """Make ``embed`` embed masks (negative ids) from its slot's mask table.
 
     The instance's class becomes a subclass with that ``__call__`` (names,
     parameters, ``as_linear`` and quantization unchanged), so the model's own
@@ -93,14 +94,15 @@ def _install_mask_embedding(embed: nn.Module, owner: _Owner):
             base_call = cls.__call__
 
             def __call__(self, x, _base=base_call):
-                mtp = self._mtp_owner.mtp
-                if mtp is None or mtp.masks is None:
+                masks = self._mtp_slot.masks
+                if masks is None:
                     return _base(self, x)
-                return mtp.masks(x, lambda ids: _base(self, ids))
+                return masks(x, lambda ids: _base(self, ids))
 
             sub = _MASK_AWARE[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mtp_mask_aware": True})
         embed.__class__ = sub
-    embed._mtp_owner = owner
+        embed._mtp_slot = MaskSlot()
+    return embed._mtp_slot
 
 
 class _Returns:
@@ -197,7 +199,7 @@ class MTPModel(nn.Module):
         if support.supported:
             model = language_model(model)
             _install_positional_rope(model)
-            _install_mask_embedding(model.model.embed_tokens, _Owner(self))
+            self._slot = _install_mask_embedding(model.model.embed_tokens)
         self.model = model
         self.model.freeze()
         self._gate = Gate()
@@ -260,7 +262,11 @@ class MTPModel(nn.Module):
     def embed(self, tokens: mx.array) -> mx.array:
         """Embedding-table rows of ``tokens``; masks (negative ids) from the
         mask table (before any scaling the model applies in its forward)."""
-        return self.model.model.embed_tokens(tokens)
+        self._slot.masks = self.masks
+        try:
+            return self.model.model.embed_tokens(tokens)
+        finally:
+            self._slot.masks = None
 
     def lm_head(self, h: mx.array) -> mx.array:
         """The model's own output (tied or not, quantized or not, scaled or
@@ -318,10 +324,12 @@ class MTPModel(nn.Module):
             self._gate.value = g[..., None].astype(mx.float32)
         else:
             self._gate.value = None
+        self._slot.masks = self.masks
         try:
             h = self.model.model(tokens, cache)
         finally:
             self._gate.value = None
+            self._slot.masks = None
             set_step(cache, None, None)
         return h
 
