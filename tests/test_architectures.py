@@ -54,6 +54,14 @@ MOE = {
     "norm_topk_prob": True,
 }
 
+# one config for the families below that need nothing else (their own
+# ModelArgs take what they know of it)
+GENERIC = {
+    **MOE, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+    "num_local_experts": 4, "layer_norm_eps": 1e-5, "norm_eps": 1e-5, "partial_rotary_factor": 1.0,
+    "mlp_only_layers": [], "shared_expert_intermediate_size": 32,
+}
+
 # name -> (model_type, overrides of BASE)
 FAMILIES = {
     "llama": ("llama", {}),
@@ -86,6 +94,17 @@ FAMILIES = {
     }}),
     "qwen3_vl": ("qwen3_vl", {"text_config": {"model_type": "qwen3", **BASE}}),
     "pixtral": ("pixtral", {"text_config": {"model_type": "llama", **BASE}}),
+    "qwen2_vl": ("qwen2_vl", {"text_config": {"model_type": "qwen2", **BASE}}),
+    "qwen3_vl_moe": ("qwen3_vl_moe", {"text_config": {"model_type": "qwen3_moe", **BASE, **MOE, "mlp_only_layers": []}}),
+    "mistral3": ("mistral3", {"text_config": {"model_type": "mistral", **BASE}}),
+    # other families found to work with the generic config
+    "cohere": ("cohere", GENERIC),
+    "deepseek": ("deepseek", GENERIC),
+    "deepseek_v3": ("deepseek_v3", GENERIC),
+    "gemma": ("gemma", GENERIC),
+    "glm": ("glm", GENERIC),
+    "glm4_moe_lite": ("glm4_moe_lite", GENERIC),
+    "gpt_oss": ("gpt_oss", GENERIC),
 }
 QUANTIZED = ("llama", "gemma3_text", "qwen3_moe", "phi3")
 
@@ -117,6 +136,10 @@ UNSUPPORTED = {
         "layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_proj_bias": False,
         "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True,
         "shared_intermediate_size": 128,
+    },
+    "ministral3": {
+        "model_type": "ministral3", **BASE,
+        "rope_parameters": {"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1, "original_max_position_embeddings": 8},
     },
     "gpt2": {
         "model_type": "gpt2", "n_ctx": 512, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 512,
@@ -312,7 +335,7 @@ def test_unsupported_family_refused_with_reason(name, tmp_path):
     base = build(UNSUPPORTED[name])
     support = supports(base)
     assert not support.supported
-    reason = "no token embedding" if name == "gpt2" else "recurrent or state-space"
+    reason = {"gpt2": "no token embedding", "ministral3": "outside RoPE"}.get(name, "recurrent or state-space")
     assert reason in support.reason
     with pytest.raises(UnsupportedModelError, match=reason) as e:
         MTPModel(base, MTPConfig(num_masks=2))

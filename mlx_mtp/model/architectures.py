@@ -29,6 +29,13 @@ ROW_BY_ROW_ATTENTION = ("mlx_lm.models.gemma2",)
 LENGTH_DEPENDENT_ROPE = ("DynamicNTKScalingRoPE",)
 
 
+# blocks that read positions outside RoPE, where per-token positions would
+# be taken for one offset per batch row: module -> what they do
+POSITIONS_OUTSIDE_ROPE = {
+    "mlx_lm.models.ministral3": "scales its queries by position (Llama 4 attention scaling) outside RoPE",
+}
+
+
 class UnsupportedModelError(MTPError):
     """The model's architecture cannot carry an MTP adapter (the reason says why)."""
 
@@ -117,6 +124,10 @@ def supports(model: nn.Module) -> Support:
     support.sliding_layers = sum(isinstance(c, RotatingKVCache) for c in caches)
     rope_types = set()
     for i, block in enumerate(layers):
+        outside = POSITIONS_OUTSIDE_ROPE.get(type(block).__module__)
+        if outside is not None:
+            support.reason = f"block {i} {outside}"
+            return support
         ropes = _ropes(block)
         if not ropes:
             support.reason = f"block {i} has no 'rope' module: its positions do not come from RoPE"
