@@ -8,6 +8,7 @@ for k in {1, 4}, quadratic and linear, with drafts accepted partly and fully
 contiguous reference; gated LoRA leaves the regular tokens' logits exactly
 unchanged; two training steps give a finite loss. Sliding windows are 8
 tokens, shorter than the prompts and outputs, so the window is exercised.
+Which family needs which mechanism: docs/architectures.md.
 """
 
 import math
