@@ -20,6 +20,7 @@ import numpy as np
 from .decoding.datastore import Datastore
 from .errors import AdapterError
 from .files import atomic_write
+from .model.architectures import require_supported
 from .model.mtp_model import MTPConfig, MTPModel, base_model_identity
 
 FORMAT_VERSION = 1
@@ -115,6 +116,7 @@ def load_adapter(
     base = model.model if isinstance(model, MTPModel) else model
     if isinstance(model, MTPModel) and model.config is not None:
         raise AdapterError("the model already has an adapter")
+    require_supported(base)  # names the reason a model cannot carry an adapter
     check_base_model(config, base, where=f"adapter '{path}'")
     try:
         mtp_config = MTPConfig.from_dict(config)

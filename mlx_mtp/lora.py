@@ -230,6 +230,7 @@ def run(args) -> int:
 
     from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
     from .loading import load_base
+    from .model.architectures import require_supported
     from .model.gated_lora import LoRAConfig, model_layers
     from .model.mtp_model import MTPModel
     from .model.sampler import SamplerConfig
@@ -245,6 +246,7 @@ def run(args) -> int:
             print(msg, flush=True)
 
     model, tokenizer = load_base(args.model)
+    require_supported(model)  # a model that cannot carry an adapter fails before any data is read
     num_layers = len(model_layers(model))
     if args.num_layers is not None and args.num_layers > num_layers:
         raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")

@@ -71,6 +71,7 @@ import mlx.core as mx
 
 from ..model.cache import commit
 from ..model.layouts import block_layout, linear_layout, tree_parents, tree_structure
+from .fallback import plain_fallback
 from .lookup import NGramLookup
 from ..model.mtp_model import MTPModel
 
@@ -260,6 +261,10 @@ class SpeculativeDecoder:
         self.draft_fn = draft_fn
         self.context_limit = context_limit(model)
         self.cache = None
+        # a model the adapter cannot serve decodes plainly (mlx_mtp.decoding.fallback)
+        self.fallback = plain_fallback(model)
+        if self.fallback is not None:
+            self.k, self.lookup, self.mode = 0, 0, "off"
 
     @property
     def greedy(self) -> bool:
@@ -484,6 +489,9 @@ class SpeculativeDecoder:
         prompt = [int(t) for t in prompt]
         self.check_prompt(prompt)
         eos = set(int(t) for t in eos_token_ids)
+        if self.fallback is not None:
+            yield from self.fallback(self, prompt, max_tokens, eos)
+            return
         budget = self.budget(len(prompt), max_tokens)
         if budget == 0:
             return

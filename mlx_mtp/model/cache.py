@@ -35,7 +35,12 @@ class SpecCache:
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         if self.mask is not None:
-            return self.mask
+            if window_size is None:
+                return self.mask
+            # a sliding-window layer: keys within the window by position
+            C = self.committed
+            keys = mx.concatenate([mx.broadcast_to(mx.arange(C), (self.positions.shape[0], C)), self.positions], axis=1)
+            return self.mask & (self.positions[:, None, :, None] - keys[:, None, None, :] < window_size)
         return create_attention_mask(
             N, offset=self.committed, return_array=return_array, window_size=window_size
         )

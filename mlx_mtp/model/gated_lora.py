@@ -137,9 +137,44 @@ def model_layers(model: nn.Module) -> Sequence[nn.Module]:
     return model.model.layers
 
 
+# the last part of a name that marks a mixture-of-experts router, left out
+# of the default keys (it picks experts; the experts are not nn.Linear)
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def _linear_names(block: nn.Module) -> List[str]:
+    return [
+        name
+        for name, m in block.named_modules()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, GatedLoRALinear)) and ".linear" not in f".{name}"
+    ]
+
+
+def default_keys(model: nn.Module) -> List[str]:
+    """The projections gated LoRA wraps by default: those of
+    :data:`DEFAULT_KEYS` that the model's blocks have, then every other
+    linear layer of their blocks by name (fused projections such as Phi-3's
+    ``qkv_proj`` and ``gate_up_proj``, StarCoder2's ``c_fc``), routers of
+    mixture-of-experts blocks excepted."""
+    found: List[str] = []
+    for block in model_layers(model):
+        for name in _linear_names(block):
+            if name not in found and name.split(".")[-1] not in ROUTER_NAMES:
+                found.append(name)
+    return [k for k in DEFAULT_KEYS if k in found] + sorted(k for k in found if k not in DEFAULT_KEYS)
+
+
+def resolve_keys(model: nn.Module, keys: Sequence[str]) -> List[str]:
+    """``keys``, where they are the defaults (:data:`DEFAULT_KEYS`): the
+    model's own (:func:`default_keys`), so an adapter records what it wraps."""
+    return default_keys(model) if list(keys) == list(DEFAULT_KEYS) else list(keys)
+
+
 def apply_gated_lora(model: nn.Module, gate: Gate, config: LoRAConfig) -> nn.Module:
     """Replace the ``config.keys`` projections of ``config.layers`` (default:
     all) of an mlx-lm model with :class:`GatedLoRALinear` sharing ``gate``.
+    A block without a key is left as it is there (dense and
+    mixture-of-experts blocks in one model), a key no block has is an error.
 
     Freezes the base model; only the LoRA matrices stay trainable.
     """
@@ -149,11 +184,15 @@ def apply_gated_lora(model: nn.Module, gate: Gate, config: LoRAConfig) -> nn.Mod
     for i in indices:
         if not 0 <= i < len(layers):
             raise ValueError(f"LoRA layer {i} out of range: the model has {len(layers)} layers")
+    for key in config.keys:
+        if all(_get(layers[i], key) is None for i in indices):
+            raise ValueError(f"the model's layers have no projection named '{key}'")
+    for i in indices:
         block = layers[i]
         for key in config.keys:
             linear = _get(block, key)
             if linear is None:
-                raise ValueError(f"layer {i} has no projection named '{key}'")
+                continue
             if isinstance(linear, GatedLoRALinear):
                 raise ValueError(f"layer {i} '{key}' already has gated LoRA")
             if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):

@@ -1,30 +1,40 @@
 """The MTP model adapter: an unmodified mlx-lm model run with mask tokens.
 
-:class:`MTPModel` wraps a loaded mlx-lm model (llama, qwen2, qwen3, mistral,
-...) through the seams it offers:
+:class:`MTPModel` wraps a loaded mlx-lm model (llama, qwen2/3, mistral,
+gemma2/3, phi3, granite, olmo2, ...: see ``docs/architectures.md``) through
+the seams it offers, the same for every family:
 
-- ``input_embeddings``: regular tokens go through the model's own embedding,
-  masks through the adapter's mask table;
+- the token embedding: its instance becomes a subclass whose ``__call__``
+  embeds masks (negative ids) from the adapter's mask table and regular tokens
+  through the model's own embedding, so whatever the model does after
+  embedding (Gemma's and Granite's scaling) applies to both;
 - the linear layers: gated LoRA, switched on per token by a shared gate;
 - each attention's ``rope``: wrapped so that per-token positions (an array
   ``offset`` of shape (B, L), supplied by :class:`~mlx_mtp.cache.SpecCache`)
   go through the model's own RoPE variant, by folding the sequence axis into
-  the batch axis (mlx RoPE takes one offset per batch row);
-- the cache: :class:`~mlx_mtp.cache.SpecCache` supplies the attention mask and
-  commits only accepted tokens.
+  the batch axis (mlx RoPE takes one offset per batch row); a layer without
+  RoPE (SmolLM3's, Cohere2's global layers) ignores it;
+- the cache: :class:`~mlx_mtp.cache.SpecCache` supplies the attention mask
+  (restricted to the window on sliding-window layers) and commits only
+  accepted tokens;
+- the output: the model's own ``__call__`` after its inner model, run on
+  given hidden states (tied or not, scaled, soft-capped: whatever it does).
 
-It also runs with no adapter at all (plain decoding through the same path).
+Which models have these seams is decided in :mod:`mlx_mtp.model.architectures`.
+Without an adapter it also runs plain decoding through the same path; a model
+without the seams can be wrapped only without an adapter (plain decoding).
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .architectures import Support, UnsupportedModelError, language_model, supports
 from .cache import SpecCache, make_spec_cache, set_step
-from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers
+from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers, resolve_keys
 from .layouts import Layout
 from .masks import MaskEmbeddings
 from .sampler import SamplerConfig, SamplerHead
@@ -50,18 +60,74 @@ class PositionalRoPE(nn.Module):
         return self.rope(x, offset=offset)
 
 
-def _install_positional_rope(model: nn.Module) -> int:
-    """Wrap every attention's ``rope``; returns how many are wrapped."""
-    count = 0
+def _install_positional_rope(model: nn.Module):
+    """Wrap every attention's ``rope`` (once)."""
     for _, module in model.named_modules():
-        if isinstance(module, PositionalRoPE):  # already wrapped (a second MTPModel)
-            continue
         rope = getattr(module, "rope", None)
-        if isinstance(rope, nn.Module):
+        if isinstance(rope, nn.Module) and not isinstance(module, PositionalRoPE):
             if not isinstance(rope, PositionalRoPE):
                 module.rope = PositionalRoPE(rope)
-            count += 1
-    return count
+
+
+class MaskSlot:
+    """The mask table of the forward in flight (None: none), shared by a base
+    model's embedding and every :class:`MTPModel` over it (a plain object, so
+    not part of the module tree)."""
+
+    def __init__(self):
+        self.masks: Optional[MaskEmbeddings] = None
+
+
+_MASK_AWARE: Dict[type, type] = {}
+
+
+def _install_mask_embedding(embed: nn.Module) -> MaskSlot:
+    """Make ``embed`` embed masks (negative ids) from its slot's mask table.
+
+    The instance's class becomes a subclass with that ``__call__`` (names,
+    parameters, ``as_linear`` and quantization unchanged), so the model's own
+    forward, scaling included, runs on masks as on regular tokens."""
+    cls = type(embed)
+    if not getattr(cls, "_mtp_mask_aware", False):
+        sub = _MASK_AWARE.get(cls)
+        if sub is None:
+            base_call = cls.__call__
+
+            def __call__(self, x, _base=base_call):
+                masks = self._mtp_slot.masks
+                if masks is None:
+                    return _base(self, x)
+                return masks(x, lambda ids: _base(self, ids))
+
+            sub = _MASK_AWARE[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mtp_mask_aware": True})
+        embed.__class__ = sub
+        embed._mtp_slot = MaskSlot()
+    return embed._mtp_slot
+
+
+class _Returns:
+    """Stands in for a model's inner model: returns given hidden states,
+    forwards every attribute (``embed_tokens``, ``args``) to the real one."""
+
+    def __init__(self, inner: nn.Module, h: mx.array):
+        self._inner, self._h = inner, h
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self._h
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+class _HeadView:
+    """A model seen with its inner model replaced by :class:`_Returns`."""
+
+    def __init__(self, model: nn.Module, h: mx.array):
+        self._model = model
+        self.model = _Returns(model.model, h)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 @dataclass
@@ -96,13 +162,18 @@ class MTPConfig:
 
 
 def base_model_identity(model: nn.Module) -> Dict[str, Any]:
-    """What an adapter must agree with: model type and the shapes it touches."""
-    inner = model.model
-    vocab, dims = _embedding_shape(inner.embed_tokens)
+    """What an adapter must agree with: model type and the shapes it touches
+    (None where a model without the adapter's seams has no such thing)."""
+    lm = language_model(model)
+    if lm is None:
+        from .architectures import model_type
+
+        return {"model_type": model_type(model), "hidden_size": None, "num_layers": None, "vocab_size": None}
+    vocab, dims = _embedding_shape(lm.model.embed_tokens)
     return {
-        "model_type": getattr(model, "model_type", getattr(model.args, "model_type", None)),
+        "model_type": getattr(lm, "model_type", getattr(getattr(lm, "args", None), "model_type", None)),
         "hidden_size": dims,
-        "num_layers": len(model_layers(model)),
+        "num_layers": len(model_layers(lm)),
         "vocab_size": vocab,
     }
 
@@ -120,17 +191,15 @@ class MTPModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: Optional[MTPConfig] = None):
         super().__init__()
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "layers"):
-            raise ValueError(
-                f"model type '{getattr(model, 'model_type', type(model).__name__)}' is not "
-                "supported: expected an mlx-lm model with model.embed_tokens and model.layers"
-            )
-        if _install_positional_rope(model) != len(inner.layers):
-            raise ValueError(
-                f"model type '{getattr(model, 'model_type', '?')}' is not supported: "
-                "every attention layer must have a 'rope' module"
-            )
+        support = supports(model)
+        if config is not None:
+            support.require()
+        # not part of the module tree: a plain attribute
+        object.__setattr__(self, "support", support)
+        if support.supported:
+            model = language_model(model)
+            _install_positional_rope(model)
+            self._slot = _install_mask_embedding(model.model.embed_tokens)
         self.model = model
         self.model.freeze()
         self._gate = Gate()
@@ -143,6 +212,7 @@ class MTPModel(nn.Module):
         self.sampler: Optional[SamplerHead] = None
         if config is not None:
             dims = self.hidden_size
+            config = self.config = replace(config, lora=replace(config.lora, keys=resolve_keys(model, config.lora.keys)))
             apply_gated_lora(model, self._gate, config.lora)
             self.masks = MaskEmbeddings(config.num_masks, dims)
             self.sampler = SamplerHead(dims, config.sampler)
@@ -174,7 +244,15 @@ class MTPModel(nn.Module):
         return model_layers(self.model)
 
     def make_cache(self) -> List[SpecCache]:
+        self._require_seams()
         return make_spec_cache(self.model)
+
+    def _require_seams(self):
+        if not self.support.supported:
+            raise UnsupportedModelError(
+                f"model type '{self.support.model_type}' decodes only plainly "
+                f"(mlx_mtp.decoding.fallback): {self.support.reason}"
+            )
 
     def adapter_parameters(self) -> Dict[str, mx.array]:
         """Flat {name: array} of everything the adapter adds."""
@@ -182,17 +260,20 @@ class MTPModel(nn.Module):
 
     # --- forward ---------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:
-        """Input embeddings; masks (negative ids) from the mask table."""
-        embed_tokens = self.model.model.embed_tokens
-        if self.masks is None:
-            return embed_tokens(tokens)
-        return self.masks(tokens, embed_tokens)
+        """Embedding-table rows of ``tokens``; masks (negative ids) from the
+        mask table (before any scaling the model applies in its forward)."""
+        self._slot.masks = self.masks
+        try:
+            return self.model.model.embed_tokens(tokens)
+        finally:
+            self._slot.masks = None
 
     def lm_head(self, h: mx.array) -> mx.array:
-        """The model's own output projection (tied or not, quantized or not)."""
-        if hasattr(self.model, "lm_head"):
-            return self.model.lm_head(h)
-        return self.model.model.embed_tokens.as_linear(h)
+        """The model's own output (tied or not, quantized or not, scaled or
+        soft-capped) from final hidden states ``h`` (..., d): its ``__call__``
+        with the inner model returning ``h``."""
+        view = _HeadView(self.model, h)
+        return type(self.model).__call__(view, mx.zeros(h.shape[:-1], dtype=mx.int32))
 
     def __call__(
         self,
@@ -214,6 +295,7 @@ class MTPModel(nn.Module):
         """
         if cache is None:
             cache = self.make_cache()
+        self._require_seams()
         if tokens.ndim == 1:
             tokens = tokens[None]
         B, L = tokens.shape
@@ -234,18 +316,50 @@ class MTPModel(nn.Module):
                     f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) "
                     f"or {C + L} (committed + new)"
                 )
+            if mask.shape[0] > 1 and not self.support.batched_masks:
+                return self._row_by_row(tokens, cache, positions, mask, gate)
             set_step(cache, positions, mask[:, None])
         if gate is not None and self.masks is not None:
             g = gate if gate.ndim == 2 else gate[None]
             self._gate.value = g[..., None].astype(mx.float32)
         else:
             self._gate.value = None
+        self._slot.masks = self.masks
         try:
-            h = self.model.model(tokens, cache=cache, input_embeddings=self.embed(tokens))
+            h = self.model.model(tokens, cache)
         finally:
             self._gate.value = None
+            self._slot.masks = None
             set_step(cache, None, None)
         return h
+
+    def _row_by_row(self, tokens, cache, positions, mask, gate) -> mx.array:
+        """A masked forward one batch row at a time (attention that cannot
+        take a mask per row, :data:`architectures.ROW_BY_ROW_ATTENTION`);
+        the caches end as after the batched forward."""
+        B = tokens.shape[0]
+        C = cache[0].committed
+        rows, hs = [], []
+        for b in range(B):
+            views = []
+            for c in cache:
+                v = SpecCache()
+                if c.keys is not None:
+                    v.keys, v.values = c.keys[b : b + 1], c.values[b : b + 1]
+                v.committed = C
+                views.append(v)
+            g = None
+            if gate is not None:
+                g = gate if gate.ndim == 2 else gate[None]
+                g = g[b : b + 1] if g.shape[0] > 1 else g
+            m = mask[b : b + 1] if mask.shape[0] > 1 else mask
+            hs.append(self(tokens[b : b + 1], views, positions[b : b + 1] - C, m, g))
+            rows.append(views)
+        for i, c in enumerate(cache):
+            c.keys = mx.concatenate([r[i].keys for r in rows])
+            c.values = mx.concatenate([r[i].values for r in rows])
+            c.pending = rows[0][i].pending
+        return mx.concatenate(hs)
 
     def forward_layout(self, layout: Layout, cache: List[SpecCache]) -> mx.array:
         """Hidden states (1, L, d) of a decoding layout over ``cache``."""

@@ -1,0 +1,61 @@
+"""Plain decoding for a model the MTP adapter cannot serve.
+
+A model without the adapter's seams (recurrent or state-space layers, caches
+that cannot hold speculated tokens: :mod:`mlx_mtp.model.architectures`) still
+decodes through the same API: :class:`~mlx_mtp.decoding.decode.SpeculativeDecoder`
+asks :func:`plain_fallback` and, where it gets one, hands the whole generation
+to mlx-lm's own ``generate_step``, one token per step, so every token is
+mlx-lm's. The first time a model takes this path a one-line notice goes to
+stderr.
+"""
+
+import sys
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+
+_NOTIFIED = set()  # ids of the models whose notice was printed
+
+
+def notice(model) -> str:
+    """The one line saying why ``model`` (an MTPModel) decodes plainly."""
+    s = model.support
+    return f"notice: model type '{s.model_type}' decodes without speculation: {s.reason}"
+
+
+def plain_fallback(model) -> Optional[Callable]:
+    """:func:`plain_steps` for an MTPModel without the adapter's seams
+    (printing the notice once per model), None for one with them."""
+    if model.support.supported:
+        return None
+    if id(model) not in _NOTIFIED:
+        _NOTIFIED.add(id(model))
+        print(notice(model), file=sys.stderr)
+    return plain_steps
+
+
+def plain_steps(decoder, prompt: Sequence[int], max_tokens: int, eos_token_ids: Iterable[int]) -> Iterator:
+    """``decoder.steps`` through mlx-lm's ``generate_step``: one
+    :class:`~mlx_mtp.decoding.decode.Step` per token, with the decoder's
+    sampling settings, budget (``max_tokens``, context limit) and EOS rule."""
+    from .decode import Step
+
+    eos = set(int(t) for t in eos_token_ids)
+    budget = decoder.budget(len(prompt), max_tokens)
+    if budget == 0:
+        return
+    sampler = None if decoder.greedy else make_sampler(decoder.temp, decoder.top_p, top_k=decoder.top_k)
+    steps = generate_step(
+        mx.array(list(prompt), dtype=mx.int32),
+        decoder.model.model,
+        max_tokens=budget,
+        sampler=sampler,
+        prefill_step_size=decoder.prefill_step_size,
+    )
+    for token, logprobs in steps:
+        token = int(token)
+        yield Step(tokens=[token], proposed=0, accepted=0, logprobs=[logprobs])
+        if token in eos:
+            return
