@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import AdapterError, load_adapter, save_adapter
+from mlx_mtp.errors import WriteError
 from mlx_mtp.model.cache import commit
 from mlx_mtp.model.gated_lora import GatedLoRALinear, LoRAConfig
 from mlx_mtp.model.layouts import linear_layout, quadratic_layout, training_layout
@@ -266,7 +267,7 @@ def test_failed_save_leaves_previous_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mx, "save_safetensors", boom)
     randomize_adapter(mtp, seed=9)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="disk full.*previous file is unchanged"):
         save_adapter(mtp, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapters.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapters.safetensors"]

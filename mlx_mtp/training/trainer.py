@@ -43,9 +43,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from ..adapter import DRAFT_VOCAB, WEIGHTS_FILE, save_adapter
+from ..adapter import DRAFT_VOCAB, WEIGHTS_FILE, check_adapter_tensors, save_adapter
 from ..errors import AdapterError
-from ..files import atomic_write
+from ..files import atomic_write, read_safetensors
 from ..model.cache import SpecCache, commit
 from .data import BatchSchedule, DataError, Dataset, Example, shard
 from ..model.gated_lora import GatedLoRALinear
@@ -386,7 +386,7 @@ def _read_weights(path: Path):
     weights_file = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights_file.exists():
         raise AdapterError(f"no adapter weights at '{weights_file}'")
-    weights = dict(mx.load(str(weights_file)))
+    weights = dict(read_safetensors(weights_file, AdapterError))
     weights.pop(DRAFT_VOCAB, None)
     return weights, weights_file
 
@@ -650,7 +650,7 @@ class Trainer:
             self.step = 0
             return 0
         try:
-            arrays, metadata = mx.load(str(state_file), return_metadata=True)
+            arrays, metadata = read_safetensors(state_file, AdapterError, metadata=True)
         except Exception as e:
             raise AdapterError(f"cannot read '{state_file}': {e}") from None
         if metadata.get("format") != STATE_FORMAT:
@@ -692,17 +692,7 @@ class Trainer:
         if exclude:
             expected = {k: v for k, v in expected.items() if not k.startswith(exclude)}
             weights = {k: v for k, v in weights.items() if not k.startswith(exclude)}
-        missing = sorted(set(expected) - set(weights))
-        extra = sorted(set(weights) - set(expected))
-        if missing or extra:
-            what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-            raise AdapterError(f"'{source}' does not fit this adapter configuration ({what})")
-        for name, v in weights.items():
-            if v.shape != expected[name].shape:
-                raise AdapterError(
-                    f"'{source}': tensor '{name}' has shape {tuple(v.shape)}, "
-                    f"this adapter configuration needs {tuple(expected[name].shape)}"
-                )
+        check_adapter_tensors(weights, expected, source)
         self.mtp.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
         return len(weights)
 
