@@ -10,7 +10,6 @@ trusts them, and names what is wrong in one line.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 

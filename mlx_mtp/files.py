@@ -186,7 +186,7 @@ def read_safetensors_header(path: PathLike, error: Type[MTPError]) -> Tuple[Dict
 
 def read_safetensors(
     path: PathLike, error: Type[MTPError], metadata: bool = False
-) -> Union[Dict[str, "mx.array"], Tuple[Dict[str, "mx.array"], Dict[str, str]]]:
+) -> Union[Dict[str, Any], Tuple[Dict[str, Any], Dict[str, str]]]:
     """The tensors of a safetensors file (and its metadata if ``metadata``),
     read with ``mx.load`` once :func:`read_safetensors_header` has checked
     the file. Raises ``error`` naming the file and what is wrong."""

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 The real default model (SmolLM2-135M-Instruct) is downloaded and converted
-once (see :func:`convert.gguf.ensure_default_model`). Where it cannot be had,
+once (see :func:`mlx_mtp.default_model.ensure_default_model`). Where it cannot be had,
 its tests are skipped locally and fail under ``CI=true``.
 """
 
@@ -21,7 +21,7 @@ def unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The default model's GGUF file, downloaded into the cache if needed."""
-    from convert.gguf import ConversionError, ensure_default_gguf
+    from mlx_mtp.default_model import ConversionError, ensure_default_gguf
 
     try:
         return ensure_default_gguf()
@@ -32,7 +32,7 @@ def default_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The converted float32 default model directory (cached)."""
-    from convert.gguf import ConversionError, ensure_default_model
+    from mlx_mtp.default_model import ConversionError, ensure_default_model
 
     try:
         return ensure_default_model()
