@@ -195,7 +195,7 @@ def test_cli_user_errors(tmp_path, capsys, case, expect):
     elif case == "unknown_config_key":
         (tmp_path / "c.yaml").write_text("rnak: 4\n")
         argv = ["-c", str(tmp_path / "c.yaml"), *argv]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert expect in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -206,7 +206,7 @@ def test_cli_resume_with_other_adapter_config_is_refused(tmp_path, capsys):
     assert main(_cli(tmp_path, "--iters", "1", "--batch-size", "2", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0")) == 0
     before = (tmp_path / "ad" / STATE_FILE).read_bytes()
     argv = _cli(tmp_path, "--iters", "2", "--batch-size", "2", "--num-masks", "3", "--rank", "4", "--steps-per-eval", "0")
-    assert main(argv + ["--resume-adapter-file", str(tmp_path / "ad")]) == 1
+    assert main(argv + ["--resume-adapter-file", str(tmp_path / "ad")]) == 2
     err = capsys.readouterr().err
     assert "different adapter configuration: num_masks: checkpoint 2, now 3" in err
     assert (tmp_path / "ad" / STATE_FILE).read_bytes() == before
@@ -339,13 +339,13 @@ def test_cli_init_adapter_keeps_lora_and_masks_with_a_fresh_skip_sampler(tmp_pat
     # both starting points at once is a usage error, nothing written
     third = tmp_path / "third"
     argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first), "--resume-adapter-file", str(first))
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "not both" in capsys.readouterr().err
     assert not third.exists()
     # an adapter of another shape is refused by name
     argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first))
     argv[argv.index("--rank") + 1] = "8"
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "lora_a' has shape" in capsys.readouterr().err
 
 

@@ -20,7 +20,6 @@ is never built here: it is a function of the owners (see
 :func:`dense_layout`, which reproduces :func:`mlx_mtp.layouts.training_layout`).
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..files import read_jsonl as jsonl_lines
 from ..model.layouts import IGNORE, TrainLayout
 
 FORMATS = {
@@ -91,23 +91,8 @@ def read_jsonl(path: Path) -> Tuple[str, List[Tuple[int, dict]]]:
     """
     rows: List[Tuple[int, dict]] = []
     fmt: Optional[str] = None
-    try:
-        f = open(path, "r", encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        try:
-            lines = list(enumerate(f, start=1))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for lineno, line in lines:
-        if not line.strip():
-            continue
+    for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         row_fmt = detect_format(row)
         if row_fmt is None:
             keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
