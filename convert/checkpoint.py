@@ -59,7 +59,11 @@ def _read_torch(path: Path) -> Dict[str, mx.array]:
         import torch
     except ImportError:
         raise ConversionError(f"reading '{path}' needs PyTorch (pip install torch)") from None
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):  # is_zipfile itself raises on some damaged files
+        is_zip = False
+    if not is_zip:
         raise ConversionError(f"'{path}' is not a PyTorch checkpoint (not the zip format torch.save writes)")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
