@@ -17,10 +17,7 @@ temporary directory that is renamed into place).
 """
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -30,6 +27,7 @@ import mlx.nn as nn
 
 from mlx_mtp.adapter import check_adapter_tensors, save_adapter
 from mlx_mtp.errors import USER_ERROR_EXIT, ConversionError, MTPError
+from mlx_mtp.files import atomic_dir
 from mlx_mtp.model.gated_lora import LoRAConfig, _get, model_layers
 from mlx_mtp.model.masks import MAX_MASKS
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, _embedding_shape
@@ -199,28 +197,16 @@ def build_adapter(imp: Imported, model: nn.Module):
 
 
 def _write_dir(out: Path, overwrite: bool, write):
-    """Write into a temporary sibling directory and rename it to ``out``."""
+    """Write the adapter with ``write(dir)`` into a temporary sibling
+    directory renamed to ``out`` (:func:`mlx_mtp.files.atomic_dir`)."""
     out = out.absolute()
     if out.exists():
         if not out.is_dir():
             raise ConversionError(f"output '{out}' exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise ConversionError(f"output directory '{out}' is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_eps(model: nn.Module) -> float:

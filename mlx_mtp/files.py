@@ -6,9 +6,11 @@ with one line naming the file (and the line) and what is wrong; the writer
 raises :class:`~mlx_mtp.errors.WriteError` and leaves the old file as it was.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -43,6 +45,37 @@ def atomic_write(path: PathLike, write: Callable[[str], None]):
             kept = "the previous file is unchanged" if path.exists() else "nothing was written"
             raise WriteError(f"cannot write {path}: {_reason(e)} ({kept})") from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to write a whole directory into;
+    when the block ends without error it is renamed to ``out`` (an earlier
+    ``out`` is moved aside first, then removed). On any failure the temporary
+    directory is removed and an earlier ``out`` is left as it was; an
+    ``OSError`` (disk full, read-only directory) becomes a :class:`WriteError`.
+    """
+    out = Path(out).absolute()
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        if isinstance(e, OSError) or _is_write_failure(e):
+            kept = "the previous copy is unchanged" if out.exists() else "nothing was written"
+            raise WriteError(f"cannot write {out}: {_reason(e)} ({kept})") from None
+        raise
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_write_failure(e: BaseException) -> bool:

@@ -430,6 +430,98 @@ def test_default_model_offline(tmp_path, monkeypatch):
     assert [p.name for p in cache.iterdir()] == [".lock"]
 
 
+def test_failed_write_keeps_earlier_conversion(tmp_path, monkeypatch):
+    """--force over an earlier conversion, and the disk fills: the earlier copy is intact."""
+    import errno
+
+    path = write_gguf(tmp_path / "m.gguf", gguf_tensors(tiny_model()))
+    out = conv.convert_gguf(path, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(out: Path, model, *args):
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conv, "write_model_dir", full)
+    with pytest.raises(WriteError) as e:
+        conv.convert_gguf(path, out, dtype="float16", force=True)
+    assert str(e.value).endswith("No space left on device (the previous copy is unchanged)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_default_model_cache_write_fails(tmp_path, monkeypatch):
+    """A cache write that fails leaves no default model (and no debris); the next call converts."""
+    import errno
+
+    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    write_gguf(dm.default_gguf_path(), gguf_tensors(tiny_model()))
+    real = conv.write_model_dir
+
+    def read_only(*args):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(conv, "write_model_dir", read_only)
+    with pytest.raises(WriteError, match="Read-only file system"):
+        dm.ensure_default_model("keep")
+    assert dm.default_model_path("keep") is None
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", dm.default_gguf_path().name]
+    monkeypatch.setattr(conv, "write_model_dir", real)
+    assert dm.ensure_default_model("keep") == dm.default_model_path("keep")
+
+
+def test_damaged_cache_is_made_again(tmp_path, monkeypatch):
+    """A cached model whose weights were truncated is not trusted: it is converted again."""
+    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    write_gguf(dm.default_gguf_path(), gguf_tensors(tiny_model()))
+    path = dm.ensure_default_model("keep")
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert dm.default_model_path("keep") is None
+    assert dm.ensure_default_model("keep") == path
+    assert weights.read_bytes() == good
+
+
+def test_two_processes_convert_the_default_model_once(tmp_path):
+    """Two processes asking for the default model at once: one converts, the
+    other waits on the cache lock and reuses it; one good copy, no debris."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "MLX_MTP_CACHE": str(cache)}
+    write_gguf(cache / Path(dm.DEFAULT_MEMBER).name, gguf_tensors(tiny_model()))
+    code = "from mlx_mtp.default_model import ensure_default_model; print(ensure_default_model('keep'))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    assert {out.strip() for out, _ in results} == {str(cache / "SmolLM2-135M-Instruct-keep")}
+    assert sum(err.count("converting") for _, err in results) == 1
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "SmolLM2-135M-Instruct-keep",
+                                                        "SmolLM2-135M-Instruct.Q4_1.gguf"]  # fmt: skip
+    mlx_lm.load(str(cache / "SmolLM2-135M-Instruct-keep"))
+
+
+def test_hostile_counts_are_refused_quickly(tmp_path):
+    """Counts and lengths far beyond the file: refused from the header, before any allocation."""
+    path = write_gguf(tmp_path / "m.gguf", gguf_tensors(tiny_model()))
+    data = bytearray(path.read_bytes())
+    for offset, what in ((8, "tensors"), (16, "metadata entries")):
+        bad = bytearray(data)
+        bad[offset : offset + 8] = (2**63).to_bytes(8, "little")
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ConversionError, match=f"truncated GGUF file \\(it claims {2**63} {what}\\)"):
+            conv.convert_gguf(path, tmp_path / "out")
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ConversionError, match="lies past the end of the file"):
+        conv.convert_gguf(path, tmp_path / "out")
+
+
 # ------------------------------------------------- the real model (SmolLM2)
 
 TEXTS = [

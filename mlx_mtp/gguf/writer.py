@@ -10,22 +10,18 @@ built from the metadata and checked against the tensors before a model is
 built, so a hostile file cannot ask for a huge one.
 """
 
-import contextlib
 import hashlib
 import importlib
 import json
 import math
-import os
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import ConversionError, WriteError
+from ..errors import ConversionError
+from ..files import atomic_dir
 from .reader import GGUFHeader, read_gguf
 from .reader import require as _require_value
 from .reader import value as _value
@@ -292,38 +288,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _staging_dir(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out``, renamed to ``out`` on success.
-
-    A write that fails (disk full, read-only directory) removes the temporary
-    directory, leaves an earlier ``out`` as it was and raises
-    :class:`WriteError`.
-    """
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists (use --force to replace it)")
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not tmp.exists():
-            raise
-        kept = "the previous copy is unchanged" if out.exists() else "nothing was written"
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise WriteError(f"cannot write {out}: {reason} ({kept})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def convert_gguf(
     path: Union[str, Path],
     out: Union[str, Path],
@@ -356,7 +320,9 @@ def convert_gguf(
         "converter": "mlx_mtp.gguf",
         "converter_version": CONVERTER_VERSION,
     }
-    with _staging_dir(out, force) as tmp:
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists (use --force to replace it)")
+    with atomic_dir(out) as tmp:
         write_model_dir(tmp, model, config, tokenizer, metadata, provenance)
     return out
 
