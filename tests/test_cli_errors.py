@@ -29,10 +29,13 @@ def _files(tmp: Path) -> dict:
     ad.mkdir()
     (ad / "adapter_config.json").write_text(json.dumps({"format_version": 1, "num_masks": 10**9}))
     (ad / "adapters.safetensors").write_bytes(b"\x00" * 3)
-    data = tmp / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n\xff\xfe\n')
-    return {k: str(tmp / k) for k in ("empty_dir", "bad.jsonl", "binary.jsonl", "bad.gguf", "bad_adapter", "data")}
+    data, bad_data = tmp / "data", tmp / "bad_data"
+    data.mkdir(), bad_data.mkdir()
+    good = "".join(json.dumps({"prompt": "ab", "completion": "cd"}) + "\n" for _ in range(4))
+    (data / "train.jsonl").write_text(good)
+    (bad_data / "train.jsonl").write_bytes(good.encode() + b"\xff\xfe\n")
+    names = ("empty_dir", "bad.jsonl", "binary.jsonl", "bad.gguf", "bad_adapter", "data", "bad_data")
+    return {k: str(tmp / k) for k in names}
 
 
 # (module, argv with {placeholders}); {model} is a tiny model directory
@@ -54,8 +57,11 @@ CASES = [
     ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--val-batches", "0"]),
     ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--weight-decay", "-0.5"]),
     ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "x"]),
-    ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "2", "--batch-size", "1"]),
+    ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "2", "--batch-size", "8"]),
     ("mlx_mtp.lora", ["--model", "{empty_dir}/nope", "--train", "--data", "{data}"]),
+    ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{bad_data}", "--iters", "1"]),
+    ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "1", "--resume-adapter-file",
+                      "{bad_adapter}/adapters.safetensors", "--adapter-path", "{empty_dir}/ad"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{bad.jsonl}", "--out", "{empty_dir}/o"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{binary.jsonl}", "--out", "{empty_dir}/o"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-tokens", "-5"]),
@@ -63,6 +69,7 @@ CASES = [
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{bad_adapter}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--adapter-path", "{empty_dir}"]),
+    ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{bad_data}"]),
     ("mlx_mtp.draft_vocab", ["--model", "{model}", "--adapter-path", "{bad_adapter}", "--data", "{data}"]),
     ("mlx_mtp.draft_vocab", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}", "--size", "-3"]),
     ("convert.gguf", ["{bad.gguf}", "--out", "{empty_dir}/m"]),
@@ -105,7 +112,8 @@ def _run_main(module: str, argv):
 
 
 @pytest.mark.parametrize("module, argv", CASES, ids=[f"{m.split('.')[-1]}:{' '.join(a)[:40]}" for m, a in CASES])
-def test_user_error_exit_code(files, capsys, module, argv):
+def test_user_error_exit_code(files, capsys, monkeypatch, tmp_path, module, argv):
+    monkeypatch.chdir(tmp_path)  # a case that wrongly succeeds writes nothing into the repository
     code = _run_main(module, _fill(argv, files))
     err = capsys.readouterr().err
     assert code == USER_ERROR_EXIT, err
