@@ -311,8 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        if args.max_tokens < 1 or args.batch_size < 1:
-            raise DistillError("--max-tokens and --batch-size must be positive")
+        if args.max_tokens < 1 or args.batch_size < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+            raise DistillError("--max-tokens, --batch-size and --max-prompts must be positive")
         if not 0 <= args.valid_fraction < 1:
             raise DistillError("--valid-fraction must be in [0, 1)")
         prompts = read_prompts(args.prompts)

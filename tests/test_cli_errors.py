@@ -66,6 +66,7 @@ CASES = [
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{binary.jsonl}", "--out", "{empty_dir}/o"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-tokens", "-5"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--valid-fraction", "2"]),
+    ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-prompts", "-1"]),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{bad_adapter}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--adapter-path", "{empty_dir}"]),
