@@ -124,10 +124,7 @@ def _tiny_gguf(path: Path) -> Path:
 def _gguf_fields(data: bytes):
     """(offset, size) of the header's counts, every length and the tensor
     table's dims, types and offsets: where a hostile value hurts most."""
-    from mlx_mtp.gguf.reader import read_header
-
-    fields = [(4, 4), (8, 8), (16, 8)]
-    pos = 24
+    fields = [(4, 4), (8, 8), (16, 8)]  # version, tensor count, metadata count
     try:
         import gguf
 
@@ -140,7 +137,7 @@ def _gguf_fields(data: bytes):
                 fields.append((int(part.ctypes.data - reader.data.ctypes.data), min(part.nbytes, 8)))
     except Exception:
         pass
-    return [f for f in fields if 0 <= f[0] < len(data) and f[1] in (4, 8)] or [(pos, 8)]
+    return [f for f in fields if 0 <= f[0] < len(data) and f[1] in (4, 8)]
 
 
 _GGUF_PATH = None
@@ -157,21 +154,9 @@ def gguf_file(tmp_path_factory):
 
 def convert_in_memory(path: Path) -> None:
     """Everything the converter does with a file, short of writing it."""
-    from mlx_mtp.gguf.tokenizer import build_tokenizer
-    from mlx_mtp.gguf.writer import architecture, build_config, build_model, check_config, convert_weights
-    from mlx_mtp.gguf.reader import read_gguf
+    from mlx_mtp.gguf.writer import read_model
 
-    header, raw, metadata = read_gguf(path)
-    architecture(metadata)
-    weights = convert_weights(raw, "keep")
-    config = build_config(metadata, weights)
-    check_config(config, header)
-    build_tokenizer(metadata)
-    from mlx_mtp.gguf.writer import quantization_config
-
-    if (quant := quantization_config(weights)) is not None:
-        config["quantization"] = quant
-    build_model(config, weights)
+    read_model(path, "keep")
 
 
 def test_tiny_gguf_converts(gguf_file, tmp_path):
@@ -194,11 +179,12 @@ def test_fuzz_gguf(gguf_file, tmp_path, data):
     check("gguf", blob, lambda: convert_in_memory(path))
 
 
-@pytest.mark.parametrize("case", corpus("gguf"), ids=lambda p: p.name)
-def test_gguf_corpus(case, tmp_path):
-    path = tmp_path / "m.gguf"
-    path.write_bytes(case.read_bytes())
-    check("gguf", case.read_bytes(), lambda: convert_in_memory(path))
+def test_gguf_corpus(tmp_path):
+    """Replay tests/fuzz_corpus/gguf/: inputs that once failed."""
+    for case in corpus("gguf"):
+        path = tmp_path / "m.gguf"
+        path.write_bytes(case.read_bytes())
+        check("gguf", case.read_bytes(), lambda: convert_in_memory(path))
 
 
 # ------------------------------------------------------------------- adapter
@@ -257,14 +243,16 @@ def test_fuzz_adapter_config(adapter_dir, tmp_path, data):
     check("adapter_config", blob, _load_adapter_from(tmp_path, weights, blob))
 
 
-@pytest.mark.parametrize("case", corpus("adapter_weights"), ids=lambda p: p.name)
-def test_adapter_weights_corpus(adapter_dir, tmp_path, case):
-    check("adapter_weights", case.read_bytes(), _load_adapter_from(tmp_path, case.read_bytes(), adapter_dir[2]))
+def test_adapter_weights_corpus(adapter_dir, tmp_path):
+    """Replay tests/fuzz_corpus/adapter_weights/: inputs that once failed."""
+    for case in corpus("adapter_weights"):
+        check("adapter_weights", case.read_bytes(), _load_adapter_from(tmp_path, case.read_bytes(), adapter_dir[2]))
 
 
-@pytest.mark.parametrize("case", corpus("adapter_config"), ids=lambda p: p.name)
-def test_adapter_config_corpus(adapter_dir, tmp_path, case):
-    check("adapter_config", case.read_bytes(), _load_adapter_from(tmp_path, adapter_dir[1], case.read_bytes()))
+def test_adapter_config_corpus(adapter_dir, tmp_path):
+    """Replay tests/fuzz_corpus/adapter_config/: inputs that once failed."""
+    for case in corpus("adapter_config"):
+        check("adapter_config", case.read_bytes(), _load_adapter_from(tmp_path, adapter_dir[1], case.read_bytes()))
 
 
 # ------------------------------------------------------------ torch importer
@@ -322,12 +310,13 @@ def test_fuzz_torch_importer(peft_files, tmp_path, data):
     check("torch_importer", blob, run)
 
 
-@pytest.mark.parametrize("case", corpus("torch_importer"), ids=lambda p: p.name)
-def test_torch_importer_corpus(peft_files, tmp_path, case):
-    blob = case.read_bytes()
-    is_json = blob[:1] == b"{"
-    run = _import_peft(tmp_path, peft_files[0] if is_json else blob, blob if is_json else peft_files[1])
-    check("torch_importer", blob, run)
+def test_torch_importer_corpus(peft_files, tmp_path):
+    """Replay tests/fuzz_corpus/torch_importer/: inputs that once failed."""
+    for case in corpus("torch_importer"):
+        blob = case.read_bytes()
+        is_json = blob[:1] == b"{"
+        run = _import_peft(tmp_path, peft_files[0] if is_json else blob, blob if is_json else peft_files[1])
+        check("torch_importer", blob, run)
 
 
 def test_fuzz_torch_pickle(tmp_path):
@@ -368,20 +357,22 @@ def test_fuzz_data_reader(tmp_path, data):
     check("jsonl", blob, lambda: read_jsonl(path))
 
 
-@pytest.mark.parametrize("case", corpus("jsonl"), ids=lambda p: p.name)
-def test_jsonl_corpus(tmp_path, case):
+def test_jsonl_corpus(tmp_path):
+    """Replay tests/fuzz_corpus/jsonl/: inputs that once failed."""
     from mlx_mtp.training.data import read_jsonl
 
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(case.read_bytes())
-    check("jsonl", case.read_bytes(), lambda: read_jsonl(path))
+    for case in corpus("jsonl"):
+        path = tmp_path / "train.jsonl"
+        path.write_bytes(case.read_bytes())
+        check("jsonl", case.read_bytes(), lambda: read_jsonl(path))
 
 
-@pytest.mark.parametrize("case", corpus("torch_pickle"), ids=lambda p: p.name)
-def test_torch_pickle_corpus(tmp_path, case):
+def test_torch_pickle_corpus(tmp_path):
+    """Replay tests/fuzz_corpus/torch_pickle/: inputs that once failed."""
     pytest.importorskip("torch")
     from convert.checkpoint import read_tensors
 
-    path = tmp_path / "adapter_model.bin"
-    path.write_bytes(case.read_bytes())
-    check("torch_pickle", case.read_bytes(), lambda: read_tensors(path))
+    for case in corpus("torch_pickle"):
+        path = tmp_path / "adapter_model.bin"
+        path.write_bytes(case.read_bytes())
+        check("torch_pickle", case.read_bytes(), lambda: read_tensors(path))

@@ -15,7 +15,7 @@ import importlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -288,6 +288,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class Converted(NamedTuple):
+    """A GGUF model read, checked and built in memory, ready to be written."""
+
+    model: nn.Module
+    config: dict
+    tokenizer: Any
+    metadata: dict
+
+
+def read_model(path: Union[str, Path], dtype: str = "keep") -> Converted:
+    """Read the GGUF file ``path`` as an mlx-lm model in ``dtype``: every
+    check of the conversion, nothing written. Raises :class:`ConversionError`."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    header, raw, metadata = read_gguf(path)
+    architecture(metadata)
+    weights = convert_weights(raw, dtype)
+    config = build_config(metadata, weights)
+    check_config(config, header)
+    tokenizer = build_tokenizer(metadata)
+    if dtype == "keep" and (quant := quantization_config(weights)) is not None:
+        config["quantization"] = quant
+    return Converted(build_model(config, weights), config, tokenizer, metadata)
+
+
 def convert_gguf(
     path: Union[str, Path],
     out: Union[str, Path],
@@ -300,19 +325,9 @@ def convert_gguf(
     created (atomically, by a rename) once everything has been written.
     """
     path, out = Path(path), Path(out)
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists (use --force to replace it)")
-    header, raw, metadata = read_gguf(path)
-    architecture(metadata)
-    weights = convert_weights(raw, dtype)
-    config = build_config(metadata, weights)
-    check_config(config, header)
-    tokenizer = build_tokenizer(metadata)
-    if dtype == "keep" and (quant := quantization_config(weights)) is not None:
-        config["quantization"] = quant
-    model = build_model(config, weights)
+    converted = read_model(path, dtype)
     provenance = {
         "source": path.name,
         "sha256": _sha256(path),
@@ -320,10 +335,6 @@ def convert_gguf(
         "converter": "mlx_mtp.gguf",
         "converter_version": CONVERTER_VERSION,
     }
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists (use --force to replace it)")
     with atomic_dir(out) as tmp:
-        write_model_dir(tmp, model, config, tokenizer, metadata, provenance)
+        write_model_dir(tmp, *converted, provenance)
     return out
-
-
