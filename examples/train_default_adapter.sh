@@ -20,7 +20,7 @@ STAGE1_ITERS=${STAGE1_ITERS:-184}
 STAGE2_ITERS=${STAGE2_ITERS:-371}
 STAGE3_ITERS=${STAGE3_ITERS:-700}
 STAGE3_DECAY=${STAGE3_DECAY:-140}
-MODEL=$(python -c "from convert.gguf import ensure_default_model; print(ensure_default_model('float32'))")
+MODEL=$(python -c "from mlx_mtp.default_model import ensure_default_model; print(ensure_default_model('float32'))")
 OUT=mlx_mtp/adapters/smollm2-135m-instruct
 COMMON=(--model "$MODEL" --train --num-masks 4 --rank 16 --alpha 32 --batch-size 2
         --learning-rate 5e-4 --warmup 20 --max-seq-length 1024 --mask-chunk 256 --save-every 20

@@ -32,7 +32,11 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
+from .arguments import int_range, non_negative_int, positive_int
 from .decoding.decode import DEFAULT_LOOKUP, SpeculativeDecoder
+from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
+from .files import read_jsonl
+from .model.masks import MAX_MASKS
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
@@ -84,26 +88,26 @@ def default_prompts_file() -> Optional[Path]:
 
 
 def read_prompts(path: Path, categories: Optional[List[str]], per_category: Optional[int]):
+    """(category, prompt) of Spec-Bench rows (``turns`` or ``prompt``);
+    :class:`DataError` naming the file and line of a bad one."""
     rows = []
     counts: Dict[str, int] = defaultdict(int)
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            cat = row.get("category", "all")
-            if categories and cat not in categories:
-                continue
-            if per_category is not None and counts[cat] >= per_category:
-                continue
-            text = row["turns"][0] if "turns" in row else row.get("prompt")
-            if not text:
-                raise ValueError(f"{path}:{line_no}: no 'turns' or 'prompt'")
-            counts[cat] += 1
-            rows.append((cat, text))
+    for line_no, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: not a JSON object")
+        cat = row.get("category", "all")
+        if not isinstance(cat, str):
+            raise DataError(f"{path}:{line_no}: 'category' is not a string")
+        if categories and cat not in categories:
+            continue
+        if per_category is not None and counts[cat] >= per_category:
+            continue
+        turns = row.get("turns")
+        text = turns[0] if isinstance(turns, list) and turns else row.get("prompt")
+        if not text or not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: no 'turns' or 'prompt' text")
+        counts[cat] += 1
+        rows.append((cat, text))
     return rows
 
 
@@ -403,13 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
     p.add_argument("--prompts", default=None, help="jsonl with Spec-Bench rows (default: Spec-Bench's question.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated categories")
-    p.add_argument("--num-prompts", type=int, default=None, help="prompts per category")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-masks", type=int, default=None, help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)")
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="prompts per category")
+    p.add_argument("--max-tokens", type=positive_int, default=128)
+    p.add_argument("--num-masks", type=int_range(0, MAX_MASKS), default=None, help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)")
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
-    p.add_argument("--branches", type=int, default=1,
+    p.add_argument("--branches", type=positive_int, default=1,
                    help="verify the sampler head's B most likely first speculations, each with its own chain (default: 1)")
-    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+    p.add_argument("--lookup", type=non_negative_int, default=DEFAULT_LOOKUP,
                    help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
     p.add_argument("--json", default=None)
@@ -421,9 +425,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         sys.exit(run(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (MTPError, ValueError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .errors import USER_ERROR_EXIT, DataError
+from .files import read_jsonl as jsonl_lines
+
 STATE_FILE = ".distill_state.json"
 SPLITS = ("train", "valid")
 
 
-class DistillError(ValueError):
+class DistillError(DataError):
     pass
 
 
@@ -90,20 +93,10 @@ def read_prompts(path: Union[str, Path]) -> List[Prompt]:
         raise DistillError(f"{path}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise DistillError(f"cannot read '{path}': {e.strerror}") from None
-    prompts: List[Prompt] = []
-    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        if is_jsonl:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistillError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            prompts.append(_prompt_from_row(row, where))
-        else:
-            prompts.append(line.strip())
+    if path.suffix.lower() in (".jsonl", ".json"):
+        prompts = [_prompt_from_row(row, f"{path}:{n}") for n, row in jsonl_lines(path, DistillError)]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DistillError(f"{path}: no prompts")
     return prompts
@@ -318,8 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        if args.max_tokens < 1 or args.batch_size < 1:
-            raise DistillError("--max-tokens and --batch-size must be positive")
+        if args.max_tokens < 1 or args.batch_size < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+            raise DistillError("--max-tokens, --batch-size and --max-prompts must be positive")
         if not 0 <= args.valid_fraction < 1:
             raise DistillError("--valid-fraction must be in [0, 1)")
         prompts = read_prompts(args.prompts)
@@ -352,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"Interrupted; run the same command again to resume ({out}).", file=sys.stderr)
         return 130

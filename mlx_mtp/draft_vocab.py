@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .arguments import non_negative_int
+
 
 def frequent_tokens(responses: Iterable[Sequence[int]], size: int, always: Sequence[int] = ()) -> np.ndarray:
     """The ``size`` most frequent ids in ``responses`` (``always`` included), sorted."""
@@ -46,7 +48,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
     p.add_argument("--adapter-path", required=True, help="adapter directory to update")
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
-    p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (0 removes it)")
+    p.add_argument("--size", type=non_negative_int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
     from .training.data import response_tokens
     from .loading import edit_adapter

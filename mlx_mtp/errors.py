@@ -17,8 +17,24 @@ class AdapterError(MTPError):
 
 
 class DataError(MTPError):
-    """Training data that cannot be read or used."""
+    """Training data (or another JSONL file) that cannot be read or used."""
 
 
 class ModelLoadError(MTPError):
     """The model (or the default model) cannot be loaded."""
+
+
+class ConversionError(MTPError):
+    """A GGUF file, PyTorch checkpoint or default model that cannot be converted."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its class name if it has none):
+    what a CLI prints after ``error:`` for an error raised by a library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class WriteError(MTPError):
+    """A file that cannot be written (disk full, read-only directory); the
+    file it was to replace is left as it was."""

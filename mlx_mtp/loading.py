@@ -17,13 +17,9 @@ ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 
 def default_model_path() -> str:
     """The default model (SmolLM2-135M-Instruct converted for mlx-lm), made
-    available on first use by :func:`convert.gguf.ensure_default_model`."""
-    try:
-        from convert.gguf import ensure_default_model
-    except ImportError:
-        raise ModelLoadError(
-            "no default model is available here (convert.gguf is missing): pass a model path or hub id"
-        ) from None
+    available on first use by :func:`mlx_mtp.default_model.ensure_default_model`."""
+    from .default_model import ensure_default_model
+
     try:
         return str(ensure_default_model())
     except Exception as e:  # network, disk, conversion

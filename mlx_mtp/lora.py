@@ -20,6 +20,7 @@ interrupt) end in one line on stderr and exit status 2.
 """
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
@@ -28,6 +29,7 @@ from typing import Any, Dict, List, Optional
 
 from .errors import USER_ERROR_EXIT, MTPError
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
+from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
 from .training.args import TrainArgs, train_arg_defaults, train_arg_help
 
@@ -209,12 +211,21 @@ def _check(args):
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)!r}")
     for key in ["warmup", "decay_steps", "save_every", "steps_per_eval", "mask_chunk"]:
-        if getattr(args, key) < 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 0")
+        if not isinstance(getattr(args, key), int) or getattr(args, key) < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= 0")
     if args.decay_steps > args.iters:
         raise UsageError(f"--decay-steps {args.decay_steps} is more than --iters {args.iters}")
     if not isinstance(args.num_layers, int) or (args.num_layers < 1 and args.num_layers != -1):
         raise UsageError("--num-layers must be a positive integer, or -1 for all layers")
+    for key in ["learning_rate", "sampler_lr_scale", "scale", "alpha", "weight_decay", "base_loss_weight",
+                "sampler_loss_weight", "consistency_loss_weight", "distill_loss_weight"]:
+        v = getattr(args, key, None)
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v < 0):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+    if args.num_masks > MAX_MASKS:
+        raise UsageError(f"--num-masks must be at most {MAX_MASKS}, got {args.num_masks}")
+    if not isinstance(args.val_batches, int) or (args.val_batches < 1 and args.val_batches != -1):
+        raise UsageError("--val-batches must be a positive integer, or -1 for the whole set")
     if args.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
     if args.sampler_lr_scale <= 0:

@@ -4,7 +4,7 @@ from here or from ``tiny.py``, never from each other).
 
 - the rule: :func:`unavailable` and :func:`need`;
 - the real default model (SmolLM2-135M-Instruct), downloaded and converted
-  once (see :func:`convert.gguf.ensure_default_model`): ``default_gguf_path``,
+  once (see :func:`mlx_mtp.default_model.ensure_default_model`): ``default_gguf_path``,
   ``default_model_path``;
 - decoding against mlx-lm on tiny random models: :func:`mtp_for`,
   :func:`make_prompt`, :func:`reference`, :func:`oracle_draft`, :func:`run`;
@@ -58,7 +58,7 @@ def need(module: str, hint: str = "pip install -e '.[parity]'"):
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The default model's GGUF file, downloaded into the cache if needed."""
-    from convert.gguf import ConversionError, ensure_default_gguf
+    from mlx_mtp.default_model import ConversionError, ensure_default_gguf
 
     try:
         return ensure_default_gguf()
@@ -69,7 +69,7 @@ def default_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The converted float32 default model directory (cached)."""
-    from convert.gguf import ConversionError, ensure_default_model
+    from mlx_mtp.default_model import ConversionError, ensure_default_model
 
     try:
         return ensure_default_model()

@@ -27,15 +27,13 @@ import mlx.core as mx
 from mlx_lm import load
 
 import torch_reference as R
-from convert.torch import convert, glora_mask_token_id, main
+from convert.mtp_glora import glora_mask_token_id
+from convert.torch import convert, main
+from mlx_mtp import propose
 from mlx_mtp.adapter import load_adapter, read_adapter_config
 from mlx_mtp.model.layouts import linear_layout
 from mlx_mtp.model.mtp_model import MTPModel
 
-try:  # the library's own draft chain, where it exists
-    from mlx_mtp.generate import propose
-except ImportError:
-    propose = None
 
 pytestmark = pytest.mark.torch
 
@@ -87,8 +85,7 @@ def check_parity(torch_model, adapter, model_dir, adapter_dir):
         worst["logits"] = max(worst["logits"], float(np.abs(logits - ref.logits).max()))
         worst["sampler"] = max(worst["sampler"], float(np.abs(sampler - ref.sampler_logits).max()))
         assert chain == ref.chain, f"prompt {prompt}: MLX chain {chain} != PyTorch chain {ref.chain}"
-        if propose is not None:
-            assert propose(mtp, tokenizer, prompt) == ref.chain, f"prompt {prompt}: propose() differs"
+        assert propose(mtp, tokenizer, prompt) == ref.chain, f"prompt {prompt}: propose() differs"
     print(f"max |diff|: logits {worst['logits']:.2e}, sampler logits {worst['sampler']:.2e}")
     assert worst["logits"] <= TOL and worst["sampler"] <= TOL, worst
     return worst

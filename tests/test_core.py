@@ -3,6 +3,7 @@ selective-commit cache and adapter files (tiny random models)."""
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mtp.adapter import AdapterError, load_adapter, save_adapter
+from mlx_mtp.errors import WriteError
 from mlx_mtp.model.cache import commit
 from mlx_mtp.model.gated_lora import GatedLoRALinear, LoRAConfig
 from mlx_mtp.model.layouts import linear_layout, quadratic_layout, training_layout
@@ -266,7 +268,7 @@ def test_failed_save_leaves_previous_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mx, "save_safetensors", boom)
     randomize_adapter(mtp, seed=9)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="disk full.*previous file is unchanged"):
         save_adapter(mtp, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapters.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapters.safetensors"]
@@ -335,3 +337,74 @@ def test_skip_sampler_starts_as_lm_head_and_gets_gradients():
     plain = SamplerHead(64, SamplerConfig(skip=False))
     assert not mx.allclose(plain(prev, z), z).item()
     assert isinstance(plain.layers[0].linear, nn_.Linear)
+
+
+def test_save_into_read_only_directory_keeps_adapter(tmp_path, monkeypatch):
+    """A read-only target (simulated: root ignores permissions): one line, old files kept."""
+    import errno
+    import tempfile
+
+    mtp = tiny_mtp("llama", num_masks=2)
+    save_adapter(mtp, tmp_path / "ad")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(WriteError) as e:
+        save_adapter(randomize_adapter(mtp, seed=5), tmp_path / "ad")
+    assert str(e.value).endswith("Read-only file system (the previous file is unchanged)")
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before
+
+
+def test_truncated_adapter_is_one_line(tmp_path):
+    """The issue's case: a truncated adapters.safetensors ends in AdapterError naming the file."""
+    save_adapter(tiny_mtp("llama", num_masks=2), tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(AdapterError, match=r"adapters.safetensors: tensor '.*': .*past the end of the file"):
+        load_adapter(tiny_model("llama"), tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda w: w.__setitem__("masks.weight", w["masks.weight"].astype(mx.int32)), "not a floating-point type"),
+        (lambda w: w.__setitem__("extra", mx.zeros(3)), "unexpected tensors: extra"),
+        (lambda w: w.__setitem__("draft_vocab", mx.zeros((2, 2))), "'draft_vocab' is not a 1-D array of token ids"),
+        (lambda w: w.__setitem__("masks.weight", mx.full(w["masks.weight"].shape, float("nan"))), "NaN or infinite"),
+    ],
+    ids=["int-dtype", "extra-tensor", "draft-vocab-2d", "nan"],
+)
+def test_adapter_tensors_checked(tmp_path, edit, message):
+    save_adapter(tiny_mtp("llama", num_masks=2), tmp_path / "ad")
+    path = tmp_path / "ad" / "adapters.safetensors"
+    weights = dict(mx.load(str(path)))
+    edit(weights)
+    mx.save_safetensors(str(path), weights)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(tiny_model("llama"), tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("num_masks", 10**9, "num_masks is 1000000000, not an integer in 1..16"),
+        ("lora", {"rank": 10**6}, "lora rank 1000000 (rank) is more than the model's hidden size 64"),
+        ("lora", {"keys": "q_proj"}, "lora.keys is not a list"),
+        ("sampler", {"eps": -1}, "sampler.eps is -1"),
+        ("base_model", [], "base_model is not an object"),
+    ],
+)
+def test_adapter_config_checked(tmp_path, key, value, message):
+    import json
+
+    save_adapter(tiny_mtp("llama", num_masks=2), tmp_path / "ad")
+    cfg_file = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        load_adapter(tiny_model("llama"), tmp_path / "ad")

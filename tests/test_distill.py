@@ -136,13 +136,13 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"fine"\n{"prompt": \n')
     out = tmp_path / "out"
-    assert main(["--model", str(model_dir()), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 1
+    assert main(["--model", str(model_dir()), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid JSON" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
-    assert main(["--model", str(tmp_path / "no-model"), "--prompts", str(prompts_file()), "--out", str(out)]) == 1
+    assert main(["--model", str(tmp_path / "no-model"), "--prompts", str(prompts_file()), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert not out.exists()
-    assert main(["--model", str(model_dir()), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 1
+    assert main(["--model", str(model_dir()), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err and not out.exists()

@@ -18,9 +18,9 @@ from typing import Dict, List, NamedTuple, Optional
 
 import mlx.core as mx
 
-from ..adapter import CONFIG_FILE, DRAFT_VOCAB, WEIGHTS_FILE, save_adapter
+from ..adapter import CONFIG_FILE, DRAFT_VOCAB, WEIGHTS_FILE, check_adapter_tensors, save_adapter
 from ..errors import AdapterError, MTPError
-from ..files import atomic_write
+from ..files import atomic_write, read_safetensors
 from ..model.mtp_model import MTPModel
 
 STATE_FILE = "training_state.safetensors"
@@ -122,10 +122,7 @@ def resolve_state_file(path: Path) -> Path:
 def read_checkpoint(state_file: Path) -> TrainingState:
     """The training state in ``state_file``; :class:`AdapterError` if it is
     not one or cannot be read."""
-    try:
-        arrays, metadata = mx.load(str(state_file), return_metadata=True)
-    except Exception as e:  # mlx: RuntimeError/ValueError on a bad file
-        raise AdapterError(f"cannot read '{state_file}': {_reason(e)}") from None
+    arrays, metadata = read_safetensors(state_file, AdapterError, metadata=True)
     if metadata.get("format") != STATE_FORMAT:
         raise AdapterError(f"'{state_file}' is not an mlx-mtp training state")
     try:
@@ -145,10 +142,7 @@ def read_weights(path: Path):
     weights_file = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights_file.exists():
         raise AdapterError(f"no adapter weights at '{weights_file}'")
-    try:
-        weights = dict(mx.load(str(weights_file)))
-    except Exception as e:
-        raise AdapterError(f"cannot read '{weights_file}': {_reason(e)}") from None
+    weights = dict(read_safetensors(weights_file, AdapterError))
     weights.pop(DRAFT_VOCAB, None)
     return weights, weights_file
 
@@ -162,17 +156,7 @@ def check_weights(
     if exclude:
         expected = {k: v for k, v in expected.items() if not k.startswith(exclude)}
         weights = {k: v for k, v in weights.items() if not k.startswith(exclude)}
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise AdapterError(f"'{source}' does not fit this adapter configuration ({what})")
-    for name, v in weights.items():
-        if v.shape != expected[name].shape:
-            raise AdapterError(
-                f"'{source}': tensor '{name}' has shape {tuple(v.shape)}, "
-                f"this adapter configuration needs {tuple(expected[name].shape)}"
-            )
+    check_adapter_tensors(weights, expected, source)
     return {k: v.astype(expected[k].dtype) for k, v in weights.items()}
 
 

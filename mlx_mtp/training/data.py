@@ -21,7 +21,6 @@ not stored: it is a function of the owners
 :mod:`mlx_mtp.training.batching`).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..files import read_jsonl as jsonl_lines
 from ..model.layouts import IGNORE
 
 FORMATS = {
@@ -92,23 +92,8 @@ def read_jsonl(path: Path) -> Tuple[str, List[Tuple[int, dict]]]:
     """
     rows: List[Tuple[int, dict]] = []
     fmt: Optional[str] = None
-    try:
-        f = open(path, "r", encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        try:
-            lines = list(enumerate(f, start=1))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for lineno, line in lines:
-        if not line.strip():
-            continue
+    for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         row_fmt = detect_format(row)
         if row_fmt is None:
             keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__

@@ -1,0 +1,340 @@
+"""Writing a GGUF model as an mlx-lm model directory.
+
+The weights come from ``mx.load``, which reads Q4_0, Q4_1 and Q8_0 tensors as
+MLX affine quantized triples (``weight``, ``scales``, ``biases``; group size
+32). ``dtype="keep"`` leaves them quantized (and F16/F32 tensors as they
+are); ``float16``/``float32`` dequantize everything. llama.cpp stores a llama
+model's Q and K projections permuted for interleaved RoPE, so the config sets
+``rope_traditional: true`` instead of permuting them back. The config is
+built from the metadata and checked against the tensors before a model is
+built, so a hostile file cannot ask for a huge one.
+"""
+
+import hashlib
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ConversionError
+from ..files import atomic_dir
+from .reader import GGUFHeader, read_gguf
+from .reader import require as _require_value
+from .reader import value as _value
+from .tokenizer import build_tokenizer, tokenizer_configs
+
+DTYPES = ("keep", "float16", "float32")
+GROUP_SIZE = 32
+CONVERTER_VERSION = 1
+
+# GGUF tensor name (per block, or global) -> mlx-lm name.
+BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+NORMS = ("attn_norm", "ffn_norm", "output_norm")
+SUFFIXES = ("weight", "scales", "biases", "bias")
+
+# Architectures and what differs between them. llama.cpp permutes Q/K of
+# llama models only (interleaved RoPE); qwen2 keeps the HF layout.
+ARCHITECTURES = {
+    "llama": {"rope_traditional": True, "attention_bias": False},
+    "qwen2": {"rope_traditional": False, "attention_bias": True},
+}
+
+
+
+def architecture(metadata: dict) -> str:
+    """``general.architecture``, checked against the supported ones."""
+    arch = _require_value(metadata, "general.architecture")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ConversionError(
+            f"unsupported GGUF architecture {arch!r}; supported: "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    if _value(metadata, f"{arch}.expert_count", 0):
+        raise ConversionError(f"mixture-of-experts {arch} models are not supported")
+    return arch
+
+
+def _rope_scaling(metadata: dict, arch: str) -> Optional[dict]:
+    kind = _value(metadata, f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    factor = _value(metadata, f"{arch}.rope.scaling.factor")
+    if kind == "linear" and type(factor) in (int, float) and math.isfinite(factor) and factor > 0:
+        return {"type": "linear", "factor": float(factor)}
+    raise ConversionError(f"unsupported RoPE scaling {kind!r} (only linear)")
+
+
+def _int(metadata: dict, key: str, default: Any = None) -> int:
+    v = _value(metadata, key, default) if default is not None else _require_value(metadata, key)
+    if type(v) is not int or v < 1:
+        raise ConversionError(f"GGUF metadata {key} is {v!r}, not a positive integer")
+    return v
+
+
+def _float(metadata: dict, key: str, default: Any = None) -> float:
+    v = _value(metadata, key, default) if default is not None else _require_value(metadata, key)
+    if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+        raise ConversionError(f"GGUF metadata {key} is {v!r}, not a positive number")
+    return float(v)
+
+
+def check_config(config: dict, header: GGUFHeader) -> None:
+    """The sizes in ``config`` agree with the tensor table (checked before a
+    model of those sizes is built)."""
+    dims = {name: t.dims for name, t in header.tensors.items()}
+    embed = dims.get("token_embd.weight")
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    if embed is None or len(embed) != 2:
+        raise ConversionError("the GGUF file has no 2-D token_embd.weight")
+    if embed != (hidden, vocab):
+        raise ConversionError(
+            f"token_embd.weight has shape {list(embed)}, but the metadata gives hidden size {hidden} "
+            f"and vocabulary {vocab}"
+        )
+    blocks = {int(n.split(".")[1]) for n in dims if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if blocks != set(range(config["num_hidden_layers"])):
+        raise ConversionError(
+            f"the metadata gives {config['num_hidden_layers']} blocks, the tensors cover "
+            f"{len(blocks)} (blk.{min(blocks, default=0)}..{max(blocks, default=0)})"
+        )
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim", hidden // heads)
+    if heads > hidden or kv > heads or heads % kv or head_dim * heads > 16 * hidden:
+        raise ConversionError(f"{heads} attention heads ({kv} key/value heads) of size {head_dim} do not fit hidden size {hidden}")
+    up = dims.get("blk.0.ffn_up.weight")
+    if up is not None and up[1:] != (config["intermediate_size"],):
+        raise ConversionError(f"blk.0.ffn_up.weight has shape {list(up)}, but the metadata gives "
+                              f"feed-forward size {config['intermediate_size']}")
+
+
+def build_config(metadata: dict, weights: Dict[str, mx.array]) -> dict:
+    """An mlx-lm config.json from the GGUF metadata."""
+    arch = architecture(metadata)
+    p = f"{arch}."
+    hidden = _int(metadata, p + "embedding_length")
+    heads = _int(metadata, p + "attention.head_count")
+    head_dim = _int(metadata, p + "attention.key_length", max(hidden // heads, 1))
+    if arch == "qwen2" and head_dim != hidden // heads:
+        raise ConversionError("qwen2 with head_dim != hidden_size / heads")
+    vocab = _value(metadata, p + "vocab_size") or len(_require_value(metadata, "tokenizer.ggml.tokens"))
+    if type(vocab) is not int or vocab < 1:
+        raise ConversionError(f"GGUF metadata {p}vocab_size is {vocab!r}, not a positive integer")
+    special = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        v = _value(metadata, f"tokenizer.ggml.{key}")
+        if v is not None and (type(v) is not int or not 0 <= v < vocab):
+            raise ConversionError(f"GGUF metadata tokenizer.ggml.{key} is {v!r}, not a token id below {vocab}")
+        special[key] = v
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": _int(metadata, p + "block_count"),
+        "intermediate_size": _int(metadata, p + "feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _int(metadata, p + "attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _float(metadata, p + "attention.layer_norm_rms_epsilon"),
+        "rope_theta": _float(metadata, p + "rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(metadata, arch),
+        "max_position_embeddings": _int(metadata, p + "context_length", 2048),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+        **special,
+        **ARCHITECTURES[arch],
+    }
+    if arch == "qwen2":
+        config.pop("head_dim")
+        config.pop("attention_bias")
+    return {k: v for k, v in config.items() if v is not None}
+
+
+# -------------------------------------------------------------------- weights
+
+
+def mlx_name(name: str) -> str:
+    """The mlx-lm name of a GGUF tensor (or of one part of a quantized one)."""
+    parts = name.split(".")
+    if parts[-1] in SUFFIXES:
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
+            return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
+        if len(parts) == 2 and parts[0] in GLOBAL_NAMES:
+            return f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    raise ConversionError(f"unknown GGUF tensor {name!r} (not a llama-family layout)")
+
+
+def _packed_bits(weights: Dict[str, mx.array], stem: str) -> int:
+    return weights[f"{stem}.weight"].shape[-1] // weights[f"{stem}.scales"].shape[-1]
+
+
+def dequantize_weights(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
+    """Every tensor as ``dtype``; quantized triples dequantized in float32."""
+    out = {}
+    for key, w in weights.items():
+        stem, suffix = key.rsplit(".", 1)
+        if suffix in ("scales", "biases"):
+            continue
+        if f"{stem}.scales" in weights and suffix == "weight":
+            scales = weights[f"{stem}.scales"].astype(mx.float32)
+            biases = weights[f"{stem}.biases"].astype(mx.float32)
+            bits = _packed_bits(weights, stem)
+            w = mx.dequantize(w, scales, biases, group_size=GROUP_SIZE, bits=bits)
+        out[key] = w.astype(dtype)
+    return out
+
+
+def quantization_config(weights: Dict[str, mx.array]) -> Optional[dict]:
+    """mlx-lm's ``quantization`` entry for weights kept as they were loaded.
+
+    The most common bit width is the default; modules with another width (a
+    Q8_0 embedding beside Q4 layers) get their own entry, and linear or
+    embedding modules left in float get ``False``.
+    """
+    bits = {k[: -len(".scales")]: _packed_bits(weights, k[: -len(".scales")])
+            for k in weights if k.endswith(".scales")}  # fmt: skip
+    if not bits:
+        return None
+    default = max(set(bits.values()), key=list(bits.values()).count)
+    config: Dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default}
+    for stem, b in sorted(bits.items()):
+        if b != default:
+            config[stem] = {"group_size": GROUP_SIZE, "bits": b}
+    for key in sorted(weights):
+        stem, suffix = key.rsplit(".", 1)
+        if suffix == "weight" and stem not in bits and not stem.endswith("norm"):
+            config[stem] = False
+    return config
+
+
+def convert_weights(raw: Dict[str, mx.array], dtype: str) -> Dict[str, mx.array]:
+    """GGUF tensors renamed for mlx-lm, in the requested dtype."""
+    weights = {mlx_name(k): v for k, v in raw.items()}
+    if dtype == "keep":
+        return weights
+    return dequantize_weights(weights, getattr(mx, dtype))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _model_class(config: dict):
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    return module.Model, module.ModelArgs
+
+
+def build_model(config: dict, weights: Dict[str, mx.array]) -> nn.Module:
+    """The mlx-lm model for ``config`` holding ``weights`` (checked strictly)."""
+    model_class, args_class = _model_class(config)
+    quant = config.get("quantization")
+
+    def predicate(path: str, module: nn.Module):
+        if path in quant:
+            return quant[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    try:
+        model = model_class(args_class.from_dict(config))
+        if quant is not None:
+            nn.quantize(model, GROUP_SIZE, quant["bits"], class_predicate=predicate)
+        model.load_weights(list(weights.items()), strict=True)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"the GGUF tensors do not fit mlx-lm's {config['model_type']}: {msg}") from None
+    return model
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_model_dir(
+    out: Path, model: nn.Module, config: dict, tokenizer, metadata: dict, provenance: dict
+) -> None:
+    """Write weights, config and tokenizer files into ``out``."""
+    from mlx_lm.utils import save_config, save_model
+
+    tok_config, special_map = tokenizer_configs(metadata, config["max_position_embeddings"])
+    save_model(out, model)
+    save_config(dict(config), out / "config.json")
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", tok_config)
+    _write_json(out / "special_tokens_map.json", special_map)
+    _write_json(out / "conversion.json", provenance)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Converted(NamedTuple):
+    """A GGUF model read, checked and built in memory, ready to be written."""
+
+    model: nn.Module
+    config: dict
+    tokenizer: Any
+    metadata: dict
+
+
+def read_model(path: Union[str, Path], dtype: str = "keep") -> Converted:
+    """Read the GGUF file ``path`` as an mlx-lm model in ``dtype``: every
+    check of the conversion, nothing written. Raises :class:`ConversionError`."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    header, raw, metadata = read_gguf(path)
+    architecture(metadata)
+    weights = convert_weights(raw, dtype)
+    config = build_config(metadata, weights)
+    check_config(config, header)
+    tokenizer = build_tokenizer(metadata)
+    if dtype == "keep" and (quant := quantization_config(weights)) is not None:
+        config["quantization"] = quant
+    return Converted(build_model(config, weights), config, tokenizer, metadata)
+
+
+def convert_gguf(
+    path: Union[str, Path],
+    out: Union[str, Path],
+    dtype: str = "keep",
+    force: bool = False,
+) -> Path:
+    """Convert the GGUF file ``path`` into the mlx-lm model directory ``out``.
+
+    Raises :class:`ConversionError` for anything unsupported; ``out`` is only
+    created (atomically, by a rename) once everything has been written.
+    """
+    path, out = Path(path), Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists (use --force to replace it)")
+    converted = read_model(path, dtype)
+    provenance = {
+        "source": path.name,
+        "sha256": _sha256(path),
+        "dtype": dtype,
+        "converter": "mlx_mtp.gguf",
+        "converter_version": CONVERTER_VERSION,
+    }
+    with atomic_dir(out) as tmp:
+        write_model_dir(tmp, *converted, provenance)
+    return out
