@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_fixtures import model_dir
+from conftest import model_dir
 
 from mlx_mtp.errors import USER_ERROR_EXIT
 
