@@ -37,4 +37,9 @@ def one_line(error: BaseException) -> str:
 
 class WriteError(MTPError):
     """A file that cannot be written (disk full, read-only directory); the
-    file it was to replace is left as it was."""
+    file it was to replace is left as it was. ``reason`` is the system's
+    word for the failure (e.g. "No space left on device")."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message

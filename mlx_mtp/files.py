@@ -41,9 +41,9 @@ def atomic_write(path: PathLike, write: Callable[[str], None]):
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) or _is_write_failure(e):
+        if isinstance(e, OSError) or is_write_failure(e):
             kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-            raise WriteError(f"cannot write {path}: {_reason(e)} ({kept})") from None
+            raise WriteError(f"cannot write {path}: {failure_reason(e)} ({kept})", failure_reason(e)) from None
         raise
 
 
@@ -69,23 +69,26 @@ def atomic_dir(out: PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, out)
     except BaseException as e:
-        if isinstance(e, OSError) or _is_write_failure(e):
+        if isinstance(e, OSError) or is_write_failure(e):
             kept = "the previous copy is unchanged" if out.exists() else "nothing was written"
-            raise WriteError(f"cannot write {out}: {_reason(e)} ({kept})") from None
+            raise WriteError(f"cannot write {out}: {failure_reason(e)} ({kept})", failure_reason(e)) from None
         raise
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _is_write_failure(e: BaseException) -> bool:
+def is_write_failure(e: BaseException) -> bool:
     """mlx reports a failed file write as a RuntimeError, not an OSError."""
     return isinstance(e, RuntimeError) and any(
         word in str(e).lower() for word in ("write", "no space", "permission", "read-only", "open file")
     )
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """The one-line reason of a failed read or write."""
+    if isinstance(e, WriteError):
+        return e.reason
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).strip()
@@ -232,7 +235,7 @@ def read_safetensors(
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
-        raise error(f"cannot read {path}: {_reason(e)}") from None
+        raise error(f"cannot read {path}: {failure_reason(e)}") from None
     if set(arrays) != set(infos):
         raise error(f"{path}: corrupt safetensors file (mlx read other tensors than its header lists)")
     return (arrays, meta) if metadata else arrays

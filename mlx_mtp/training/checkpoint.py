@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..adapter import CONFIG_FILE, DRAFT_VOCAB, WEIGHTS_FILE, check_adapter_tensors, save_adapter
 from ..errors import AdapterError, MTPError
-from ..files import atomic_write, read_safetensors
+from ..files import atomic_write, failure_reason, is_write_failure, read_safetensors
 from ..model.mtp_model import MTPModel
 
 STATE_FILE = "training_state.safetensors"
@@ -83,28 +83,15 @@ def save_checkpoint(
         for name in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE):
             os.replace(staging / name, path / name)
     except (OSError, MTPError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+        if isinstance(e, RuntimeError) and not is_write_failure(e):
             raise
         kept = "the previous checkpoint is unchanged" if (path / STATE_FILE).exists() else "nothing was written"
         raise CheckpointWriteError(
-            f"cannot write the checkpoint of step {step} to {path}: {_reason(e)} ({kept})"
+            f"cannot write the checkpoint of step {step} to {path}: {failure_reason(e)} ({kept})"
         ) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _is_write_failure(e: RuntimeError) -> bool:
-    """mlx reports a failed file write as a RuntimeError."""
-    text = str(e).lower()
-    return any(w in text for w in ("write", "no space", "permission", "read-only", "open file"))
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resolve_state_file(path: Path) -> Path:
