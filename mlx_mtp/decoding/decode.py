@@ -399,7 +399,10 @@ class SpeculativeDecoder:
         next_specs = [chain[i : i + k] for i in range(0, len(chain), k)] if fresh else []
         next_q = step.q_rows if fresh else None
         keep = [step.regular[0]] + [step.regular[i] for i in path]
-        return emitted, a, next_specs, next_q, keep
+        # the base model's distribution for each emitted token is the row of
+        # the node before it on the accepted path (fed order differs in a tree)
+        rows = [0] + path
+        return emitted, a, next_specs, next_q, keep, rows
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Which of the n fed tokens get k masks after them: none without
@@ -494,7 +497,7 @@ class SpeculativeDecoder:
         inflight = self._launch_next(prompt[-1], lookup, [], None, budget)
         generated = 0
         while True:
-            emitted, a, specs, q, keep = self._finish(inflight)
+            emitted, a, specs, q, keep, rows = self._finish(inflight)
             proposed, step_source = len(inflight.fed) - 1, inflight.source
             commit(self.cache, keep)
             logprobs = inflight.logprobs
@@ -514,7 +517,7 @@ class SpeculativeDecoder:
                 tokens=emitted,
                 proposed=proposed,
                 accepted=min(a, len(emitted)),
-                logprobs=[logprobs[i] for i in range(len(emitted))],
+                logprobs=[logprobs[rows[i]] for i in range(len(emitted))],
                 source=step_source,
             )
             if done:
@@ -528,5 +531,5 @@ class SpeculativeDecoder:
         prompt = [int(t) for t in prompt]
         self.check_prompt(prompt)
         self.prefill(prompt[:-1])
-        emitted, _, specs, _, _ = self._finish(self._launch(prompt[-1], [], None))
+        emitted, _, specs, _, _, _ = self._finish(self._launch(prompt[-1], [], None))
         return emitted + (specs[0] if specs else [])
