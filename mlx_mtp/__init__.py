@@ -5,18 +5,23 @@ lossless speculative decoding for mlx-lm models.
     model, tokenizer = load()  # the default model and its shipped adapter
     print(generate(model, tokenizer, "Write a haiku.", max_tokens=64))
 
-Exports are imported lazily, so ``python -m mlx_mtp.generate`` runs the
-module without it being imported twice.
+Exports are imported lazily, from :mod:`mlx_mtp.api` (the API) and the
+modules that own them, so ``python -m mlx_mtp.generate`` (the command line)
+runs without the module being imported twice. Import the API from here or
+from ``mlx_mtp.api``: after ``import mlx_mtp.generate`` the package attribute
+``generate`` is that command-line module, as Python's import sets it.
 """
 
 import importlib
 
 _EXPORTS = {
     "load": "loading",
-    "generate": "generate",
-    "stream_generate": "generate",
-    "propose": "generate",
-    "MTPGenerationResponse": "generate",
+    "generate": "api",
+    "stream_generate": "api",
+    "propose": "api",
+    "make_prompt_cache": "api",
+    "fit_prompt_cache": "api",
+    "MTPGenerationResponse": "api",
     "SpeculativeDecoder": "decoding.decode",
     "MTPModel": "model.mtp_model",
     "MTPConfig": "model.mtp_model",
@@ -35,13 +40,9 @@ def __getattr__(name):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mlx_mtp' has no attribute '{name}'")
-    mod = importlib.import_module(f".{module}", __name__)
-    # importing the submodule `generate` sets the package attribute `generate`
-    # to the module; the function is what the package exports
-    for export, where in _EXPORTS.items():
-        if where == module:
-            globals()[export] = getattr(mod, export)
-    return globals()[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__():

@@ -174,3 +174,41 @@ def commit(cache: List[SpecCache], keep: Optional[Union[Sequence[int], mx.array]
 def set_step(cache: List[SpecCache], positions: Optional[mx.array], mask: Optional[mx.array]):
     for c in cache:
         c.set_step(positions, mask)
+
+
+def as_spec_cache(cache: Sequence, num_layers: int) -> List[SpecCache]:
+    """The SpecCaches to decode with over a prompt cache of ``num_layers``
+    layers: SpecCaches as they are; mlx-lm ``KVCache``s adopted (their arrays,
+    no copy; :func:`write_back` hands the result back). Other caches
+    (rotating, quantized, ...) cannot drop rejected speculations exactly and
+    are refused."""
+    from mlx_lm.models.cache import KVCache
+
+    if not isinstance(cache, (list, tuple)):
+        raise TypeError(f"prompt_cache must be a list of per-layer caches (make_prompt_cache), got {type(cache).__name__}")
+    if len(cache) != num_layers:
+        raise ValueError(f"prompt_cache has {len(cache)} layers, the model {num_layers}")
+    out = []
+    for c in cache:
+        if isinstance(c, SpecCache):
+            out.append(c)
+        elif type(c) is KVCache:
+            spec = SpecCache()
+            if c.keys is not None and c.offset:
+                spec.keys, spec.values, spec.committed = c.keys, c.values, c.offset
+            out.append(spec)
+        else:
+            raise TypeError(
+                f"prompt_cache holds a {type(c).__name__}: speculative decoding needs caches that drop "
+                "rejected entries exactly (mlx_mtp.make_prompt_cache, or mlx-lm's KVCache)"
+            )
+    if len({c.committed for c in out}) > 1:
+        raise ValueError("prompt_cache's layers hold different numbers of tokens")
+    return out
+
+
+def write_back(cache: Sequence, spec: Sequence[SpecCache]):
+    """Hand the entries of adopted caches (:func:`as_spec_cache`) back to mlx-lm's KVCaches."""
+    for c, s in zip(cache, spec):
+        if c is not s:
+            c.keys, c.values, c.offset = s.keys, s.values, s.committed
