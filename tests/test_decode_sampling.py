@@ -199,3 +199,20 @@ def test_sampling_with_copied_drafts_follows_base_distribution(mode, k, seed):
     counts, copied, accepted = sample_first_tokens(decoder, prompt, N, seed, source="lookup")
     assert 0.1 * copied < accepted < 0.9 * copied
     assert chi_square_pvalue(counts, joint) > ALPHA
+
+
+@pytest.mark.parametrize("mode, k, seed", [("quadratic", 2, 5)])
+def test_mlx_lm_sampler_verified_by_matching_follows_base_distribution(mode, k, seed):
+    """A caller's mlx-lm sampler (temperature 1, top-k 3) is verified by
+    matching its own sample at each position: the first three tokens follow
+    the base model's exact joint under that sampler."""
+    from mlx_lm.sample_utils import make_sampler
+
+    V, N = 5, 600
+    mtp = tiny_mtp("qwen3", num_masks=k, seed=30 + seed, vocab_size=V, tie_word_embeddings=False)
+    prompt = [3]
+    joint = exact_joint(mtp, prompt, 1.0, 1.0, 3, 3)
+    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, sampler=make_sampler(temp=1.0, top_k=3))
+    counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
+    assert 0.05 * proposed < accepted < 0.95 * proposed
+    assert chi_square_pvalue(counts, joint) > ALPHA
