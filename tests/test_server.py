@@ -343,3 +343,22 @@ def test_real_model_server_text_equals_generate(default_model_path):
         assert r.model_extra["speculation"]["tokens_per_step"] >= 1
     finally:
         running.stop()
+
+
+def test_non_streamed_request_cancelled_when_the_client_goes(server):
+    before = len(server.worker.finished)
+    body = json.dumps({"prompt": "w3 w4", "max_tokens": CONTEXT - 100, "logit_bias": NO_EOS}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(1000):  # until it runs
+        if server.worker.pending and server.worker.finished[before:] == [] and _ > 20:
+            break
+        time.sleep(0.01)
+    sock.close()
+    for _ in range(3000):
+        if len(server.worker.finished) > before:
+            break
+        time.sleep(0.01)
+    stats = server.worker.finished[-1]
+    assert stats["finish_reason"] == "cancelled" and stats["completion_tokens"] < CONTEXT // 2
