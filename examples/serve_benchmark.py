@@ -71,8 +71,15 @@ def load_test(port: int, clients: int, requests: int, max_tokens: int, model: st
         try:
             for j in range(requests):
                 q = qs[i * requests + j]
-                r = post(port, {"model": model, "messages": [{"role": "user", "content": q}],
-                                "max_tokens": max_tokens, "temperature": 0})
+                r = post(
+                    port,
+                    {
+                        "model": model,
+                        "messages": [{"role": "user", "content": q}],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    },
+                )
                 with lock:
                     texts[q] = r["choices"][0]["message"]["content"]
                     tokens[0] += r["usage"]["completion_tokens"]
@@ -120,7 +127,9 @@ def main():
         port = free_port()
         proc = run_server(cmd + ["--port", str(port)], port)
         try:
-            post(port, {"model": args.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})  # warm up
+            post(
+                port, {"model": args.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+            )  # warm up
             solo = load_test(port, 1, args.requests, args.max_tokens, args.model)
             load = load_test(port, args.clients, args.requests, args.max_tokens, args.model)
             results[name] = {"solo_req_s": solo[0], "solo_tok_s": solo[1], "load_req_s": load[0], "load_tok_s": load[1]}
@@ -128,11 +137,16 @@ def main():
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    print(f"{args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens}, greedy, model {args.model}")
+    print(
+        f"{args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens}, greedy, model {args.model}"
+    )
     print("| server | 1 client req/s | 1 client tok/s | load req/s | load tok/s |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['solo_req_s']:.2f} | {r['solo_tok_s']:.1f} | {r['load_req_s']:.2f} | {r['load_tok_s']:.1f} |")
+        print(
+            f"| {name} | {r['solo_req_s']:.2f} | {r['solo_tok_s']:.1f} "
+            f"| {r['load_req_s']:.2f} | {r['load_tok_s']:.1f} |"
+        )
     if len(texts) == 2:
         a, b = texts.values()
         same = sum(a[q] == b.get(q) for q in a)

@@ -5,14 +5,12 @@ lossless speculative decoding for mlx-lm models.
     model, tokenizer = load()  # the default model and its shipped adapter
     print(generate(model, tokenizer, "Write a haiku.", max_tokens=64))
 
-Exports are imported lazily, from :mod:`mlx_mtp.api` (the API) and the
-modules that own them, so ``python -m mlx_mtp.generate`` (the command line)
-runs without the module being imported twice. Import the API from here or
-from ``mlx_mtp.api``: after ``import mlx_mtp.generate`` the package attribute
-``generate`` is that command-line module, as Python's import sets it.
+Exports are imported lazily from the modules that own them (the API from
+:mod:`mlx_mtp.api`), except ``generate``, see below.
 """
 
 import importlib
+import sys
 
 _EXPORTS = {
     "load": "loading",
@@ -34,6 +32,19 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# ``mlx_mtp.generate`` names both the command-line module and the function the
+# package exports (as in mlx-lm). Importing a submodule sets the package
+# attribute of its name to the module, once, when it is first imported; so the
+# module is imported here first and the function bound after it. Not under
+# ``python -m`` (runpy sets argv[0] to "-m" while it imports the package), where
+# runpy would warn that the module it is about to run was imported already.
+# The module itself is ``sys.modules["mlx_mtp.generate"]`` (``from
+# mlx_mtp.generate import main`` works; ``import mlx_mtp.generate as g`` gives
+# the function, as with mlx-lm).
+if sys.argv[:1] != ["-m"]:
+    from . import generate as _generate_cli  # noqa: F401
+    from .api import generate
 
 
 def __getattr__(name):

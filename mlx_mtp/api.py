@@ -97,8 +97,14 @@ def encode_prompt(tokenizer, prompt: Prompt, vocab_size: Optional[int] = None) -
         add_special_tokens = bos is None or not prompt.startswith(bos)
         return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     if isinstance(prompt, mx.array):
-        if not mx.issubdtype(prompt.dtype, mx.integer) or prompt.ndim > 2 or (prompt.ndim == 2 and prompt.shape[0] != 1):
-            raise TypeError(f"a prompt array must hold integer token ids, shape (L,) or (1, L), got {prompt.dtype} {prompt.shape}")
+        if (
+            not mx.issubdtype(prompt.dtype, mx.integer)
+            or prompt.ndim > 2
+            or (prompt.ndim == 2 and prompt.shape[0] != 1)
+        ):
+            raise TypeError(
+                f"a prompt array must hold integer token ids, shape (L,) or (1, L), got {prompt.dtype} {prompt.shape}"
+            )
         ids = prompt.reshape(-1).tolist()
     elif isinstance(prompt, (list, tuple)):
         if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):

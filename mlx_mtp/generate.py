@@ -49,20 +49,50 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="Generate text with MTP speculative decoding (output identical to mlx-lm's).",
     )
     p.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
-    p.add_argument("--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)")
+    p.add_argument(
+        "--adapter-path", default=None,
+        help=(
+            "MTP adapter directory (default: the one shipped for the model, if any)"
+        ),
+    )
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the chat template")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="maximum number of tokens to generate")
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+        help=(
+            "maximum number of tokens to generate"
+        ),
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--top-k", type=int, default=0, help="sample among the top k tokens only (0: all)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--num-masks", type=int, default=None, help="masks' speculated tokens per step (default: the adapter's choice for this device; 0: copied drafts only)")
+    p.add_argument(
+        "--num-masks", type=int, default=None,
+        help=(
+            "masks' speculated tokens per step (default: the adapter's choice for this device; 0: "
+            "copied drafts only)"
+        ),
+    )
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
-    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"where the last tokens occurred before in the prompt or output, verify up to N of the tokens that followed them instead of the masks' speculations (default: {DEFAULT_LOOKUP}; 0: off)")
+    p.add_argument(
+        "--lookup", type=int, default=DEFAULT_LOOKUP,
+        help=(
+            f"where the last tokens occurred before in the prompt or output, verify up to N of the "
+            f"tokens that followed them instead of the masks' speculations (default: "
+            f"{DEFAULT_LOOKUP}; 0: off)"
+        ),
+    )
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
-    p.add_argument("--branches", type=int, default=1, help="greedy, quadratic, k >= 1: verify the sampler head's B most likely first speculations, each with its own chain, in one pass (default: 1; more pays where a wide forward costs about as much as a narrow one, a GPU)")
+    p.add_argument(
+        "--branches", type=int, default=1,
+        help=(
+            "greedy, quadratic, k >= 1: verify the sampler head's B most likely first "
+            "speculations, each with its own chain, in one pass (default: 1; more pays where a "
+            "wide forward costs about as much as a narrow one, a GPU)"
+        ),
+    )
     p.add_argument("--verbose", type=_str2bool, default=True, help="print statistics after the text (default: true)")
     return p
 
@@ -71,11 +101,13 @@ def _read_prompt(arg: str) -> str:
     """The prompt: the argument (``\\n``, ``\\t`` unescaped) or, for ``-``, stdin as UTF-8."""
     prompt = arg.replace("\\n", "\n").replace("\\t", "\t")
     if prompt == "-":
-        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+        stdin = sys.stdin
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
         try:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"the prompt is not valid text: stdin is not UTF-8 ({e.reason} at byte {e.start})") from None
+            reason = f"stdin is not UTF-8 ({e.reason} at byte {e.start})"
+            raise ValueError(f"the prompt is not valid text: {reason}") from None
     check_text(prompt)
     if not prompt.strip():
         raise ValueError("the prompt is empty")

@@ -121,7 +121,14 @@ def _get(body: dict, name: str, kinds, default=None, check=None, what: Optional[
 
 
 def _kind_name(kinds) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", dict: "an object", list: "an array"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "a boolean",
+        dict: "an object",
+        list: "an array",
+    }
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
@@ -159,11 +166,18 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         raise RequestError(400, "the request body must be a JSON object")
     requested = _get(body, "model", str, "default_model")
     if requested not in ("default_model", config.model_id):
-        raise RequestError(404, f"the model '{requested}' does not exist: this server serves '{config.model_id}'", "model", "model_not_found")
+        raise RequestError(
+            404,
+            f"the model '{requested}' does not exist: this server serves '{config.model_id}'",
+            "model",
+            "model_not_found",
+        )
     for name in ("adapters", "draft_model"):
         value = body.get(name)
         if value not in (None, "default_model"):
-            raise RequestError(400, f"{name} is not supported: this server decodes with the model's own MTP adapter", name)
+            raise RequestError(
+                400, f"{name} is not supported: this server decodes with the model's own MTP adapter", name
+            )
     n = _get(body, "n", int, 1)
     if n != 1:
         raise RequestError(400, f"n must be 1, got {n}", "n")
@@ -186,7 +200,9 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         check_generation_args(max_tokens, temp, top_p, top_k)
     except (TypeError, ValueError) as e:
         param = str(e).split(" ", 1)[0]
-        raise RequestError(400, str(e).replace("temp ", "temperature ", 1), "temperature" if param == "temp" else param) from None
+        raise RequestError(
+            400, str(e).replace("temp ", "temperature ", 1), "temperature" if param == "temp" else param
+        ) from None
     number = (int, float)
     min_p = _get(body, "min_p", number, 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
     xtc_probability = _get(body, "xtc_probability", number, 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -218,7 +234,9 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         # mlx-lm's own sampler, verified by matching its samples (exact)
         from mlx_lm.sample_utils import make_sampler
 
-        sampling["sampler"] = make_sampler(temp, top_p, min_p, 1, top_k, xtc_probability, xtc_threshold, tokenizer.eos_token_ids)
+        sampling["sampler"] = make_sampler(
+            temp, top_p, min_p, 1, top_k, xtc_probability, xtc_threshold, tokenizer.eos_token_ids
+        )
     else:
         sampling.update(temp=float(temp), top_p=float(top_p), top_k=top_k)
     if logit_bias or any(penalties.values()):
@@ -252,12 +270,22 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         raise RequestError(400, str(e), "messages" if kind == "chat" else "prompt") from None
     if len(prompt) >= limit:
         raise RequestError(
-            400, f"the prompt is {len(prompt)} tokens, which leaves no room in the model's context of {limit} tokens",
-            "messages" if kind == "chat" else "prompt", "context_length_exceeded",
+            400,
+            f"the prompt is {len(prompt)} tokens, which leaves no room in the model's context of {limit} tokens",
+            "messages" if kind == "chat" else "prompt",
+            "context_length_exceeded",
         )
     return Job(
-        kind=kind, prompt=prompt, model=requested, stream=stream, include_usage=include_usage,
-        max_tokens=max_tokens, sampling=sampling, stop=stop, seed=seed, logprobs=logprobs,
+        kind=kind,
+        prompt=prompt,
+        model=requested,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=stop,
+        seed=seed,
+        logprobs=logprobs,
         top_logprobs=max(top_logprobs, 0),
         id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
     )
@@ -350,7 +378,9 @@ class Worker:
     def submit(self, job: Job):
         with self.lock:
             if self.pending >= self.config.max_queue:
-                raise RequestError(503, f"the server is busy ({self.pending} requests queued); retry later", code="server_busy")
+                raise RequestError(
+                    503, f"the server is busy ({self.pending} requests queued); retry later", code="server_busy"
+                )
             self.pending += 1
         self.jobs.put(job)
 
@@ -378,9 +408,17 @@ class Worker:
             mx.random.seed(job.seed)
         try:
             responses = self.generate(
-                self.model, self.tokenizer, job.prompt[reused:], max_tokens=job.max_tokens,
-                num_masks=self.config.num_masks, mode=self.config.mode, lookup=self.config.lookup,
-                stop=job.stop or None, prompt_cache=entry.cache, context=job.prompt[:reused], **job.sampling,
+                self.model,
+                self.tokenizer,
+                job.prompt[reused:],
+                max_tokens=job.max_tokens,
+                num_masks=self.config.num_masks,
+                mode=self.config.mode,
+                lookup=self.config.lookup,
+                stop=job.stop or None,
+                prompt_cache=entry.cache,
+                context=job.prompt[:reused],
+                **job.sampling,
             )
         except (TypeError, ValueError) as e:  # the request's arguments (checked before anything runs)
             self.caches.put(entry)
@@ -394,8 +432,13 @@ class Worker:
             for r in responses:
                 out.append(r.token)
                 job.emit("token", r.text, r.token, self._logprobs(job, r))
-                job.stats.update(completion_tokens=len(out), steps=r.steps, tokens_per_step=r.tokens_per_step,
-                                 num_masks=r.num_masks, mode=r.mode)
+                job.stats.update(
+                    completion_tokens=len(out),
+                    steps=r.steps,
+                    tokens_per_step=r.tokens_per_step,
+                    num_masks=r.num_masks,
+                    mode=r.mode,
+                )
                 if job.cancelled.is_set():
                     responses.close()
                     return
@@ -460,8 +503,12 @@ def _chunk(job: Job, text: str, finish_reason: Optional[str], logprobs: List[dic
     else:
         choice["text"] = text
     return {
-        "id": job.id, "object": obj, "created": job.created, "model": job.model,
-        "system_fingerprint": "mlx-mtp", "choices": [choice],
+        "id": job.id,
+        "object": obj,
+        "created": job.created,
+        "model": job.model,
+        "system_fingerprint": "mlx-mtp",
+        "choices": [choice],
     }
 
 
@@ -564,15 +611,25 @@ def make_app(model, tokenizer, config: Optional[ServerConfig] = None):
         return await complete(request, "text")
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": config.model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-mtp"}
-        ]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": config.model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-mtp"}
+                ],
+            }
+        )
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "queued": worker.pending, "cached_conversations": len(worker.caches.entries)})
+        return JSONResponse(
+            {"status": "ok", "queued": worker.pending, "cached_conversations": len(worker.caches.entries)}
+        )
 
     async def http_error(request: Request, exc: HTTPException):
-        messages = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed here"}
+        messages = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"method {request.method} not allowed here",
+        }
         return error(RequestError(exc.status_code, messages.get(exc.status_code, str(exc.detail))))
 
     async def unexpected(request: Request, exc: Exception):
@@ -602,20 +659,39 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="An OpenAI-compatible server with MTP speculative decoding (output identical to mlx-lm's).",
     )
     p.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
-    p.add_argument("--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)")
+    p.add_argument(
+        "--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"tokens per request when it gives none (default: {DEFAULT_MAX_TOKENS})")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"tokens per request when it gives none (default: {DEFAULT_MAX_TOKENS})",
+    )
     p.add_argument("--temp", type=float, default=0.0, help="temperature when a request gives none (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="top-p when a request gives none")
     p.add_argument("--top-k", type=int, default=0, help="top-k when a request gives none")
-    p.add_argument("--num-masks", type=int, default=None, help="masks' speculated tokens per step (default: the adapter's choice for this device)")
+    p.add_argument(
+        "--num-masks",
+        type=int,
+        default=None,
+        help="masks' speculated tokens per step (default: the adapter's choice for this device)",
+    )
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
-    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help=f"prompt lookup drafts per step (default: {DEFAULT_LOOKUP}; 0: off)")
+    p.add_argument(
+        "--lookup",
+        type=int,
+        default=DEFAULT_LOOKUP,
+        help=f"prompt lookup drafts per step (default: {DEFAULT_LOOKUP}; 0: off)",
+    )
     p.add_argument("--prompt-cache-size", type=int, default=8, help="conversations whose caches are kept (default: 8)")
     p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30, help="their total size in bytes (default: 2 GiB)")
     p.add_argument("--max-queue", type=int, default=32, help="requests queued at once; more get a 503 (default: 32)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's log level")
+    p.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's log level"
+    )
     return p
 
 
@@ -645,9 +721,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
     config = ServerConfig(
-        model_id=args.model or "default_model", max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-        top_k=args.top_k, num_masks=args.num_masks, mode=args.mode, lookup=args.lookup,
-        cache_count=args.prompt_cache_size, cache_bytes=args.prompt_cache_bytes, max_queue=args.max_queue,
+        model_id=args.model or "default_model",
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_masks=args.num_masks,
+        mode=args.mode,
+        lookup=args.lookup,
+        cache_count=args.prompt_cache_size,
+        cache_bytes=args.prompt_cache_bytes,
+        max_queue=args.max_queue,
     )
     app = make_app(model, tokenizer, config)
     host, port = sock.getsockname()[:2]

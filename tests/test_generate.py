@@ -2,7 +2,6 @@
 command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
 word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -18,9 +17,10 @@ import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError, save_adapter
 from mlx_mtp.generate import main
-from mlx_mtp.model.mtp_model import MTPConfig
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
+from mlx_mtp.model.mtp_model import MTPConfig
 from test_decode import oracle_draft
+
 from tiny import randomize_adapter, tiny_config, tiny_model
 
 K = 4
@@ -175,7 +175,7 @@ def test_generate_text_equals_mlx_lm(loaded, capsys):
     out = capsys.readouterr().out
     assert text == expected and text in out
     assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
-    assert f"tokens/step over" in out and f"(k={K}, quadratic)" in out
+    assert "tokens/step over" in out and f"(k={K}, quadratic)" in out
     assert "Peak memory:" in out
     # k = 0: copied drafts only, said so; plain decoding says "off"
     assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=0, verbose=True) == expected
@@ -227,12 +227,16 @@ def test_package_exports():
     assert mlx_mtp.stream_generate is stream_generate and mlx_mtp.load is load
     assert mlx_mtp.propose is propose and mlx_mtp.MTPModel is MTPModel
     assert mlx_mtp.make_prompt_cache is api.make_prompt_cache
-    # the command-line module is a plain module (no class swapping); a fresh
-    # interpreter gets the function from the package
-    import mlx_mtp.generate as cli_module
-
+    # the command-line module is a plain module (no class swapping), and
+    # importing it leaves the package's `generate` the function, in this
+    # process and in a fresh one whichever is imported first
+    cli_module = sys.modules["mlx_mtp.generate"]
     assert type(cli_module).__name__ == "module" and cli_module.main is main
-    code = "import mlx_mtp, mlx_mtp.api; from mlx_mtp import generate; assert generate is mlx_mtp.api.generate"
+    assert mlx_mtp.generate is api.generate
+    code = (
+        "from mlx_mtp.generate import main; import mlx_mtp, mlx_mtp.api; from mlx_mtp import generate; "
+        "assert generate is mlx_mtp.api.generate and mlx_mtp.generate is generate"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

@@ -4,12 +4,12 @@ cancellation, bad requests, a failing generation, and a bounded load of
 concurrent clients. A tiny model (word-level tokenizer w0..w127) with a
 random adapter; one test on the real default model."""
 
+import http.client
 import json
 import socket
 import threading
 import time
 
-import http.client
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -17,6 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from mlx_mtp import generate, load, stream_generate  # noqa: E402
 from mlx_mtp.server import ServerConfig, make_app  # noqa: E402
+
 from tiny import save_tiny_model_dir  # noqa: E402
 
 CONTEXT = 4096
@@ -39,7 +40,9 @@ class Running:
             time.sleep(0.01)
         assert self.server.started
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=120
+        )
 
     def stop(self):
         self.server.should_exit = True
@@ -61,7 +64,9 @@ class Running:
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    dirs = save_tiny_model_dir(tmp_path_factory.mktemp("server"), tie_word_embeddings=False, max_position_embeddings=CONTEXT)
+    dirs = save_tiny_model_dir(
+        tmp_path_factory.mktemp("server"), tie_word_embeddings=False, max_position_embeddings=CONTEXT
+    )
     return load(str(dirs[0]), adapter_path=str(dirs[1]))
 
 
@@ -99,8 +104,11 @@ def test_chat_and_completions_with_the_openai_client(server, loaded):
     assert spec["num_masks"] == model.default_num_masks and spec["steps"] >= 1
     assert spec["tokens_per_step"] == pytest.approx(r.usage.completion_tokens / spec["steps"], abs=1e-3)
     # streamed: the same text, chunk by chunk, the last with the finish reason
-    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=12, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID, messages=MESSAGES, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -110,7 +118,9 @@ def test_chat_and_completions_with_the_openai_client(server, loaded):
     want = expected(loaded, prompt, 10)
     c = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10)
     assert c.choices[0].text == want and c.object == "text_completion"
-    streamed = "".join(x.choices[0].text for x in client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, stream=True))
+    streamed = "".join(
+        x.choices[0].text for x in client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, stream=True)
+    )
     assert streamed == want
     # sampling with a seed is reproducible and equals the API's seeded run
     import mlx.core as mx
@@ -125,8 +135,12 @@ def test_chat_and_completions_with_the_openai_client(server, loaded):
 
 def test_sse_wire_format_ends_with_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": MESSAGES, "stream": True, "max_tokens": 5}),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps({"messages": MESSAGES, "stream": True, "max_tokens": 5}),
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
     events = [e for e in resp.read().decode().split("\n\n") if e]
@@ -164,11 +178,14 @@ def test_cancelled_stream_stops_and_the_server_goes_on(server, loaded):
     before = len(server.worker.finished)
     big = CONTEXT - 100
     stream = server.client.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "w11 w12"}], max_tokens=big, stream=True,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "w11 w12"}],
+        max_tokens=big,
+        stream=True,
         logit_bias=NO_EOS,
     )
     got = 0
-    for chunk in stream:
+    for _chunk in stream:
         got += 1
         if got == 3:
             break
@@ -190,11 +207,39 @@ BAD = [
     ("POST", "/v1/chat/completions", [1, 2], None, 400, "JSON object"),
     ("POST", "/v1/chat/completions", {}, None, 400, "messages must be a non-empty array"),
     ("POST", "/v1/chat/completions", {"messages": []}, None, 400, "messages must be a non-empty array"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w3"}]}, None, 400, "role must be one of"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None, 400, "content must be a string"),
-    ("POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0}, None, 400, "max_tokens must be in [1, 4096]"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "w3"}]},
+        None,
+        400,
+        "role must be one of",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        None,
+        400,
+        "content must be a string",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": 0},
+        None,
+        400,
+        "max_tokens must be in [1, 4096]",
+    ),
     ("POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10**12}, None, 400, "max_tokens must be in"),
-    ("POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": "5"}, None, 400, "max_tokens must be an integer"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": "5"},
+        None,
+        400,
+        "max_tokens must be an integer",
+    ),
     ("POST", "/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, None, 400, "temperature must be >= 0"),
     ("POST", "/v1/chat/completions", {"messages": MESSAGES, "top_p": 2}, None, 400, "top_p must be in [0, 1]"),
     ("POST", "/v1/chat/completions", {"messages": MESSAGES, "top_k": -3}, None, 400, "top_k must be >= 0"),
@@ -255,8 +300,12 @@ def test_load_8_clients_by_5_requests_mixed(server, loaded):
     its 4xx, and the server is alive at the end with nothing queued."""
     model, tokenizer = loaded
     prompts = [f"w{3 + i} w{20 + 2 * i} w{50 + i}" for i in range(8)]
-    solo = {p: expected(loaded, [*tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)], 10)
-            for p in prompts}
+    solo = {
+        p: expected(
+            loaded, [*tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)], 10
+        )
+        for p in prompts
+    }
     failures = []
 
     def client(i):
@@ -273,11 +322,15 @@ def test_load_8_clients_by_5_requests_mixed(server, loaded):
                     s = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10, stream=True)
                     assert "".join(x.choices[0].delta.content or "" for x in s if x.choices) == solo[p], (i, j)
                 elif kind == 2:
-                    s = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2000, stream=True, logit_bias=NO_EOS)
+                    s = c.chat.completions.create(
+                        model=MODEL_ID, messages=messages, max_tokens=2000, stream=True, logit_bias=NO_EOS
+                    )
                     next(iter(s))
                     s.close()
                 else:
-                    status, err = server.request("POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 0})
+                    status, err = server.request(
+                        "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 0}
+                    )
                     assert status == 400 and "max_tokens" in err["error"]["message"]
         except Exception as e:  # noqa: BLE001  (reported below)
             failures.append(f"client {i}: {type(e).__name__}: {e}")
@@ -301,7 +354,9 @@ def test_busy_server_answers_503(loaded):
     """Beyond the queue's bound a request is refused at once, not queued."""
     running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_queue=1))
     try:
-        stream = running.client.completions.create(model=MODEL_ID, prompt="w3", max_tokens=3000, stream=True, logit_bias=NO_EOS)
+        stream = running.client.completions.create(
+            model=MODEL_ID, prompt="w3", max_tokens=3000, stream=True, logit_bias=NO_EOS
+        )
         next(iter(stream))  # the one slot is taken
         status, err = running.request("POST", "/v1/completions", {"prompt": "w3", "max_tokens": 2})
         assert status == 503 and "busy" in err["error"]["message"]
@@ -349,8 +404,10 @@ def test_non_streamed_request_cancelled_when_the_client_goes(server):
     before = len(server.worker.finished)
     body = json.dumps({"prompt": "w3 w4", "max_tokens": CONTEXT - 100, "logit_bias": NO_EOS}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     for _ in range(1000):  # until it runs
         if server.worker.pending and server.worker.finished[before:] == [] and _ > 20:
             break

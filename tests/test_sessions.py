@@ -17,6 +17,7 @@ import mlx_mtp.api as api
 from mlx_mtp import fit_prompt_cache, load, make_prompt_cache, stream_generate
 from mlx_mtp.generate import main
 from mlx_mtp.model.cache import SpecCache, commit
+
 from tiny import save_tiny_model_dir, tiny_mtp
 
 CONTEXT = 256
@@ -109,7 +110,9 @@ def test_commit_checks_indices_before_gathering(mtp):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("sessions"), tie_word_embeddings=False, max_position_embeddings=CONTEXT)
+    return save_tiny_model_dir(
+        tmp_path_factory.mktemp("sessions"), tie_word_embeddings=False, max_position_embeddings=CONTEXT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +147,14 @@ def test_chat_with_a_prompt_cache_equals_fresh_runs(loaded):
     hold (the longest common prefix is reused) and its reply equals a fresh
     run over the whole conversation and mlx-lm's."""
     model, tokenizer = loaded
-    cache, held, messages = make_prompt_cache(model), [], []
+    cache, held, messages, previous = make_prompt_cache(model), [], [], []
     for turn, text in enumerate(["w3 w17 w42", "w5 w64 w9 w11", "w88"]):
         messages.append({"role": "user", "content": text})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         reused = fit_prompt_cache(cache, held, ids)
-        rs = list(stream_generate(model, tokenizer, ids[reused:], max_tokens=10, prompt_cache=cache, context=ids[:reused]))
+        rs = list(
+            stream_generate(model, tokenizer, ids[reused:], max_tokens=10, prompt_cache=cache, context=ids[:reused])
+        )
         fresh = list(stream_generate(model, tokenizer, ids, max_tokens=10))
         assert tokens_of(rs) == tokens_of(fresh) == lm_tokens(model, tokenizer, ids, 10)
         assert "".join(r.text for r in rs) == "".join(r.text for r in fresh)
@@ -190,7 +195,9 @@ def test_stopping_early_leaves_the_cache_consistent(loaded):
     prompt, more = [3, 17, 42, 99, 5, 64], [7, 8]
     full = lm_tokens(model, tokenizer, prompt, 20)
     cache = make_prompt_cache(model)
-    gen = stream_generate(model, tokenizer, prompt, max_tokens=20, prompt_cache=cache, draft_fn=oracle(model, prompt + full))
+    gen = stream_generate(
+        model, tokenizer, prompt, max_tokens=20, prompt_cache=cache, draft_fn=oracle(model, prompt + full)
+    )
     first = [next(gen).token for _ in range(3)]
     gen.close()
     assert first == full[:3]
@@ -224,7 +231,9 @@ def test_prompt_cache_refusals(loaded):
     assert CONTEXT - 10 < held <= CONTEXT - 7
     with pytest.raises(ValueError, match=f"after the {held} tokens in the prompt cache"):
         stream_generate(model, tokenizer, [5] * (CONTEXT - held), prompt_cache=cache)
-    assert len(list(stream_generate(model, tokenizer, [5] * (CONTEXT - held - 1), max_tokens=9, prompt_cache=cache))) == 1
+    assert (
+        len(list(stream_generate(model, tokenizer, [5] * (CONTEXT - held - 1), max_tokens=9, prompt_cache=cache))) == 1
+    )
 
 
 # --- mlx-lm's sampler and logits processors ---------------------------------------------------
@@ -247,8 +256,16 @@ def test_logits_processors_equal_mlx_lm(loaded):
         rs = list(stream_generate(model, tokenizer, prompt, max_tokens=24, logits_processors=processors(), **kwargs))
         assert tokens_of(rs) == ref
         assert all(mx.argmax(r.logprobs).item() == r.token for r in rs)
-    rs = list(stream_generate(model, tokenizer, prompt, max_tokens=24, logits_processors=processors(),
-                              draft_fn=oracle(model, prompt + ref)))
+    rs = list(
+        stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=24,
+            logits_processors=processors(),
+            draft_fn=oracle(model, prompt + ref),
+        )
+    )
     assert rs[-1].steps < 24  # speculations were accepted
 
 
@@ -263,8 +280,11 @@ def test_a_sampler_is_verified_by_matching(loaded):
         return mx.argmin(logprobs, axis=-1)
 
     ref = lm_tokens(model, tokenizer, prompt, 15, sampler=least_likely)
-    rs = list(stream_generate(model, tokenizer, prompt, max_tokens=15, sampler=least_likely,
-                              draft_fn=oracle(model, prompt + ref)))
+    rs = list(
+        stream_generate(
+            model, tokenizer, prompt, max_tokens=15, sampler=least_likely, draft_fn=oracle(model, prompt + ref)
+        )
+    )
     assert tokens_of(rs) == ref and rs[-1].steps < 15
     greedy = tokens_of(stream_generate(model, tokenizer, prompt, max_tokens=15, sampler=make_sampler(0.0)))
     assert greedy == lm_tokens(model, tokenizer, prompt, 15)
@@ -273,7 +293,9 @@ def test_a_sampler_is_verified_by_matching(loaded):
     with pytest.raises(ValueError, match="branches > 1 needs greedy decoding"):
         stream_generate(model, tokenizer, prompt, sampler=least_likely, branches=2)
     with pytest.raises(ValueError, match="branches > 1 cannot apply logits_processors"):
-        stream_generate(model, tokenizer, prompt, logits_processors=make_logits_processors(repetition_penalty=1.2), branches=2)
+        stream_generate(
+            model, tokenizer, prompt, logits_processors=make_logits_processors(repetition_penalty=1.2), branches=2
+        )
     with pytest.raises(TypeError, match="sampler must be callable"):
         stream_generate(model, tokenizer, prompt, sampler="greedy")
 

@@ -89,7 +89,6 @@ from .verify import (
     accepted_path,
     sampler_targets,
     sampling_probs,
-    speculative_accept,
     verify_greedy,
     verify_matching,
     verify_sampled,
@@ -97,7 +96,7 @@ from .verify import (
 
 __all__ = [
     "MODES", "DEFAULT_LOOKUP", "DATASTORE_TOKENS", "MAX_NGRAM", "DraftFn", "Step", "SpeculativeDecoder",
-    "context_limit", "resolve_num_masks", "speculative_accept",
+    "context_limit", "resolve_num_masks",
 ]
 
 MODES = ("quadratic", "linear", "off")

@@ -43,17 +43,19 @@ class Acceptance(NamedTuple):
     correction: mx.array  # (m + 1,) int32: the token emitted where draft j is the first rejected (j = m: all accepted)
 
 
+class TreeArrays(NamedTuple):
+    """A tree of n fed tokens, for verifying it on the device."""
+
+    depth: mx.array  # (n,) int32: each node's depth
+    parent: mx.array  # (n-1,) int32: the parent of each non-root node
+    ancestors: mx.array  # (n, n-1) bool: non-root node j is node i or an ancestor of it
+
+
 @lru_cache(maxsize=64)
-def tree_arrays(parents: Tuple[int, ...]) -> Tuple[mx.array, mx.array, mx.array]:
-    """For verifying a tree of n fed tokens: each node's depth (n,), the
-    parent of each non-root node (n-1,) and whether non-root node j is node
-    i or an ancestor of it (n, n-1)."""
+def tree_arrays(parents: Tuple[int, ...]) -> TreeArrays:
+    """The :class:`TreeArrays` of a tree given by each node's parent."""
     depth, anc = tree_structure(parents)
-    return (
-        mx.array(depth, dtype=mx.int32),
-        mx.array(parents[1:], dtype=mx.int32),
-        mx.array(anc[:, 1:]),
-    )
+    return TreeArrays(mx.array(depth, dtype=mx.int32), mx.array(parents[1:], dtype=mx.int32), mx.array(anc[:, 1:]))
 
 
 def apply_filters(logprobs: mx.array, top_p: float, top_k: int) -> mx.array:
@@ -89,11 +91,11 @@ def verify_matching(tokens: mx.array, targets: mx.array, parents: Optional[Tuple
     if parents is None:
         a = _leading(tokens[1:] == targets[:-1])
         return Verdict(a, a, targets)
-    depth, parent_index, ancestors = tree_arrays(tuple(parents))
-    ok = tokens[1:] == targets[parent_index]
-    reached = ~(ancestors & ~ok[None]).any(axis=1)
-    best = mx.argmax(mx.where(reached, depth, -1), keepdims=True).astype(mx.int32)
-    return Verdict(depth[best], best, targets)
+    tree = tree_arrays(tuple(parents))
+    ok = tokens[1:] == targets[tree.parent]
+    reached = ~(tree.ancestors & ~ok[None]).any(axis=1)
+    best = mx.argmax(mx.where(reached, tree.depth, -1), keepdims=True).astype(mx.int32)
+    return Verdict(tree.depth[best], best, targets)
 
 
 def verify_greedy(tokens: mx.array, logits: mx.array, parents: Optional[Tuple[int, ...]] = None) -> Verdict:

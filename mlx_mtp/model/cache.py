@@ -185,7 +185,8 @@ def as_spec_cache(cache: Sequence, num_layers: int) -> List[SpecCache]:
     from mlx_lm.models.cache import KVCache
 
     if not isinstance(cache, (list, tuple)):
-        raise TypeError(f"prompt_cache must be a list of per-layer caches (make_prompt_cache), got {type(cache).__name__}")
+        kind = type(cache).__name__
+        raise TypeError(f"prompt_cache must be a list of per-layer caches (make_prompt_cache), got {kind}")
     if len(cache) != num_layers:
         raise ValueError(f"prompt_cache has {len(cache)} layers, the model {num_layers}")
     out = []
