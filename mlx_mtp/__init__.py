@@ -44,7 +44,7 @@ __all__ = list(_EXPORTS)
 # the function, as with mlx-lm).
 if sys.argv[:1] != ["-m"]:
     from . import generate as _generate_cli  # noqa: F401
-    from .api import generate
+    from .api import generate  # noqa: F401  (the package export)
 
 
 def __getattr__(name):

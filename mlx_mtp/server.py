@@ -43,6 +43,7 @@ from .errors import USER_ERROR_EXIT
 
 DEFAULT_MAX_TOKENS = 512  # mlx_lm.server's default
 MAX_STOP_STRINGS = 16
+MAX_BODY_BYTES = 32 << 20  # a request body larger than this gets a 413 (bounded memory)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -527,6 +528,18 @@ def make_app(model, tokenizer, config: Optional[ServerConfig] = None):
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise RequestError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def next_event(job: Job, request: Request, watch: bool):
         """The job's next event; with ``watch``, cancel it if the client goes."""
         while True:
@@ -539,7 +552,7 @@ def make_app(model, tokenizer, config: Optional[ServerConfig] = None):
 
     async def complete(request: Request, kind: str):
         try:
-            raw = await request.body()
+            raw = await read_body(request)
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -419,3 +419,20 @@ def test_non_streamed_request_cancelled_when_the_client_goes(server):
         time.sleep(0.01)
     stats = server.worker.finished[-1]
     assert stats["finish_reason"] == "cancelled" and stats["completion_tokens"] < CONTEXT // 2
+
+
+def test_oversized_body_gets_413(server):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n{" % (64 << 20)
+    )
+    reply = b""
+    while b"the request body is over" not in reply:
+        data = sock.recv(65536)
+        if not data:
+            break
+        reply += data
+    reply = reply.decode()
+    sock.close()
+    assert reply.startswith("HTTP/1.1 413") and "the request body is over" in reply
