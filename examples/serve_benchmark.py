@@ -134,6 +134,7 @@ def main():
             load = load_test(port, args.clients, args.requests, args.max_tokens, args.model)
             results[name] = {"solo_req_s": solo[0], "solo_tok_s": solo[1], "load_req_s": load[0], "load_tok_s": load[1]}
             texts[name] = load[2]
+            print(name, json.dumps(results[name]), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
