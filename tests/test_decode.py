@@ -12,13 +12,67 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mlx_lm.generate import generate_step
 
 from mlx_mtp.decoding.decode import SpeculativeDecoder, resolve_num_masks
 from mlx_mtp.model.mtp_model import MTPModel
 
-from tiny import make_prompt, mtp_for, oracle_draft, reference, run, tiny_model, tiny_mtp  # noqa: F401
+from tiny import tiny_model, tiny_mtp
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_MODELS = {}
+
+
+def mtp_for(model_type: str, seed: int = 0, **overrides) -> MTPModel:
+    """A cached tiny model with a random 8-mask adapter. Untied embeddings:
+    tied random models mostly repeat one token, which would hide bugs."""
+    overrides.setdefault("tie_word_embeddings", False)
+    key = (model_type, seed, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        _MODELS[key] = tiny_mtp(model_type, num_masks=8, seed=seed, **overrides)
+    return _MODELS[key]
+
+
+def make_prompt(length: int, seed: int = 0, vocab: int = 128):
+    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
+
+
+def reference(model, prompt, n, eos=None):
+    """mlx-lm greedy tokens (argmax sampler), cut after the first EOS."""
+    out = []
+    for t, _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        out.append(t)
+        if eos is not None and t in eos:
+            break
+    return out
+
+
+def oracle_draft(mtp: MTPModel, sequence, rate: float, seed: int = 0):
+    """A draft that proposes ``sequence[pos]`` (prompt + greedy continuation)
+    where a seeded coin with probability ``rate`` says so, and the real
+    sampler head's logits elsewhere."""
+    known_len = len(sequence)
+    pad = 64
+    good = mx.array(np.random.default_rng(seed).random(known_len + pad) < rate)
+    seq = mx.array(list(sequence) + [0] * pad)
+    vocab = mx.arange(mtp.vocab_size)
+
+    def draft(prev, z, pos):
+        real = mtp.sampler_logits(prev, z)
+        use = good[pos] & (pos < known_len)
+        onehot = (vocab[None] == seq[pos][:, None]).astype(real.dtype) * 1e4
+        return mx.where(use[:, None], onehot, real)
+
+    return draft
+
+
+def run(mtp, prompt, max_tokens, **kwargs):
+    eos = kwargs.pop("eos", ())
+    decoder = SpeculativeDecoder(mtp, **kwargs)
+    steps = list(decoder.steps(prompt, max_tokens=max_tokens, eos_token_ids=eos))
+    return [t for s in steps for t in s.tokens], steps
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("mode", ["quadratic", "linear"])
 @pytest.mark.parametrize("k", [1, 2, 4, 8])

@@ -19,8 +19,9 @@ from mlx_mtp.adapter import AdapterError, save_adapter
 from mlx_mtp.generate import main
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from mlx_mtp.model.mtp_model import MTPConfig
+from test_decode import oracle_draft
 
-from tiny import oracle_draft, randomize_adapter, tiny_config, tiny_model
+from tiny import randomize_adapter, tiny_config, tiny_model
 
 K = 4
 CONTEXT = 64

@@ -6,10 +6,9 @@ import pytest
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.lookup import NGramLookup
 from mlx_mtp.model.mtp_model import MTPModel
+from test_decode import MODEL_TYPES, make_prompt, mtp_for, reference, run
 
-from tiny import make_prompt, mtp_for, reference, run, tiny_model
-
-MODEL_TYPES = ("llama", "qwen2", "qwen3")
+from tiny import tiny_model
 
 
 def lookup_of(tokens, min_n=2, max_n=4):

@@ -1,16 +1,12 @@
-"""Tiny random mlx-lm models built from a config in milliseconds, and the
-helpers the decoding tests share (mlx-lm's reference tokens, oracle drafts)."""
+"""Tiny random mlx-lm models built from a config in milliseconds."""
 
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_map
-from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes
 
-from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -110,58 +106,3 @@ def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, **o
     mtp = randomize_adapter(MTPModel(tiny_model(model_type, seed=0, **overrides), MTPConfig(num_masks=num_masks)))
     save_adapter(mtp, adapter_dir)
     return model_dir, adapter_dir
-
-
-# --- decoding tests ----------------------------------------------------------------------
-
-_MODELS = {}
-
-
-def mtp_for(model_type: str, seed: int = 0, **overrides) -> MTPModel:
-    """A cached tiny model with a random 8-mask adapter. Untied embeddings:
-    tied random models mostly repeat one token, which would hide bugs."""
-    overrides.setdefault("tie_word_embeddings", False)
-    key = (model_type, seed, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = tiny_mtp(model_type, num_masks=8, seed=seed, **overrides)
-    return _MODELS[key]
-
-
-def make_prompt(length: int, seed: int = 0, vocab: int = 128):
-    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
-
-
-def reference(model, prompt, n, eos=None):
-    """mlx-lm greedy tokens (argmax sampler), cut after the first EOS."""
-    out = []
-    for t, _ in generate_step(mx.array(prompt), model, max_tokens=n):
-        out.append(t)
-        if eos is not None and t in eos:
-            break
-    return out
-
-
-def oracle_draft(mtp: MTPModel, sequence, rate: float, seed: int = 0):
-    """A draft that proposes ``sequence[pos]`` (prompt + greedy continuation)
-    where a seeded coin with probability ``rate`` says so, and the real
-    sampler head's logits elsewhere."""
-    known_len = len(sequence)
-    pad = 64
-    good = mx.array(np.random.default_rng(seed).random(known_len + pad) < rate)
-    seq = mx.array(list(sequence) + [0] * pad)
-    vocab = mx.arange(mtp.vocab_size)
-
-    def draft(prev, z, pos):
-        real = mtp.sampler_logits(prev, z)
-        use = good[pos] & (pos < known_len)
-        onehot = (vocab[None] == seq[pos][:, None]).astype(real.dtype) * 1e4
-        return mx.where(use[:, None], onehot, real)
-
-    return draft
-
-
-def run(mtp, prompt, max_tokens, **kwargs):
-    eos = kwargs.pop("eos", ())
-    decoder = SpeculativeDecoder(mtp, **kwargs)
-    steps = list(decoder.steps(prompt, max_tokens=max_tokens, eos_token_ids=eos))
-    return [t for s in steps for t in s.tokens], steps
