@@ -16,7 +16,6 @@ from mlx_lm.generate import generate_step
 
 from mlx_mtp.decoding.decode import SpeculativeDecoder, resolve_num_masks
 from mlx_mtp.model.mtp_model import MTPModel
-
 from tiny import tiny_model, tiny_mtp
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -333,9 +332,7 @@ def test_branches_bad_arguments():
     lookup=st.sampled_from([0, 3]),
     plant_eos=st.booleans(),
 )
-def test_property_branches_equal_mlx_lm(
-    seed, model_type, k, branches, length, rate, second, max_tokens, lookup, plant_eos
-):
+def test_property_branches_equal_mlx_lm(seed, model_type, k, branches, length, rate, second, max_tokens, lookup, plant_eos):
     mtp = mtp_for(model_type, seed=seed % 3)
     prompt = make_prompt(length, seed=seed, vocab=16 if lookup else 128)
     ref = reference(mtp.model, prompt, max_tokens + k + 2)

@@ -2,6 +2,7 @@
 command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
 word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -17,10 +18,9 @@ import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError, save_adapter
 from mlx_mtp.generate import main
-from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from mlx_mtp.model.mtp_model import MTPConfig
+from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from test_decode import oracle_draft
-
 from tiny import randomize_adapter, tiny_config, tiny_model
 
 K = 4
@@ -175,7 +175,7 @@ def test_generate_text_equals_mlx_lm(loaded, capsys):
     out = capsys.readouterr().out
     assert text == expected and text in out
     assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
-    assert "tokens/step over" in out and f"(k={K}, quadratic)" in out
+    assert f"tokens/step over" in out and f"(k={K}, quadratic)" in out
     assert "Peak memory:" in out
     # k = 0: copied drafts only, said so; plain decoding says "off"
     assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=0, verbose=True) == expected

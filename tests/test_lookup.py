@@ -7,7 +7,6 @@ from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.lookup import NGramLookup
 from mlx_mtp.model.mtp_model import MTPModel
 from test_decode import MODEL_TYPES, make_prompt, mtp_for, reference, run
-
 from tiny import tiny_model
 
 
