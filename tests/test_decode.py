@@ -333,3 +333,20 @@ def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(
     prefill = ["eval"] * 3  # 10 tokens in chunks of 4
     loop = ["launch", "wait"] + ["launch", "tokens", "wait"] * (steps - 1) + ["tokens"]
     assert events == prefill + loop
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_branches_logprobs_follow_the_accepted_branch(k):
+    """With branches, the right token is the draft's second choice (its own
+    branch, not the first): each emitted token's logprobs are the base
+    model's distribution at that token, so greedy argmax equals the token."""
+    mtp = mtp_for("llama")
+    prompt = make_prompt(8, seed=12)
+    ref = reference(mtp.model, prompt, 40)
+    draft = ranked_oracle_draft(mtp, prompt + ref, rate=1.0, second=1.0)
+    got, steps = run(mtp, prompt, 21, num_masks=k, draft_fn=draft, branches=3)
+    assert got == ref[:21]
+    assert [s.accepted for s in steps] == [0] + [1] * 10  # every step took the second branch
+    for step in steps:
+        assert len(step.logprobs) == len(step.tokens)
+        assert [mx.argmax(lp).item() for lp in step.logprobs] == step.tokens

@@ -9,16 +9,17 @@ while a wrong acceptance rule (e.g. always accepting, or resampling from p
 instead of (p - q)+) shifts these distributions far beyond that threshold.
 """
 
-from collections import Counter
-
 import math
+from collections import Counter
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from mlx_mtp.decoding.decode import SpeculativeDecoder, speculative_accept
+from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.decoding.verify import speculative_accept
+
 from tiny import tiny_mtp
 
 ALPHA = 1e-3
@@ -59,7 +60,9 @@ def chi2_sf(x: float, df: int) -> float:
 
 def test_chi2_sf_reference_values():
     # chi-square quantiles from tables: P(X > q) for (q, df)
-    for q, df, sf in [(3.841459, 1, 0.05), (10.827566, 1, 0.001), (18.307038, 10, 0.05), (49.588, 20, 0.00025362), (0.5, 4, 0.973501)]:
+    cases = [(3.841459, 1, 0.05), (10.827566, 1, 0.001), (18.307038, 10, 0.05), (49.588, 20, 0.00025362)]
+    cases.append((0.5, 4, 0.973501))
+    for q, df, sf in cases:
         assert chi2_sf(q, df) == pytest.approx(sf, rel=1e-3)
 
 
@@ -198,4 +201,21 @@ def test_sampling_with_copied_drafts_follows_base_distribution(mode, k, seed):
     decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=1.0, lookup=2, lookup_ngram=1)
     counts, copied, accepted = sample_first_tokens(decoder, prompt, N, seed, source="lookup")
     assert 0.1 * copied < accepted < 0.9 * copied
+    assert chi_square_pvalue(counts, joint) > ALPHA
+
+
+@pytest.mark.parametrize("mode, k, seed", [("quadratic", 2, 5)])
+def test_mlx_lm_sampler_verified_by_matching_follows_base_distribution(mode, k, seed):
+    """A caller's mlx-lm sampler (temperature 1, top-k 3) is verified by
+    matching its own sample at each position: the first three tokens follow
+    the base model's exact joint under that sampler."""
+    from mlx_lm.sample_utils import make_sampler
+
+    V, N = 5, 600
+    mtp = tiny_mtp("qwen3", num_masks=k, seed=30 + seed, vocab_size=V, tie_word_embeddings=False)
+    prompt = [3]
+    joint = exact_joint(mtp, prompt, 1.0, 1.0, 3, 3)
+    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, sampler=make_sampler(temp=1.0, top_k=3))
+    counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
+    assert 0.05 * proposed < accepted < 0.95 * proposed
     assert chi_square_pvalue(counts, joint) > ALPHA

@@ -187,13 +187,23 @@ def test_context_limit(loaded):
 
 
 def test_package_exports():
-    assert mlx_mtp.generate is generate and callable(mlx_mtp.generate)
+    import mlx_mtp.api as api
+
+    assert generate is api.generate and stream_generate is api.stream_generate and propose is api.propose
     assert mlx_mtp.stream_generate is stream_generate and mlx_mtp.load is load
     assert mlx_mtp.propose is propose and mlx_mtp.MTPModel is MTPModel
-    # the submodule is callable too, in case it was imported first
-    import mlx_mtp.generate as module
-
-    assert callable(module)
+    assert mlx_mtp.make_prompt_cache is api.make_prompt_cache
+    # the command-line module is a plain module (no class swapping), and
+    # importing it leaves the package's `generate` the function, in this
+    # process and in a fresh one whichever is imported first
+    cli_module = sys.modules["mlx_mtp.generate"]
+    assert type(cli_module).__name__ == "module" and cli_module.main is main
+    assert mlx_mtp.generate is api.generate
+    code = (
+        "from mlx_mtp.generate import main; import mlx_mtp, mlx_mtp.api; from mlx_mtp import generate; "
+        "assert generate is mlx_mtp.api.generate and mlx_mtp.generate is generate"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -68,3 +68,41 @@ def tiny_mtp(
     """A tiny random model with a random, non-zero adapter."""
     mtp = MTPModel(tiny_model(model_type, seed, bits, **overrides), MTPConfig(num_masks=num_masks))
     return randomize_adapter(mtp, seed + 1)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def write_word_tokenizer(path, vocab_size: int = 128):
+    """A word-level tokenizer w0..w{V-1} (EOS: the last word, unknown: w0)
+    with a chat template, saved as a Hugging Face tokenizer in ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    eos = f"w{vocab_size - 1}"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, chat_template=CHAT_TEMPLATE).save_pretrained(path)
+
+
+def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, **overrides):
+    """A tiny model saved as an mlx-lm model directory with a word-level
+    tokenizer, and a random adapter for it: (model_dir, adapter_dir)."""
+    from pathlib import Path
+
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_mtp.adapter import save_adapter
+
+    root = Path(root)
+    model_dir, adapter_dir = root / "model", root / "adapter"
+    save_model(model_dir, tiny_model(model_type, seed=0, **overrides))
+    save_config(tiny_config(model_type, **overrides), model_dir / "config.json")
+    write_word_tokenizer(model_dir)
+    mtp = randomize_adapter(MTPModel(tiny_model(model_type, seed=0, **overrides), MTPConfig(num_masks=num_masks)))
+    save_adapter(mtp, adapter_dir)
+    return model_dir, adapter_dir

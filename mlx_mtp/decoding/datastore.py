@@ -21,7 +21,6 @@ The CLI that stores responses in an adapter is :mod:`mlx_mtp.datastore`.
 """
 
 import math
-from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import numpy as np

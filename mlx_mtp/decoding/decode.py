@@ -15,7 +15,7 @@ with mask tokens and, from that one forward pass:
 - the masks give the next speculations through the sampler head, chained
   token by token (``prev = t_a, z = m_1 -> s'_1; prev = s'_1, z = m_2 -> ...``).
 
-Layouts (:mod:`mlx_mtp.layouts`):
+Layouts (:mod:`mlx_mtp.model.layouts`):
 
 - ``quadratic``: every fed token is followed by its own k masks, so whatever
   prefix is accepted, block a has k fresh masks. The accepted length a is
@@ -39,9 +39,9 @@ about as much as a narrow one (a GPU).
 With k = 0 in another mode, only copied drafts (below) are verified, through
 the plain causal forward: no masks, no LoRA. Where verifying the masks'
 speculation costs more than it returns (a CPU, where a forward over 4 tokens
-costs ~1.6x one, against masks accepted ~35% of the time), that is fastest.
+costs more than one, against masks accepted about a third of the time), that is fastest.
 
-With ``lookup=d`` (:mod:`mlx_mtp.lookup`), a step whose last tokens occurred
+With ``lookup=d`` (:mod:`mlx_mtp.decoding.lookup`), a step whose last tokens occurred
 earlier in the prompt or the output feeds up to d tokens copied from what
 followed them instead of the masks' speculations. Masks follow only the
 pending token and the last copied token (``block`` layout; linear mode: the
@@ -49,12 +49,23 @@ last only): copies are often right to their end, and on a CPU a forward over
 d+1+2k tokens costs far less than over (d+1)(k+1), while a copy rejected from
 its first token still leaves the masks' speculations for the next step. Their
 draft distribution is one-hot, so speculative sampling stays exact. Where the text
-has no such match, an adapter's datastore (:mod:`mlx_mtp.datastore`: the
+has no such match, an adapter's datastore (:mod:`mlx_mtp.decoding.datastore`: the
 responses it was trained on) drafts the most common continuation of the last
 tokens in the same way.
 
 Only the accepted regular tokens are committed to the KV cache (their entries
 equal the base model's); masks and rejected tokens are dropped.
+
+Verification is :mod:`mlx_mtp.decoding.verify` (pure functions), the draft
+sources :mod:`mlx_mtp.decoding.drafts`; this module runs the steps. A caller's
+``logits_processors`` (mlx-lm's) apply to the base model's logits at every
+verified position, each with the tokens before that position, and a caller's
+mlx-lm ``sampler`` is verified by matching (its sample at each position
+against the speculation there), so both stay exact.
+
+A prompt cache (a list of :class:`~mlx_mtp.model.cache.SpecCache`) given to
+:meth:`SpeculativeDecoder.steps` holds text before the prompt; the prompt
+continues it, as in mlx-lm.
 
 The loop is lazy: each step's graph (forward, verification, sampling, sampler
 chains) is built and launched with ``mx.async_eval``, then the host hands the
@@ -64,47 +75,36 @@ prefilled in chunks through the plain causal forward.
 """
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from ..model.cache import commit
-from ..model.layouts import block_layout, linear_layout, tree_parents, tree_structure
+from ..model.cache import SpecCache, commit
+from ..model.layouts import block_layout, linear_layout, tree_parents
+from ..model.mtp_model import MTPModel
+from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
-from ..model.mtp_model import MTPModel
+from .verify import (
+    Verdict,
+    accepted_path,
+    sampler_targets,
+    sampling_probs,
+    verify_greedy,
+    verify_matching,
+    verify_sampled,
+)
+
+__all__ = [
+    "MODES", "DEFAULT_LOOKUP", "DATASTORE_TOKENS", "MAX_NGRAM", "DraftFn", "Step", "SpeculativeDecoder",
+    "context_limit", "resolve_num_masks",
+]
 
 MODES = ("quadratic", "linear", "off")
 
-# copied tokens verified per lookup step (stream_generate, the CLIs); with the
-# step-541 SmolLM2-135M adapter at k=1 (fp32; Spec-Bench, 1 prompt per category,
-# 96 tokens, greedy): 1.40 tokens/step without lookup, 1.53 at d=4, 1.54 at d=6
-DEFAULT_LOOKUP = 6
-# tokens drafted per step from an adapter's datastore (at most the lookup's d):
-# its drafts are right for fewer leading tokens than copies from the text
-# (SmolLM2-135M, self-distilled responses, on 26 Spec-Bench greedy outputs:
-# 0.80 leading tokens right of up to 4 drafted, 0.87 of up to 6)
-DATASTORE_TOKENS = 4
-# prompt lookup matches n-grams of lookup_ngram (default 3) .. MAX_NGRAM tokens, longest first
-MAX_NGRAM = 8
-
-# (prev tokens (R,), mask hidden states (R, d), absolute positions of the
-# predicted tokens (R,)) -> draft logits (R, V)
-DraftFn = Callable[[mx.array, mx.array, mx.array], mx.array]
-
-
-@lru_cache(maxsize=64)
-def _tree_arrays(parents: Tuple[int, ...]) -> Tuple[mx.array, mx.array, mx.array]:
-    """For verifying a tree of n fed tokens: each node's depth (n,), the
-    parent of each non-root node (n-1,) and whether non-root node j is node
-    i or an ancestor of it (n, n-1)."""
-    depth, anc = tree_structure(parents)
-    return (
-        mx.array(depth, dtype=mx.int32),
-        mx.array(parents[1:], dtype=mx.int32),
-        mx.array(anc[:, 1:]),
-    )
+# mlx-lm's sampler: logprobs (1, V) -> token (1,); logits processor: (tokens, logits (1, V)) -> logits
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def context_limit(model: MTPModel) -> Optional[int]:
@@ -134,45 +134,6 @@ def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> i
     return model.default_num_masks if num_masks is None else num_masks
 
 
-def _apply_filters(logprobs: mx.array, top_p: float, top_k: int) -> mx.array:
-    """mlx-lm's top-p then top-k filters (same order as ``make_sampler``)."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
-
-    if 0 < top_p < 1.0:
-        logprobs = apply_top_p(logprobs, top_p)
-    if 0 < top_k < logprobs.shape[-1]:
-        logprobs = apply_top_k(logprobs, top_k)
-    return logprobs
-
-
-def speculative_accept(
-    p: mx.array, q: mx.array, drafts: mx.array, u: mx.array
-) -> tuple:
-    """Speculative sampling for m drafted tokens, vectorised.
-
-    ``p`` (m+1, V): target distributions at the m+1 regular positions;
-    ``q`` (m, V): the distributions the m drafts were sampled from;
-    ``drafts`` (m,); ``u`` (m,) uniform in [0, 1).
-    Returns ``(accept (m,) bool, correction (m+1,) int32)``: draft j is
-    accepted when ``u_j q_j(d_j) < p_j(d_j)``; ``correction[j]`` is a sample
-    of the normalised ``(p_j - q_j)+`` for j < m (used when draft j is the
-    first rejected) and of ``p_m`` for j = m (all accepted).
-    """
-    m = drafts.shape[0]
-    if m == 0:
-        return mx.zeros((0,), dtype=mx.bool_), mx.random.categorical(mx.log(p)).astype(mx.int32)
-    idx = mx.arange(m)
-    ps = p[idx, drafts]
-    qs = q[idx, drafts]
-    accept = u * qs < ps
-    resid = mx.maximum(p[:m] - q, 0.0)
-    # p == q (up to rounding) leaves no residual mass; rejection then has
-    # probability ~0 and p itself is the right fallback.
-    resid = mx.where(resid.sum(-1, keepdims=True) > 0, resid, p[:m])
-    dist = mx.concatenate([resid, p[m:]], axis=0)
-    return accept, mx.random.categorical(mx.log(dist)).astype(mx.int32)
-
-
 @dataclass
 class Step:
     """What one step emitted."""
@@ -193,9 +154,20 @@ class _Launched:
     masked: Tuple[bool, ...]  # which fed tokens had masks after them
     regular: Tuple[int, ...]  # layout index of each fed token
     source: str
-    packed: mx.array
+    packed: mx.array  # [accepted, best, targets (n), next speculations], int32
     q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
     logprobs: mx.array  # (n, V)
+
+
+class _Finished(NamedTuple):
+    """A step read on the host."""
+
+    emitted: List[int]  # accepted speculations, then the base model's token
+    accepted: int
+    next_specs: List[List[int]]  # the masks' next speculations, one list per branch
+    next_q: Optional[mx.array]  # their draft distributions (sampling)
+    keep: List[int]  # layout indices of the fed tokens to commit
+    rows: List[int]  # the logprobs row of each emitted token
 
 
 class SpeculativeDecoder:
@@ -203,7 +175,9 @@ class SpeculativeDecoder:
 
     ``draft_fn`` replaces the sampler head (for tests and inspection); it is
     called with the previous tokens, the mask hidden states and the absolute
-    positions of the tokens to predict.
+    positions of the tokens to predict. ``sampler`` and ``logits_processors``
+    are mlx-lm's (``make_sampler``, ``make_logits_processors``); a sampler
+    replaces ``temp``/``top_p``/``top_k``.
     """
 
     def __init__(
@@ -220,6 +194,8 @@ class SpeculativeDecoder:
         lookup_ngram: int = 3,
         use_datastore: bool = True,
         branches: int = 1,
+        sampler: Optional[Sampler] = None,
+        logits_processors: Optional[Sequence[LogitsProcessor]] = None,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
@@ -231,6 +207,14 @@ class SpeculativeDecoder:
             raise ValueError(f"lookup_ngram must be >= 1, got {lookup_ngram}")
         if prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+        if sampler is not None:
+            if not callable(sampler):
+                raise TypeError(f"sampler must be callable (mlx-lm's make_sampler), got {type(sampler).__name__}")
+            if temp != 0 or top_p != 1.0 or top_k != 0:
+                raise ValueError("pass either a sampler or temp/top_p/top_k, not both")
+        processors = list(logits_processors or [])
+        if not all(callable(p) for p in processors):
+            raise TypeError("logits_processors must be a list of callables (mlx-lm's make_logits_processors)")
         self.model = model
         self.k = resolve_num_masks(model, num_masks, mode)
         if branches < 1:
@@ -243,8 +227,10 @@ class SpeculativeDecoder:
                 )
             if mode != "quadratic":
                 raise ValueError("branches > 1 needs mode 'quadratic'")
-            if temp != 0:
-                raise ValueError("branches > 1 needs greedy decoding (temp 0)")
+            if temp != 0 or sampler is not None:
+                raise ValueError("branches > 1 needs greedy decoding (temp 0, no sampler)")
+            if processors:
+                raise ValueError("branches > 1 cannot apply logits_processors (use branches=1)")
         self.branches = branches
         self.lookup = lookup if mode != "off" else 0
         # k = 0 with lookup: copied drafts only (see the module docstring)
@@ -252,6 +238,8 @@ class SpeculativeDecoder:
         self.temp = float(temp)
         self.top_p = top_p
         self.top_k = top_k
+        self.sampler = sampler
+        self.logits_processors = processors
         self.prefill_step_size = prefill_step_size
         self.lookup_ngram = lookup_ngram
         # drafts from the adapter's datastore where prompt lookup finds none
@@ -260,73 +248,64 @@ class SpeculativeDecoder:
             draft_fn = lambda prev, z, pos: model.sampler_logits(prev, z)  # noqa: E731
         self.draft_fn = draft_fn
         self.context_limit = context_limit(model)
-        self.cache = None
+        self.cache: Optional[List[SpecCache]] = None
         # a model the adapter cannot serve decodes plainly (mlx_mtp.decoding.fallback)
         self.fallback = plain_fallback(model)
         if self.fallback is not None:
             self.k, self.lookup, self.mode = 0, 0, "off"
+            self.datastore = None
 
     @property
     def greedy(self) -> bool:
+        """Drafts are the sampler head's argmax (greedy decoding, or a caller's sampler)."""
         return self.temp == 0
 
     # --- pieces ------------------------------------------------------------------
     def _probs(self, logits: mx.array) -> mx.array:
-        """Sampling distribution (float32) from logits: top-p/top-k, then temperature."""
-        logits = logits.astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        logprobs = _apply_filters(logprobs, self.top_p, self.top_k)
-        return mx.softmax(logprobs * (1.0 / self.temp), axis=-1)
+        return sampling_probs(logits, self.temp, self.top_p, self.top_k)
 
-    def prefill(self, prompt: Sequence[int]):
-        """A fresh cache holding ``prompt`` (all of it), in chunks."""
-        self.cache = self.model.make_cache()
-        tokens = mx.array(list(prompt), dtype=mx.int32)
-        for start in range(0, len(prompt), self.prefill_step_size):
-            chunk = tokens[start : start + self.prefill_step_size]
+    def prefill(self, tokens: Sequence[int], cache: Optional[List[SpecCache]] = None):
+        """Feed ``tokens`` (all of them) in chunks into ``cache`` (None: a
+        fresh one), which becomes the decoder's cache."""
+        self.cache = self.model.make_cache() if cache is None else cache
+        ids = mx.array(list(tokens), dtype=mx.int32)
+        for start in range(0, len(tokens), self.prefill_step_size):
+            chunk = ids[start : start + self.prefill_step_size]
             self.model(chunk[None], self.cache)
             commit(self.cache)
             mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
             mx.clear_cache()
 
-    def _verify(
-        self, tokens: mx.array, logits: mx.array, parents: Optional[Tuple[int, ...]], q_prev: Optional[mx.array]
-    ) -> Tuple[mx.array, mx.array, mx.array]:
-        """Verify the fed tokens' speculations (a chain, or a tree with
-        ``parents``) against the base model's ``logits`` (n, V) at them:
-        ``(a, best, targets)``, lazy. ``best`` (1,)
-        is the accepted node furthest from the pending token (0: none
-        accepted), ``a`` (1,) its depth (the accepted speculations) and
-        ``targets`` (n,) the base model's token after each fed token (when
-        sampling: the correction sample there)."""
-        m = tokens.shape[0] - 1
+    def _process(self, logits: mx.array, fed: List[int], parents: Tuple[int, ...], seen: List[int]) -> mx.array:
+        """The caller's logits processors at each fed node, each with the
+        tokens before its prediction (``seen``, then the path to the node)."""
+        rows = []
+        for i in range(len(fed)):
+            tokens = mx.array(seen + [fed[0]] + [fed[j] for j in accepted_path(i, parents)], dtype=mx.int32)
+            row = logits[i : i + 1]
+            for processor in self.logits_processors:
+                row = processor(tokens, row)
+            rows.append(row)
+        return mx.concatenate(rows, axis=0)
+
+    def _verify(self, tokens: mx.array, logits: mx.array, logprobs: mx.array, parents, q_prev) -> Verdict:
+        if self.sampler is not None:
+            return verify_matching(tokens, sampler_targets(self.sampler, logprobs), parents)
         if self.greedy:
-            targets = mx.argmax(logits, axis=-1).astype(mx.int32)
-            if parents is not None:
-                # a tree: a node is accepted when it and each of its ancestors
-                # equal the base model's token after their parent
-                depth, parent_index, ancestors = _tree_arrays(parents)
-                ok = tokens[1:] == targets[parent_index]
-                reached = ~(ancestors & ~ok[None]).any(axis=1)
-                best = mx.argmax(mx.where(reached, depth, -1), keepdims=True).astype(mx.int32)
-                return depth[best], best, targets
-            accept = tokens[1:] == targets[:m]
-        else:
-            p = self._probs(logits)
-            accept, targets = speculative_accept(
-                p, q_prev if m else None, tokens[1:], mx.random.uniform(shape=(m,))
-            )
-        if m:
-            a = mx.cumprod(accept.astype(mx.int32)).sum(keepdims=True).astype(mx.int32)
-        else:
-            a = mx.zeros((1,), dtype=mx.int32)
-        return a, a, targets
+            return verify_greedy(tokens, logits, parents)
+        return verify_sampled(tokens, self._probs(logits), q_prev)
 
     def _launch(
-        self, pending: int, specs: List[List[int]], q_prev: Optional[mx.array], source: str = "mtp"
+        self,
+        pending: int,
+        specs: List[List[int]],
+        q_prev: Optional[mx.array],
+        source: str = "mtp",
+        seen: Optional[List[int]] = None,
     ) -> _Launched:
         """Build one step's graph and start computing it. ``specs``: the
-        speculations, one list per branch (each a chain after ``pending``)."""
+        speculations, one list per branch (each a chain after ``pending``);
+        ``seen``: the tokens before ``pending`` (for logits processors)."""
         model, cache, k = self.model, self.cache, self.k
         C = cache[0].committed
         fed = [pending] + [t for branch in specs for t in branch]
@@ -348,55 +327,40 @@ class SpeculativeDecoder:
             regular = h[mx.array(layout.regular)]  # (n, d)
             Z = h[layout.masks].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
         logits = model.lm_head(regular)  # (n, V), at the regular positions only
+        if self.logits_processors:
+            logits = self._process(logits, fed, parents, seen or [])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
         # on the device: the sampler chain runs from node best, picked before the host waits
-        a, best, targets = self._verify(tokens, logits, parents if tree else None, q_prev)
-        head = [a, best, targets]
-
+        verdict = self._verify(tokens, logits, logprobs, parents if tree else None, q_prev)
+        head = [verdict.accepted, verdict.best, verdict.targets]
         q_rows = None
         if k:
-            # the chain from node best: valid when it has masks (the host checks);
-            # with branches, its first step keeps the b most likely tokens
-            z, prev, at = Z[layout.mask_block[best]], targets[best], a
-            chain, qs = [], []
-            for j in range(k):
-                # chain step j from the node at position C + a predicts position C + a + j + 2
-                draft = self.draft_fn(prev, z[:, j], at + (C + j + 2))
-                if self.greedy and j == 0 and self.branches > 1:
-                    b = self.branches
-                    top = mx.argpartition(-draft[0], kth=b - 1)[:b]
-                    prev = top[mx.argsort(-draft[0, top])].astype(mx.int32)
-                    z, at = mx.broadcast_to(z, (b, *z.shape[1:])), mx.broadcast_to(at, (b,))
-                elif self.greedy:
-                    prev = mx.argmax(draft, axis=-1).astype(mx.int32)
-                else:
-                    q = self._probs(draft)
-                    prev = mx.random.categorical(mx.log(q)).astype(mx.int32)
-                    qs.append(q[0])
-                chain.append(prev)
-            head.append(mx.stack(chain, axis=1).reshape(-1))  # branch by branch
-            if qs:
-                q_rows = mx.stack(qs)  # (k, V)
+            # the chain from node best: valid when it has masks (the host
+            # checks); chain step j predicts position C + a + j + 2
+            chain = mask_chain(
+                self.draft_fn,
+                Z[layout.mask_block[verdict.best]],
+                verdict.targets[verdict.best],
+                verdict.accepted + (C + 2),
+                k,
+                branches=self.branches,
+                probs=None if self.greedy else self._probs,
+            )
+            head.append(chain.tokens)
+            q_rows = chain.q
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(n)) if layout is None else layout.regular
         return _Launched(fed, parents, masked, regular_index, source, packed, q_rows, logprobs)
 
-    def _finish(self, step: _Launched):
-        """Wait for a step (the one sync) and read it: (emitted tokens, accepted
-        count, next speculations (one list per branch), their draft
-        distributions, keep indices)."""
+    def _finish(self, step: _Launched) -> _Finished:
+        """Wait for a step (the one sync) and read it."""
         vals = step.packed.tolist()
         n = len(step.fed)
         k = self.k
         a, best, targets, chain = vals[0], vals[1], vals[2 : n + 2], vals[n + 2 :]
-        path = []  # the accepted nodes, root excluded
-        node = best
-        while node > 0:
-            path.append(node)
-            node = step.parents[node]
-        path.reverse()
+        path = accepted_path(best, step.parents)  # the accepted nodes, root excluded
         emitted = [step.fed[i] for i in path] + [targets[best]]
         # the chain ran from node best: its speculations are fresh only if
         # that node had masks
@@ -404,7 +368,10 @@ class SpeculativeDecoder:
         next_specs = [chain[i : i + k] for i in range(0, len(chain), k)] if fresh else []
         next_q = step.q_rows if fresh else None
         keep = [step.regular[0]] + [step.regular[i] for i in path]
-        return emitted, a, next_specs, next_q, keep
+        # the base model's distribution for each emitted token is the row of
+        # the node before it on the accepted path (fed order differs in a tree)
+        rows = [0] + path
+        return _Finished(emitted, a, next_specs, next_q, keep, rows)
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Which of the n fed tokens get k masks after them: none without
@@ -420,23 +387,6 @@ class SpeculativeDecoder:
             return (True,) * n
         return (True,) + (False,) * (n - 2) + (True,)
 
-    def _one_hot(self, tokens: List[int]) -> mx.array:
-        """The draft distribution of copied tokens: (d, V), one-hot."""
-        V = self.model.vocab_size
-        return (mx.arange(V)[None] == mx.array(tokens, dtype=mx.int32)[:, None]).astype(mx.float32)
-
-    def _copied_drafts(self, lookup: NGramLookup) -> Tuple[List[int], str]:
-        """Drafts copied from earlier in the text, else from the datastore:
-        (tokens, source); ([], "mtp") when neither has any."""
-        copied = lookup.draft(self.lookup)
-        if copied:
-            return copied, "lookup"
-        if self.datastore is not None:
-            copied = self.datastore.draft(lookup.tokens[-MAX_NGRAM:], min(self.lookup, DATASTORE_TOKENS))
-            if copied:
-                return copied, "datastore"
-        return [], "mtp"
-
     def _launch_next(
         self,
         pending: int,
@@ -444,36 +394,42 @@ class SpeculativeDecoder:
         specs: List[List[int]],
         q: Optional[mx.array],
         room: int,
+        seen: Optional[List[int]] = None,
     ) -> _Launched:
         """Launch the step that feeds ``pending`` (the last token of the text
         in ``lookup``, if any) and its drafts: copied drafts where there are
         any, else the masks' speculations ``specs`` (one list per branch); at
         most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
-        copied, source = self._copied_drafts(lookup) if lookup is not None else ([], "mtp")
+        copied, source = copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else ([], "mtp")
         if copied:
-            specs, q = [copied], None if self.greedy else self._one_hot(copied)
+            specs = [copied]
+            q = None if self.greedy else one_hot(copied, self.model.vocab_size)
         limit = None if room < 0 else max(0, room - 1)
         specs = [branch[:limit] for branch in specs if branch[:limit]]
         q = q[: len(specs[0])] if (q is not None and specs) else None
-        return self._launch(pending, specs, q, source if specs else "mtp")
+        return self._launch(pending, specs, q, source if specs else "mtp", seen)
 
     # --- the loop ------------------------------------------------------------------
-    def budget(self, prompt_len: int, max_tokens: int) -> int:
-        """How many tokens may be generated: ``max_tokens`` (negative: no
+    def budget(self, prompt_len: int, max_tokens: int, cached: int = 0) -> int:
+        """How many tokens may be generated after ``cached`` tokens in the
+        cache and a prompt of ``prompt_len``: ``max_tokens`` (negative: no
         limit) and the context limit."""
         limits = []
         if max_tokens >= 0:
             limits.append(max_tokens)
         if self.context_limit is not None:
-            limits.append(self.context_limit - prompt_len)
+            limits.append(self.context_limit - cached - prompt_len)
         return min(limits) if limits else -1
 
-    def check_prompt(self, prompt: Sequence[int]):
+    def check_prompt(self, prompt: Sequence[int], cached: int = 0):
+        """Raise ValueError for an empty prompt or one that leaves no room in
+        the context after ``cached`` tokens."""
         if len(prompt) == 0:
             raise ValueError("the prompt is empty")
-        if self.context_limit is not None and len(prompt) >= self.context_limit:
+        if self.context_limit is not None and cached + len(prompt) >= self.context_limit:
+            held = f" after the {cached} tokens in the prompt cache" if cached else ""
             raise ValueError(
-                f"the prompt is {len(prompt)} tokens, which leaves no room in the model's "
+                f"the prompt is {len(prompt)} tokens{held}, which leaves no room in the model's "
                 f"context of {self.context_limit} tokens"
             )
 
@@ -482,30 +438,51 @@ class SpeculativeDecoder:
         prompt: Sequence[int],
         max_tokens: int = 256,
         eos_token_ids: Iterable[int] = (),
+        cache: Optional[List[SpecCache]] = None,
+        context: Sequence[int] = (),
     ) -> Iterator[Step]:
         """Generate from ``prompt`` (token ids), one :class:`Step` per
         verification pass. Stops after the first EOS token (which is emitted),
-        after ``max_tokens`` tokens, or at the context limit."""
+        after ``max_tokens`` tokens, or at the context limit.
+
+        Args:
+            cache: a prompt cache holding text before ``prompt`` (None: a
+                fresh one); afterwards it holds at least the prompt and every
+                token but the last of each step, see :meth:`settle`.
+            context: the tokens in ``cache``, where known (prompt lookup
+                drafts from them too; speed only).
+        """
         prompt = [int(t) for t in prompt]
-        self.check_prompt(prompt)
+        cached = 0 if cache is None else cache[0].committed
+        self.check_prompt(prompt, cached)
         eos = set(int(t) for t in eos_token_ids)
         if self.fallback is not None:
+            if cache is not None:
+                raise ValueError(
+                    f"model type '{self.model.support.model_type}' decodes plainly "
+                    f"({self.model.support.reason}); prompt caches are not supported for it"
+                )
             yield from self.fallback(self, prompt, max_tokens, eos)
             return
-        budget = self.budget(len(prompt), max_tokens)
+        budget = self.budget(len(prompt), max_tokens, cached)
         if budget == 0:
             return
-        self.prefill(prompt[:-1])
+        self.prefill(prompt[:-1], cache)
         lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
-            lookup.extend(prompt)
-        inflight = self._launch_next(prompt[-1], lookup, [], None, budget)
+            lookup.extend(list(context) + prompt)
+        # mlx-lm's logits processors see the prompt and the tokens generated
+        seen = prompt[:-1] if self.logits_processors else None
+        inflight = self._launch_next(prompt[-1], lookup, [], None, budget, seen)
         generated = 0
         while True:
-            emitted, a, specs, q, keep = self._finish(inflight)
+            done_step = self._finish(inflight)
+            emitted, specs, q = done_step.emitted, done_step.next_specs, done_step.next_q
             proposed, step_source = len(inflight.fed) - 1, inflight.source
-            commit(self.cache, keep)
+            commit(self.cache, done_step.keep)
             logprobs = inflight.logprobs
+            if seen is not None:
+                seen = seen + [inflight.fed[0]] + emitted[:-1]
             done = False
             for i, t in enumerate(emitted):
                 if t in eos or (budget >= 0 and generated + i + 1 >= budget):
@@ -517,12 +494,12 @@ class SpeculativeDecoder:
                     lookup.extend(emitted)
                 # the next step is in flight before the host hands over these tokens
                 room = budget - generated if budget >= 0 else -1
-                inflight = self._launch_next(emitted[-1], lookup, specs, q, room)
+                inflight = self._launch_next(emitted[-1], lookup, specs, q, room, seen)
             yield Step(
                 tokens=emitted,
                 proposed=proposed,
-                accepted=min(a, len(emitted)),
-                logprobs=[logprobs[i] for i in range(len(emitted))],
+                accepted=min(done_step.accepted, len(emitted)),
+                logprobs=[logprobs[done_step.rows[i]] for i in range(len(emitted))],
                 source=step_source,
             )
             if done:
@@ -530,11 +507,26 @@ class SpeculativeDecoder:
             if generated % 256 < len(emitted):
                 mx.clear_cache()
 
+    def settle(self, cached: int, text: Sequence[int]):
+        """Leave the cache holding its first ``cached`` entries and then
+        ``text`` (a generation's prompt and the tokens handed out): entries
+        beyond are dropped (speculations accepted after a stop, a step in
+        flight), missing ones fed."""
+        if self.cache is None:
+            return
+        text = [int(t) for t in text]
+        have = self.cache[0].committed - cached
+        for c in self.cache:
+            c.trim(max(0, have - len(text)))
+        have = min(max(have, 0), len(text))
+        if have < len(text):
+            self.prefill(text[have:], self.cache)
+
     def propose(self, prompt: Sequence[int]) -> List[int]:
         """One pass over ``prompt``: the base model's next token and the k
         speculations that follow it (greedy through the sampler head)."""
         prompt = [int(t) for t in prompt]
         self.check_prompt(prompt)
         self.prefill(prompt[:-1])
-        emitted, _, specs, _, _ = self._finish(self._launch(prompt[-1], [], None))
-        return emitted + (specs[0] if specs else [])
+        step = self._finish(self._launch(prompt[-1], [], None))
+        return step.emitted + (step.next_specs[0] if step.next_specs else [])

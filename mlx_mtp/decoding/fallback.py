@@ -46,12 +46,15 @@ def plain_steps(decoder, prompt: Sequence[int], max_tokens: int, eos_token_ids: 
     budget = decoder.budget(len(prompt), max_tokens)
     if budget == 0:
         return
-    sampler = None if decoder.greedy else make_sampler(decoder.temp, decoder.top_p, top_k=decoder.top_k)
+    sampler = decoder.sampler
+    if sampler is None and not decoder.greedy:
+        sampler = make_sampler(decoder.temp, decoder.top_p, top_k=decoder.top_k)
     steps = generate_step(
         mx.array(list(prompt), dtype=mx.int32),
         decoder.model.model,
         max_tokens=budget,
         sampler=sampler,
+        logits_processors=decoder.logits_processors or None,
         prefill_step_size=decoder.prefill_step_size,
     )
     for token, logprobs in steps:

@@ -7,13 +7,16 @@ chosen subset of the new entries (the accepted regular tokens) and drops the
 rest, so the cache always equals the base model's cache over the accepted text.
 
 The cache speaks mlx-lm's cache protocol (``offset``, ``update_and_fetch``,
-``make_mask``): while a step is set, ``offset`` is the (B, L) array of
+``make_mask``, ``state`` get and set, ``meta_state``, ``trim``, ``from_state``),
+so mlx-lm's ``save_prompt_cache`` / ``load_prompt_cache`` /
+``trim_prompt_cache`` work on a list of them: while a step is set, ``offset`` is the (B, L) array of
 positions, which :class:`mlx_mtp.model.PositionalRoPE` applies per token.
 """
 
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx_lm.models.cache as _lm_cache
 from mlx_lm.models.cache import create_attention_mask
 
 
@@ -68,14 +71,46 @@ class SpecCache:
 
     @property
     def state(self):
+        """The committed entries: (keys, values), each (B, H, committed, D);
+        (None, None) while empty."""
+        if self.keys is None:
+            return None, None
         return self.keys[..., : self.committed, :], self.values[..., : self.committed, :]
+
+    @state.setter
+    def state(self, v):
+        keys, values = v
+        self.keys, self.values = keys, values
+        self.committed = 0 if keys is None else keys.shape[2]
+        self._drop_pending()
+
+    @property
+    def meta_state(self):
+        """Nothing beyond ``state`` (for mlx-lm versions that save it)."""
+        return ""
+
+    @meta_state.setter
+    def meta_state(self, v):
+        if v not in ("", None, [], ()):
+            raise ValueError(f"SpecCache has no meta state, got {v!r}")
+
+    @classmethod
+    def from_state(cls, state, meta_state=""):
+        """A cache holding ``state`` (what :func:`mlx_lm.models.cache.load_prompt_cache` calls)."""
+        cache = cls()
+        cache.state = state
+        cache.meta_state = meta_state
+        return cache
 
     def is_trimmable(self) -> bool:
         return True
 
     def trim(self, n: int) -> int:
-        n = min(self.committed, n)
+        """Drop the last ``n`` committed entries (and any pending ones, which
+        lie after them); returns how many committed entries were dropped."""
+        n = max(0, min(self.committed, n))
         self.committed -= n
+        self._drop_pending()
         return n
 
     def empty(self) -> bool:
@@ -100,14 +135,19 @@ class SpecCache:
             n = self.pending
         else:
             n = len(keep)
+            if n > self.pending:
+                raise ValueError(f"cannot commit {n} entries, {self.pending} are pending")
+            if not isinstance(keep, mx.array) and any(not 0 <= i < self.pending for i in keep):
+                raise ValueError(f"commit indices {list(keep)} out of range: {self.pending} entries are pending")
             is_prefix = not isinstance(keep, mx.array) and list(keep) == list(range(n))
             if n and not is_prefix:
                 idx = C + mx.array(keep, dtype=mx.int32)
                 self.keys[..., C : C + n, :] = self.keys[..., idx, :]
                 self.values[..., C : C + n, :] = self.values[..., idx, :]
-        if n > self.pending:
-            raise ValueError(f"cannot commit {n} entries, {self.pending} are pending")
         self.committed = C + n
+        self._drop_pending()
+
+    def _drop_pending(self):
         self.pending = 0
         self.positions = None
         self.mask = None
@@ -117,6 +157,11 @@ class SpecCache:
         if self.keys is not None:
             self.keys = mx.stop_gradient(self.keys)
             self.values = mx.stop_gradient(self.values)
+
+
+# mlx-lm's load_prompt_cache finds a saved cache's class by name in its cache
+# module: make SpecCache one of them, so saved SpecCaches load back
+setattr(_lm_cache, SpecCache.__name__, SpecCache)
 
 
 def make_spec_cache(model) -> List[SpecCache]:
@@ -134,3 +179,42 @@ def commit(cache: List[SpecCache], keep: Optional[Union[Sequence[int], mx.array]
 def set_step(cache: List[SpecCache], positions: Optional[mx.array], mask: Optional[mx.array]):
     for c in cache:
         c.set_step(positions, mask)
+
+
+def as_spec_cache(cache: Sequence, num_layers: int) -> List[SpecCache]:
+    """The SpecCaches to decode with over a prompt cache of ``num_layers``
+    layers: SpecCaches as they are; mlx-lm ``KVCache``s adopted (their arrays,
+    no copy; :func:`write_back` hands the result back). Other caches
+    (rotating, quantized, ...) cannot drop rejected speculations exactly and
+    are refused."""
+    from mlx_lm.models.cache import KVCache
+
+    if not isinstance(cache, (list, tuple)):
+        kind = type(cache).__name__
+        raise TypeError(f"prompt_cache must be a list of per-layer caches (make_prompt_cache), got {kind}")
+    if len(cache) != num_layers:
+        raise ValueError(f"prompt_cache has {len(cache)} layers, the model {num_layers}")
+    out = []
+    for c in cache:
+        if isinstance(c, SpecCache):
+            out.append(c)
+        elif type(c) is KVCache:
+            spec = SpecCache()
+            if c.keys is not None and c.offset:
+                spec.keys, spec.values, spec.committed = c.keys, c.values, c.offset
+            out.append(spec)
+        else:
+            raise TypeError(
+                f"prompt_cache holds a {type(c).__name__}: speculative decoding needs caches that drop "
+                "rejected entries exactly (mlx_mtp.make_prompt_cache, or mlx-lm's KVCache)"
+            )
+    if len({c.committed for c in out}) > 1:
+        raise ValueError("prompt_cache's layers hold different numbers of tokens")
+    return out
+
+
+def write_back(cache: Sequence, spec: Sequence[SpecCache]):
+    """Hand the entries of adopted caches (:func:`as_spec_cache`) back to mlx-lm's KVCaches."""
+    for c, s in zip(cache, spec):
+        if c is not s:
+            c.keys, c.values, c.offset = s.keys, s.values, s.committed

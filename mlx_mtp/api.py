@@ -1,0 +1,430 @@
+"""The Python API, compatible with mlx-lm's: ``stream_generate``,
+``generate``, ``propose``, prompt caches and argument checks.
+
+    from mlx_mtp import load, generate, stream_generate
+    model, tokenizer = load()
+    text = generate(model, tokenizer, prompt, max_tokens=256)
+
+At temperature 0 the tokens are exactly mlx-lm's greedy tokens; at
+temperature > 0 speculative sampling keeps the base model's distribution.
+The command line is :mod:`mlx_mtp.generate`, the server :mod:`mlx_mtp.server`.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Generator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse, wired_limit
+from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .decoding.decode import SpeculativeDecoder
+from .decoding.drafts import DEFAULT_LOOKUP, DraftFn
+from .model.cache import SpecCache, as_spec_cache, write_back
+from .model.mtp_model import MTPModel
+
+DEFAULT_MAX_TOKENS = 256
+
+Prompt = Union[str, mx.array, Sequence[int]]
+
+
+@dataclass
+class MTPGenerationResponse(GenerationResponse):
+    """mlx-lm's response, plus ``steps`` (verification passes so far, the
+    first pass over the prompt included) and ``tokens_per_step``
+    (``generation_tokens / steps``), and ``draft_source``: where the
+    speculations verified in the step that emitted this token came from."""
+
+    steps: int = 0
+    tokens_per_step: float = 0.0
+    num_masks: int = 0
+    mode: str = "off"
+    branches: int = 1
+    draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def check_generation_args(max_tokens: Any = -1, temp: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0):
+    """Raise TypeError/ValueError, with the message the CLIs and the server
+    print, for arguments outside their ranges: ``max_tokens`` -1 (no limit)
+    or >= 1; ``temp`` finite, >= 0; ``top_p`` in [0, 1] (0 and 1: off);
+    ``top_k`` >= 0 (0: off)."""
+
+    def number(name, value, integer):
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = "an integer" if integer else "a number"
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+        if not integer and not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+    number("max_tokens", max_tokens, True)
+    if max_tokens == 0 or max_tokens < -1:
+        raise ValueError(f"max_tokens must be non-zero: a number of tokens >= 1, or -1 for no limit (got {max_tokens})")
+    number("temp", temp, False)
+    if temp < 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
+    number("top_p", top_p, False)
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] (0 or 1: off), got {top_p}")
+    number("top_k", top_k, True)
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+
+
+def check_text(text: str, what: str = "the prompt") -> str:
+    """``text`` if it is text that can be encoded (no lone surrogates), else ValueError."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid text: {e.reason} at character {e.start}") from None
+    return text
+
+
+def encode_prompt(tokenizer, prompt: Prompt, vocab_size: Optional[int] = None) -> List[int]:
+    """Token ids of ``prompt``: text encoded as mlx-lm does (special tokens
+    unless it starts with BOS), or token ids checked against ``vocab_size``."""
+    if isinstance(prompt, str):
+        check_text(prompt)
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special_tokens = bos is None or not prompt.startswith(bos)
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    if isinstance(prompt, mx.array):
+        if (
+            not mx.issubdtype(prompt.dtype, mx.integer)
+            or prompt.ndim > 2
+            or (prompt.ndim == 2 and prompt.shape[0] != 1)
+        ):
+            raise TypeError(
+                f"a prompt array must hold integer token ids, shape (L,) or (1, L), got {prompt.dtype} {prompt.shape}"
+            )
+        ids = prompt.reshape(-1).tolist()
+    elif isinstance(prompt, (list, tuple)):
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
+            raise TypeError(f"prompt token ids must be integers, got {type(bad).__name__} {bad!r}")
+        ids = list(prompt)
+    else:
+        raise TypeError(f"prompt must be a str, a list of token ids or an mx.array, got {type(prompt).__name__}")
+    if vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]
+
+
+# --- prompt caches ------------------------------------------------------------------------
+
+
+def make_prompt_cache(model: nn.Module) -> List[SpecCache]:
+    """An empty prompt cache for ``model``: pass it to :func:`stream_generate`
+    turn after turn; mlx-lm's ``save_prompt_cache``/``load_prompt_cache``/
+    ``trim_prompt_cache`` work on it."""
+    return _as_mtp(model).make_cache()
+
+
+def fit_prompt_cache(prompt_cache: List[Any], held: Sequence[int], prompt: Sequence[int]) -> int:
+    """Trim ``prompt_cache``, which holds the tokens ``held``, to its longest
+    common prefix with ``prompt`` (leaving at least one prompt token to
+    feed); returns that prefix's length: feed ``prompt[n:]`` next.
+
+    After :func:`stream_generate` a prompt cache holds the text before, the
+    prompt and every token handed out, so a chat's ``held`` is its last
+    prompt plus the reply's tokens."""
+    n = 0
+    for a, b in zip(held, prompt):
+        if a != b:
+            break
+        n += 1
+    n = min(n, len(prompt) - 1)
+    have = prompt_cache[0].size() if hasattr(prompt_cache[0], "size") else len(held)
+    if have != len(held):
+        raise ValueError(f"the prompt cache holds {have} tokens, but {len(held)} were given as held")
+    trim_prompt_cache(prompt_cache, have - n)
+    return n
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+def _decoding(response: MTPGenerationResponse) -> str:
+    """How the tokens were decoded, for the stats line."""
+    if response.num_masks == 0 and response.mode != "off":
+        return "k=0: copied drafts only"
+    branches = f", {response.branches} branches" if response.branches > 1 else ""
+    return f"k={response.num_masks}, {response.mode}{branches}"
+
+
+def _as_mtp(model: nn.Module) -> MTPModel:
+    return model if isinstance(model, MTPModel) else MTPModel(model)
+
+
+def _wrap_tokenizer(tokenizer) -> TokenizerWrapper:
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+class _StopText:
+    """Finds the first stop string in the decoded text; until then hands out
+    text that cannot turn out to be the start of one."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: List[int] = []
+        self.sent = 0  # characters handed out
+        self.text = ""
+
+    def add(self, token: int) -> Optional[int]:
+        """Add a token; returns the index where a stop string starts, or None."""
+        self.tokens.append(token)
+        old = len(self.text)
+        self.text = self.tokenizer.decode(self.tokens)
+        start = max(0, min(old, len(self.text)) - max(len(s) for s in self.stop))
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def segment(self, end: Optional[int] = None) -> str:
+        """Text not handed out yet, up to ``end``, or (None) up to what is safe."""
+        if end is None:
+            text = self.text.rstrip("\ufffd")
+            end = len(text)
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        end = min(end, len(text) - n)
+                        break
+        seg = self.text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return seg
+
+
+def _stop_strings(stop) -> List[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise TypeError("stop must be a str or a list of str")
+    for s in stops:
+        check_text(s, "a stop string")
+    return stops
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_masks: Optional[int] = None,
+    mode: str = "quadratic",
+    stop: Optional[Union[str, Sequence[str]]] = None,
+    prefill_step_size: int = 2048,
+    draft_fn: Optional[DraftFn] = None,
+    lookup: int = DEFAULT_LOOKUP,
+    use_datastore: bool = True,
+    branches: int = 1,
+    prompt_cache: Optional[List[Any]] = None,
+    sampler=None,
+    logits_processors=None,
+    context: Sequence[int] = (),
+) -> Generator[MTPGenerationResponse, None, None]:
+    """Like ``mlx_lm.stream_generate``: one response per generated token, the
+    last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
+    stop string, which its text leaves out) or "length" (``max_tokens`` or the
+    model's context limit).
+
+    Args:
+        num_masks: speculations per step (default: the adapter's k for this
+            device; 0 with lookup: copied drafts only).
+        mode: "quadratic" (default), "linear" or "off".
+        lookup: where the last tokens occurred before in the prompt or the
+            output, verify the d tokens that followed them instead (prompt
+            lookup, :mod:`mlx_mtp.decoding.lookup`); where they did not and
+            the adapter has a datastore (``use_datastore``), the continuation
+            its responses most often had. 0: off.
+        branches: greedy, quadratic: verify the sampler head's b most likely
+            first speculations, each with its own chain, in one pass (worth it
+            where a wide forward costs about as much as one token's: a GPU).
+        prompt_cache: from :func:`make_prompt_cache` (or a list of mlx-lm
+            ``KVCache``): holds text before ``prompt``, which continues it, as
+            in mlx-lm; updated in place to hold that text, the prompt and every
+            token handed out (also when the consumer stops early).
+        sampler, logits_processors: mlx-lm's (``make_sampler``,
+            ``make_logits_processors``), applied to the base model's
+            distribution at every verified position; a sampler replaces
+            ``temp``/``top_p``/``top_k`` and is verified by matching its own
+            samples, so the output follows it exactly.
+        context: the tokens in ``prompt_cache``, where known (prompt lookup
+            drafts from them too; speed only).
+        draft_fn: replaces the sampler head (tests and inspection).
+    """
+    check_generation_args(max_tokens, temp, top_p, top_k)
+    tokenizer = _wrap_tokenizer(tokenizer)
+    model = _as_mtp(model)
+    decoder = SpeculativeDecoder(
+        model,
+        num_masks=num_masks,
+        mode=mode,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        draft_fn=draft_fn,
+        prefill_step_size=prefill_step_size,
+        lookup=lookup,
+        use_datastore=use_datastore,
+        branches=branches,
+        sampler=sampler,
+        logits_processors=logits_processors,
+    )
+    ids = encode_prompt(tokenizer, prompt, model.vocab_size)
+    spec = None if prompt_cache is None else as_spec_cache(prompt_cache, len(model.layers))
+    cached = 0 if spec is None else spec[0].committed
+    decoder.check_prompt(ids, cached)
+    stops = _stop_strings(stop)
+    return _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, spec, cached, context)
+
+
+def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, spec, cached, context):
+    """The generator behind :func:`stream_generate` (arguments checked before
+    the first ``next``)."""
+    limit = decoder.budget(len(ids), max_tokens, cached)
+    eos = set(tokenizer.eos_token_ids)
+    stopper = _StopText(tokenizer, stops) if any(stops) else None
+    detokenizer = tokenizer.detokenizer
+    source = "mtp"
+    out: List[int] = []
+
+    def response(text, token, logprobs, from_draft, n, steps, finish_reason=None):
+        return MTPGenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+            steps=steps,
+            tokens_per_step=n / max(steps, 1),
+            num_masks=decoder.k,
+            mode=decoder.mode,
+            branches=decoder.branches,
+            draft_source=source,
+        )
+
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    steps = 0
+    try:
+        with wired_limit(model):
+            for step in decoder.steps(ids, max_tokens=limit, eos_token_ids=eos, cache=spec, context=context):
+                steps += 1
+                source = step.source
+                for i, token in enumerate(step.tokens):
+                    if n == 0:
+                        prompt_tps = len(ids) / (time.perf_counter() - tic)
+                        tic = time.perf_counter()
+                    n += 1
+                    out.append(token)
+                    logprobs = step.logprobs[i]
+                    from_draft = i < step.accepted
+                    if token in eos:
+                        detokenizer.finalize()
+                        text = stopper.segment(len(stopper.text)) if stopper else detokenizer.last_segment
+                        yield response(text, token, logprobs, from_draft, n, steps, "stop")
+                        return
+                    if stopper is not None:
+                        hit = stopper.add(token)
+                        if hit is not None:
+                            yield response(stopper.segment(hit), token, logprobs, from_draft, n, steps, "stop")
+                            return
+                        text = stopper.segment(len(stopper.text) if n == limit else None)
+                    else:
+                        detokenizer.add_token(token)
+                        if n == limit:
+                            detokenizer.finalize()
+                        text = detokenizer.last_segment
+                    yield response(text, token, logprobs, from_draft, n, steps, "length" if n == limit else None)
+                    if n == limit:
+                        return
+    finally:
+        if spec is not None:
+            # the cache holds the text before, the prompt and every token handed out
+            decoder.settle(cached, ids + out)
+            write_back(prompt_cache, spec)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_masks: Optional[int] = None,
+    mode: str = "quadratic",
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Like ``mlx_lm.generate``: the whole response text (``kwargs``: those of
+    :func:`stream_generate`). With ``verbose``, streams it and prints
+    prompt/generation speed, acceptance and memory."""
+    responses = stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        num_masks=num_masks,
+        mode=mode,
+        **kwargs,
+    )
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in responses:
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if response is None or response.generation_tokens == 0:
+            print("No text generated for this prompt")
+            return text
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+        print(
+            f"Acceptance: {response.tokens_per_step:.2f} tokens/step over {response.steps} steps "
+            f"({_decoding(response)})"
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+    return text
+
+
+def propose(
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    num_masks: Optional[int] = None,
+) -> List[int]:
+    """The base model's next token and the k speculated tokens that follow it,
+    from one pass over the prompt (greedy through the sampler head)."""
+    tokenizer = _wrap_tokenizer(tokenizer)
+    model = _as_mtp(model)
+    decoder = SpeculativeDecoder(model, num_masks=num_masks)
+    return decoder.propose(encode_prompt(tokenizer, prompt, model.vocab_size))
