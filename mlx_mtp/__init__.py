@@ -9,7 +9,11 @@ Exports are imported lazily, so ``python -m mlx_mtp.generate`` runs the
 module without it being imported twice.
 """
 
-import importlib
+from .blas import preload as _preload_blas
+
+_preload_blas()  # before anything imports MLX: a fast BLAS for its CPU matmuls on Linux
+
+import importlib  # noqa: E402
 
 _EXPORTS = {
     "load": "loading",
