@@ -28,7 +28,6 @@ import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 ENV_VAR = "MLX_MTP_BLAS"  # a library path to load, or "off"

@@ -17,8 +17,9 @@ not computed: attention costs the same), and the sampler head's call (one per
 drafted token). :class:`CostModel` interpolates the table (linear in T between
 measured widths, linear in C: attention is). :func:`cost_model` measures once
 per (model shape, weights' format, adapter, device, BLAS, MLX version) and
-caches the table as JSON under ``$MLX_MTP_CACHE`` (else
-``$XDG_CACHE_HOME/mlx_mtp``, else ``~/.cache/mlx_mtp``), in ``calibration/``;
+caches the table as JSON in ``calibration/`` under ``$MLX_MTP_CACHE`` (else
+``$XDG_CACHE_HOME/mlx_mtp``, else ``~/.cache/mlx_mtp``; ``$MLX_MTP_CALIBRATION``
+names the directory itself);
 a cache that cannot be read, does not parse, or was measured for something
 else is measured again and rewritten, and one that cannot be written is
 skipped. How the policy uses the costs: docs/calibration.md.
@@ -145,11 +146,26 @@ class CostTable:
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "CostTable":
+        """A table from its JSON form; ValueError unless every field has its
+        type and the table is well formed."""
+
+        def numbers(x, kind=float) -> list:
+            if not isinstance(x, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x):
+                raise ValueError(f"expected a list of numbers, got {x!r:.40}")
+            return [kind(v) for v in x]
+
+        def rows(x) -> List[List[float]]:
+            if not isinstance(x, list):
+                raise ValueError("expected a list of rows")
+            return [numbers(r) for r in x]
+
+        if not isinstance(d, dict) or not isinstance(d.get("identity", {}), dict):
+            raise ValueError("expected a JSON object with an identity object")
         table = cls(
-            widths=[int(w) for w in d["widths"]],
-            contexts=[int(c) for c in d["contexts"]],
-            plain=[[float(c) for c in row] for row in d["plain"]],
-            gated=None if d.get("gated") is None else [[float(c) for c in row] for row in d["gated"]],
+            widths=numbers(d["widths"], int),
+            contexts=numbers(d["contexts"], int),
+            plain=rows(d["plain"]),
+            gated=None if d.get("gated") is None else rows(d["gated"]),
             sampler_call=float(d.get("sampler_call", 0.0)),
             seconds=float(d.get("seconds", 0.0)),
             identity=dict(d.get("identity", {})),
@@ -233,7 +249,7 @@ class CostModel:
 
 
 # --- measuring -------------------------------------------------------------------------
-def _fill_cache(model, context: int, room: int):
+def fill_cache(model, context: int, room: int):
     """A cache that holds ``context`` zero entries (timing only: attention
     costs the same whatever the keys are), with room for ``room`` more."""
     from .model.cache import commit
@@ -349,7 +365,7 @@ def calibrate(
     paths = (False, True) if model.num_masks > 0 else (False,)
     rows: Dict[bool, List[List[float]]] = {gated: [] for gated in paths}
     for i, context in enumerate(contexts):
-        cache = _fill_cache(model, context, widths[-1])
+        cache = fill_cache(model, context, widths[-1])
         for gated in paths:
             measured = widths if i == 0 else sorted({widths[0], widths[-1]})
             if i == 0:  # buffers for the widest forward first: narrower ones reuse them
@@ -379,8 +395,11 @@ def calibrate(
 
 # --- the cache on disk --------------------------------------------------------------------
 def cache_dir() -> Path:
-    """``$MLX_MTP_CACHE/calibration``, else under ``$XDG_CACHE_HOME/mlx_mtp``,
-    else ``~/.cache/mlx_mtp``."""
+    """``$MLX_MTP_CALIBRATION``, else ``calibration/`` under ``$MLX_MTP_CACHE``,
+    else under ``$XDG_CACHE_HOME/mlx_mtp``, else under ``~/.cache/mlx_mtp``."""
+    own = os.environ.get("MLX_MTP_CALIBRATION")
+    if own:
+        return Path(own)
     root = os.environ.get("MLX_MTP_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME")

@@ -18,6 +18,16 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Forward costs measured in tests (mlx_mtp.calibrate) are cached in a
+    temporary directory, never in the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLX_MTP_CALIBRATION", str(tmp_path_factory.mktemp("calibration")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The default model's GGUF file, downloaded into the cache if needed."""

@@ -87,3 +87,33 @@ def test_advice_names_what_to_install_when_none_is_found(monkeypatch):
     info = blas.blas_info()
     assert not info.fast and info.path is None
     assert "apt install libopenblas0-pthread" in info.describe()
+
+
+WHEEL_PROBE = """
+import ctypes.util, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("blas_alone", sys.argv[1])
+blas = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(blas)
+blas._system_paths = lambda: []  # as on a system without OpenBLAS
+ctypes.util.find_library = lambda name: None
+state = blas.preload()
+import mlx.core as mx
+mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))
+print(json.dumps({"loaded": state.loaded, "provider": blas._global_provider()}))
+"""
+
+
+@linux
+def test_a_wheel_blas_serves_where_the_system_has_none():
+    wheel = blas._wheel_paths()
+    if not wheel:
+        pytest.skip("no BLAS wheel installed (ngsolve-openblas is a Linux x86_64 dependency)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV_VAR)}
+    out = subprocess.run(
+        [sys.executable, "-c", WHEEL_PROBE, str(ROOT / "mlx_mtp" / "blas.py")],
+        env=clean, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == wheel[0]
+    assert result["provider"] == os.path.realpath(wheel[0])
