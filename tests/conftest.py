@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import mlx_mtp  # noqa: F401  (first: it loads a fast BLAS for MLX before any test imports MLX)
+
 
 def unavailable(reason: str) -> None:
     """Skip locally; fail under CI=true, where everything must run."""
