@@ -181,3 +181,22 @@ def test_choice_is_the_best_plan_by_its_score():
 
     best = max(score(p) for p in policy.plans(drafts))
     assert score(policy.choose(drafts)) == pytest.approx(best)
+
+
+def test_rate_of_alternating_masks_and_plain_chains():
+    """Masks are cheap on one token but dear after many: the best is to
+    alternate a masks-only step (T = 5, gated) with the chain verified
+    without masks (T = 5, plain), a cycle of two steps neither of which
+    alone is a stationary regime."""
+
+    def cost(width, context, gated):
+        return 0.01 * ((1.0 + 0.05 * (width - 1)) if not gated else (1.1 if width <= 5 else 0.5 * width))
+
+    table = CostModel.from_function(cost, widths=(1, 2, 4, 5, 6, 8, 16, 32, 64))
+    policy = Policy(table, max_masks=4, priors=Priors(mtp=[0.9]))
+    regime = policy.regime(CONTEXT)
+    tokens = 1.0 + sum(0.9**i for i in range(1, 5))  # the chain of 4, then the base model's token
+    assert regime.rate == pytest.approx((1.0 + tokens) / (0.011 + 0.012))
+    assert policy.choose(StepDrafts(CONTEXT)).kind == "masks"
+    choice = policy.choose(StepDrafts(CONTEXT, chain_probs=(0.9,) * 4))
+    assert (choice.kind, choice.depth, choice.masks) == ("chain", 4, 0)

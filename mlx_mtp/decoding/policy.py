@@ -245,6 +245,40 @@ class Regime:
     chain_value: List[float]  # [j] = value in tokens of a chain of depth j at hand (j = 0: none)
 
 
+def _positive_cycle_rate(acts: List[List[Tuple[float, float, int]]], rate: float) -> Optional[float]:
+    """Tokens per second around a cycle of states whose net reward at
+    ``rate`` is positive (``acts[i]``: (tokens, seconds, next state) of the
+    actions from state i); None where there is none (Bellman-Ford)."""
+    n = len(acts)
+    edges: Dict[Tuple[int, int], Tuple[float, float, float]] = {}
+    for i, actions in enumerate(acts):
+        for t, s, j in actions:
+            w = t - rate * s
+            if (i, j) not in edges or w > edges[(i, j)][0]:
+                edges[(i, j)] = (w, t, s)
+    dist, pred = [0.0] * n, list(range(n))
+    changed = None
+    for _ in range(n):
+        changed = None
+        for (i, j), (w, _, _) in edges.items():
+            if dist[i] + w > dist[j] + 1e-12:
+                dist[j], pred[j], changed = dist[i] + w, i, j
+        if changed is None:
+            return None
+    v = changed
+    for _ in range(n):  # onto the cycle
+        v = pred[v]
+    cycle, u = [v], pred[v]
+    while u != v:
+        cycle.append(u)
+        u = pred[u]
+    if any((pred[x], x) not in edges for x in cycle):
+        return None
+    tokens = sum(edges[(pred[x], x)][1] for x in cycle)
+    seconds = sum(edges[(pred[x], x)][2] for x in cycle)
+    return tokens / seconds
+
+
 class Policy:
     """Chooses each step's plan (see the module docstring).
 
@@ -329,16 +363,30 @@ class Policy:
             return out
 
         acts = [actions(j) for j in range(k + 1)]
-        # rho: the best stationary rate (plain, or chains of depth m fed with j >= m masks)
+        # Each action leads to one next state, so a policy ends in a cycle of
+        # states and its long-run rate is the ratio of tokens to seconds around
+        # it. Dinkelbach: from plain decoding's rate, while some cycle gains
+        # tokens at rate rho (tokens - rho * seconds > 0), rho = its ratio.
         rate = 1.0 / self.seconds(1, 0, context)
-        for j in range(1, k + 1):
-            for tokens, secs, nxt in acts[j]:
-                if nxt >= j:
-                    rate = max(rate, tokens / secs)
-        # relative values by value iteration (few states, converges in a few rounds)
+        for _ in range(16):
+            better = _positive_cycle_rate(acts, rate)
+            if better is None or better <= rate * (1 + 1e-9):
+                break
+            rate = better
+        # relative values h (h[0] = 0) of h(j) = max over actions (tokens -
+        # rho * seconds + h(next)), by relative value iteration on the best
+        # action per pair of states, each round half kept (so that cycles of
+        # two states, masks then a chain without them, converge too)
+        best: Dict[Tuple[int, int], float] = {}
+        for i in range(k + 1):
+            for t, s, n in acts[i]:
+                best[(i, n)] = max(best.get((i, n), -math.inf), t - rate * s)
         h = [0.0] * (k + 1)
-        for _ in range(2 * k + 4):
-            new = [max(t - rate * s + h[n] for t, s, n in acts[j]) for j in range(k + 1)]
+        for _ in range(12 * (k + 1)):
+            step = [-math.inf] * (k + 1)
+            for (i, n), w in best.items():
+                step[i] = max(step[i], w + h[n])
+            new = [0.5 * (h[j] + step[j]) for j in range(k + 1)]
             h = [v - new[0] for v in new]
         self._regime, self._regime_at = Regime(rate, [max(0.0, v) for v in h]), at
         return self._regime
