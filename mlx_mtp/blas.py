@@ -18,22 +18,20 @@ to MLX, and :func:`measure_gflops` times one sgemm to confirm it.
 """
 
 import ctypes
-import ctypes.util
 import glob
 import importlib.util
 import os
 import platform
 import sys
-import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 ENV_VAR = "MLX_MTP_BLAS"  # a library path to load, or "off"
 OFF = ("off", "0", "none", "no", "false")
 
-# what to install where no fast BLAS can be had (one line per family of systems)
+# what to install where no fast BLAS can be had
 INSTALL_ADVICE = (
     "install OpenBLAS: apt install libopenblas0-pthread (Debian/Ubuntu), "
     "dnf install openblas-threads (Fedora/RHEL), pacman -S openblas (Arch), apk add openblas (Alpine); "
@@ -56,7 +54,7 @@ def _system_paths() -> List[str]:
         "/usr/lib/libopenblas.so.0",  # Arch, Alpine, others
         "/usr/lib/libopenblas.so.3",
         "/usr/local/lib/libopenblas.so.0",
-        "/opt/homebrew/lib/libopenblas.so.0",
+        "/home/linuxbrew/.linuxbrew/opt/openblas/lib/libopenblas.so.0",  # Homebrew on Linux
     ]
     return paths
 
@@ -64,6 +62,8 @@ def _system_paths() -> List[str]:
 def _wheel_paths() -> List[str]:
     """BLAS libraries shipped in installed PyPI wheels whose ``cblas_sgemm``
     is unprefixed (scipy-openblas32/64 and numpy's prefix theirs: unusable)."""
+    import sysconfig
+
     paths = []
     spec = importlib.util.find_spec("ngsolve_openblas")  # found without importing it (that loads it too)
     if spec is not None and spec.submodule_search_locations:
@@ -74,14 +74,23 @@ def _wheel_paths() -> List[str]:
     return paths
 
 
+def _candidates() -> Iterator[str]:
+    seen = set()
+    for path in _system_paths():
+        if os.path.exists(path):
+            seen.add(path)
+            yield path
+    import ctypes.util  # runs ldconfig: only where the usual paths had none
+
+    lib = ctypes.util.find_library("openblas")
+    if lib and lib not in seen:
+        yield lib
+    yield from _wheel_paths()
+
+
 def candidates() -> List[str]:
     """Fast BLAS libraries to try, in order (existing files only)."""
-    found = [p for p in _system_paths() if os.path.exists(p)]
-    lib = ctypes.util.find_library("openblas")
-    if lib:
-        found.append(lib)
-    found += _wheel_paths()
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(_candidates()))
 
 
 @dataclass
@@ -116,14 +125,15 @@ def preload() -> Preload:
         return state
     if _global_provider() is not None:  # LD_PRELOAD, or loaded by the application
         return state
-    paths = [forced] if forced else candidates()
+    paths = iter([forced]) if forced else _candidates()
     if "mlx.core" in sys.modules:
         state.mlx_first = True
-        if paths:
+        first = next(paths, None)
+        if first:
             warnings.warn(
                 "mlx was imported before mlx_mtp, so mlx_mtp could not load a fast BLAS for it "
-                f"(found {paths[0]}): fp32 matmuls run many times slower. Import mlx_mtp first, or run with "
-                f"LD_PRELOAD={paths[0]}",
+                f"(found {first}): fp32 matmuls run many times slower. Import mlx_mtp first, or run with "
+                f"LD_PRELOAD={first}",
                 RuntimeWarning,
                 stacklevel=3,
             )
