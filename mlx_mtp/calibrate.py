@@ -50,7 +50,7 @@ CONTEXTS = (64, 1024)
 # the widest forward measured by default: quadratic decoding at k=4 feeds
 # (k+1)^2 = 25 tokens; wider ones are extrapolated (``--max-width``)
 MAX_WIDTH = 32
-REPEATS = 2  # timed forwards per shape (the fastest counts): the whole run stays under 5 s here
+REPEATS = 2  # rounds over the shapes (the fastest counts): ~70 one-token forwards in all, a few seconds
 
 
 def weights_dtype(model) -> str:
@@ -455,9 +455,12 @@ class Calibration:
     written: bool  # measured now and written to the cache
 
 
-def cost_model(model, refresh: bool = False, directory: Optional[Path] = None) -> Calibration:
+def cost_model(
+    model, refresh: bool = False, directory: Optional[Path] = None, max_width: int = MAX_WIDTH
+) -> Calibration:
     """The :class:`CostModel` of ``model`` here: from the cache, or measured
-    (``refresh``: always) and cached."""
+    (``refresh``: always; T up to ``max_width``) and cached. A cached table
+    is used whatever widths it holds (wider ones extrapolate)."""
     from .model.mtp_model import MTPModel
 
     if not isinstance(model, MTPModel):
@@ -467,7 +470,7 @@ def cost_model(model, refresh: bool = False, directory: Optional[Path] = None) -
     table = None if refresh else read_cached(path, ident)
     if table is not None:
         return Calibration(CostModel(table), path, cached=True, written=False)
-    table = calibrate(model)
+    table = calibrate(model) if max_width == MAX_WIDTH else calibrate(model, widths_up_to(max_width))
     table.identity = ident
     return Calibration(CostModel(table), path, cached=False, written=write_cached(path, table))
 
@@ -480,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
     p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
+    p.add_argument("--max-width", type=int, default=MAX_WIDTH,
+                   help=f"widest forward to measure (default: {MAX_WIDTH}; wider ones extrapolate)")
     return p
 
 
@@ -489,11 +494,13 @@ def main(argv=None) -> int:
     from .loading import load
 
     try:
+        if args.max_width < 2:
+            raise ValueError(f"--max-width must be >= 2, got {args.max_width}")
         model, _ = load(args.model, adapter_path=args.adapter_path)
     except (MTPError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
-    result = cost_model(model, refresh=True)
+    result = cost_model(model, refresh=True, max_width=args.max_width)
     table = result.costs.table
     print(f"BLAS: {describe()}")
     print(f"weights: {table.identity['dtype']}, device: {table.identity['device']}, MLX {table.identity['mlx']}")

@@ -164,6 +164,8 @@ def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+    assert cal.main(["--max-width", "1"]) == 2
+    assert "--max-width must be >= 2" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
