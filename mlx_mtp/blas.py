@@ -46,7 +46,7 @@ def _system_paths() -> List[str]:
     paths = []
     if arch in multiarch:  # Debian, Ubuntu (alternatives: pthread, openmp, serial)
         d = f"/usr/lib/{multiarch[arch]}"
-        paths += [f"{d}/openblas-pthread/libopenblas.so.0", f"{d}/libopenblas.so.0", f"{d}/openblas-openmp/libopenblas.so.0"]
+        paths += [f"{d}/{sub}libopenblas.so.0" for sub in ("openblas-pthread/", "", "openblas-openmp/")]
     paths += [
         "/usr/lib64/libopenblasp.so.0",  # Fedora, RHEL: the pthreads build
         "/usr/lib64/libopenblas.so.0",
@@ -214,7 +214,10 @@ def blas_info() -> BlasInfo:
     if provider is not None:
         loaded = state.loaded and os.path.realpath(state.loaded) == provider
         how = "loaded by mlx_mtp" if loaded else ("LD_PRELOAD" if "LD_PRELOAD" in os.environ else "loaded before mlx")
-        return BlasInfo(_name(provider), True, provider, how)
+        # a reference BLAS in the global scope (netlib's libblas.so.3) is no faster
+        slow = os.path.basename(provider).startswith("libblas.")
+        advice = f"a reference BLAS: {INSTALL_ADVICE}" if slow else None
+        return BlasInfo(_name(provider), not slow, provider, how, advice)
     if state.disabled:
         advice = f"{ENV_VAR}=off: unset it for a fast BLAS"
     elif state.mlx_first and candidates():

@@ -141,7 +141,8 @@ class CostTable:
                 raise ValueError(f"{name}: expected {len(self.contexts)} x {len(self.widths)} costs")
             if not all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0 for r in rows for c in r):
                 raise ValueError(f"{name}: costs must be finite and > 0")
-        if not (isinstance(self.sampler_call, (int, float)) and math.isfinite(self.sampler_call) and self.sampler_call >= 0):
+        call = self.sampler_call
+        if not (isinstance(call, (int, float)) and math.isfinite(call) and call >= 0):
             raise ValueError("sampler_call must be finite and >= 0")
 
     @classmethod
@@ -244,7 +245,8 @@ class CostModel:
                 lines.append(f"{c:>8} {name:<6}{ms}")
                 lines.append(f"{'':>8} {'':<6}{rel}")
         if t.gated is not None:
-            lines.append(f"sampler-head call: {t.sampler_call * 1e3:.2f} ms ({t.sampler_call / self.cost(1, contexts[0]):.2f}x)")
+            one = self.cost(1, contexts[0])
+            lines.append(f"sampler-head call: {t.sampler_call * 1e3:.2f} ms ({t.sampler_call / one:.2f}x)")
         return "\n".join(lines)
 
 

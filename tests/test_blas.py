@@ -117,3 +117,15 @@ def test_a_wheel_blas_serves_where_the_system_has_none():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["loaded"] == wheel[0]
     assert result["provider"] == os.path.realpath(wheel[0])
+
+
+def test_a_reference_blas_in_the_global_scope_is_not_called_fast(monkeypatch):
+    monkeypatch.setattr(blas, "_STATE", blas.Preload())
+    monkeypatch.setattr(sys, "platform", "linux")
+    netlib = "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0"
+    monkeypatch.setattr(blas, "_global_provider", lambda symbol="cblas_sgemm": netlib)
+    info = blas.blas_info()
+    assert not info.fast and "apt install libopenblas0-pthread" in info.describe()
+    monkeypatch.setattr(blas, "_global_provider", lambda symbol="cblas_sgemm": "/opt/x/libopenblasp-r0.3.21.so")
+    info = blas.blas_info()
+    assert info.fast and info.name == "OpenBLAS" and info.advice is None
