@@ -5,17 +5,27 @@ cached tokens), relative to the plain one-token forward of the same model.
 
     python examples/forward_cost_by_rank.py [--model M] [--ranks 4,8,16,32,64,128] [--num-masks 4]
 
-On Linux, preload OpenBLAS first (see docs/linux.md). Its figures are in
+On Linux, mlx_mtp loads an installed OpenBLAS itself (mlx_mtp.blas). Its figures are in
 docs/benchmarks.md ("Which rank"). The weights' values do not
 change the cost, so fresh (untrained) adapters are timed.
 """
 
 import argparse
 
-from mlx_mtp.benchmark import blas_in_use, forward_costs, step_shapes, weights_dtype
+from mlx_mtp.benchmark import step_shapes
+from mlx_mtp.blas import blas_info
+from mlx_mtp.calibrate import fill_cache, forward_cost, weights_dtype
 from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from mlx_mtp.loading import default_model_path, load_base
+
+
+def forward_costs(model, shapes, repeats, context=300):
+    """Seconds per forward over T = n(j+1) new tokens (n tokens with j masks
+    each), keyed by T: calibration's own timing."""
+    widths = {n * (j + 1): j > 0 for n, j in shapes}
+    cache = fill_cache(model, context, max(widths))
+    return {T: forward_cost(model, cache, T, gated, repeats) for T, gated in sorted(widths.items())}
 
 
 def main(argv=None):
@@ -34,13 +44,14 @@ def main(argv=None):
 
     plain_model = fresh()
     plain = forward_costs(plain_model, [(1, 0)], repeats=args.repeats)[1]
-    print(f"BLAS: {blas_in_use()}, weights: {weights_dtype(plain_model.model)}; plain T=1: {plain * 1e3:.1f} ms")
+    print(f"BLAS: {blas_info().name}, weights: {weights_dtype(plain_model.model)}; plain T=1: {plain * 1e3:.1f} ms")
     k = args.num_masks
     for rank in [int(r) for r in args.ranks.split(",")]:
         model = fresh(MTPConfig(num_masks=k, lora=LoRAConfig(rank=rank)))
         costs = forward_costs(model, step_shapes(k), repeats=args.repeats)
         line = ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / plain:.2f}x)" for T, c in sorted(costs.items()))
         print(f"rank {rank:4d}: {line}", flush=True)
+
 
 if __name__ == "__main__":
     main()

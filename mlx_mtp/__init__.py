@@ -9,8 +9,12 @@ Exports are imported lazily from the modules that own them (the API from
 :mod:`mlx_mtp.api`), except ``generate``, see below.
 """
 
-import importlib
-import sys
+from .blas import preload as _preload_blas
+
+_preload_blas()  # before anything imports MLX: a fast BLAS for its CPU matmuls on Linux
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
 
 _EXPORTS = {
     "load": "loading",

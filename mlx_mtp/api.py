@@ -413,6 +413,9 @@ def generate(
             f"({_decoding(response)})"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
+        from .blas import describe
+
+        print(f"BLAS: {describe()}")
     return text
 
 

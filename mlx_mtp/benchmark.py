@@ -9,7 +9,8 @@ MTP, ...), after a warm-up, it runs mlx-lm's own greedy ``stream_generate`` and
 ours, records both token sequences and counts identical outputs. Per category
 and overall it reports baseline and MTP tokens/sec, the speedup (ratio of
 per-prompt medians), mean tokens/step and identical outputs. It also measures
-the cost of one forward over T new tokens (T = 1, k+1, (k+1)^2), which bounds
+the cost of one forward over T new tokens (T = 1, k+1, (k+1)^2; calibrated,
+:mod:`mlx_mtp.calibrate`), which bounds
 the wall-clock speedup that a given tokens/step can buy.
 
 It also reports the acceptance per depth (the fraction of steps whose j-th
@@ -24,22 +25,21 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import mlx.core as mx
 
 from .arguments import int_range, non_negative_int, positive_int
+from .blas import blas_info, measure_gflops
+from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
 from .decoding.decode import DEFAULT_LOOKUP, SpeculativeDecoder
 from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
 from .files import read_jsonl
 from .model.masks import MAX_MASKS
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
 @dataclass
@@ -51,36 +51,6 @@ class Row:
     speedup: float
     tokens_per_step: float
     identical: int
-
-
-def blas_in_use() -> str:
-    """Which BLAS MLX's CPU backend runs with (Linux: read from loaded libraries)."""
-    if sys.platform == "darwin":
-        return "Accelerate" if not mx.metal.is_available() else "Metal (GPU)"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    if "libopenblas" in maps:
-        return "OpenBLAS"
-    if "libmkl" in maps:
-        return "MKL"
-    return "reference BLAS (bundled)"
-
-
-def weights_dtype(model) -> str:
-    """The layers' weight format: "float32", "float16", "4-bit", ... (quantized
-    embeddings of another width are named too)."""
-    import mlx.nn as nn
-
-    def name(module) -> str:
-        if hasattr(module, "bits"):
-            return f"{module.bits}-bit"
-        return str(module.weight.dtype).replace("mlx.core.", "")
-
-    linear = next(m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
-    layers, embed = name(linear), name(model.model.embed_tokens)
-    return layers if embed == layers else f"{layers} (embeddings {embed})"
 
 
 def default_prompts_file() -> Optional[Path]:
@@ -119,55 +89,11 @@ def step_shapes(k: int, branches: int = 1) -> List[Tuple[int, int]]:
     return shapes + ([(1 + branches * j, j) for j in range(1, k + 1)] if branches > 1 else [])
 
 
-def forward_costs(model, shapes: List[Tuple[int, int]], context: int = 300, repeats: int = 5) -> Dict[int, float]:
+def forward_costs(model, shapes: List[Tuple[int, int]], costs: CostModel, context: int = 300) -> Dict[int, float]:
     """Seconds per forward over T = n(j+1) new tokens (n regular tokens, each
-    followed by j masks) after ``context`` cached tokens, keyed by T."""
-    from .model.cache import commit
-    from .model.layouts import quadratic_layout
-
-    costs = {}
-    vocab = model.vocab_size
-    # one prefill (slow with quantized weights on CPUs); each timed forward's
-    # new tokens are dropped from the cache afterwards
-    cache = model.make_cache()
-    model(mx.random.randint(0, vocab, (1, context)), cache)
-    commit(cache)
-    mx.eval([c.keys for c in cache] + [c.values for c in cache])
-    # equal T: the quadratic shape (n = j+1) is timed last and kept
-    for n, j in sorted(set(shapes), key=lambda s: (s[0] * (s[1] + 1), s[0] == s[1] + 1)):
-        T = n * (j + 1)
-        times = []
-        for r in range(repeats + 1):
-            tic = time.perf_counter()
-            if j == 0:
-                out = model.lm_head(model(mx.ones((1, n), dtype=mx.int32), cache))
-            else:
-                layout = quadratic_layout([1] * n, j)
-                h = model.forward_layout(layout, cache)
-                out = model.lm_head(h[:, mx.array(layout.regular)])
-            mx.eval(out)
-            if r:
-                times.append(time.perf_counter() - tic)
-            commit(cache, [])
-        costs[T] = statistics.median(times)
-    return costs
-
-
-def chain_cost(model, k: int, repeats: int = 5) -> float:
-    """Seconds per sampler-head call in a greedy draft chain (mean over k calls)."""
-    d = model.hidden_size
-    z = mx.random.normal((1, k, d))
-    times = []
-    for r in range(repeats + 1):
-        mx.eval(z)
-        tic = time.perf_counter()
-        prev = mx.array([1], dtype=mx.int32)
-        for j in range(k):
-            prev = mx.argmax(model.sampler_logits(prev, z[:, j]), axis=-1).astype(mx.int32)
-        mx.eval(prev)
-        if r:
-            times.append((time.perf_counter() - tic) / k)
-    return statistics.median(times)
+    followed by j masks: the gated path where j > 0) after ``context`` cached
+    tokens, keyed by T, from the calibrated ``costs``."""
+    return {n * (j + 1): costs.cost(n * (j + 1), context, gated=j > 0) for n, j in sorted(set(shapes))}
 
 
 def accepted_per_step(from_draft: List[bool], sources: Optional[List[str]] = None) -> List[Tuple[int, str]]:
@@ -273,15 +199,12 @@ def run(args) -> int:
     SpeculativeDecoder(model, num_masks=k, mode=args.mode, lookup=args.lookup, branches=args.branches)
     base_model = model.model
     dtype = weights_dtype(base_model)
-    blas = blas_in_use()
+    blas_now = blas_info()
+    blas = blas_now.name
     use_datastore = model.datastore is not None and not args.no_datastore and args.lookup > 0
-    print(f"platform: {platform.platform()}, BLAS: {blas}, weights: {dtype}, k={k}, mode={args.mode}, "
+    print(f"platform: {platform.platform()}, weights: {dtype}, k={k}, mode={args.mode}, "
           f"branches={args.branches}, lookup={args.lookup}, datastore={use_datastore}")
-    if sys.platform.startswith("linux") and blas != "OpenBLAS":
-        print(
-            "note: MLX uses its bundled reference BLAS here; for ~20x faster fp32 matmuls run with\n"
-            f"      LD_PRELOAD={OPENBLAS} (Debian package libopenblas0-pthread)"
-        )
+    print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
     def chat(text):
         if getattr(tokenizer, "chat_template", None):
@@ -290,11 +213,14 @@ def run(args) -> int:
             )
         return text
 
-    costs = forward_costs(model, step_shapes(k, args.branches))
-    chain = chain_cost(model, max(k, 1))
-    print("cost of one forward over T new tokens (300 cached), relative to T=1:")
-    print("  " + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
-    print(f"  one sampler-head call: {chain * 1e3:.1f} ms ({chain / costs[1]:.2f}x)")
+    calibration = cost_model(model)
+    source = f"cached in {calibration.path}" if calibration.cached else "measured now"
+    print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
+    print(calibration.costs.describe())
+    costs = forward_costs(model, step_shapes(k, args.branches), calibration.costs)
+    chain = calibration.costs.table.sampler_call
+    print("costs used (300 cached), relative to T=1: "
+          + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
 
     # warm-up
     for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
@@ -388,6 +314,7 @@ def run(args) -> int:
             "max_tokens": args.max_tokens,
             "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
             "sampler_call_ms": chain * 1e3,
+            "calibration": asdict(calibration.costs.table),
             "acceptance_per_depth": acceptance,
             "lookup_steps": lookup_stats,
             "datastore_steps": datastore_stats,

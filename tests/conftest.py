@@ -33,6 +33,8 @@ from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
 
 # ------------------------------------------------------ skip locally, fail under CI=true
 
+import mlx_mtp  # noqa: F401  (first: it loads a fast BLAS for MLX before any test imports MLX)
+
 
 def unavailable(reason: str) -> None:
     """Skip locally; fail under CI=true, where everything must run.
@@ -53,6 +55,16 @@ def need(module: str, hint: str = "pip install -e '.[parity]'"):
 
 
 # ------------------------------------------------------------------ the real default model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Forward costs measured in tests (mlx_mtp.calibrate) are cached in a
+    temporary directory, never in the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLX_MTP_CALIBRATION", str(tmp_path_factory.mktemp("calibration")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

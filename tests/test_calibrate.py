@@ -1,0 +1,183 @@
+"""Calibration (mlx_mtp.calibrate): the cost table, its interpolation, and
+its cache on disk (corrupt or stale files are measured again, a read-only
+directory never fails a run)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import tiny_model, tiny_mtp
+
+from mlx_mtp import calibrate as cal
+from mlx_mtp.calibrate import CostModel, CostTable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def table(**kw) -> CostTable:
+    args = dict(
+        widths=[1, 2, 4],
+        contexts=[64, 1024],
+        plain=[[1.0, 2.0, 4.0], [2.0, 3.0, 5.0]],
+        gated=[[2.0, 3.0, 6.0], [3.0, 5.0, 9.0]],
+        sampler_call=0.5,
+    )
+    args.update(kw)
+    return CostTable(**args)
+
+
+def test_cost_model_interpolates_width_and_context():
+    cm = CostModel(table())
+    assert cm.cost(1, 64) == 1.0 and cm.cost(4, 1024, gated=True) == 9.0
+    assert cm.cost(3, 64) == pytest.approx(3.0)  # between widths 2 and 4
+    assert cm.cost(8, 64) == pytest.approx(8.0)  # past the widest: the last slope
+    assert cm.cost(2, 544) == pytest.approx(2.5)  # halfway in context
+    assert cm.cost(2, 1984) == pytest.approx(4.0)  # past the longest context: linear
+    assert cm.cost(2, 0) == cm.cost(2, 64)  # never below the shortest context measured
+    assert cm.cost(3, 64, gated=True) == pytest.approx(4.5)
+    assert cm.chain(3) == 1.5
+
+
+def test_no_gated_costs_without_an_adapter():
+    cm = CostModel(table(gated=None))
+    with pytest.raises(ValueError, match="no adapter"):
+        cm.cost(2, 64, gated=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"widths": [2, 1, 4]},
+        {"plain": [[1.0, 2.0], [2.0, 3.0]]},
+        {"plain": [[1.0, -2.0, 4.0], [2.0, 3.0, 5.0]]},
+        {"gated": [[1.0, float("nan"), 4.0], [2.0, 3.0, 5.0]]},
+        {"contexts": [64]},
+        {"sampler_call": float("inf")},
+    ],
+)
+def test_malformed_tables_are_refused(bad):
+    with pytest.raises(ValueError):
+        CostModel(table(**bad))
+
+
+def test_calibrate_measures_every_width_and_path():
+    model = tiny_mtp(num_masks=3)
+    t = cal.calibrate(model, widths=[1, 2, 4, 8], contexts=[8, 40], repeats=1)
+    assert t.widths == [1, 2, 4, 8] and t.contexts == [8, 40]
+    assert len(t.plain) == len(t.gated) == 2 and all(len(r) == 4 for r in t.plain + t.gated)
+    for row in t.plain + t.gated:
+        assert all(c > 0 for c in row) and row == sorted(row)  # never cheaper when wider
+    assert t.sampler_call > 0
+    assert t.identity["adapter"]["num_masks"] == 3 and t.identity["dtype"] == "float32"
+    CostModel(t)  # well formed
+
+
+def test_calibrate_without_adapter_has_no_gated_costs():
+    t = cal.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
+    assert t.gated is None and t.sampler_call == 0.0 and t.identity["adapter"] is None
+
+
+def test_identity_tells_formats_apart():
+    assert cal.identity(tiny_mtp(num_masks=3)) != cal.identity(tiny_mtp(num_masks=3, bits=4))
+    assert cal.identity(tiny_mtp(num_masks=3)) != cal.identity(tiny_mtp(num_masks=2))
+    assert cal.identity(tiny_mtp(num_masks=3)) == cal.identity(tiny_mtp(num_masks=3, seed=5))
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Calibration over few widths and contexts (the cache logic is what is tested)."""
+    real = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda model: real(model, widths=[1, 2], contexts=[8], repeats=1))
+
+
+def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
+    model = tiny_mtp(num_masks=2)
+    first = cal.cost_model(model, directory=tmp_path)
+    assert not first.cached and first.written and first.path.parent == tmp_path
+    assert json.loads(first.path.read_text())["identity"] == cal.identity(model)
+    again = cal.cost_model(model, directory=tmp_path)
+    assert again.cached and not again.written
+    assert again.costs.table.plain == first.costs.table.plain
+    refreshed = cal.cost_model(model, refresh=True, directory=tmp_path)
+    assert not refreshed.cached and refreshed.written
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: "{not json",
+        lambda d: "",
+        lambda d: json.dumps({**d, "plain": [[-1.0, 1.0]]}),  # a negative cost
+        lambda d: json.dumps({**d, "widths": "12"}),
+        lambda d: json.dumps({**d, "identity": {**d["identity"], "mlx": "0.0.1"}}),  # stale: another MLX
+        lambda d: json.dumps({**d, "identity": {**d["identity"], "format": cal.FORMAT - 1}}),
+        lambda d: json.dumps([1, 2]),
+    ],
+)
+def test_corrupt_or_stale_cache_is_measured_again_and_rewritten(tmp_path, quick, corrupt):
+    model = tiny_mtp(num_masks=2)
+    good = cal.cost_model(model, directory=tmp_path)
+    good.path.write_text(corrupt(json.loads(good.path.read_text())))
+    result = cal.cost_model(model, directory=tmp_path)
+    assert not result.cached and result.written
+    assert cal.read_cached(result.path, cal.identity(model)) is not None
+
+
+def test_unwritable_cache_never_fails_a_run(tmp_path, quick):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cal.cost_model(tiny_mtp(num_masks=2), directory=blocker / "calibration")
+    assert not result.cached and not result.written
+    assert result.costs.cost(2, 8, gated=True) > 0
+    assert blocker.read_text() == ""
+
+
+def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch):
+    def refuse(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cal, "atomic_write", refuse)
+    result = cal.cost_model(tiny_mtp(num_masks=2), directory=tmp_path)
+    assert not result.written and list(tmp_path.iterdir()) == []
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_MTP_CALIBRATION", str(tmp_path / "own"))
+    assert cal.cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("MLX_MTP_CALIBRATION")
+    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "x"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cal.cache_dir() == tmp_path / "x" / "calibration"
+    monkeypatch.delenv("MLX_MTP_CACHE")
+    assert cal.cache_dir() == tmp_path / "xdg" / "mlx_mtp" / "calibration"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cal.cache_dir() == tmp_path / "home" / ".cache" / "mlx_mtp" / "calibration"
+
+
+def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLX_MTP_CALIBRATION", str(tmp_path))
+    assert cal.main(["--model", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert cal.main(["--max-width", "1"]) == 2
+    assert "--max-width must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_cli_on_the_default_model_prints_and_caches(default_model_path, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_MTP_CALIBRATION": str(tmp_path / "calibration")}
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_mtp.calibrate", "--model", str(default_model_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "T=1" in out.stdout and "T=32" in out.stdout and "gated" in out.stdout
+    files = list((tmp_path / "calibration").glob("costs-*.json"))
+    assert len(files) == 1
+    t = CostTable.from_dict(json.loads(files[0].read_text()))
+    assert t.widths == cal.widths_up_to(cal.MAX_WIDTH) and t.contexts == list(cal.CONTEXTS)

@@ -1,0 +1,202 @@
+"""The per-step policy (mlx_mtp.decoding.policy) on synthetic cost tables
+and acceptance histories: its choices are the expected ones."""
+
+import pytest
+
+from mlx_mtp.calibrate import CostModel
+from mlx_mtp.decoding.policy import (
+    AcceptanceEstimator,
+    CopyDraft,
+    Policy,
+    Priors,
+    StepDrafts,
+    width_of,
+)
+
+CONTEXT = 300
+
+
+def costs(per_token: float, gated: float = 1.0, fixed: float = 0.0, sampler: float = 0.0) -> CostModel:
+    """A forward over T tokens costs ``fixed + per_token * T`` (times
+    ``gated`` on the gated path), in units of a one-token plain forward."""
+    one = fixed + per_token
+
+    def cost(width, context, is_gated):
+        return (fixed + per_token * width) * (gated if is_gated else 1.0) / one * 0.01
+
+    return CostModel.from_function(cost, sampler_call=sampler * 0.01)
+
+
+# a forward over T tokens costs T times one (4-bit weights on a CPU)
+LINEAR = costs(per_token=1.0, gated=1.3)
+# a wide forward costs about as much as a narrow one (a GPU)
+FLAT = costs(per_token=0.0002, fixed=1.0, gated=1.05, sampler=0.001)
+# in between (fp32 with OpenBLAS on a CPU): +10% per token, masks 1.6x
+CPU_FP32 = costs(per_token=0.1, fixed=0.9, gated=1.6, sampler=0.03)
+# each extra token costs half a forward
+STEEP = costs(per_token=0.5, fixed=0.5, gated=1.6, sampler=0.03)
+
+SURE_CHAIN = StepDrafts(CONTEXT, chain_probs=(0.95, 0.9, 0.9, 0.9), branch_probs=(0.95,))
+
+
+def test_width_of_each_plan():
+    assert width_of(0, 0, 1, 0) == 1
+    assert width_of(6, 0, 1, 0) == 7
+    assert width_of(0, 0, 1, 4) == 5  # masks only
+    assert width_of(0, 4, 1, 4) == 25  # quadratic: (k+1)^2
+    assert width_of(0, 4, 3, 4) == 65  # branches: (1 + b k)(k+1)
+    assert width_of(6, 0, 1, 4) == 15  # a copy: masks after the pending token and the last copied one
+    assert width_of(6, 4, 1, 4) == 35  # a tree: 11 tokens, 6 of them masked
+
+
+def test_no_masks_where_width_costs_what_acceptance_returns():
+    policy = Policy(LINEAR, max_masks=4, max_branches=3, max_copy=6)
+    assert policy.regime(CONTEXT).chain_value == [0.0] * 5
+    for drafts in (
+        StepDrafts(CONTEXT),
+        SURE_CHAIN,
+        StepDrafts(CONTEXT, copy=CopyDraft(6, "lookup", ngram=3)),
+        StepDrafts(CONTEXT, copy=CopyDraft(6, "lookup", ngram=3), chain_probs=(0.9, 0.9)),
+    ):
+        choice = policy.choose(drafts)
+        assert (choice.kind, choice.width, choice.masks) == ("plain", 1, 0)
+
+
+def test_long_trees_where_width_is_free():
+    policy = Policy(FLAT, max_masks=4, max_branches=3, max_copy=6)
+    # nothing to verify: feed all the masks for the next step
+    first = policy.choose(StepDrafts(CONTEXT))
+    assert (first.kind, first.masks, first.width) == ("masks", 4, 5)
+    # a chain at hand: all of it, with masks after every token
+    chain = policy.choose(SURE_CHAIN)
+    assert (chain.kind, chain.depth, chain.masks) == ("chain", 4, 4)
+    # an uncertain first token: the sampler head's other choices as branches
+    branches = policy.choose(StepDrafts(CONTEXT, chain_probs=(0.4, 0.8, 0.8, 0.8), branch_probs=(0.4, 0.3, 0.2)))
+    assert (branches.kind, branches.branches, branches.depth, branches.masks) == ("branches", 3, 4, 4)
+    assert branches.width == 65
+    # a copy and a chain: both, as one tree
+    tree = policy.choose(StepDrafts(CONTEXT, copy=CopyDraft(6, "lookup", ngram=4), chain_probs=(0.5, 0.8, 0.8, 0.8)))
+    assert (tree.kind, tree.copy, tree.depth, tree.masks) == ("tree", 6, 4, 4)
+
+
+def test_copies_where_ngram_evidence_is_strong():
+    policy = Policy(STEEP, max_masks=4, max_copy=6)
+    weak = policy.choose(StepDrafts(CONTEXT, copy=CopyDraft(4, "datastore", ngram=3, count=1)))
+    assert weak.kind == "plain"
+    strong = policy.choose(StepDrafts(CONTEXT, copy=CopyDraft(6, "datastore", ngram=8, count=16)))
+    assert (strong.kind, strong.masks) == ("copy", 0) and strong.copy >= 1
+    assert strong.expected_tokens > 1.9
+
+
+def test_cpu_fp32_verifies_a_sure_chain_without_feeding_masks():
+    policy = Policy(CPU_FP32, max_masks=4, max_copy=6)
+    assert policy.choose(StepDrafts(CONTEXT)).kind == "plain"
+    choice = policy.choose(SURE_CHAIN)
+    assert (choice.kind, choice.depth, choice.masks, choice.width) == ("chain", 4, 0, 5)
+
+
+def test_estimate_moves_with_history():
+    est = AcceptanceEstimator(Priors(strength=4.0))
+    prior = est.conditional("lookup", 1)
+    assert prior == pytest.approx(0.5)
+    for _ in range(20):
+        est.observe("lookup", proposed=6, accepted=6)
+    assert est.conditional("lookup", 1) == pytest.approx((0.5 * 4 + 20) / 24)
+    assert est.conditional("lookup", 6) == pytest.approx((0.85 * 4 + 20) / 24)  # the last prior holds deeper
+    for _ in range(40):
+        est.observe("lookup", proposed=6, accepted=0)
+    assert est.conditional("lookup", 1) == pytest.approx((0.5 * 4 + 20) / 64)
+    # depth 2 was never tried after a miss at depth 1
+    assert est.counts[("lookup", 2)][1] == 20
+    # a partial run: successes up to it, one failure after, nothing deeper
+    est.observe("datastore", proposed=4, accepted=2)
+    assert [est.counts[("datastore", d)][:2] for d in (1, 2, 3)] == [[1, 1], [1, 1], [0, 1]]
+    assert ("datastore", 4) not in est.counts
+
+
+def test_policy_choice_follows_history():
+    policy = Policy(STEEP, max_masks=0, max_copy=4)
+    drafts = StepDrafts(CONTEXT, copy=CopyDraft(4, "datastore", ngram=3))
+    assert policy.choose(drafts).kind == "plain"
+    copy = policy.plans(drafts)[1]
+    assert copy.kind == "copy"
+    for _ in range(30):
+        policy.observe(copy, copy_right=4, copy_source="datastore")
+    assert policy.choose(drafts).kind == "copy"
+
+
+def test_sampler_probabilities_are_scaled_by_how_they_predicted():
+    est = AcceptanceEstimator()
+    assert est.reach("mtp", 2, probs=(0.8, 0.5)) == pytest.approx([0.8, 0.4])
+    # the head said 0.8 and was right a quarter of the time
+    for i in range(40):
+        est.observe("mtp", proposed=1, accepted=int(i % 4 == 0), probs=(0.8,))
+    scale = est.calibration(1)
+    assert scale == pytest.approx((0.35 * 4 + 10) / (0.35 * 4 + 32))
+    assert est.reach("mtp", 1, probs=(0.8,)) == pytest.approx([0.8 * scale])
+
+
+def test_room_limits_the_drafts():
+    policy = Policy(FLAT, max_masks=4, max_copy=6)
+    plans = policy.plans(StepDrafts(CONTEXT, copy=CopyDraft(6), chain_probs=(0.9,) * 4, room=3))
+    assert max(p.copy for p in plans) == 2 and max(p.depth for p in plans) == 2
+    plans = policy.plans(StepDrafts(CONTEXT, copy=CopyDraft(6), chain_probs=(0.9,) * 4, room=1))
+    assert {p.kind for p in plans} == {"plain", "masks"}
+
+
+def test_sampling_gets_no_trees():
+    policy = Policy(FLAT, max_masks=4, max_branches=3, greedy=False)
+    drafts = StepDrafts(CONTEXT, copy=CopyDraft(6), chain_probs=(0.5,) * 4, branch_probs=(0.5, 0.3, 0.1))
+    assert {p.kind for p in policy.plans(drafts)} == {"plain", "masks", "copy", "chain"}
+
+
+def test_no_adapter_means_plain_or_copies():
+    policy = Policy(FLAT, max_masks=0, max_copy=6)
+    kinds = {p.kind for p in policy.plans(StepDrafts(CONTEXT, copy=CopyDraft(6), chain_probs=(0.9,)))}
+    assert kinds == {"plain", "copy"}
+    assert policy.choose(StepDrafts(CONTEXT, copy=CopyDraft(6, ngram=5))).kind == "copy"
+
+
+def test_priors_from_an_adapter_recipe():
+    priors = Priors.from_dict({"mtp": [0.6, 0.7], "strength": 10})
+    assert priors.prior("mtp", 1) == 0.6 and priors.prior("mtp", 5) == 0.7
+    assert priors.lookup == Priors().lookup
+    assert Priors.from_dict(None) == Priors()
+    with pytest.raises(ValueError, match="unknown keys"):
+        Priors.from_dict({"mpt": [0.5]})
+    with pytest.raises(ValueError, match="probabilities in"):
+        Priors.from_dict({"lookup": [1.5]})
+    with pytest.raises(ValueError, match="strength"):
+        Priors.from_dict({"strength": 0})
+
+
+def test_choice_is_the_best_plan_by_its_score():
+    policy = Policy(CPU_FP32, max_masks=2, max_branches=2, max_copy=3)
+    drafts = StepDrafts(CONTEXT, copy=CopyDraft(3, ngram=5), chain_probs=(0.7, 0.6), branch_probs=(0.7, 0.2))
+    regime = policy.regime(CONTEXT)
+
+    def score(p):
+        value = p.fresh * regime.chain_value[p.masks] if p.masks else 0.0
+        return p.expected_tokens + value - regime.rate * p.seconds
+
+    best = max(score(p) for p in policy.plans(drafts))
+    assert score(policy.choose(drafts)) == pytest.approx(best)
+
+
+def test_rate_of_alternating_masks_and_plain_chains():
+    """Masks are cheap on one token but dear after many: the best is to
+    alternate a masks-only step (T = 5, gated) with the chain verified
+    without masks (T = 5, plain), a cycle of two steps neither of which
+    alone is a stationary regime."""
+
+    def cost(width, context, gated):
+        return 0.01 * ((1.0 + 0.05 * (width - 1)) if not gated else (1.1 if width <= 5 else 0.5 * width))
+
+    table = CostModel.from_function(cost, widths=(1, 2, 4, 5, 6, 8, 16, 32, 64))
+    policy = Policy(table, max_masks=4, priors=Priors(mtp=[0.9]))
+    regime = policy.regime(CONTEXT)
+    tokens = 1.0 + sum(0.9**i for i in range(1, 5))  # the chain of 4, then the base model's token
+    assert regime.rate == pytest.approx((1.0 + tokens) / (0.011 + 0.012))
+    assert policy.choose(StepDrafts(CONTEXT)).kind == "masks"
+    choice = policy.choose(StepDrafts(CONTEXT, chain_probs=(0.9,) * 4))
+    assert (choice.kind, choice.depth, choice.masks) == ("chain", 4, 0)
