@@ -78,6 +78,8 @@ class RequestError(Exception):
 
 # --- requests -----------------------------------------------------------------------------
 
+DISCONNECT_POLL = 0.05  # seconds between checks that a non-streaming client is still connected
+
 
 @dataclass
 class Job:
@@ -100,6 +102,7 @@ class Job:
     events: Optional[asyncio.Queue] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
     stats: Dict[str, Any] = field(default_factory=dict)
+    watched: float = 0.0  # when the handler last asked whether the client is still there
 
     def emit(self, *event):
         """Hand an event to the request's handler (from the worker thread)."""
@@ -541,14 +544,18 @@ def make_app(model, tokenizer, config: Optional[ServerConfig] = None):
         return b"".join(chunks)
 
     async def next_event(job: Job, request: Request, watch: bool):
-        """The job's next event; with ``watch``, cancel it if the client goes."""
+        """The job's next event; with ``watch``, cancel it if the client goes
+        (asked at least every ``DISCONNECT_POLL`` seconds, events or not)."""
         while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), timeout=0.05 if watch else None)
-            except asyncio.TimeoutError:
+            if watch and time.monotonic() - job.watched >= DISCONNECT_POLL:
+                job.watched = time.monotonic()
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return None
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL if watch else None)
+            except asyncio.TimeoutError:
+                continue
 
     async def complete(request: Request, kind: str):
         try:

@@ -16,6 +16,8 @@ from here or from ``tiny.py``, never from each other).
   :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`.
 """
 
+import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
+
 import atexit
 import functools
 import os

@@ -130,7 +130,6 @@ GENERATE = [
 
 
 @pytest.mark.parametrize("argv, stdin", GENERATE, ids=["max-tokens-neg", "top-p-2", "binary-stdin"])
-@pytest.mark.xfail(strict=False, reason="the generate CLI's argument checks belong to the `serve` branch")
 def test_generate_user_errors(argv, stdin):
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_mtp.generate", "--model", str(model_dir()), *argv],
