@@ -49,7 +49,7 @@ def read_tensors(path: Path) -> Dict[str, mx.array]:
             raise ConversionError(f"'{path}': tensor '{k}' has dtype {v.dtype}, not a floating-point type")
         for p in _STRIP_PREFIXES:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         out[k] = v
     return out
 

@@ -31,8 +31,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="keep the quantized weights, or dequantize them (default: keep for "
-        "a file, float32 for --default-model)",
+        help="keep the quantized weights, or dequantize them (default: keep for a file, float32 for --default-model)",
     )
     parser.add_argument(
         "--default-model",

@@ -16,11 +16,21 @@ from mlx_mtp.model.masks import MAX_MASKS
 from mlx_mtp.model.sampler import SamplerConfig
 
 from .checkpoint import (
-    _EMBED_RE, Imported, _check_sampler, _collect, _names, config_bool, config_float, config_int, read_json, read_tensors,
+    _EMBED_RE,
+    Imported,
+    _check_sampler,
+    _collect,
+    _names,
+    config_bool,
+    config_float,
+    config_int,
+    read_json,
+    read_tensors,
 )  # fmt: skip
 
 # rank/alpha multipliers MTP-GLoRA applies to its fused projections
 GLORA_FUSED_FACTOR = {"qkv_proj": 3, "gate_up_proj": 2}
+
 
 def resolve_glora_step(path: Path) -> Path:
     """The ``step-N`` directory of an MTP-GLoRA checkpoint path (as its own

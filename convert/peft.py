@@ -13,7 +13,16 @@ from mlx_mtp.errors import ConversionError
 from mlx_mtp.model.sampler import SamplerConfig
 
 from .checkpoint import (
-    _MASK_NAMES, Imported, _check_sampler, _collect, _names, config_bool, config_float, config_int, read_json, read_tensors,
+    _MASK_NAMES,
+    Imported,
+    _check_sampler,
+    _collect,
+    _names,
+    config_bool,
+    config_float,
+    config_int,
+    read_json,
+    read_tensors,
 )  # fmt: skip
 
 
@@ -47,7 +56,7 @@ def read_peft(path: Path, dims: int, rms_norm_eps: float) -> Imported:
         raise ConversionError("DoRA adapters (use_dora) are not supported")
     tensors = {}
     for k, v in read_tensors(weights_file).items():
-        tensors[k[len("base_model.model."):] if k.startswith("base_model.model.") else k] = v
+        tensors[k[len("base_model.model.") :] if k.startswith("base_model.model.") else k] = v
     lora, sampler, rest = _collect(tensors)
     _check_sampler(sampler, "sampler_head.", dims)
 

@@ -116,9 +116,7 @@ def map_lora(imp: Imported, model: nn.Module):
                     f"{'+'.join(names)} have {'+'.join(map(str, sizes))} = {sum(sizes)} outputs"
                 )
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            parts = [
-                (f"{group}.{n}", l, B[s : s + size]) for n, l, s, size in zip(names, linears, starts, sizes)
-            ]
+            parts = [(f"{group}.{n}", l, B[s : s + size]) for n, l, s, size in zip(names, linears, starts, sizes)]
             split.update(p[0] for p in parts)
         else:
             raise ConversionError(f"LoRA for {where}: the model has no projection '{key}'")
@@ -314,7 +312,10 @@ def main(argv=None) -> int:
         + (f", ranks {lora.ranks}" if lora.ranks else "")
         + (f", scales { {k: round(v, 6) for k, v in lora.scales.items()} }" if lora.scales else "")
     )
-    print(f"  sampler: residual={summary['sampler'].residual}, eps={summary['sampler'].eps:g}; {summary['tensors']} tensors")
+    print(
+        f"  sampler: residual={summary['sampler'].residual}, eps={summary['sampler'].eps:g}; "
+        f"{summary['tensors']} tensors"
+    )
     for note in summary["notes"]:
         print(f"  {note}")
     return 0

@@ -15,9 +15,9 @@ import argparse
 from mlx_mtp.benchmark import step_shapes
 from mlx_mtp.blas import blas_info
 from mlx_mtp.calibrate import fill_cache, forward_cost, weights_dtype
+from mlx_mtp.loading import default_model_path, load_base
 from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
-from mlx_mtp.loading import default_model_path, load_base
 
 
 def forward_costs(model, shapes, repeats, context=300):

@@ -22,7 +22,8 @@ def main():
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--recipe", default="{}", help="JSON merged into the adapter's recipe")
     p.add_argument(
-        "--decode-num-masks", default=None,
+        "--decode-num-masks",
+        default=None,
         help="default k per device type, e.g. 'cpu=2' (from the benchmark's projection)",
     )
     args = p.parse_args()

@@ -96,9 +96,7 @@ def read_adapter_config(path: Union[str, Path]) -> Dict[str, Any]:
         raise AdapterError(f"{cfg_file}: not a JSON object")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise AdapterError(
-            f"{cfg_file}: format_version {version} is not supported (expected {FORMAT_VERSION})"
-        )
+        raise AdapterError(f"{cfg_file}: format_version {version} is not supported (expected {FORMAT_VERSION})")
     problem = _config_problem(config)
     if problem:
         raise AdapterError(f"{cfg_file}: {problem}")
@@ -158,7 +156,9 @@ def _check_ranks(config: MTPConfig, hidden_size: int, cfg_file: Path):
     allocate huge matrices: refuse it before building the adapter."""
     for key, rank in [("rank", config.lora.rank), *config.lora.ranks.items()]:
         if rank > hidden_size:
-            raise AdapterError(f"{cfg_file}: lora rank {rank} ({key}) is more than the model's hidden size {hidden_size}")
+            raise AdapterError(
+                f"{cfg_file}: lora rank {rank} ({key}) is more than the model's hidden size {hidden_size}"
+            )
 
 
 def check_adapter_tensors(weights: Dict[str, mx.array], expected: Dict[str, mx.array], source: Union[str, Path]):
@@ -173,9 +173,7 @@ def check_adapter_tensors(weights: Dict[str, mx.array], expected: Dict[str, mx.a
         if missing:
             parts.append(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
         if unexpected:
-            parts.append(
-                f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
-            )
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
         raise AdapterError(f"'{source}' does not fit the model: " + "; ".join(parts))
     for name in sorted(weights):
         value = weights[name]
@@ -195,8 +193,7 @@ def check_base_model(config: Dict[str, Any], model: nn.Module, where: str = "ada
     for key in ("hidden_size", "num_layers", "vocab_size"):
         if key in expected and expected[key] != actual[key]:
             raise AdapterError(
-                f"{where} was made for a model with {key}={expected[key]}, "
-                f"but this model has {key}={actual[key]}"
+                f"{where} was made for a model with {key}={expected[key]}, but this model has {key}={actual[key]}"
             )
 
 
@@ -237,9 +234,7 @@ def load_adapter(
     mtp.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=False)
     if num_masks is not None:
         if num_masks > mtp.num_masks:
-            raise AdapterError(
-                f"num_masks={num_masks} is more than the adapter was trained with ({mtp.num_masks})"
-            )
+            raise AdapterError(f"num_masks={num_masks} is more than the adapter was trained with ({mtp.num_masks})")
     for name, ids in ((DRAFT_VOCAB, draft_vocab), (DATASTORE, datastore)):
         if ids is not None and (ids.ndim != 1 or not mx.issubdtype(ids.dtype, mx.integer)):
             raise AdapterError(f"'{weights_file}': tensor '{name}' is not a 1-D array of token ids")

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-
 from .arguments import int_range, non_negative_int, positive_int
 from .blas import blas_info, measure_gflops
 from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
@@ -164,7 +163,7 @@ def plot(rows: List[Row], path: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: --plot needs matplotlib: pip install 'mlx-mtp[plot]'")
+        raise SystemExit("error: --plot needs matplotlib: pip install 'mlx-mtp[plot]'") from None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     names = [r.category for r in rows]
     axes[0].bar(names, [r.tokens_per_step for r in rows])
@@ -202,8 +201,10 @@ def run(args) -> int:
     blas_now = blas_info()
     blas = blas_now.name
     use_datastore = model.datastore is not None and not args.no_datastore and args.lookup > 0
-    print(f"platform: {platform.platform()}, weights: {dtype}, k={k}, mode={args.mode}, "
-          f"branches={args.branches}, lookup={args.lookup}, datastore={use_datastore}")
+    print(
+        f"platform: {platform.platform()}, weights: {dtype}, k={k}, mode={args.mode}, "
+        f"branches={args.branches}, lookup={args.lookup}, datastore={use_datastore}"
+    )
     print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
     def chat(text):
@@ -219,13 +220,17 @@ def run(args) -> int:
     print(calibration.costs.describe())
     costs = forward_costs(model, step_shapes(k, args.branches), calibration.costs)
     chain = calibration.costs.table.sampler_call
-    print("costs used (300 cached), relative to T=1: "
-          + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items()))
+    print(
+        "costs used (300 cached), relative to T=1: "
+        + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items())
+    )
 
     # warm-up
     for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
         pass
-    for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode, branches=args.branches):
+    for _ in stream_generate(
+        model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode, branches=args.branches
+    ):
         pass
 
     records = defaultdict(list)
@@ -244,8 +249,15 @@ def run(args) -> int:
                 base_tps = resp.generation_tps
             ours, flags, sources, resp = [], [], [], None
             for resp in stream_generate(
-                model, tokenizer, prompt, max_tokens=args.max_tokens, num_masks=k, mode=args.mode,
-                lookup=args.lookup, use_datastore=not args.no_datastore, branches=args.branches,
+                model,
+                tokenizer,
+                prompt,
+                max_tokens=args.max_tokens,
+                num_masks=k,
+                mode=args.mode,
+                lookup=args.lookup,
+                use_datastore=not args.no_datastore,
+                branches=args.branches,
             ):
                 ours.append(resp.token)
                 flags.append(resp.from_draft)
@@ -271,8 +283,11 @@ def run(args) -> int:
     print_table(rows + [overall])
     steps = [c for recs in records.values() for r in recs for c in r["accepted"]]
     acceptance = acceptance_per_depth([c for c, src in steps if src == "mtp"], k)
-    print("acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
-          + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1)))
+    print(
+        "acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
+        + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1))
+    )
+
     def source_stats(source):
         accepted = [c for c, src in steps if src == source]
         return {
@@ -282,11 +297,15 @@ def run(args) -> int:
 
     lookup_stats, datastore_stats = source_stats("lookup"), source_stats("datastore")
     if args.lookup:
-        print(f"prompt lookup (up to {args.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
-              f"{lookup_stats['accepted_per_step']:.2f} copied tokens accepted per such step")
+        print(
+            f"prompt lookup (up to {args.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
+            f"{lookup_stats['accepted_per_step']:.2f} copied tokens accepted per such step"
+        )
         if datastore_stats["share_of_steps"]:
-            print(f"datastore drafts: {datastore_stats['share_of_steps']:.0%} of steps, "
-                  f"{datastore_stats['accepted_per_step']:.2f} drafted tokens accepted per such step")
+            print(
+                f"datastore drafts: {datastore_stats['share_of_steps']:.0%} of steps, "
+                f"{datastore_stats['accepted_per_step']:.2f} drafted tokens accepted per such step"
+            )
     proj = []
     if args.mode == "quadratic" and k:
         if args.lookup:
@@ -329,19 +348,34 @@ def run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_mtp.benchmark", description="Benchmark MTP decoding against mlx-lm greedy decoding.")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_mtp.benchmark", description="Benchmark MTP decoding against mlx-lm greedy decoding."
+    )
     p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
     p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
     p.add_argument("--prompts", default=None, help="jsonl with Spec-Bench rows (default: Spec-Bench's question.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated categories")
     p.add_argument("--num-prompts", type=positive_int, default=None, help="prompts per category")
     p.add_argument("--max-tokens", type=positive_int, default=128)
-    p.add_argument("--num-masks", type=int_range(0, MAX_MASKS), default=None, help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)")
+    p.add_argument(
+        "--num-masks",
+        type=int_range(0, MAX_MASKS),
+        default=None,
+        help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)",
+    )
     p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
-    p.add_argument("--branches", type=positive_int, default=1,
-                   help="verify the sampler head's B most likely first speculations, each with its own chain (default: 1)")
-    p.add_argument("--lookup", type=non_negative_int, default=DEFAULT_LOOKUP,
-                   help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)")
+    p.add_argument(
+        "--branches",
+        type=positive_int,
+        default=1,
+        help="verify the sampler head's B most likely first speculations, each with its own chain (default: 1)",
+    )
+    p.add_argument(
+        "--lookup",
+        type=non_negative_int,
+        default=DEFAULT_LOOKUP,
+        help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)",
+    )
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)

@@ -372,8 +372,12 @@ def calibrate(
     paths = (False, True) if model.num_masks > 0 else (False,)
     caches = [fill_cache(model, context, widths[-1]) for context in contexts]
     # every width at the first context; the narrowest and widest at the others
-    shapes = [(i, gated, w) for i in range(len(contexts)) for gated in paths
-              for w in (widths if i == 0 else sorted({widths[0], widths[-1]}))]
+    shapes = [
+        (i, gated, w)
+        for i in range(len(contexts))
+        for gated in paths
+        for w in (widths if i == 0 else sorted({widths[0], widths[-1]}))
+    ]
     runs = {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
     for gated in paths:  # buffers for the widest forwards first: narrower ones reuse them
         mx.eval(runs[(0, gated, widths[-1])]())
@@ -389,8 +393,10 @@ def calibrate(
         for i in range(1, len(contexts)):
             lo = best[(i, gated, widths[0])] - first[0]
             hi = best[(i, gated, widths[-1])] - first[-1]
-            row = [c + (_interp([widths[0], widths[-1]], [lo, hi], w) if len(widths) > 1 else lo)
-                   for c, w in zip(first, widths)]
+            row = [
+                c + (_interp([widths[0], widths[-1]], [lo, hi], w) if len(widths) > 1 else lo)
+                for c, w in zip(first, widths)
+            ]
             rows[gated].append(_monotone([max(c, 1e-6) for c in row]))
     del caches
     sampler = sampler_call_cost(model, repeats) if model.num_masks > 0 else 0.0
@@ -485,8 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
     p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
-    p.add_argument("--max-width", type=int, default=MAX_WIDTH,
-                   help=f"widest forward to measure (default: {MAX_WIDTH}; wider ones extrapolate)")
+    p.add_argument(
+        "--max-width",
+        type=int,
+        default=MAX_WIDTH,
+        help=f"widest forward to measure (default: {MAX_WIDTH}; wider ones extrapolate)",
+    )
     return p
 
 

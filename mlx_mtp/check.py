@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import USER_ERROR_EXIT, MTPError, ModelLoadError
+from .errors import USER_ERROR_EXIT, ModelLoadError, MTPError
 from .model.architectures import Support, supports
 from .model.gated_lora import LoRAConfig
 from .model.mtp_model import MTPConfig, MTPModel

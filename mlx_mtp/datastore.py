@@ -39,7 +39,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_mtp.datastore", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
     p.add_argument("--adapter-path", required=True, help="adapter directory to update")
-    p.add_argument("--data", default=None, help="directory with train.jsonl (and valid.jsonl: the hit rate is measured on it)")
+    p.add_argument(
+        "--data", default=None, help="directory with train.jsonl (and valid.jsonl: the hit rate is measured on it)"
+    )
     p.add_argument("--remove", action="store_true", help="remove the adapter's datastore")
     args = p.parse_args(argv)
     if not args.remove and args.data is None:
@@ -64,6 +66,7 @@ def main(argv=None):
         print(msg)
 
     edit_adapter(args.model, args.adapter_path, edit)
+
 
 if __name__ == "__main__":
     main()

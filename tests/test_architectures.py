@@ -47,20 +47,34 @@ BASE = {
     "tie_word_embeddings": False,
 }
 LLAMA3_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
 MOE = {
-    "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "moe_intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "moe_intermediate_size": 32,
     "norm_topk_prob": True,
 }
 
 # one config for the families below that need nothing else (their own
 # ModelArgs take what they know of it)
 GENERIC = {
-    **MOE, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "moe_layer_freq": 1,
-    "num_local_experts": 4, "layer_norm_eps": 1e-5, "norm_eps": 1e-5, "partial_rotary_factor": 1.0,
-    "mlp_only_layers": [], "shared_expert_intermediate_size": 32,
+    **MOE,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 0,
+    "moe_layer_freq": 1,
+    "num_local_experts": 4,
+    "layer_norm_eps": 1e-5,
+    "norm_eps": 1e-5,
+    "partial_rotary_factor": 1.0,
+    "mlp_only_layers": [],
+    "shared_expert_intermediate_size": 32,
 }
 
 # name -> (model_type, overrides of BASE)
@@ -73,30 +87,54 @@ FAMILIES = {
     "qwen3": ("qwen3", {}),
     "qwen3_moe": ("qwen3_moe", {**MOE, "mlp_only_layers": [1]}),
     "gemma2": ("gemma2", {"query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
-    "gemma3_text": ("gemma3_text", {"sliding_window": WINDOW, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16}),
+    "gemma3_text": (
+        "gemma3_text",
+        {"sliding_window": WINDOW, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16},
+    ),
     "phi3": ("phi3", {}),
-    "phi3_longrope": ("phi3", {
-        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8},
-        "original_max_position_embeddings": 32,
-    }),
-    "granite": ("granite", {
-        "logits_scaling": 4.0, "attention_multiplier": 0.2, "embedding_multiplier": 6.0,
-        "residual_multiplier": 0.5, "attention_bias": False, "mlp_bias": False,
-    }),
+    "phi3_longrope": (
+        "phi3",
+        {
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8},
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "granite": (
+        "granite",
+        {
+            "logits_scaling": 4.0,
+            "attention_multiplier": 0.2,
+            "embedding_multiplier": 6.0,
+            "residual_multiplier": 0.5,
+            "attention_bias": False,
+            "mlp_bias": False,
+        },
+    ),
     "olmo2": ("olmo2", {}),
     "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),
     "starcoder2": ("starcoder2", {"norm_epsilon": 1e-5}),
     "cohere2": ("cohere2", {"sliding_window": WINDOW, "sliding_window_pattern": 2, "logit_scale": 0.5}),
     "internlm3": ("internlm3", {}),
     # families that reuse these blocks under a vision-language wrapper
-    "gemma3": ("gemma3", {"text_config": {
-        "model_type": "gemma3_text", **BASE, "sliding_window": WINDOW, "sliding_window_pattern": 2,
-        "query_pre_attn_scalar": 16,
-    }}),
+    "gemma3": (
+        "gemma3",
+        {
+            "text_config": {
+                "model_type": "gemma3_text",
+                **BASE,
+                "sliding_window": WINDOW,
+                "sliding_window_pattern": 2,
+                "query_pre_attn_scalar": 16,
+            }
+        },
+    ),
     "qwen3_vl": ("qwen3_vl", {"text_config": {"model_type": "qwen3", **BASE}}),
     "pixtral": ("pixtral", {"text_config": {"model_type": "llama", **BASE}}),
     "qwen2_vl": ("qwen2_vl", {"text_config": {"model_type": "qwen2", **BASE}}),
-    "qwen3_vl_moe": ("qwen3_vl_moe", {"text_config": {"model_type": "qwen3_moe", **BASE, **MOE, "mlp_only_layers": []}}),
+    "qwen3_vl_moe": (
+        "qwen3_vl_moe",
+        {"text_config": {"model_type": "qwen3_moe", **BASE, **MOE, "mlp_only_layers": []}},
+    ),
     "mistral3": ("mistral3", {"text_config": {"model_type": "mistral", **BASE}}),
     # other families found to work with the generic config
     "cohere": ("cohere", GENERIC),
@@ -112,39 +150,91 @@ QUANTIZED = ("llama", "gemma3_text", "qwen3_moe", "phi3")
 # name -> (model_type, config) of families the adapter cannot serve
 UNSUPPORTED = {
     "mamba": {
-        "model_type": "mamba", "vocab_size": V, "hidden_size": 64, "intermediate_size": 128, "state_size": 8,
-        "num_hidden_layers": 2, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True, "time_step_rank": 4,
+        "model_type": "mamba",
+        "vocab_size": V,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "state_size": 8,
+        "num_hidden_layers": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 4,
     },
     "lfm2": {
-        "model_type": "lfm2", "vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 512, "norm_eps": 1e-5, "conv_bias": False,
-        "conv_L_cache": 3, "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 16,
-        "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False, "full_attn_idxs": [1],
+        "model_type": "lfm2",
+        "vocab_size": V,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "norm_eps": 1e-5,
+        "conv_bias": False,
+        "conv_L_cache": 3,
+        "block_dim": 64,
+        "block_ff_dim": 128,
+        "block_multiple_of": 16,
+        "block_ffn_dim_multiplier": 1.0,
+        "block_auto_adjust_ff_dim": False,
+        "full_attn_idxs": [1],
     },
     "qwen3_next": {
-        "model_type": "qwen3_next", **BASE, **MOE, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
-        "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "partial_rotary_factor": 0.5,
+        "model_type": "qwen3_next",
+        **BASE,
+        **MOE,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "shared_expert_intermediate_size": 32,
+        "mlp_only_layers": [],
+        "partial_rotary_factor": 0.5,
         "full_attention_interval": 2,
     },
     "falcon_h1": {
-        "model_type": "falcon_h1", **BASE, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
-        "mamba_d_state": 8, "mamba_chunk_size": 8, "mamba_n_groups": 1,
+        "model_type": "falcon_h1",
+        **BASE,
+        "mamba_d_ssm": 64,
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 8,
+        "mamba_n_groups": 1,
     },
     "granitemoehybrid": {
-        "model_type": "granitemoehybrid", **BASE, "attention_bias": False, "embedding_multiplier": 1.0,
-        "attention_multiplier": 0.25, "logits_scaling": 1.0, "residual_multiplier": 1.0,
-        "layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_proj_bias": False,
-        "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True,
+        "model_type": "granitemoehybrid",
+        **BASE,
+        "attention_bias": False,
+        "embedding_multiplier": 1.0,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 1.0,
+        "residual_multiplier": 1.0,
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_proj_bias": False,
+        "mamba_d_state": 8,
+        "mamba_d_conv": 4,
+        "mamba_n_groups": 1,
+        "mamba_conv_bias": True,
         "shared_intermediate_size": 128,
     },
     "ministral3": {
-        "model_type": "ministral3", **BASE,
+        "model_type": "ministral3",
+        **BASE,
         "rope_parameters": {"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1, "original_max_position_embeddings": 8},
     },
     "gpt2": {
-        "model_type": "gpt2", "n_ctx": 512, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 512,
-        "layer_norm_epsilon": 1e-5, "vocab_size": V,
+        "model_type": "gpt2",
+        "n_ctx": 512,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "n_positions": 512,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": V,
     },
 }
 
@@ -308,12 +398,22 @@ def test_two_training_steps(name):
 def test_default_lora_keys_follow_the_model():
     keys = {name: mtp_for(name).config.lora.keys for name in ("llama", "phi3", "starcoder2", "qwen3_moe")}
     assert keys["llama"] == [
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
     ]
     assert keys["phi3"] == ["self_attn.o_proj", "mlp.down_proj", "mlp.gate_up_proj", "self_attn.qkv_proj"]
     assert keys["starcoder2"] == [
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
     ]
     # the MoE block's router is left out; its experts are not nn.Linear; the dense block keeps its MLP
     assert "mlp.gate" not in keys["qwen3_moe"] and "mlp.gate_proj" in keys["qwen3_moe"]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mlx_mtp import benchmark
+
 from conftest import K
 
 
@@ -25,8 +26,19 @@ def run_benchmark(dirs, tmp_path, *args) -> dict:
     with pytest.raises(SystemExit) as e:
         benchmark.main(
             [
-                "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(prompts),
-                "--num-prompts", "2", "--max-tokens", "6", "--json", str(out), *args,
+                "--model",
+                str(model_dir),
+                "--adapter-path",
+                str(adapter_dir),
+                "--prompts",
+                str(prompts),
+                "--num-prompts",
+                "2",
+                "--max-tokens",
+                "6",
+                "--json",
+                str(out),
+                *args,
             ]
         )
     assert e.value.code == 0
@@ -35,7 +47,18 @@ def run_benchmark(dirs, tmp_path, *args) -> dict:
 
 def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
     result = run_benchmark(dirs, tmp_path, "--categories", "coding,math_reasoning")
-    for key in ("model", "adapter", "dtype", "blas", "platform", "num_masks", "mode", "max_tokens", "results", "overall"):
+    for key in (
+        "model",
+        "adapter",
+        "dtype",
+        "blas",
+        "platform",
+        "num_masks",
+        "mode",
+        "max_tokens",
+        "results",
+        "overall",
+    ):
         assert key in result
     assert result["lookup"] == 6 and 0 <= result["lookup_steps"]["share_of_steps"] <= 1
     assert result["num_masks"] == K and result["mode"] == "quadratic" and result["max_tokens"] == 6
@@ -84,8 +107,18 @@ def test_benchmark_branches(dirs, tmp_path, capsys):  # noqa: F811
     model_dir, adapter_dir, _ = dirs
     with pytest.raises(SystemExit) as e:
         benchmark.main(
-            ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "q.jsonl"),
-             "--branches", "2", "--num-masks", "0"]
+            [
+                "--model",
+                str(model_dir),
+                "--adapter-path",
+                str(adapter_dir),
+                "--prompts",
+                str(tmp_path / "q.jsonl"),
+                "--branches",
+                "2",
+                "--num-masks",
+                "0",
+            ]
         )
     assert e.value.code == 2
     captured = capsys.readouterr()
@@ -122,7 +155,9 @@ def test_projection_arithmetic():
 def test_benchmark_errors(dirs, tmp_path, capsys):  # noqa: F811
     model_dir, adapter_dir, _ = dirs
     with pytest.raises(SystemExit) as e:
-        benchmark.main(["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "none.jsonl")])
+        benchmark.main(
+            ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "none.jsonl")]
+        )
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

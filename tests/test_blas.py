@@ -111,7 +111,10 @@ def test_a_wheel_blas_serves_where_the_system_has_none():
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV_VAR)}
     out = subprocess.run(
         [sys.executable, "-c", WHEEL_PROBE, str(ROOT / "mlx_mtp" / "blas.py")],
-        env=clean, capture_output=True, text=True, timeout=120,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_model, tiny_mtp
 
 from mlx_mtp import calibrate as cal
 from mlx_mtp.calibrate import CostModel, CostTable
+
+from tiny import tiny_model, tiny_mtp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +174,10 @@ def test_cli_on_the_default_model_prints_and_caches(default_model_path, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_MTP_CALIBRATION": str(tmp_path / "calibration")}
     out = subprocess.run(
         [sys.executable, "-m", "mlx_mtp.calibrate", "--model", str(default_model_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     assert "T=1" in out.stdout and "T=32" in out.stdout and "gated" in out.stdout

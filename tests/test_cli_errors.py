@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import model_dir
 
 from mlx_mtp.errors import USER_ERROR_EXIT
+
+from conftest import model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,19 +61,45 @@ CASES = [
     ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "2", "--batch-size", "8"]),
     ("mlx_mtp.lora", ["--model", "{empty_dir}/nope", "--train", "--data", "{data}"]),
     ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{bad_data}", "--iters", "1"]),
-    ("mlx_mtp.lora", ["--model", "{model}", "--train", "--data", "{data}", "--iters", "1", "--resume-adapter-file",
-                      "{bad_adapter}/adapters.safetensors", "--adapter-path", "{empty_dir}/ad"]),
+    (
+        "mlx_mtp.lora",
+        [
+            "--model",
+            "{model}",
+            "--train",
+            "--data",
+            "{data}",
+            "--iters",
+            "1",
+            "--resume-adapter-file",
+            "{bad_adapter}/adapters.safetensors",
+            "--adapter-path",
+            "{empty_dir}/ad",
+        ],
+    ),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{bad.jsonl}", "--out", "{empty_dir}/o"]),
     ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{binary.jsonl}", "--out", "{empty_dir}/o"]),
-    ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-tokens", "-5"]),
-    ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--valid-fraction", "2"]),
-    ("mlx_mtp.distill", ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-prompts", "-1"]),
+    (
+        "mlx_mtp.distill",
+        ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-tokens", "-5"],
+    ),
+    (
+        "mlx_mtp.distill",
+        ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--valid-fraction", "2"],
+    ),
+    (
+        "mlx_mtp.distill",
+        ["--model", "{model}", "--prompts", "{good_prompts}", "--out", "{empty_dir}/o", "--max-prompts", "-1"],
+    ),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{bad_adapter}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}"]),
     ("mlx_mtp.datastore", ["--adapter-path", "{empty_dir}"]),
     ("mlx_mtp.datastore", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{bad_data}"]),
     ("mlx_mtp.draft_vocab", ["--model", "{model}", "--adapter-path", "{bad_adapter}", "--data", "{data}"]),
-    ("mlx_mtp.draft_vocab", ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}", "--size", "-3"]),
+    (
+        "mlx_mtp.draft_vocab",
+        ["--model", "{model}", "--adapter-path", "{empty_dir}", "--data", "{data}", "--size", "-3"],
+    ),
     ("convert.gguf", ["{bad.gguf}", "--out", "{empty_dir}/m"]),
     ("convert.gguf", ["{bad.jsonl}", "--out", "{empty_dir}/m"]),
     ("convert.gguf", ["{empty_dir}/none.gguf", "--out", "{empty_dir}/m"]),
@@ -133,7 +160,10 @@ GENERATE = [
 def test_generate_user_errors(argv, stdin):
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_mtp.generate", "--model", str(model_dir()), *argv],
-        input=stdin or b"", capture_output=True, cwd=ROOT, timeout=120,
+        input=stdin or b"",
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
     )
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == USER_ERROR_EXIT, err
@@ -143,9 +173,21 @@ def test_generate_user_errors(argv, stdin):
 def test_generate_bad_adapter_file(files):
     """A damaged adapter file: one line, exit 2 (generate's own path)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_mtp.generate", "--model", files["model"], "--adapter-path", files["bad_adapter"],
-         "--max-tokens", "4"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mlx_mtp.generate",
+            "--model",
+            files["model"],
+            "--adapter-path",
+            files["bad_adapter"],
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == USER_ERROR_EXIT, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")

@@ -26,7 +26,6 @@ need("transformers", "pip install -e '.[parity]'")
 import mlx.core as mx
 from mlx_lm import load
 
-import torch_reference as R
 from convert.mtp_glora import glora_mask_token_id
 from convert.torch import convert, main
 from mlx_mtp import propose
@@ -34,6 +33,7 @@ from mlx_mtp.adapter import load_adapter, read_adapter_config
 from mlx_mtp.model.layouts import linear_layout
 from mlx_mtp.model.mtp_model import MTPModel
 
+import torch_reference as R
 
 pytestmark = pytest.mark.torch
 
@@ -171,8 +171,13 @@ def test_mtp_glora_parity(base, tmp_path, fused):
     assert config["num_masks"] == 4
     assert lora["rank"] == RANK and lora["scale"] == pytest.approx(ALPHA / RANK**0.5)
     if fused:
-        expect_ranks = {"self_attn.q_proj": 3 * RANK, "self_attn.k_proj": 3 * RANK, "self_attn.v_proj": 3 * RANK,
-                        "mlp.gate_proj": 2 * RANK, "mlp.up_proj": 2 * RANK}
+        expect_ranks = {
+            "self_attn.q_proj": 3 * RANK,
+            "self_attn.k_proj": 3 * RANK,
+            "self_attn.v_proj": 3 * RANK,
+            "mlp.gate_proj": 2 * RANK,
+            "mlp.up_proj": 2 * RANK,
+        }
         assert lora["ranks"] == expect_ranks
         for key, r in expect_ranks.items():
             f = r // RANK
@@ -180,8 +185,15 @@ def test_mtp_glora_parity(base, tmp_path, fused):
     else:
         assert lora["ranks"] == {} and lora["scales"] == {}
     assert sorted(lora["keys"]) == sorted(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
     )
     assert config["recipe"]["mask_token_id"] == R.VOCAB
     assert config["recipe"]["step"] == 100
@@ -268,8 +280,15 @@ def _run_main(capsys, args):
             "lora_B has 48 outputs, the model's self_attn.k_proj 32",
         ),
     ],
-    ids=["missing-sampler", "missing-lora-half", "unexpected", "lora-bias", "missing-masks", "sampler-shape",
-         "lora-shape"],
+    ids=[
+        "missing-sampler",
+        "missing-lora-half",
+        "unexpected",
+        "lora-bias",
+        "missing-masks",
+        "sampler-shape",
+        "lora-shape",
+    ],
 )
 def test_errors_name_the_tensor(base, peft_ckpt, tmp_path, capsys, edit, message):
     _, model_dir = base

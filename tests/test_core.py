@@ -17,6 +17,7 @@ from mlx_mtp.model.cache import commit
 from mlx_mtp.model.gated_lora import GatedLoRALinear, LoRAConfig
 from mlx_mtp.model.layouts import linear_layout, quadratic_layout, training_layout
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
+
 from tiny import MODEL_TYPES, randomize_adapter, tiny_model, tiny_mtp
 
 PROMPT = [3, 17, 42, 99, 5, 64, 7, 120, 33]
@@ -68,7 +69,10 @@ def contiguous_mask_hidden(mtp: MTPModel, prefix, k):
 
 LLAMA3_ROPE = {
     "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
     }
 }
@@ -121,7 +125,9 @@ def test_runs_without_adapter():
     mtp = MTPModel(model)
     assert mtp.num_masks == 0 and mtp.adapter_parameters() == {}
     cache = prefilled(mtp, PROMPT[:3])
-    got = mtp.logits(mx.array(PROMPT[3:]), cache, positions=mx.arange(6), mask=mx.tril(mx.ones((6, 6), dtype=mx.bool_)))[0]
+    got = mtp.logits(
+        mx.array(PROMPT[3:]), cache, positions=mx.arange(6), mask=mx.tril(mx.ones((6, 6), dtype=mx.bool_))
+    )[0]
     assert mx.abs(got - ref[3:]).max().item() <= 1e-5
 
 

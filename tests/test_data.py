@@ -18,6 +18,7 @@ from mlx_mtp.training.data import (
     read_jsonl,
     tokenize_file,
 )
+
 from conftest import make_tokenizer
 
 
@@ -174,7 +175,9 @@ def test_load_data_splits(tmp_path, tokenizer):
         load_data(tmp_path / "nope", tokenizer, 2, 256)
     with pytest.raises(DataError, match="train.jsonl not found"):
         load_data(tmp_path, tokenizer, 2, 256)
-    _write(tmp_path / "train.jsonl", [CHAT, {"messages": CHAT["messages"][:1] + [{"role": "assistant", "content": "x"}]}])
+    _write(
+        tmp_path / "train.jsonl", [CHAT, {"messages": CHAT["messages"][:1] + [{"role": "assistant", "content": "x"}]}]
+    )
     out = load_data(tmp_path, tokenizer, 2, 256)
     assert out["valid"] is None and len(out["train"]) == 2
     # a prompt that cannot fit is skipped; if nothing fits, that is an error

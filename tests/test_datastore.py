@@ -13,6 +13,7 @@ from mlx_mtp.adapter import load_adapter, save_adapter
 from mlx_mtp.datastore import Datastore, hit_rate, main
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.model.mtp_model import MTPModel
+
 from conftest import make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 
@@ -126,9 +127,13 @@ def test_greedy_with_datastore_equals_mlx_lm(mode, k):
         # after a draft rejected from its first token, the next step verifies
         # the speculations of the masks after the pending token (quadratic),
         # or none (linear: masks only after the last draft)
-        after_miss = [b for a, b in zip(steps, steps[1:]) if a.source == "datastore" and a.accepted == 0 and b.source == "mtp"]
+        after_miss = [
+            b for a, b in zip(steps, steps[1:]) if a.source == "datastore" and a.accepted == 0 and b.source == "mtp"
+        ]
         stats["after_miss"] += len(after_miss)
-        assert all(b.proposed == (min(k, max_tokens) if mode == "quadratic" else 0) for b in after_miss if b is not steps[-1])
+        assert all(
+            b.proposed == (min(k, max_tokens) if mode == "quadratic" else 0) for b in after_miss if b is not steps[-1]
+        )
     assert stats["datastore"] >= 5 and stats["datastore_accepted"] >= 5 and stats["after_miss"] >= 1
     # off: the same text without datastore steps
     got, steps = run(mtp, prompt, 60, num_masks=k, mode=mode, lookup=4, lookup_ngram=6, use_datastore=False)
@@ -153,10 +158,10 @@ def test_bad_arguments():
 
 
 def test_cli_stores_the_training_responses(tmp_path, capsys):
-    from conftest import distilled_dir, model_dir
-
-    from mlx_mtp.model.mtp_model import MTPConfig
     from mlx_mtp.loading import load
+    from mlx_mtp.model.mtp_model import MTPConfig
+
+    from conftest import distilled_dir, model_dir
 
     ad = tmp_path / "adapter"
     model, _ = load(str(model_dir()), adapter_path=False)

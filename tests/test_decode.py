@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mlx_mtp.decoding.decode import SpeculativeDecoder, resolve_num_masks
 from mlx_mtp.model.mtp_model import MTPModel
+
 from conftest import MODEL_TYPES, make_prompt, mtp_for, oracle_draft, reference, run
 from tiny import tiny_model, tiny_mtp
 
@@ -73,9 +74,7 @@ def test_eos_inside_accepted_speculations(mode, k):
     draft = oracle_draft(mtp, prompt + ref, rate=1.0)
     # steps emit 1, k+1, k+1, ...: plant EOS on the first-occurring token at an
     # index inside a step (an accepted speculation, not the step's last token)
-    candidates = [
-        e for e in range(k + 2, 60) if ref.index(ref[e]) == e and (e - 1) % (k + 1) != k
-    ]
+    candidates = [e for e in range(k + 2, 60) if ref.index(ref[e]) == e and (e - 1) % (k + 1) != k]
     assert candidates, "no usable EOS position in this continuation"
     e = candidates[0]
     eos = {ref[e]}
@@ -279,7 +278,9 @@ def test_branches_bad_arguments():
     lookup=st.sampled_from([0, 3]),
     plant_eos=st.booleans(),
 )
-def test_property_branches_equal_mlx_lm(seed, model_type, k, branches, length, rate, second, max_tokens, lookup, plant_eos):
+def test_property_branches_equal_mlx_lm(
+    seed, model_type, k, branches, length, rate, second, max_tokens, lookup, plant_eos
+):
     mtp = mtp_for(model_type, seed=seed % 3)
     prompt = make_prompt(length, seed=seed, vocab=16 if lookup else 128)
     ref = reference(mtp.model, prompt, max_tokens + k + 2)
@@ -287,8 +288,15 @@ def test_property_branches_equal_mlx_lm(seed, model_type, k, branches, length, r
     expected = reference(mtp.model, prompt, max_tokens, eos=eos or None)
     draft = ranked_oracle_draft(mtp, prompt + ref, rate=rate, second=second, seed=seed)
     got, steps = run(
-        mtp, prompt, max_tokens, num_masks=k, draft_fn=draft, eos=eos, branches=branches,
-        lookup=lookup, lookup_ngram=2,
+        mtp,
+        prompt,
+        max_tokens,
+        num_masks=k,
+        draft_fn=draft,
+        eos=eos,
+        branches=branches,
+        lookup=lookup,
+        lookup_ngram=2,
     )
     assert got == expected
     assert all(len(s.tokens) <= k + 1 or s.source != "mtp" for s in steps)

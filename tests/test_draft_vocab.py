@@ -21,6 +21,7 @@ def test_generation_with_draft_vocab_equals_mlx_lm():
     from mlx_lm.generate import generate_step
 
     from mlx_mtp.decoding.decode import SpeculativeDecoder
+
     from tiny import tiny_mtp
 
     mtp = tiny_mtp("llama", num_masks=4, tie_word_embeddings=False)

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import tiny_model, tiny_mtp
 
 from mlx_mtp.adapter import load_adapter, save_adapter
 from mlx_mtp.errors import MTPError
+
+from tiny import tiny_model, tiny_mtp
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 EXAMPLES = int(os.environ.get("MLX_MTP_FUZZ_EXAMPLES", "25"))
@@ -46,7 +47,9 @@ def mutated(draw, data: bytes, fields=(), keep: int = 0):
     bytes (a magic number) are left alone, so that most cases get past it."""
     out = bytearray(data)
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["truncate", "flip", "write", "field"] if fields else ["truncate", "flip", "write"]))
+        kind = draw(
+            st.sampled_from(["truncate", "flip", "write", "field"] if fields else ["truncate", "flip", "write"])
+        )
         if kind == "truncate" and len(out) > keep:
             del out[draw(st.integers(keep, len(out) - 1)) :]
         elif kind == "flip" and len(out) > keep:
@@ -102,7 +105,7 @@ def _tiny_gguf(path: Path) -> Path:
                    (w.add_feed_forward_length, inter), (w.add_head_count, 2), (w.add_head_count_kv, 1),
                    (w.add_layer_norm_rms_eps, 1e-5), (w.add_vocab_size, n), (w.add_tokenizer_model, "gpt2"),
                    (w.add_tokenizer_pre, "smollm"), (w.add_token_list, vocab), (w.add_token_merges, ["h e"]),
-                   (w.add_token_types, [3, 3] + [1] * (n - 2)), (w.add_bos_token_id, 0), (w.add_eos_token_id, 1)):  # fmt: skip
+                   (w.add_token_types, [3, 3] + [1] * (n - 2)), (w.add_bos_token_id, 0), (w.add_eos_token_id, 1)):  # fmt: skip  # noqa: E501
         add(v)
     shapes = {"token_embd.weight": (n, hidden), "output_norm.weight": (hidden,), "blk.0.attn_norm.weight": (hidden,),
               "blk.0.ffn_norm.weight": (hidden,), "blk.0.attn_q.weight": (hidden, hidden),
@@ -176,7 +179,7 @@ def test_fuzz_gguf(gguf_file, tmp_path, data):
     blob = data.draw(mutated(raw, fields, keep=4))
     path = tmp_path / "m.gguf"
     path.write_bytes(blob)
-    check("gguf", blob, lambda: convert_in_memory(path))
+    check("gguf", blob, lambda path=path: convert_in_memory(path))
 
 
 def test_gguf_corpus(tmp_path):
@@ -184,7 +187,7 @@ def test_gguf_corpus(tmp_path):
     for case in corpus("gguf"):
         path = tmp_path / "m.gguf"
         path.write_bytes(case.read_bytes())
-        check("gguf", case.read_bytes(), lambda: convert_in_memory(path))
+        check("gguf", case.read_bytes(), lambda path=path: convert_in_memory(path))
 
 
 # ------------------------------------------------------------------- adapter
@@ -304,7 +307,9 @@ def test_fuzz_torch_importer(peft_files, tmp_path, data):
         run = _import_peft(tmp_path, blob, config)
     else:
         cfg = json.loads(config)
-        cfg[data.draw(st.sampled_from(sorted(cfg) + ["use_rslora", "rank_pattern", "sampler_eps"]))] = data.draw(JSON_VALUES)
+        cfg[data.draw(st.sampled_from(sorted(cfg) + ["use_rslora", "rank_pattern", "sampler_eps"]))] = data.draw(
+            JSON_VALUES
+        )
         blob = json.dumps(cfg).encode()
         run = _import_peft(tmp_path, weights, blob)
     check("torch_importer", blob, run)
@@ -336,7 +341,7 @@ def test_fuzz_torch_pickle(tmp_path):
         cases.append(bytes(blob))
     for blob in cases:
         path.write_bytes(blob)
-        check("torch_pickle", blob, lambda: read_tensors(path))
+        check("torch_pickle", blob, lambda path=path: read_tensors(path))
 
 
 # ------------------------------------------------------------------- JSONL
@@ -354,7 +359,7 @@ def test_fuzz_data_reader(tmp_path, data):
     blob = data.draw(st.one_of(mutated(good), st.binary(max_size=64)))
     path = tmp_path / "train.jsonl"
     path.write_bytes(blob)
-    check("jsonl", blob, lambda: read_jsonl(path))
+    check("jsonl", blob, lambda path=path: read_jsonl(path))
 
 
 def test_jsonl_corpus(tmp_path):
@@ -364,7 +369,7 @@ def test_jsonl_corpus(tmp_path):
     for case in corpus("jsonl"):
         path = tmp_path / "train.jsonl"
         path.write_bytes(case.read_bytes())
-        check("jsonl", case.read_bytes(), lambda: read_jsonl(path))
+        check("jsonl", case.read_bytes(), lambda path=path: read_jsonl(path))
 
 
 def test_torch_pickle_corpus(tmp_path):
@@ -375,4 +380,4 @@ def test_torch_pickle_corpus(tmp_path):
     for case in corpus("torch_pickle"):
         path = tmp_path / "adapter_model.bin"
         path.write_bytes(case.read_bytes())
-        check("torch_pickle", case.read_bytes(), lambda: read_tensors(path))
+        check("torch_pickle", case.read_bytes(), lambda path=path: read_tensors(path))

@@ -2,7 +2,6 @@
 command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
 word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -16,9 +15,10 @@ import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError
 from mlx_mtp.generate import main
-from mlx_mtp.model.mtp_model import MTPConfig
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
-from conftest import CONTEXT, K, OVERRIDES, oracle_draft
+from mlx_mtp.model.mtp_model import MTPConfig
+
+from conftest import CONTEXT, OVERRIDES, K, oracle_draft
 from tiny import randomize_adapter, tiny_model
 
 
@@ -123,7 +123,7 @@ def test_response_fields_with_forced_acceptance(loaded):
     assert last.steps == 7 and last.generation_tokens == n
     assert last.tokens_per_step == pytest.approx(n / 7)
     assert last.num_masks == K and last.mode == "quadratic"
-    assert [r.from_draft for r in rs[:K + 2]] == [False] + [True] * K + [False]
+    assert [r.from_draft for r in rs[: K + 2]] == [False] + [True] * K + [False]
     assert last.logprobs.shape == (128,)
     assert mx.argmax(last.logprobs).item() == last.token
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory >= 0
@@ -141,7 +141,7 @@ def test_generate_text_equals_mlx_lm(loaded, capsys):
     out = capsys.readouterr().out
     assert text == expected and text in out
     assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
-    assert f"tokens/step over" in out and f"(k={K}, quadratic)" in out
+    assert "tokens/step over" in out and f"(k={K}, quadratic)" in out
     assert "Peak memory:" in out
     # k = 0: copied drafts only, said so; plain decoding says "off"
     assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=0, verbose=True) == expected

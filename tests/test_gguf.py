@@ -23,10 +23,11 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 
-from conftest import need, unavailable
 from mlx_mtp import default_model as dm
 from mlx_mtp.errors import ConversionError, WriteError
 from mlx_mtp.gguf import writer as conv
+
+from conftest import need, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIT_TOL = 1e-3  # against transformers, fp32 both sides: >10x the measured gap (docs/formats.md)
@@ -301,9 +302,7 @@ def test_tokenizer_from_metadata(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "convert.gguf", *args], cwd=REPO, capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-m", "convert.gguf", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -544,9 +543,7 @@ def reference(default_gguf_path):
 
     kwargs = dict(gguf_file=default_gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(default_gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        default_gguf_path.parent, dtype=torch.float32, **kwargs
-    )
+    model = AutoModelForCausalLM.from_pretrained(default_gguf_path.parent, dtype=torch.float32, **kwargs)
     # One thread: on a busy 2-core machine torch's spinning OpenMP threads
     # make generate() 5-10x slower than this.
     threads = torch.get_num_threads()
@@ -567,9 +564,7 @@ def test_real_token_ids(ours, reference):
         assert tokenizer.encode(text) == ref.encode(text), text
         assert tokenizer.decode(tokenizer.encode(text)) == text
     kwargs = dict(add_generation_prompt=True, tokenize=False)
-    assert tokenizer.apply_chat_template(CONVERSATION, **kwargs) == ref.apply_chat_template(
-        CONVERSATION, **kwargs
-    )
+    assert tokenizer.apply_chat_template(CONVERSATION, **kwargs) == ref.apply_chat_template(CONVERSATION, **kwargs)
     assert chat_ids(tokenizer, CONVERSATION) == chat_ids(ref, CONVERSATION)
     assert tokenizer.eos_token_ids == {2} and tokenizer.bos_token_id == 1
 

@@ -170,12 +170,8 @@ def test_tree_layout_branches_see_their_own_path():
 
 def test_quadratic_layout_k3():
     lay = quadratic_layout([7, 8, 9], k=3)
-    np.testing.assert_array_equal(
-        np.array(lay.tokens), [7, -1, -2, -3, 8, -1, -2, -3, 9, -1, -2, -3]
-    )
-    np.testing.assert_array_equal(
-        np.array(lay.positions), [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5]
-    )
+    np.testing.assert_array_equal(np.array(lay.tokens), [7, -1, -2, -3, 8, -1, -2, -3, 9, -1, -2, -3])
+    np.testing.assert_array_equal(np.array(lay.positions), [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5])
     expected = rows(
         "100000000000",
         "110000000000",

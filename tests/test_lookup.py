@@ -6,6 +6,7 @@ import pytest
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.lookup import NGramLookup
 from mlx_mtp.model.mtp_model import MTPModel
+
 from conftest import MODEL_TYPES, make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 

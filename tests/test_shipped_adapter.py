@@ -15,7 +15,10 @@ SHIPPED = ADAPTERS_DIR / "smollm2-135m-instruct"
 def test_shipped_adapter_files():
     config = json.loads((SHIPPED / "adapter_config.json").read_text())
     assert config["base_model"] == {
-        "model_type": "llama", "hidden_size": 576, "num_layers": 30, "vocab_size": 49152,
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_layers": 30,
+        "vocab_size": 49152,
     }
     assert 1 <= config["num_masks"] <= 16
     assert config["recipe"]["script"] == "examples/train_default_adapter.sh"

@@ -161,7 +161,9 @@ def test_split_forward_equals_dense_training_layout(mask_chunk):
     split = _split_hidden(mtp, examples, mask_chunk)
     for (x, p), (h_reg, h_masks) in zip(SEQS, split):
         lay = training_layout(x, k, loss_start=p)
-        h = np.array(mtp(mx.array(lay.tokens), None, mx.array(lay.positions), mx.array(lay.mask), mx.array(lay.gate))[0])
+        h = np.array(
+            mtp(mx.array(lay.tokens), None, mx.array(lay.positions), mx.array(lay.mask), mx.array(lay.gate))[0]
+        )
         counted = lay.gate & (lay.labels != IGNORE)
         np.testing.assert_allclose(h_reg, h[~lay.gate], atol=2e-5, rtol=0)
         np.testing.assert_allclose(h_masks, h[counted], atol=2e-5, rtol=0)
@@ -207,7 +209,11 @@ def test_chunking_and_grad_checkpoint_keep_gradients():
     ref_terms, ref = _grads(tiny_mtp("llama", num_masks=k), examples, mask_chunk=0)
     assert set(ref_terms) == {"base", "sampler", "consistency"}
     assert sum(float(mx.abs(g).sum()) for g in ref.values()) > 0
-    for kw in ({"mask_chunk": 9}, {"mask_chunk": 0, "grad_checkpoint": True}, {"mask_chunk": 10, "distill_logits": True}):
+    for kw in (
+        {"mask_chunk": 9},
+        {"mask_chunk": 0, "grad_checkpoint": True},
+        {"mask_chunk": 10, "distill_logits": True},
+    ):
         terms, got = _grads(tiny_mtp("llama", num_masks=k), examples, **kw)
         for t in ref_terms:
             assert terms[t] == pytest.approx(ref_terms[t], rel=1e-5)
@@ -253,7 +259,13 @@ def test_each_process_takes_its_share_of_the_global_batch():
     examples = [build_example(list(range(i + 3)), 1, k) for i in range(8)]
     shares = []
     for rank in range(2):
-        t = Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), None, TrainArgs(batch_size=4, progress=False), world=FakeWorld(rank, 2))
+        t = Trainer(
+            tiny_mtp("llama", num_masks=k),
+            Dataset(examples),
+            None,
+            TrainArgs(batch_size=4, progress=False),
+            world=FakeWorld(rank, 2),
+        )
         batch = t.local_batch(3)
         glob = t.schedule.batch(3)
         assert batch.tokens.shape[0] == 2
@@ -261,7 +273,13 @@ def test_each_process_takes_its_share_of_the_global_batch():
         shares.append(set(glob[rank::2]))
     assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 4
     with pytest.raises(ValueError, match="divisible"):
-        Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), None, TrainArgs(batch_size=3, progress=False), world=FakeWorld(0, 2))
+        Trainer(
+            tiny_mtp("llama", num_masks=k),
+            Dataset(examples),
+            None,
+            TrainArgs(batch_size=3, progress=False),
+            world=FakeWorld(0, 2),
+        )
 
 
 class Recorder(TrainingCallback):

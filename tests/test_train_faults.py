@@ -17,6 +17,7 @@ import pytest
 from mlx_mtp.errors import USER_ERROR_EXIT
 from mlx_mtp.lora import main
 from mlx_mtp.training import checkpoint as ckpt
+
 from conftest import distilled_dir, model_dir
 
 REPO = Path(__file__).resolve().parents[1]

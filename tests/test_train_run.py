@@ -25,6 +25,7 @@ from mlx_mtp.training.callbacks import TrainingCallback
 from mlx_mtp.training.checkpoint import STATE_FILE
 from mlx_mtp.training.data import load_data
 from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
+
 from conftest import distilled_dir, model_dir
 
 K = 3
@@ -60,8 +61,17 @@ def test_short_run_learns_and_keeps_the_base_model_exact(tmp_path):
     data = _data(tok)
     mtp = _mtp(model)
     args = TrainArgs(
-        iters=50, batch_size=4, learning_rate=3e-3, sampler_lr_scale=1.0, warmup=5, steps_per_report=25,
-        steps_per_eval=50, val_batches=-1, save_every=0, adapter_path=str(tmp_path / "ad"), progress=False,
+        iters=50,
+        batch_size=4,
+        learning_rate=3e-3,
+        sampler_lr_scale=1.0,
+        warmup=5,
+        steps_per_report=25,
+        steps_per_eval=50,
+        val_batches=-1,
+        save_every=0,
+        adapter_path=str(tmp_path / "ad"),
+        progress=False,
     )
     history = Trainer(mtp, data["train"], data["valid"], args).train()
     val = [h for h in history if h["type"] == "val"]
@@ -85,7 +95,9 @@ def test_short_run_learns_and_keeps_the_base_model_exact(tmp_path):
     # generation with the trained adapter (saved and loaded back) is mlx-lm's greedy output
     fresh, _ = _load()
     loaded = load_adapter(_load()[0], tmp_path / "ad")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "q7x2"}], add_generation_prompt=True, return_dict=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "q7x2"}], add_generation_prompt=True, return_dict=False
+    )
     base_tokens = [r.token for r in mlx_stream(fresh, tok, prompt, max_tokens=40)]
     for mode in ("quadratic", "linear"):
         rs = list(stream_generate(loaded, tok, prompt, max_tokens=40, mode=mode))
@@ -96,8 +108,17 @@ def test_short_run_learns_and_keeps_the_base_model_exact(tmp_path):
 def _trainer(tmp_path, name, data, iters=8):
     model, _ = _load()
     args = TrainArgs(
-        iters=iters, batch_size=4, learning_rate=3e-3, warmup=3, steps_per_report=100, steps_per_eval=0,
-        save_every=3, mask_chunk=24, adapter_path=str(tmp_path / name), progress=False, seed=3,
+        iters=iters,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup=3,
+        steps_per_report=100,
+        steps_per_eval=0,
+        save_every=3,
+        mask_chunk=24,
+        adapter_path=str(tmp_path / name),
+        progress=False,
+        seed=3,
     )
     return Trainer(_mtp(model), data["train"], None, args)
 
@@ -145,8 +166,15 @@ def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
 
 def _cli(tmp_path, *extra, data=None):
     return [
-        "--model", str(model_dir()), "--train", "--data", str(data or distilled_dir()),
-        "--adapter-path", str(tmp_path / "ad"), "--no-progress", *extra,
+        "--model",
+        str(model_dir()),
+        "--train",
+        "--data",
+        str(data or distilled_dir()),
+        "--adapter-path",
+        str(tmp_path / "ad"),
+        "--no-progress",
+        *extra,
     ]
 
 
@@ -154,13 +182,19 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         "num_masks: 2\nrank: 4\nalpha: 16\niters: 4\nbatch_size: 2\nsteps_per_report: 2\n"
-        "steps_per_eval: 4\nval_batches: 2\nlearning_rate: 1.0e-3\nwarmup: 0\nlora_keys: [self_attn.q_proj, mlp.down_proj]\n"
+        "steps_per_eval: 4\nval_batches: 2\nlearning_rate: 1.0e-3\nwarmup: 0\n"
+        "lora_keys: [self_attn.q_proj, mlp.down_proj]\n"
     )
     assert main(["-c", str(cfg), *_cli(tmp_path, "--iters", "3")]) == 0
     out = capsys.readouterr().out
     assert "scale=4" in out and "step 3/3" in out and "acc@1..2" in out and "tokens/step linear" in out
     ad = tmp_path / "ad"
-    assert {p.name for p in ad.iterdir()} == {"adapter_config.json", "adapters.safetensors", STATE_FILE, "train_log.jsonl"}
+    assert {p.name for p in ad.iterdir()} == {
+        "adapter_config.json",
+        "adapters.safetensors",
+        STATE_FILE,
+        "train_log.jsonl",
+    }
     config = json.loads((ad / "adapter_config.json").read_text())
     assert config["num_masks"] == 2 and config["lora"]["rank"] == 4 and config["lora"]["scale"] == 4.0
     assert config["lora"]["keys"] == ["self_attn.q_proj", "mlp.down_proj"] and config["recipe"]["step"] == 3
@@ -169,7 +203,22 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
     log = [json.loads(line) for line in (ad / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [2, 3]
     # --test evaluates the saved adapter
-    assert main(["--model", str(model_dir()), "--test", "--data", str(distilled_dir()), "--adapter-path", str(ad), "--max-seq-length", "256"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model_dir()),
+                "--test",
+                "--data",
+                str(distilled_dir()),
+                "--adapter-path",
+                str(ad),
+                "--max-seq-length",
+                "256",
+            ]
+        )
+        == 0
+    )
     assert "[test]" in capsys.readouterr().out
 
 
@@ -233,9 +282,28 @@ def test_cli_user_errors(tmp_path, capsys, case, expect):
 
 
 def test_cli_resume_with_other_adapter_config_is_refused(tmp_path, capsys):
-    assert main(_cli(tmp_path, "--iters", "1", "--batch-size", "2", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0")) == 0
+    assert (
+        main(
+            _cli(
+                tmp_path,
+                "--iters",
+                "1",
+                "--batch-size",
+                "2",
+                "--num-masks",
+                "2",
+                "--rank",
+                "4",
+                "--steps-per-eval",
+                "0",
+            )
+        )
+        == 0
+    )
     before = (tmp_path / "ad" / STATE_FILE).read_bytes()
-    argv = _cli(tmp_path, "--iters", "2", "--batch-size", "2", "--num-masks", "3", "--rank", "4", "--steps-per-eval", "0")
+    argv = _cli(
+        tmp_path, "--iters", "2", "--batch-size", "2", "--num-masks", "3", "--rank", "4", "--steps-per-eval", "0"
+    )
     assert main(argv + ["--resume-adapter-file", str(tmp_path / "ad")]) == USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert "different adapter configuration: num_masks: checkpoint 2, now 3" in err
@@ -250,11 +318,30 @@ def _env():
 
 
 def test_cli_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, capsys):
-    argv = _cli(tmp_path, "--iters", "100000", "--batch-size", "2", "--num-masks", "2", "--rank", "4",
-                "--steps-per-report", "1", "--steps-per-eval", "0", "--save-every", "0")
+    argv = _cli(
+        tmp_path,
+        "--iters",
+        "100000",
+        "--batch-size",
+        "2",
+        "--num-masks",
+        "2",
+        "--rank",
+        "4",
+        "--steps-per-report",
+        "1",
+        "--steps-per-eval",
+        "0",
+        "--save-every",
+        "0",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_mtp.lora", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=_env(), cwd=tmp_path,
+        [sys.executable, "-m", "mlx_mtp.lora", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
     )
     try:
         for line in proc.stdout:
@@ -286,14 +373,43 @@ def test_two_processes_match_one(tmp_path):
     which Adam's normalisation turns into full-size steps (ten times larger
     at the CLI's default --sampler-lr-scale), so the order of the gradient
     sum shows at 1e-5 (up to 5e-5 seen on one weight in 4096); the comparison is at rtol/atol 1e-4."""
-    common = ["--iters", "3", "--batch-size", "4", "--num-masks", "2", "--rank", "4", "--steps-per-eval", "0",
-              "--learning-rate", "1e-2", "--warmup", "0", "--mask-chunk", "16", "--steps-per-report", "1",
-              "--no-sampler-skip", "--sampler-lr-scale", "1"]
+    common = [
+        "--iters",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-masks",
+        "2",
+        "--rank",
+        "4",
+        "--steps-per-eval",
+        "0",
+        "--learning-rate",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--mask-chunk",
+        "16",
+        "--steps-per-report",
+        "1",
+        "--no-sampler-skip",
+        "--sampler-lr-scale",
+        "1",
+    ]
     assert main(_cli(tmp_path / "one", *common)) == 0
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     launch = [
-        *launcher, "-n", "2", "--backend", "ring",
-        "--python", sys.executable, "--", "-m", "mlx_mtp.lora", *_cli(tmp_path / "two", *common),
+        *launcher,
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--python",
+        sys.executable,
+        "--",
+        "-m",
+        "mlx_mtp.lora",
+        *_cli(tmp_path / "two", *common),
     ]
     try:
         r = subprocess.run(launch, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
@@ -369,7 +485,9 @@ def test_cli_init_adapter_keeps_lora_and_masks_with_a_fresh_skip_sampler(tmp_pat
 
     # both starting points at once is a usage error, nothing written
     third = tmp_path / "third"
-    argv = _cli(tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first), "--resume-adapter-file", str(first))
+    argv = _cli(
+        tmp_path, *base, "--adapter-path", str(third), "--init-adapter", str(first), "--resume-adapter-file", str(first)
+    )
     assert main(argv) == USER_ERROR_EXIT
     assert "not both" in capsys.readouterr().err
     assert not third.exists()
@@ -390,8 +508,17 @@ def test_sampler_lr_scale_moves_only_the_sampler_faster(tmp_path):
     for scale in (1.0, 10.0):
         mx.random.seed(0)
         mtp = MTPModel(model, MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
-        args = TrainArgs(iters=1, batch_size=2, learning_rate=1e-3, warmup=0, steps_per_eval=0, save_every=0,
-                         sampler_lr_scale=scale, adapter_path=str(tmp_path / str(scale)), progress=False)
+        args = TrainArgs(
+            iters=1,
+            batch_size=2,
+            learning_rate=1e-3,
+            warmup=0,
+            steps_per_eval=0,
+            save_every=0,
+            sampler_lr_scale=scale,
+            adapter_path=str(tmp_path / str(scale)),
+            progress=False,
+        )
         trainer = Trainer(mtp, data["train"], None, args)
         before = {k: mx.array(v) for k, v in mtp.adapter_parameters().items()}
         trainer.train()
@@ -406,12 +533,25 @@ def test_sampler_lr_scale_moves_only_the_sampler_faster(tmp_path):
             assert mx.array_equal(d1, d10).item(), name
     # resume with the same setting continues; the plain optimizer's state does not fit
     mtp = MTPModel(_load()[0], MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
-    args = TrainArgs(iters=2, batch_size=2, learning_rate=1e-3, warmup=0, steps_per_eval=0, save_every=0,
-                     sampler_lr_scale=10.0, adapter_path=str(tmp_path / "10.0"), progress=False)
+    args = TrainArgs(
+        iters=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        warmup=0,
+        steps_per_eval=0,
+        save_every=0,
+        sampler_lr_scale=10.0,
+        adapter_path=str(tmp_path / "10.0"),
+        progress=False,
+    )
     assert Trainer(mtp, data["train"], None, args).resume(tmp_path / "10.0") == 1
     with pytest.raises(Exception, match="optimizer state"):
-        Trainer(mtp, data["train"], None, TrainArgs(**{**args.to_dict(), "sampler_lr_scale": 1.0,
-                "loss_weights": args.loss_weights})).resume(tmp_path / "10.0")
+        Trainer(
+            mtp,
+            data["train"],
+            None,
+            TrainArgs(**{**args.to_dict(), "sampler_lr_scale": 1.0, "loss_weights": args.loss_weights}),
+        ).resume(tmp_path / "10.0")
 
 
 def test_learning_rate_warms_up_stays_flat_then_decays_to_zero(tmp_path):
@@ -430,9 +570,19 @@ def test_learning_rate_warms_up_stays_flat_then_decays_to_zero(tmp_path):
     model, tok = _load()
     data = _data(tok, k=2)
     mtp = MTPModel(model, MTPConfig(num_masks=2, lora=LoRAConfig(rank=4, scale=2.0)))
-    args = TrainArgs(iters=8, batch_size=2, learning_rate=lr, warmup=2, decay_steps=4, steps_per_eval=0,
-                     save_every=0, steps_per_report=1, sampler_lr_scale=10.0, adapter_path=str(tmp_path / "a"),
-                     progress=False)
+    args = TrainArgs(
+        iters=8,
+        batch_size=2,
+        learning_rate=lr,
+        warmup=2,
+        decay_steps=4,
+        steps_per_eval=0,
+        save_every=0,
+        steps_per_report=1,
+        sampler_lr_scale=10.0,
+        adapter_path=str(tmp_path / "a"),
+        progress=False,
+    )
     trainer = Trainer(mtp, data["train"], None, args)
     trainer.train()
     logged = [r["learning_rate"] for r in trainer.history if r["type"] == "train"]

@@ -213,9 +213,7 @@ def _proj(block, lora, layer, group: str, names, x, gate):
     """Outputs of ``group.names`` on x, with gated LoRA (fused or not)."""
     module = getattr(block, group)
     weights = [getattr(module, n).weight for n in names]
-    fused_key = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}.get(
-        tuple(names)
-    )
+    fused_key = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}.get(tuple(names))
     if fused_key and (layer, f"{group}.{fused_key}") in lora:
         A, B, s = lora[(layer, f"{group}.{fused_key}")]
         y = x @ torch.cat(weights).T + s * gate * ((x @ A.T) @ B.T)

@@ -96,8 +96,15 @@ from .verify import (
 )
 
 __all__ = [
-    "MODES", "DEFAULT_LOOKUP", "DATASTORE_TOKENS", "MAX_NGRAM", "DraftFn", "Step", "SpeculativeDecoder",
-    "context_limit", "resolve_num_masks",
+    "MODES",
+    "DEFAULT_LOOKUP",
+    "DATASTORE_TOKENS",
+    "MAX_NGRAM",
+    "DraftFn",
+    "Step",
+    "SpeculativeDecoder",
+    "context_limit",
+    "resolve_num_masks",
 ]
 
 MODES = ("quadratic", "linear", "off")
@@ -126,9 +133,7 @@ def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> i
         if num_masks > trained:
             if trained == 0:
                 raise ValueError(f"num_masks={num_masks}, but the model has no MTP adapter (no mask tokens)")
-            raise ValueError(
-                f"num_masks={num_masks} is more than the adapter was trained with ({trained})"
-            )
+            raise ValueError(f"num_masks={num_masks} is more than the adapter was trained with ({trained})")
     if mode == "off":
         return 0
     return model.default_num_masks if num_masks is None else num_masks

@@ -144,8 +144,9 @@ class AcceptanceEstimator:
             return 1.0
         return (prior * n0 + s) / (prior * n0 + q)
 
-    def reach(self, source: str, depth: int, probs: Optional[Sequence[float]] = None,
-              ngram: int = 0, count: int = 1) -> List[float]:
+    def reach(
+        self, source: str, depth: int, probs: Optional[Sequence[float]] = None, ngram: int = 0, count: int = 1
+    ) -> List[float]:
         """P(the first i drafted tokens are all right), i = 1..depth, from the
         estimates and the draft's signals: ``probs`` (the sampler head's
         probability of each token) or, for a copy, its n-gram's length and
@@ -415,8 +416,10 @@ class Policy:
             cr, d = copy_reach, len(copy_reach)
             for m in range(1, len(chain_reach) + 1):
                 mr = chain_reach[:m]
-                tokens = sum(1.0 - (1.0 - (cr[i] if i < d else 0.0)) * (1.0 - (mr[i] if i < m else 0.0))
-                             for i in range(max(d, m)))
+                tokens = sum(
+                    1.0 - (1.0 - (cr[i] if i < d else 0.0)) * (1.0 - (mr[i] if i < m else 0.0))
+                    for i in range(max(d, m))
+                )
                 # the accepted node lacks masks where the copy wins part-way
                 tree.append((m, tokens, 1.0 - max(0.0, cr[0] - cr[-1]) * (1.0 - mr[0])))
         for masks in range(k + 1):
@@ -443,8 +446,11 @@ class Policy:
         out = []
         for kind, copy, depth, branches, masks, tokens, fresh in self._candidates(drafts):
             w = width_of(copy, depth, branches, masks)
-            out.append(Choice(kind, copy, depth, branches, masks, w, 1.0 + tokens,
-                              self.seconds(w, masks, drafts.context), fresh))
+            out.append(
+                Choice(
+                    kind, copy, depth, branches, masks, w, 1.0 + tokens, self.seconds(w, masks, drafts.context), fresh
+                )
+            )
         return out
 
     def choose(self, drafts: StepDrafts) -> Choice:
@@ -460,11 +466,18 @@ class Policy:
             if score > best_score + 1e-9 or (score > best_score - 1e-9 and w < best_width):
                 best, best_score, best_width = cand, score, w
         kind, copy, depth, branches, masks, tokens, fresh = best
-        return Choice(kind, copy, depth, branches, masks, best_width, 1.0 + tokens,
-                      self.seconds(best_width, masks, C), fresh)
+        return Choice(
+            kind, copy, depth, branches, masks, best_width, 1.0 + tokens, self.seconds(best_width, masks, C), fresh
+        )
 
-    def observe(self, choice: Choice, copy_right: int = 0, chain_right: Sequence[int] = (),
-                chain_probs: Sequence[float] = (), copy_source: str = "lookup"):
+    def observe(
+        self,
+        choice: Choice,
+        copy_right: int = 0,
+        chain_right: Sequence[int] = (),
+        chain_probs: Sequence[float] = (),
+        copy_source: str = "lookup",
+    ):
         """Record a verified step: ``copy_right`` leading copied tokens were
         right, and ``chain_right[i]`` leading tokens of branch i (the base
         model's tokens decide: under greedy decoding every branch's run is

@@ -31,23 +31,19 @@ PRE_TOKENIZERS = {
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
-
 def _pre_tokenizer(pre: str):
     from tokenizers import Regex, pre_tokenizers
 
     split = PRE_TOKENIZERS.get(pre)
     if split is None:
         raise ConversionError(
-            f"unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; supported: "
-            f"{', '.join(sorted(PRE_TOKENIZERS))}"
+            f"unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
         )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if split == "gpt2":
         return byte_level
     if split == "digits+gpt2":
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -135,10 +131,7 @@ def build_tokenizer(metadata: dict):
 def tokenizer_configs(metadata: dict, context_length: int) -> Tuple[dict, dict]:
     """``tokenizer_config.json`` and ``special_tokens_map.json`` contents."""
     tokens, types = token_lists(metadata)
-    special = {
-        f"{key}_token": _special_token(metadata, tokens, key)
-        for key in ("bos", "eos", "unk", "pad")
-    }
+    special = {f"{key}_token": _special_token(metadata, tokens, key) for key in ("bos", "eos", "unk", "pad")}
     special["pad_token"] = special["pad_token"] or special["eos_token"]
     special = {k: v for k, v in special.items() if v is not None}
     extra = [t for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
@@ -156,5 +149,3 @@ def tokenizer_configs(metadata: dict, context_length: int) -> Tuple[dict, dict]:
     if template and isinstance(template, str):
         config["chat_template"] = template
     return config, {**special, "additional_special_tokens": extra}
-
-

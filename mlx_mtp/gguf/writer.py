@@ -59,15 +59,11 @@ ARCHITECTURES = {
 }
 
 
-
 def architecture(metadata: dict) -> str:
     """``general.architecture``, checked against the supported ones."""
     arch = _require_value(metadata, "general.architecture")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ConversionError(
-            f"unsupported GGUF architecture {arch!r}; supported: "
-            f"{', '.join(ARCHITECTURES)}"
-        )
+        raise ConversionError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
     if _value(metadata, f"{arch}.expert_count", 0):
         raise ConversionError(f"mixture-of-experts {arch} models are not supported")
     return arch
@@ -119,11 +115,15 @@ def check_config(config: dict, header: GGUFHeader) -> None:
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim", hidden // heads)
     if heads > hidden or kv > heads or heads % kv or head_dim * heads > 16 * hidden:
-        raise ConversionError(f"{heads} attention heads ({kv} key/value heads) of size {head_dim} do not fit hidden size {hidden}")
+        raise ConversionError(
+            f"{heads} attention heads ({kv} key/value heads) of size {head_dim} do not fit hidden size {hidden}"
+        )
     up = dims.get("blk.0.ffn_up.weight")
     if up is not None and up[1:] != (config["intermediate_size"],):
-        raise ConversionError(f"blk.0.ffn_up.weight has shape {list(up)}, but the metadata gives "
-                              f"feed-forward size {config['intermediate_size']}")
+        raise ConversionError(
+            f"blk.0.ffn_up.weight has shape {list(up)}, but the metadata gives "
+            f"feed-forward size {config['intermediate_size']}"
+        )
 
 
 def build_config(metadata: dict, weights: Dict[str, mx.array]) -> dict:
@@ -265,9 +265,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_model_dir(
-    out: Path, model: nn.Module, config: dict, tokenizer, metadata: dict, provenance: dict
-) -> None:
+def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer, metadata: dict, provenance: dict) -> None:
     """Write weights, config and tokenizer files into ``out``."""
     from mlx_lm.utils import save_config, save_model
 

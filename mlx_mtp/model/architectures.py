@@ -116,7 +116,9 @@ def supports(model: nn.Module) -> Support:
             )
             return support
     if lm is None:
-        support.reason = "it has no token embedding and block list (model.embed_tokens, model.layers) to run masks through"
+        support.reason = (
+            "it has no token embedding and block list (model.embed_tokens, model.layers) to run masks through"
+        )
         return support
     if len(caches) != len(layers):
         support.reason = f"its {len(layers)} blocks share {len(caches)} caches"

@@ -44,9 +44,7 @@ class SpecCache:
             C = self.committed
             keys = mx.concatenate([mx.broadcast_to(mx.arange(C), (self.positions.shape[0], C)), self.positions], axis=1)
             return self.mask & (self.positions[:, None, :, None] - keys[:, None, None, :] < window_size)
-        return create_attention_mask(
-            N, offset=self.committed, return_array=return_array, window_size=window_size
-        )
+        return create_attention_mask(N, offset=self.committed, return_array=return_array, window_size=window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Write the new entries after the committed ones (as pending) and

@@ -5,10 +5,9 @@ The gate is a per-token array supplied per forward through a shared
 the base model's next-token outputs stay unchanged. It cannot be fused into W.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
-
-import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -205,8 +204,4 @@ def apply_gated_lora(model: nn.Module, gate: Gate, config: LoRAConfig) -> nn.Mod
 
 def lora_parameters(model: nn.Module) -> Dict[str, mx.array]:
     """Flat {name: array} of every LoRA matrix in the model."""
-    return {
-        k: v
-        for k, v in tree_flatten(model.parameters())
-        if k.endswith(".lora_a") or k.endswith(".lora_b")
-    }
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.endswith(".lora_a") or k.endswith(".lora_b")}

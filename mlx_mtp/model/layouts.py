@@ -147,9 +147,13 @@ def _block_structure(k: int, masked: Tuple[bool, ...], parents: Optional[Tuple[i
     regular = tuple(int(i) for i in np.flatnonzero(~gate))
     mask_block = np.where(masked, np.cumsum(masked) - 1, 0)
     return (
-        mx.array(positions), mx.array(gate), mx.array(mask), regular,
+        mx.array(positions),
+        mx.array(gate),
+        mx.array(mask),
+        regular,
         None if all(masked) else mx.array(kept, dtype=mx.int32),
-        mx.array(np.flatnonzero(gate), dtype=mx.int32), mx.array(mask_block, dtype=mx.int32),
+        mx.array(np.flatnonzero(gate), dtype=mx.int32),
+        mx.array(mask_block, dtype=mx.int32),
     )
 
 

@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .architectures import Support, UnsupportedModelError, language_model, supports
+from .architectures import UnsupportedModelError, language_model, supports
 from .cache import SpecCache, make_spec_cache, set_step
 from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers, resolve_keys
 from .layouts import Layout
@@ -212,7 +212,9 @@ class MTPModel(nn.Module):
         self.sampler: Optional[SamplerHead] = None
         if config is not None:
             dims = self.hidden_size
-            config = self.config = replace(config, lora=replace(config.lora, keys=resolve_keys(model, config.lora.keys)))
+            config = self.config = replace(
+                config, lora=replace(config.lora, keys=resolve_keys(model, config.lora.keys))
+            )
             apply_gated_lora(model, self._gate, config.lora)
             self.masks = MaskEmbeddings(config.num_masks, dims)
             self.sampler = SamplerHead(dims, config.sampler)
@@ -313,8 +315,7 @@ class MTPModel(nn.Module):
                 mask = mx.concatenate([seen, mask], axis=-1)
             elif mask.shape[-1] != C + L:
                 raise ValueError(
-                    f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) "
-                    f"or {C + L} (committed + new)"
+                    f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) or {C + L} (committed + new)"
                 )
             if mask.shape[0] > 1 and not self.support.batched_masks:
                 return self._row_by_row(tokens, cache, positions, mask, gate)
