@@ -120,6 +120,36 @@ def test_resume_loses_and_duplicates_nothing(tmp_path):
     assert calls == []
 
 
+def test_batched_resume_ends_with_the_files_of_an_uninterrupted_run(tmp_path):
+    """Real continuous batching (4 sequences, checkpoints every 8 prompts):
+    an interruption between chunks changes no byte of the output."""
+    from functools import partial
+
+    from mlx_lm.utils import load
+
+    from mlx_mtp.distill import generate_batch
+
+    model, tok = load(str(model_dir()))
+    ps = prompts(20)
+    settings = {**SETTINGS, "num_prompts": 20, "max_tokens": 12}
+    kw = dict(max_tokens=12, batch_size=4, chunk=8, valid_fraction=0.25, progress=False)
+    distill(model, tok, ps, tmp_path / "ref", settings, **kw)
+    calls = []
+
+    def stop_second(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return partial(generate_batch, batch_size=4)(*a)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tok, ps, tmp_path / "out", settings, generate=stop_second, **kw)
+    assert json.loads((tmp_path / "out" / ".distill_state.json").read_text())["done"] == 8
+    distill(model, tok, ps, tmp_path / "out", settings, **kw)
+    for split in ("train", "valid"):
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (tmp_path / "ref" / f"{split}.jsonl").read_bytes()
+
+
 def test_resume_refuses_other_settings_and_foreign_files(tmp_path):
     tok = TokenizerWrapper(make_tokenizer())
     kw = dict(batch_size=8, progress=False)
@@ -136,13 +166,13 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"fine"\n{"prompt": \n')
     out = tmp_path / "out"
-    assert main(["--model", str(model_dir()), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 1
+    assert main(["--model", str(model_dir()), "--prompts", str(bad), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid JSON" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
-    assert main(["--model", str(tmp_path / "no-model"), "--prompts", str(prompts_file()), "--out", str(out)]) == 1
+    assert main(["--model", str(tmp_path / "no-model"), "--prompts", str(prompts_file()), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "not found" in err and "Traceback" not in err
+    assert "does not exist" in err and "Traceback" not in err
     assert not out.exists()
-    assert main(["--model", str(model_dir()), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 1
+    assert main(["--model", str(model_dir()), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err and not out.exists()
