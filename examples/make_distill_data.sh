@@ -10,6 +10,9 @@ OUT=${1:-/work/data16}
 SEED=0
 NUM=8200          # >= 8,000 after empty responses are skipped
 BATCH=32          # sequences decoded together (docs/data.md: responses/hour by batch size)
+# One BLAS thread: on a shared CPU it gives more tokens per CPU-second than two
+# spinning threads (docs/data.md), and a fixed count keeps resumed runs exact.
+export OPENBLAS_NUM_THREADS=1
 mkdir -p "$OUT"
 nice -n 19 python -m mlx_mtp.training.prompt_writer --out "$OUT/prompts.jsonl" --num "$NUM" --seed "$SEED" \
     --chunk 128 --batch-size "$BATCH"

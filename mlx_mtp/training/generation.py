@@ -1,11 +1,15 @@
 """Batched text generation for making training data (prompts and distilled
 responses), through mlx-lm's continuous-batching ``BatchGenerator``.
 
-All prompts of a call are queued at once and ``batch_size`` of them are decoded
-together; a sequence that stops is replaced by the next queued one, so the batch
-stays full until the queue runs dry. The result is a function of the prompts,
-the settings and the random state (``mx.random.seed``) at the call: the same
-call on the same machine gives the same tokens.
+All prompts of a call are queued at once, shortest first, and ``batch_size`` of
+them are decoded together; a sequence that stops is replaced by the next queued
+one, so the batch stays full until the queue runs dry. Queuing by length keeps
+the prompts prefilled together of similar length: mlx-lm pads them to the
+longest, and one long document among short requests would multiply the work.
+
+The result is a function of the prompts, the settings and the random state
+(``mx.random.seed``) at the call: the same call on the same machine (and BLAS
+thread count) gives the same tokens.
 """
 
 from dataclasses import dataclass
@@ -57,6 +61,7 @@ def generate_completions(
         return []
     if isinstance(max_tokens, int):
         max_tokens = [max_tokens] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = BatchGenerator(
         model,
         stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -65,7 +70,7 @@ def generate_completions(
         prefill_batch_size=batch_size,
     )
     try:
-        uids = gen.insert([list(p) for p in prompts], list(max_tokens))
+        uids = gen.insert([list(prompts[i]) for i in order], [max_tokens[i] for i in order])
         tokens = {uid: [] for uid in uids}
         finished = {}
         while responses := gen.next_generated():
@@ -76,4 +81,5 @@ def generate_completions(
                     finished[r.uid] = r.finish_reason == "stop"
     finally:
         gen.close()
-    return [Completion(tokenizer.decode(tokens[u]), tokens[u], finished[u]) for u in uids]
+    uid_of = dict(zip(order, uids))
+    return [Completion(tokenizer.decode(tokens[u]), tokens[u], finished[u]) for u in (uid_of[i] for i in range(len(prompts)))]
