@@ -3,6 +3,8 @@
 Sources: templated code tasks, Python standard-library docstrings turned into
 tasks (implement, explain, summarise), templated arithmetic word problems, and
 templated chat / knowledge / writing instructions. No benchmark prompt is used.
+These are the shipped adapter's prompts; issue #16's larger set is written by the
+model itself (``python -m mlx_mtp.training.prompt_writer``, docs/data.md).
 
 ``--extra`` writes a second set with the task shapes the first lacks: long
 documents (whole standard-library docstrings) to summarise, answer questions
