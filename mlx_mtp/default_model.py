@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from .errors import ConversionError, WriteError
-from .files import read_safetensors_header
+from .files import atomic_write, read_safetensors_header
 from .gguf.reader import read_header
 from .gguf.writer import CONVERTER_VERSION, DTYPES, _sha256, convert_gguf
 

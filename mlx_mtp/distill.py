@@ -2,25 +2,31 @@
 will learn to predict.
 
     python -m mlx_mtp.distill --model MODEL --prompts FILE --out DIR \\
-        [--max-tokens 512] [--batch-size 8] [--valid-fraction 0.1]
+        [--max-tokens 512] [--batch-size 32] [--chunk 128] [--valid-fraction 0.1]
 
 ``FILE`` is a jsonl file (``.jsonl``/``.json``: each line a JSON string, or an
 object with ``prompt``, ``messages`` or ``turns``) or a plain text file, one
-prompt per line (blank lines skipped). Greedy responses are generated in
-batches with mlx-lm's ``batch_generate`` and written to ``DIR/train.jsonl``
+prompt per line (blank lines skipped). Greedy responses are generated with
+mlx-lm's continuous batching (:mod:`mlx_mtp.training.generation`): the prompts
+go in chunks of ``--chunk``, ``--batch-size`` of them decoded together, a
+finished sequence replaced at once by the next of its chunk, so the batch
+stays full until the chunk's tail. They are written to ``DIR/train.jsonl``
 and ``DIR/valid.jsonl`` in mlx-lm's chat format (``messages``), or as
 ``prompt``/``completion`` for a tokenizer without a chat template. Prompt i
 goes to ``valid.jsonl`` when it is one of an evenly spread ``--valid-fraction``
 of the prompts, a fixed function of i.
 
-Running the same command again resumes where it stopped: after each batch the
+Running the same command again resumes where it stopped: after each chunk the
 rows are appended and flushed, then ``DIR/.distill_state.json`` records how
 many prompts are done and how long both files are; on restart the files are
-cut back to those lengths, so no row is lost or duplicated. Prompts whose
-response is empty are skipped (and counted).
+cut back to those lengths, so no row is lost or duplicated, and since a chunk's
+responses are a function of the chunk, the files end the same as an
+uninterrupted run's (with the same ``--batch-size`` and ``--chunk``). Prompts
+whose response is empty are skipped (and counted).
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -29,15 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .errors import USER_ERROR_EXIT, DataError
+from .errors import USER_ERROR_EXIT, DataError, MTPError
+from .files import atomic_write
 from .files import read_jsonl as jsonl_lines
 
 STATE_FILE = ".distill_state.json"
 SPLITS = ("train", "valid")
+BATCH_SIZE = 32  # sequences decoded together; see docs/data.md for responses/hour by batch size
+CHUNK = 128  # prompts per checkpoint: 4 batches, so the batch stays full for most of a chunk
 
 
 class DistillError(DataError):
-    pass
+    """Prompts or an output directory that cannot be used."""
 
 
 # ---------------------------------------------------------------------------
@@ -132,16 +141,23 @@ class State:
     empty: int = 0
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "done": self.done, "sizes": self.sizes, "rows": self.rows, "empty": self.empty}
+        return {
+            "settings": self.settings,
+            "done": self.done,
+            "sizes": self.sizes,
+            "rows": self.rows,
+            "empty": self.empty,
+        }
 
 
 def _write_state(out: Path, state: State):
-    tmp = out / (STATE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(state.to_json(), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / STATE_FILE)
+    def write(tmp: str):
+        with open(tmp, "w") as f:
+            json.dump(state.to_json(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(out / STATE_FILE, write)
 
 
 def open_output(out: Path, settings: dict) -> State:
@@ -157,14 +173,15 @@ def open_output(out: Path, settings: dict) -> State:
         if diffs:
             what = ", ".join(f"{k} {state.settings.get(k)!r} -> {settings[k]!r}" for k in diffs)
             raise DistillError(
-                f"{out} was started with different settings ({what}); use the same settings to resume, "
-                "or another --out"
+                f"{out} was started with different settings ({what}); use the same settings to resume, or another --out"
             )
         for split in SPLITS:
             f = out / f"{split}.jsonl"
             size = f.stat().st_size if f.exists() else 0
             if size < state.sizes[split]:
-                raise DistillError(f"{f} is shorter than recorded ({size} < {state.sizes[split]} bytes); remove {out} to start over")
+                raise DistillError(
+                    f"{f} is shorter than recorded ({size} < {state.sizes[split]} bytes); remove {out} to start over"
+                )
             if size > state.sizes[split]:
                 with open(f, "r+b") as fh:
                     fh.truncate(state.sizes[split])
@@ -209,22 +226,13 @@ def make_row(tokenizer, prompt: Prompt, response: str) -> dict:
     return {"prompt": prompt, "completion": response}
 
 
-def generate_batch(model, tokenizer, prompts: List[List[int]], max_tokens: int) -> List[str]:
-    """Greedy responses, batched with mlx-lm's ``batch_generate`` where it is
-    available (one prompt at a time otherwise)."""
-    try:
-        from mlx_lm.generate import batch_generate
-    except ImportError:
-        batch_generate = None
-    if batch_generate is not None:
-        n = len(prompts)
-        r = batch_generate(
-            model, tokenizer, prompts, max_tokens=max_tokens, completion_batch_size=n, prefill_batch_size=n
-        )
-        return list(r.texts)
-    from mlx_lm.generate import generate
+def generate_batch(
+    model, tokenizer, prompts: List[List[int]], max_tokens: int, batch_size: int = BATCH_SIZE
+) -> List[str]:
+    """Greedy responses to ``prompts`` (token ids), ``batch_size`` decoded together."""
+    from .training.generation import generate_completions
 
-    return [generate(model, tokenizer, p, max_tokens=max_tokens, verbose=False) for p in prompts]
+    return [c.text for c in generate_completions(model, tokenizer, prompts, max_tokens, batch_size=batch_size)]
 
 
 def distill(
@@ -234,12 +242,23 @@ def distill(
     out: Union[str, Path],
     settings: dict,
     max_tokens: int = 512,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     valid_fraction: float = 0.1,
     progress: bool = True,
-    generate=generate_batch,
+    generate=None,
+    chunk: Optional[int] = None,
 ) -> State:
-    """Generate and write the responses of the prompts not done yet."""
+    """Generate and write the responses of the prompts not done yet.
+
+    Args:
+        batch_size: sequences decoded together.
+        generate: ``generate(model, tokenizer, prompt_token_lists, max_tokens)``
+            returning the response texts (default: :func:`generate_batch`).
+        chunk: prompts per checkpoint (default: ``batch_size``).
+    """
+    if generate is None:
+        generate = functools.partial(generate_batch, batch_size=batch_size)
+    chunk = chunk or batch_size
     out = Path(out)
     state = open_output(out, settings)
     bar = None
@@ -249,7 +268,7 @@ def distill(
         bar = tqdm(total=len(prompts), initial=state.done, desc="distill", unit="prompt", dynamic_ncols=True)
     try:
         while state.done < len(prompts):
-            lo, hi = state.done, min(state.done + batch_size, len(prompts))
+            lo, hi = state.done, min(state.done + chunk, len(prompts))
             batch = prompts[lo:hi]
             responses = generate(model, tokenizer, [prompt_tokens(tokenizer, p) for p in batch], max_tokens)
             lines = {s: [] for s in SPLITS}
@@ -296,11 +315,18 @@ def build_parser():
         prog="python -m mlx_mtp.distill",
         description="Write train/valid jsonl from the base model's own greedy responses (self-distillation).",
     )
-    p.add_argument("--model", required=True, help="mlx-lm model: local directory or Hugging Face repo")
+    p.add_argument(
+        "--model", default=None, help="mlx-lm model: local directory or Hugging Face repo (default: the default model)"
+    )
     p.add_argument("--prompts", required=True, help="jsonl file (.jsonl/.json) or plain text file, one prompt per line")
     p.add_argument("--out", required=True, help="output directory (train.jsonl, valid.jsonl)")
     p.add_argument("--max-tokens", type=int, default=512, help="maximum response length in tokens (default: 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    p.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help=f"sequences decoded together (default: {BATCH_SIZE})"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=CHUNK, help=f"prompts per checkpoint, the unit of resume (default: {CHUNK})"
+    )
     p.add_argument("--valid-fraction", type=float, default=0.1, help="share of prompts for valid.jsonl (default: 0.1)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -311,22 +337,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        if args.max_tokens < 1 or args.batch_size < 1 or (args.max_prompts is not None and args.max_prompts < 1):
-            raise DistillError("--max-tokens, --batch-size and --max-prompts must be positive")
+        if (
+            args.max_tokens < 1
+            or args.batch_size < 1
+            or args.chunk < 1
+            or (args.max_prompts is not None and args.max_prompts < 1)
+        ):
+            raise DistillError("--max-tokens, --batch-size, --chunk and --max-prompts must be positive")
         if not 0 <= args.valid_fraction < 1:
             raise DistillError("--valid-fraction must be in [0, 1)")
         prompts = read_prompts(args.prompts)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]
-        from .errors import ModelLoadError
-        from .loading import load_base
+        from .loading import default_model_path, load_base
 
-        try:
-            model, tokenizer = load_base(args.model)
-        except ModelLoadError as e:
-            raise DistillError(str(e)) from None
+        model, tokenizer = load_base(args.model or default_model_path())
         settings = {
-            "model": args.model,
+            "model": args.model or "default",
             "prompts_sha256": _sha256(Path(args.prompts)),
             "num_prompts": len(prompts),
             "max_tokens": args.max_tokens,
@@ -342,8 +369,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             batch_size=args.batch_size,
             valid_fraction=args.valid_fraction,
             progress=args.progress,
+            chunk=args.chunk,
         )
-    except DistillError as e:
+    except MTPError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:

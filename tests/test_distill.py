@@ -2,13 +2,13 @@
 the train/valid split, resume without lost or duplicated rows, errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_mtp.training.data import read_jsonl
 from mlx_mtp.distill import DistillError, distill, is_valid_row, main, read_prompts
+from mlx_mtp.training.data import read_jsonl
+
 from conftest import distilled_dir, make_tokenizer, model_dir, prompts, prompts_file
 
 
@@ -17,10 +17,18 @@ def test_read_prompts_formats(tmp_path):
     rows = [
         "just a string",
         {"prompt": "a prompt", "kind": "x"},
-        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "old"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "old"},
+            ]
+        },
         {"turns": ["first turn", "second"]},
     ]
-    p.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")
+    p.write_text(
+        "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n"
+    )
     got = read_prompts(p)
     assert got == [
         "just a string",
@@ -29,7 +37,7 @@ def test_read_prompts_formats(tmp_path):
         "first turn",
     ]
     t = tmp_path / "p.txt"
-    t.write_text("one\n\n  two  \n{\"prompt\": \"literal\"}\n")
+    t.write_text('one\n\n  two  \n{"prompt": "literal"}\n')
     assert read_prompts(t) == ["one", "two", '{"prompt": "literal"}']
 
 
@@ -120,12 +128,50 @@ def test_resume_loses_and_duplicates_nothing(tmp_path):
     assert calls == []
 
 
+def test_batched_resume_ends_with_the_files_of_an_uninterrupted_run(tmp_path):
+    """Real continuous batching (4 sequences, checkpoints every 8 prompts):
+    an interruption between chunks changes no byte of the output."""
+    from functools import partial
+
+    from mlx_lm.utils import load
+
+    from mlx_mtp.distill import generate_batch
+
+    model, tok = load(str(model_dir()))
+    ps = prompts(20)
+    settings = {**SETTINGS, "num_prompts": 20, "max_tokens": 12}
+    kw = dict(max_tokens=12, batch_size=4, chunk=8, valid_fraction=0.25, progress=False)
+    distill(model, tok, ps, tmp_path / "ref", settings, **kw)
+    calls = []
+
+    def stop_second(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return partial(generate_batch, batch_size=4)(*a)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tok, ps, tmp_path / "out", settings, generate=stop_second, **kw)
+    assert json.loads((tmp_path / "out" / ".distill_state.json").read_text())["done"] == 8
+    distill(model, tok, ps, tmp_path / "out", settings, **kw)
+    for split in ("train", "valid"):
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (tmp_path / "ref" / f"{split}.jsonl").read_bytes()
+
+
 def test_resume_refuses_other_settings_and_foreign_files(tmp_path):
     tok = TokenizerWrapper(make_tokenizer())
     kw = dict(batch_size=8, progress=False)
     distill(None, tok, prompts(8), tmp_path / "a", {**SETTINGS, "num_prompts": 8}, generate=_fake_generate([]), **kw)
     with pytest.raises(DistillError, match="different settings.*max_tokens"):
-        distill(None, tok, prompts(8), tmp_path / "a", {**SETTINGS, "num_prompts": 8, "max_tokens": 9}, generate=_fake_generate([]), **kw)
+        distill(
+            None,
+            tok,
+            prompts(8),
+            tmp_path / "a",
+            {**SETTINGS, "num_prompts": 8, "max_tokens": 9},
+            generate=_fake_generate([]),
+            **kw,
+        )
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "train.jsonl").write_text("{}\n")
     with pytest.raises(DistillError, match="not written by distill"):
