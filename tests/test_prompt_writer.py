@@ -4,10 +4,11 @@ reproducibility from a seed and exact resume (tiny model with a chat template)."
 import json
 
 import pytest
-from test_train_fixtures import model_dir
 
 from mlx_mtp.errors import DataError
 from mlx_mtp.training import prompt_writer as pw
+
+from conftest import model_dir
 
 SPANS = pw.load_spec_bench_spans()
 
