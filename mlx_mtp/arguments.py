@@ -45,3 +45,12 @@ def float_range(lo: float, hi: float = math.inf, lo_open: bool = False) -> Calla
 
 positive_int = int_range(1)
 non_negative_int = int_range(0)
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    """``--model`` and ``--adapter-path``, as every command that loads a
+    model with its adapter takes them (:func:`mlx_mtp.loading.load`)."""
+    parser.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
+    parser.add_argument(
+        "--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)"
+    )

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import int_range, non_negative_int, positive_int
+from .arguments import add_model_args, int_range, non_negative_int, positive_int
 from .blas import blas_info, measure_gflops
 from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
 from .decoding.decode import DEFAULT_LOOKUP, SpeculativeDecoder
@@ -351,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_mtp.benchmark", description="Benchmark MTP decoding against mlx-lm greedy decoding."
     )
-    p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
-    p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
+    add_model_args(p)
     p.add_argument("--prompts", default=None, help="jsonl with Spec-Bench rows (default: Spec-Bench's question.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated categories")
     p.add_argument("--num-prompts", type=positive_int, default=None, help="prompts per category")

@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
+from .arguments import add_model_args
 from .errors import USER_ERROR_EXIT, MTPError
 from .files import atomic_write
 
@@ -489,8 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_mtp.calibrate",
         description="Measure the cost of a forward for this model on this machine, print it and cache it.",
     )
-    p.add_argument("--model", default=None, help="mlx-lm model path or repo (default: the default model)")
-    p.add_argument("--adapter-path", default=None, help="adapter directory (default: the shipped one)")
+    add_model_args(p)
     p.add_argument(
         "--max-width",
         type=int,

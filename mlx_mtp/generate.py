@@ -24,6 +24,7 @@ from .api import (  # noqa: F401  (re-exported for code that imported the API fr
     propose,
     stream_generate,
 )
+from .arguments import add_model_args
 from .decoding.decode import MODES, SpeculativeDecoder
 from .decoding.drafts import DEFAULT_LOOKUP
 from .errors import USER_ERROR_EXIT
@@ -48,12 +49,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_mtp.generate",
         description="Generate text with MTP speculative decoding (output identical to mlx-lm's).",
     )
-    p.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
-    p.add_argument(
-        "--adapter-path",
-        default=None,
-        help=("MTP adapter directory (default: the one shipped for the model, if any)"),
-    )
+    add_model_args(p)
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the chat template")

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import mlx.core as mx
 
 from .api import check_generation_args, check_text, encode_prompt, fit_prompt_cache, make_prompt_cache, stream_generate
+from .arguments import add_model_args
 from .decoding.decode import MODES, context_limit
 from .decoding.drafts import DEFAULT_LOOKUP
 from .errors import USER_ERROR_EXIT
@@ -678,10 +679,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_mtp.server",
         description="An OpenAI-compatible server with MTP speculative decoding (output identical to mlx-lm's).",
     )
-    p.add_argument("--model", default=None, help="local model directory or hub id (default: the default model)")
-    p.add_argument(
-        "--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)"
-    )
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.add_argument(
