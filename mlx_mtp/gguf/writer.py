@@ -10,7 +10,6 @@ built from the metadata and checked against the tensors before a model is
 built, so a hostile file cannot ask for a huge one.
 """
 
-import hashlib
 import importlib
 import json
 import math
@@ -21,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConversionError
-from ..files import atomic_dir
+from ..files import atomic_dir, sha256
 from .reader import GGUFHeader, read_gguf
 from .reader import require as _require_value
 from .reader import value as _value
@@ -278,14 +277,6 @@ def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer, metada
     _write_json(out / "conversion.json", provenance)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Converted(NamedTuple):
     """A GGUF model read, checked and built in memory, ready to be written."""
 
@@ -328,7 +319,7 @@ def convert_gguf(
     converted = read_model(path, dtype)
     provenance = {
         "source": path.name,
-        "sha256": _sha256(path),
+        "sha256": sha256(path),
         "dtype": dtype,
         "converter": "mlx_mtp.gguf",
         "converter_version": CONVERTER_VERSION,
