@@ -20,6 +20,7 @@ import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is i
 
 import atexit
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
 
@@ -288,3 +290,83 @@ def distilled_dir() -> Path:
     )  # fmt: skip
     assert rc == 0
     return out
+
+
+# ------------------------------------------- exactness of sampling (chi-square, no scipy)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X > x) for X ~ chi-square(df): the regularized upper incomplete gamma
+    Q(df/2, x/2) (series below a+1, continued fraction above; no scipy)."""
+    a, x = df / 2.0, x / 2.0
+    if x <= 0:
+        return 1.0
+    log_pre = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        n = a
+        while abs(term) > 1e-15 * abs(total):
+            n += 1
+            term *= x / n
+            total += term
+        return max(0.0, 1.0 - math.exp(log_pre) * total)
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_pre) * h
+
+
+def chi_square_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
+    """Goodness of fit of observed ``counts`` to ``probs`` (cells with a small
+    expected count are pooled into one)."""
+    n = sum(counts.values())
+    assert all(c in probs and probs[c] > 0 for c in counts), "a sample the distribution cannot produce"
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for cell, p in probs.items():
+        if n * p >= min_expected:
+            obs.append(counts.get(cell, 0))
+            exp.append(n * float(p))
+        else:
+            pool_o += counts.get(cell, 0)
+            pool_e += n * float(p)
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    exp = np.array(exp, dtype=np.float64)
+    exp *= n / exp.sum()
+    statistic = float(((np.array(obs) - exp) ** 2 / exp).sum())
+    return chi2_sf(statistic, len(obs) - 1)
+
+
+def exact_joint(mtp, prompt, temp, top_p, top_k, n_tokens):
+    """P(x_1..x_n) that mlx-lm's sampler (top-p, top-k, temperature) draws
+    from, by enumerating every prefix through the base model."""
+    V = mtp.vocab_size
+
+    def dist(prefixes):
+        logits = mtp.model(mx.array([prompt + list(c) for c in prefixes]))[:, -1].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if 0 < top_p < 1:
+            lp = apply_top_p(lp, top_p)
+        if 0 < top_k < V:
+            lp = apply_top_k(lp, top_k)
+        return np.array(mx.softmax(lp / temp, axis=-1)).astype(np.float64)
+
+    joint = {(): 1.0}
+    for _ in range(n_tokens):
+        prefixes = list(joint)
+        d = dist(prefixes)
+        joint = {c + (x,): joint[c] * d[i, x] for i, c in enumerate(prefixes) for x in range(V) if d[i, x] > 0}
+    return joint

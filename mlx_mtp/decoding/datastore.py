@@ -25,6 +25,8 @@ from typing import Iterable, List, Sequence
 
 import numpy as np
 
+from .lookup import Match
+
 # documents are stored as token id + 1, separated (and ended) by 0
 SEPARATOR = 0
 
@@ -116,8 +118,13 @@ class Datastore:
     def draft(self, context: Sequence[int], max_tokens: int) -> List[int]:
         """Up to ``max_tokens`` tokens that most often followed the longest
         n-gram ending ``context``; [] when none occurred."""
+        return self.match(context, max_tokens).tokens
+
+    def match(self, context: Sequence[int], max_tokens: int) -> Match:
+        """:meth:`draft` with the n-gram's length and its occurrences in the
+        documents (n-gram 0 when none occurred)."""
         if max_tokens <= 0 or self.packed.size == 0:
-            return []
+            return Match([], 0)
         tail = np.asarray(list(context[-self.max_n :]), dtype=np.int64) + 1
         if tail.size and (tail.min() < 1 or tail.max() >= 2**self._bits):
             # an id the documents cannot hold: only n-grams after it can match
@@ -131,8 +138,9 @@ class Datastore:
                 break
             best, start, end = n, s, e
         if best is None:
-            return []
+            return Match([], 0)
         starts = self._order[start:end] + best
+        count = int(starts.size)
         if starts.size > self.max_occurrences:  # an even sample of a frequent n-gram
             starts = starts[:: math.ceil(starts.size / self.max_occurrences)]
         out: List[int] = []
@@ -145,7 +153,7 @@ class Datastore:
                 break
             out.append(token - 1)
             starts = starts[following == token] + 1
-        return out
+        return Match(out, best, count)
 
 
 def hit_rate(store: Datastore, documents: Iterable[Sequence[int]], max_tokens: int = 6) -> dict:

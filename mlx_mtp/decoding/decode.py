@@ -82,9 +82,10 @@ import mlx.core as mx
 from ..model.cache import SpecCache, commit
 from ..model.layouts import block_layout, linear_layout, tree_parents
 from ..model.mtp_model import MTPModel
-from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, copied_drafts, mask_chain, one_hot
+from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
+from .policy import Choice, CopyDraft, Costs, Policy, Priors, StepDrafts
 from .verify import (
     Verdict,
     accepted_path,
@@ -146,20 +147,53 @@ class Step:
     tokens: List[int]  # accepted speculations, then the base model's token
     proposed: int  # speculations fed (verified) in this step
     accepted: int  # of which accepted
-    source: str = "mtp"  # where the speculations came from: "mtp", "lookup" or "datastore"
+    source: str = "mtp"  # where the accepted speculations came from: "mtp", "lookup" or "datastore"
     logprobs: List[mx.array] = field(default_factory=list)  # (V,) per token, lazy
+    choice: str = "plain"  # what the step fed (:class:`~mlx_mtp.decoding.policy.Choice` kinds)
+
+
+# probabilities travel to the host in the step's int32 array, in units of 1/PROB_SCALE
+PROB_SCALE = 1 << 20
+
+
+class _Chain(NamedTuple):
+    """The masks' speculations at hand for the next step, read on the host."""
+
+    specs: List[List[int]]  # one list per branch
+    q: Optional[mx.array] = None  # their draft distributions (sampling)
+    probs: List[List[float]] = []  # the sampler head's probability of each token, per branch
+    first: List[float] = []  # of each branch's first token
+
+
+_NO_CHAIN = _Chain([])
+
+
+@dataclass
+class _Plan:
+    """What a step feeds: a tree (or chain) of tokens after the pending one."""
+
+    fed: List[int]  # the pending token, then the speculations branch by branch
+    parents: Tuple[int, ...]  # of each fed token
+    masked: Tuple[bool, ...]  # which fed tokens get masks after them
+    masks: int  # masks after each masked token (0: the plain causal forward)
+    branches: List[Tuple[str, int, int]]  # (source, first node, length) of each branch
+    q: Optional[mx.array] = None  # draft distributions of a chain (sampling)
+    kind: str = "plain"
+    choice: Optional[Choice] = None  # the policy's, if it chose
+    chain_probs: Tuple[float, ...] = ()  # of the chain's tokens fed (first branch)
+
+    @property
+    def tree(self) -> bool:
+        return len(self.branches) > 1
 
 
 @dataclass
 class _Launched:
     """A step in flight (everything lazy until the host syncs)."""
 
-    fed: List[int]
-    parents: Tuple[int, ...]  # of each fed token in the tree of speculations
-    masked: Tuple[bool, ...]  # which fed tokens had masks after them
+    plan: _Plan
     regular: Tuple[int, ...]  # layout index of each fed token
-    source: str
-    packed: mx.array  # [accepted, best, targets (n), next speculations], int32
+    packed: mx.array  # [accepted, best, targets (n), next speculations, their probabilities], int32
     q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
     logprobs: mx.array  # (n, V)
 
@@ -169,10 +203,30 @@ class _Finished(NamedTuple):
 
     emitted: List[int]  # accepted speculations, then the base model's token
     accepted: int
-    next_specs: List[List[int]]  # the masks' next speculations, one list per branch
-    next_q: Optional[mx.array]  # their draft distributions (sampling)
+    best: int  # the accepted node furthest from the root
+    targets: List[int]  # the base model's token after each fed node
+    chain: _Chain  # the masks' next speculations
     keep: List[int]  # layout indices of the fed tokens to commit
     rows: List[int]  # the logprobs row of each emitted token
+
+
+def _source(plan: _Plan, best: int) -> str:
+    """Where the step's accepted speculations came from (the branch of node
+    ``best``; "mtp" where none was fed)."""
+    for source, start, length in plan.branches:
+        if start <= best < start + length:
+            return source
+    return plan.branches[0][0] if plan.branches else "mtp"
+
+
+def _run(plan: _Plan, start: int, length: int, targets: List[int]) -> int:
+    """How many leading tokens of a branch equal the base model's tokens."""
+    run = 0
+    for i in range(start, start + length):
+        if plan.fed[i] != targets[plan.parents[i]]:
+            break
+        run += 1
+    return run
 
 
 class SpeculativeDecoder:
@@ -183,6 +237,12 @@ class SpeculativeDecoder:
     positions of the tokens to predict. ``sampler`` and ``logits_processors``
     are mlx-lm's (``make_sampler``, ``make_logits_processors``); a sampler
     replaces ``temp``/``top_p``/``top_k``.
+
+    With ``costs`` (:func:`mlx_mtp.calibrate.cost_model`), a
+    :class:`~mlx_mtp.decoding.policy.Policy` chooses each step's plan (mode
+    quadratic): ``num_masks``, ``lookup`` and ``branches`` are then the most
+    it may feed, and ``priors`` its prior acceptance. Without, every step
+    feeds what those settings fix.
     """
 
     def __init__(
@@ -201,6 +261,8 @@ class SpeculativeDecoder:
         branches: int = 1,
         sampler: Optional[Sampler] = None,
         logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+        costs: Optional[Costs] = None,
+        priors: Optional[Priors] = None,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
@@ -259,6 +321,13 @@ class SpeculativeDecoder:
         if self.fallback is not None:
             self.k, self.lookup, self.mode = 0, 0, "off"
             self.datastore = None
+        if costs is not None and self.mode == "linear":
+            raise ValueError("the policy decodes in mode 'quadratic' (pass costs=None for mode 'linear')")
+        self.costs = costs if self.fallback is None else None
+        self.priors = priors
+        self.policy: Optional[Policy] = None  # the current generation's (with costs)
+        # trees (branches, a copy beside the chain) need greedy verification without processors
+        self.trees = self.greedy and sampler is None and not processors
 
     @property
     def greedy(self) -> bool:
@@ -300,90 +369,88 @@ class SpeculativeDecoder:
             return verify_greedy(tokens, logits, parents)
         return verify_sampled(tokens, self._probs(logits), q_prev)
 
-    def _launch(
-        self,
-        pending: int,
-        specs: List[List[int]],
-        q_prev: Optional[mx.array],
-        source: str = "mtp",
-        seen: Optional[List[int]] = None,
-    ) -> _Launched:
-        """Build one step's graph and start computing it. ``specs``: the
-        speculations, one list per branch (each a chain after ``pending``);
-        ``seen``: the tokens before ``pending`` (for logits processors)."""
-        model, cache, k = self.model, self.cache, self.k
+    def _launch(self, plan: _Plan, seen: Optional[List[int]] = None) -> _Launched:
+        """Build one step's graph and start computing it. ``seen``: the
+        tokens before the pending one (for logits processors)."""
+        model, cache, j = self.model, self.cache, plan.masks
         C = cache[0].committed
-        fed = [pending] + [t for branch in specs for t in branch]
-        parents = tree_parents([len(branch) for branch in specs])
+        fed, parents, masked = plan.fed, plan.parents, plan.masked
         n = len(fed)
-        tree = len(specs) > 1
         tokens = mx.array(fed, dtype=mx.int32)
-        masked = self._masked(n, source)
-        if k == 0:
+        if j == 0:
             h = model(tokens[None], cache)[0]
             regular, layout = h, None
         else:
-            if not tree and not any(masked[:-1]):  # masks after the last token only: plain causal attention
-                layout = linear_layout(tokens, k)
+            if not plan.tree and not any(masked[:-1]):  # masks after the last token only: plain causal attention
+                layout = linear_layout(tokens, j)
                 h = model(layout.tokens[None], cache, gate=layout.gate)[0]
             else:
-                layout = block_layout(tokens, k, masked, parents if tree else None)
+                layout = block_layout(tokens, j, masked, parents if plan.tree else None)
                 h = model.forward_layout(layout, cache)[0]
             regular = h[mx.array(layout.regular)]  # (n, d)
-            Z = h[layout.masks].reshape(-1, k, h.shape[-1])  # (blocks with masks, k, d)
+            Z = h[layout.masks].reshape(-1, j, h.shape[-1])  # (blocks with masks, j, d)
         logits = model.lm_head(regular)  # (n, V), at the regular positions only
         if self.logits_processors:
             logits = self._process(logits, fed, parents, seen or [])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
         # on the device: the sampler chain runs from node best, picked before the host waits
-        verdict = self._verify(tokens, logits, logprobs, parents if tree else None, q_prev)
+        verdict = self._verify(tokens, logits, logprobs, parents if plan.tree else None, plan.q)
         head = [verdict.accepted, verdict.best, verdict.targets]
         q_rows = None
-        if k:
+        if j:
             # the chain from node best: valid when it has masks (the host
-            # checks); chain step j predicts position C + a + j + 2
+            # checks); chain step i predicts position C + a + i + 2
             chain = mask_chain(
                 self.draft_fn,
                 Z[layout.mask_block[verdict.best]],
                 verdict.targets[verdict.best],
                 verdict.accepted + (C + 2),
-                k,
+                j,
                 branches=self.branches,
                 probs=None if self.greedy else self._probs,
             )
             head.append(chain.tokens)
+            if self.costs is not None:  # the policy reads the head's probabilities
+                head.append(mx.round(mx.concatenate([chain.probs, chain.first]) * PROB_SCALE).astype(mx.int32))
             q_rows = chain.q
         packed = mx.concatenate(head)
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(n)) if layout is None else layout.regular
-        return _Launched(fed, parents, masked, regular_index, source, packed, q_rows, logprobs)
+        return _Launched(plan, regular_index, packed, q_rows, logprobs)
 
     def _finish(self, step: _Launched) -> _Finished:
         """Wait for a step (the one sync) and read it."""
         vals = step.packed.tolist()
-        n = len(step.fed)
-        k = self.k
-        a, best, targets, chain = vals[0], vals[1], vals[2 : n + 2], vals[n + 2 :]
-        path = accepted_path(best, step.parents)  # the accepted nodes, root excluded
-        emitted = [step.fed[i] for i in path] + [targets[best]]
+        plan = step.plan
+        n, j = len(plan.fed), plan.masks
+        a, best, targets = vals[0], vals[1], vals[2 : n + 2]
+        path = accepted_path(best, plan.parents)  # the accepted nodes, root excluded
+        emitted = [plan.fed[i] for i in path] + [targets[best]]
         # the chain ran from node best: its speculations are fresh only if
         # that node had masks
-        fresh = k > 0 and step.masked[best]
-        next_specs = [chain[i : i + k] for i in range(0, len(chain), k)] if fresh else []
-        next_q = step.q_rows if fresh else None
+        chain = _NO_CHAIN
+        if j and plan.masked[best]:
+            b = self.branches
+            tokens = vals[n + 2 : n + 2 + b * j]
+            specs = [tokens[i : i + j] for i in range(0, b * j, j)]
+            if self.costs is not None:
+                probs = [p / PROB_SCALE for p in vals[n + 2 + b * j :]]
+                chain = _Chain(specs, step.q_rows, [probs[i : i + j] for i in range(0, b * j, j)], probs[b * j :])
+            else:
+                chain = _Chain(specs, step.q_rows)
         keep = [step.regular[0]] + [step.regular[i] for i in path]
         # the base model's distribution for each emitted token is the row of
         # the node before it on the accepted path (fed order differs in a tree)
         rows = [0] + path
-        return _Finished(emitted, a, next_specs, next_q, keep, rows)
+        return _Finished(emitted, a, best, targets, chain, keep, rows)
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
-        """Which of the n fed tokens get k masks after them: none without
-        masks; linear: the last; quadratic: every one, or for copied drafts
-        the pending token and the last draft (a copy is mostly right to its
-        end or wrong from its first token, and masks after each token would
-        cost more than they give on a CPU)."""
+        """Fixed settings: which of the n fed tokens get k masks after them:
+        none without masks; linear: the last; quadratic: every one, or for
+        copied drafts the pending token and the last draft (a copy is mostly
+        right to its end or wrong from its first token, and masks after each
+        token would cost more than they give on a CPU)."""
         if self.k == 0:
             return (False,) * n
         if self.mode == "linear" or n == 1:
@@ -392,27 +459,88 @@ class SpeculativeDecoder:
             return (True,) * n
         return (True,) + (False,) * (n - 2) + (True,)
 
-    def _launch_next(
-        self,
-        pending: int,
-        lookup: Optional[NGramLookup],
-        specs: List[List[int]],
-        q: Optional[mx.array],
-        room: int,
-        seen: Optional[List[int]] = None,
-    ) -> _Launched:
-        """Launch the step that feeds ``pending`` (the last token of the text
-        in ``lookup``, if any) and its drafts: copied drafts where there are
-        any, else the masks' speculations ``specs`` (one list per branch); at
-        most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
-        copied, source = copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else ([], "mtp")
-        if copied:
-            specs = [copied]
-            q = None if self.greedy else one_hot(copied, self.model.vocab_size)
+    def _copied(self, lookup: Optional[NGramLookup]) -> Drafts:
+        return copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else Drafts([], "mtp")
+
+    def _plan(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
+        """The next step's plan: the policy's choice, or the fixed settings'
+        (copied drafts where there are any, else the masks' speculations),
+        with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
+        if self.policy is not None:
+            return self._plan_policy(pending, lookup, chain, room)
+        copied = self._copied(lookup)
+        specs, q, source = chain.specs, chain.q, "mtp"
+        if copied.tokens:
+            specs, source = [copied.tokens], copied.source
+            q = None if self.greedy else one_hot(copied.tokens, self.model.vocab_size)
         limit = None if room < 0 else max(0, room - 1)
         specs = [branch[:limit] for branch in specs if branch[:limit]]
         q = q[: len(specs[0])] if (q is not None and specs) else None
-        return self._launch(pending, specs, q, source if specs else "mtp", seen)
+        source = source if specs else "mtp"
+        fed = [pending] + [t for branch in specs for t in branch]
+        branches, start = [], 1
+        for branch in specs:
+            branches.append((source, start, len(branch)))
+            start += len(branch)
+        if not specs:
+            kind = "masks" if self.k else "plain"
+        else:
+            kind = "copy" if source != "mtp" else ("branches" if len(specs) > 1 else "chain")
+        parents = tree_parents([len(branch) for branch in specs])
+        return _Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
+
+    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
+        """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
+        copied = self._copied(lookup)
+        offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
+        chain_probs = tuple(chain.probs[0]) if chain.specs else ()
+        choice = self.policy.choose(
+            StepDrafts(
+                context=self.cache[0].committed,
+                copy=offer,
+                chain_probs=chain_probs,
+                branch_probs=tuple(chain.first) if chain.specs else (),
+                room=room,
+            )
+        )
+        m, d, j = choice.depth, choice.copy, choice.masks
+        branches: List[Tuple[str, List[int]]] = []
+        if d:
+            branches.append((copied.source, copied.tokens[:d]))
+        if m:
+            branches += [("mtp", spec[:m]) for spec in chain.specs[: choice.branches]]
+        fed, spans, start = [pending], [], 1
+        for source, tokens in branches:
+            fed += tokens
+            spans.append((source, start, len(tokens)))
+            start += len(tokens)
+        parents = tree_parents([len(tokens) for _, tokens in branches])
+        if j == 0:
+            masked = (False,) * len(fed)
+        else:
+            marks = [True]
+            for source, tokens in branches:
+                # a copy: masks after its last token only; the chain's tokens: each
+                marks += [source == "mtp" or i == len(tokens) - 1 for i in range(len(tokens))]
+            masked = tuple(marks)
+        q = None
+        if not self.greedy and branches:
+            q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
+        return _Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
+
+    def _observe(self, plan: _Plan, done: _Finished):
+        """Tell the policy how far each branch of the step's drafts was right."""
+        if plan.choice is None:
+            return
+        copy_right, chain_right, source = 0, [], "lookup"
+        for branch_source, start, length in plan.branches:
+            # greedy: every branch's run from the targets; sampling: the accepted run (one branch)
+            run = _run(plan, start, length, done.targets) if self.greedy else done.accepted
+            if branch_source == "mtp":
+                chain_right.append(run)
+            else:
+                copy_right, source = run, branch_source
+        self.policy.observe(plan.choice, copy_right, chain_right, plan.chain_probs, source)
 
     # --- the loop ------------------------------------------------------------------
     def budget(self, prompt_len: int, max_tokens: int, cached: int = 0) -> int:
@@ -476,18 +604,21 @@ class SpeculativeDecoder:
         lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
             lookup.extend(list(context) + prompt)
+        # the policy's estimates are this generation's
+        self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
-        inflight = self._launch_next(prompt[-1], lookup, [], None, budget, seen)
+        inflight = self._launch(self._plan(prompt[-1], lookup, _NO_CHAIN, budget), seen)
         generated = 0
         while True:
             done_step = self._finish(inflight)
-            emitted, specs, q = done_step.emitted, done_step.next_specs, done_step.next_q
-            proposed, step_source = len(inflight.fed) - 1, inflight.source
+            plan = inflight.plan
+            self._observe(plan, done_step)
+            emitted = done_step.emitted
             commit(self.cache, done_step.keep)
             logprobs = inflight.logprobs
             if seen is not None:
-                seen = seen + [inflight.fed[0]] + emitted[:-1]
+                seen = seen + [plan.fed[0]] + emitted[:-1]
             done = False
             for i, t in enumerate(emitted):
                 if t in eos or (budget >= 0 and generated + i + 1 >= budget):
@@ -499,18 +630,29 @@ class SpeculativeDecoder:
                     lookup.extend(emitted)
                 # the next step is in flight before the host hands over these tokens
                 room = budget - generated if budget >= 0 else -1
-                inflight = self._launch_next(emitted[-1], lookup, specs, q, room, seen)
+                inflight = self._launch(self._plan(emitted[-1], lookup, done_step.chain, room), seen)
             yield Step(
                 tokens=emitted,
-                proposed=proposed,
+                proposed=len(plan.fed) - 1,
                 accepted=min(done_step.accepted, len(emitted)),
                 logprobs=[logprobs[done_step.rows[i]] for i in range(len(emitted))],
-                source=step_source,
+                source=_source(plan, done_step.best),
+                choice=plan.kind,
             )
             if done:
                 return
             if generated % 256 < len(emitted):
                 mx.clear_cache()
+
+    def _make_policy(self) -> Policy:
+        return Policy(
+            self.costs,
+            max_masks=self.k,
+            max_branches=self.branches if self.trees else 1,
+            max_copy=self.lookup,
+            greedy=self.trees,
+            priors=self.priors,
+        )
 
     def settle(self, cached: int, text: Sequence[int]):
         """Leave the cache holding its first ``cached`` entries and then
@@ -533,5 +675,6 @@ class SpeculativeDecoder:
         prompt = [int(t) for t in prompt]
         self.check_prompt(prompt)
         self.prefill(prompt[:-1])
-        step = self._finish(self._launch(prompt[-1], [], None))
-        return step.emitted + (step.next_specs[0] if step.next_specs else [])
+        self.policy = None
+        step = self._finish(self._launch(self._plan(prompt[-1], None, _NO_CHAIN, -1)))
+        return step.emitted + (step.chain.specs[0] if step.chain.specs else [])

@@ -34,23 +34,25 @@ DraftFn = Callable[[mx.array, mx.array, mx.array], mx.array]
 
 
 class Drafts(NamedTuple):
-    """Copied drafts and where they came from."""
+    """Copied drafts, where they came from and the evidence behind them."""
 
     tokens: List[int]
     source: str  # "lookup", "datastore", or "mtp" when there are none
+    ngram: int = 0  # the length of the n-gram matched
+    count: int = 1  # its occurrences (prompt lookup: 1, the latest)
 
 
 def copied_drafts(lookup, datastore, limit: int) -> Drafts:
     """Up to ``limit`` tokens copied from earlier in the text (``lookup``, an
     :class:`~mlx_mtp.decoding.lookup.NGramLookup`), else from ``datastore``
     (or None); no tokens (source "mtp") when neither has any."""
-    copied = lookup.draft(limit)
-    if copied:
-        return Drafts(copied, "lookup")
+    match = lookup.match(limit)
+    if match.tokens:
+        return Drafts(match.tokens, "lookup", match.ngram, match.count)
     if datastore is not None:
-        copied = datastore.draft(lookup.tokens[-MAX_NGRAM:], min(limit, DATASTORE_TOKENS))
-        if copied:
-            return Drafts(copied, "datastore")
+        match = datastore.match(lookup.tokens[-MAX_NGRAM:], min(limit, DATASTORE_TOKENS))
+        if match.tokens:
+            return Drafts(match.tokens, "datastore", match.ngram, match.count)
     return Drafts([], "mtp")
 
 
@@ -64,6 +66,8 @@ class Chain(NamedTuple):
 
     tokens: mx.array  # (branches * k,) int32, branch by branch
     q: Optional[mx.array]  # (k, V): the distributions sampled from (sampling only)
+    probs: mx.array  # (branches * k,) float32: the head's probability of each token
+    first: mx.array  # (branches,) float32: of each branch's first token (the b most likely, best first)
 
 
 def mask_chain(
@@ -88,18 +92,32 @@ def mask_chain(
         probs: sampling: logits -> the distribution to sample from; None: greedy.
     """
     at = start
-    chain, qs = [], []
+    chain, qs, ps = [], [], []
+    first = None
     for j in range(k):
-        draft = draft_fn(prev, z[:, j], at + j)
-        if probs is None and j == 0 and branches > 1:
-            top = mx.argpartition(-draft[0], kth=branches - 1)[:branches]
-            prev = top[mx.argsort(-draft[0, top])].astype(mx.int32)
-            z, at = mx.broadcast_to(z, (branches, *z.shape[1:])), mx.broadcast_to(at, (branches,))
-        elif probs is None:
-            prev = mx.argmax(draft, axis=-1).astype(mx.int32)
+        draft = draft_fn(prev, z[:, j], at + j).astype(mx.float32)
+        if probs is None:
+            logp = draft - mx.logsumexp(draft, axis=-1, keepdims=True)
+            if j == 0 and branches > 1:
+                top = mx.argpartition(-draft[0], kth=branches - 1)[:branches]
+                prev = top[mx.argsort(-draft[0, top])].astype(mx.int32)
+                p = mx.exp(logp[0, prev])
+                z, at = mx.broadcast_to(z, (branches, *z.shape[1:])), mx.broadcast_to(at, (branches,))
+            else:
+                prev = mx.argmax(draft, axis=-1).astype(mx.int32)
+                p = mx.exp(logp.max(axis=-1))
         else:
             q = probs(draft)
             prev = mx.random.categorical(mx.log(q)).astype(mx.int32)
+            p = q[0, prev]
             qs.append(q[0])
+        if j == 0:
+            first = p
         chain.append(prev)
-    return Chain(mx.stack(chain, axis=1).reshape(-1), mx.stack(qs) if qs else None)
+        ps.append(p)
+    return Chain(
+        mx.stack(chain, axis=1).reshape(-1),
+        mx.stack(qs) if qs else None,
+        mx.stack(ps, axis=1).reshape(-1),
+        first,
+    )

@@ -14,7 +14,16 @@ longest n-gram that ends the text and has occurred before. Adding a token and
 drafting cost a few dict operations on the host.
 """
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Tuple
+
+
+class Match(NamedTuple):
+    """A copied draft and the evidence behind it: the n-gram's length and
+    how many times it occurred (prompt lookup: 1, its latest occurrence)."""
+
+    tokens: List[int]
+    ngram: int = 0
+    count: int = 1
 
 
 class NGramLookup:
@@ -38,9 +47,13 @@ class NGramLookup:
 
     def draft(self, max_tokens: int) -> List[int]:
         """Up to ``max_tokens`` tokens that followed the longest n-gram ending
-        the text the last time it occurred; [] when none did. A copy that
-        runs into the end of the text goes on from its own start (a loop of
-        period p repeats with period p)."""
+        the text the last time it occurred; [] when none did (see :meth:`match`)."""
+        return self.match(max_tokens).tokens
+
+    def match(self, max_tokens: int) -> Match:
+        """:meth:`draft` with the length of the n-gram matched (0: none). A
+        copy that runs into the end of the text goes on from its own start (a
+        loop of period p repeats with period p)."""
         toks = self.tokens
         for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
             start = self.index.get(tuple(toks[len(toks) - n :]))
@@ -50,5 +63,5 @@ class NGramLookup:
             for i in range(max_tokens):
                 j = start + i
                 out.append(toks[j] if j < len(toks) else out[j - len(toks)])
-            return out
-        return []
+            return Match(out, n)
+        return Match([], 0)

@@ -1,0 +1,195 @@
+"""The decoder with the per-step policy on (``costs``): greedy output equals
+mlx-lm's and sampling stays exact whatever the policy chooses, and on
+synthetic cost tables it chooses what they favour."""
+
+import random
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_mtp.calibrate import CostModel
+from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.decoding.policy import Policy
+
+from conftest import chi_square_pvalue, exact_joint, make_prompt, mtp_for, oracle_draft, reference, run
+from tiny import tiny_mtp
+
+ALPHA = 1e-3
+
+
+def costs(per_token: float, gated: float = 1.0, fixed: float = 0.0, sampler: float = 0.0) -> CostModel:
+    """A forward over T tokens costs ``fixed + per_token * T`` (times
+    ``gated`` on the gated path), in units of a one-token plain forward."""
+    one = fixed + per_token
+    return CostModel.from_function(
+        lambda width, context, is_gated: (fixed + per_token * width) * (gated if is_gated else 1.0) / one * 0.01,
+        sampler_call=sampler * 0.01,
+    )
+
+
+LINEAR = costs(per_token=1.0, gated=1.3)  # a forward over T tokens costs T times one
+FLAT = costs(per_token=0.0002, fixed=1.0, gated=1.05, sampler=0.001)  # width nearly free
+CPU_FP32 = costs(per_token=0.1, fixed=0.9, gated=1.6, sampler=0.03)  # +10% per token, masks 1.6x
+
+
+class RandomPolicy(Policy):
+    """Picks a random kind of plan, then a random plan of that kind, among
+    all the policy could feed this step."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rng = random.Random(seed)
+        self.kinds = Counter()
+
+    def choose(self, drafts):
+        plans = self.plans(drafts)
+        kind = self.rng.choice(sorted({p.kind for p in plans}))
+        choice = self.rng.choice([p for p in plans if p.kind == kind])
+        self.kinds[choice.kind] += 1
+        return choice
+
+
+def random_policy(decoder, monkeypatch, seed=0):
+    """Make ``decoder`` choose at random; returns the policies it makes."""
+    made = []
+
+    def make():
+        made.append(
+            RandomPolicy(
+                decoder.costs,
+                max_masks=decoder.k,
+                max_branches=decoder.branches if decoder.trees else 1,
+                max_copy=decoder.lookup,
+                greedy=decoder.trees,
+                seed=seed + len(made),
+            )
+        )
+        return made[-1]
+
+    monkeypatch.setattr(decoder, "_make_policy", make)
+    return made
+
+
+def repetitive_prompt(mtp, seed):
+    """A prompt that holds the start of its own greedy continuation, so that
+    prompt lookup finds copies."""
+    prompt = make_prompt(10, seed=seed)
+    ref = reference(mtp.model, prompt, 40)
+    return prompt + ref, reference(mtp.model, prompt + ref, 80)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("k, branches", [(2, 1), (4, 3), (3, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_equals_mlx_lm_whatever_the_policy_chooses(model_type, k, branches, seed, monkeypatch):
+    """Every plan the policy can feed (plain, masks only with any count,
+    copies of any length, chains to any depth with or without masks,
+    branches, a copy beside the chain as a tree), chosen at random each
+    step: the tokens are mlx-lm's greedy tokens."""
+    mtp = mtp_for(model_type)
+    prompt, ref = repetitive_prompt(mtp, seed)
+    draft = oracle_draft(mtp, prompt + ref, rate=0.7, seed=seed)
+    decoder = SpeculativeDecoder(
+        mtp, num_masks=k, lookup=5, lookup_ngram=1, branches=branches, draft_fn=draft, costs=FLAT
+    )
+    made = random_policy(decoder, monkeypatch, seed)
+    steps = list(decoder.steps(prompt, max_tokens=80))
+    assert [t for s in steps for t in s.tokens] == ref
+    kinds = made[0].kinds
+    assert {"plain", "masks", "copy", "chain"} <= set(kinds)
+    if branches > 1:
+        assert kinds["branches"] > 0 and kinds["tree"] > 0
+    assert Counter(s.choice for s in steps) == kinds
+    assert all(len(s.tokens) <= s.proposed + 1 for s in steps)
+
+
+def test_policy_stops_at_max_tokens_and_eos(monkeypatch):
+    mtp = mtp_for("llama")
+    prompt, ref = repetitive_prompt(mtp, 3)
+    draft = oracle_draft(mtp, prompt + ref, rate=0.9, seed=3)
+    for max_tokens in (1, 2, 7, 23):
+        decoder = SpeculativeDecoder(mtp, num_masks=4, lookup=6, branches=2, draft_fn=draft, costs=FLAT)
+        random_policy(decoder, monkeypatch, max_tokens)
+        got, _ = [t for s in decoder.steps(prompt, max_tokens) for t in s.tokens], None
+        assert got == ref[:max_tokens]
+    eos = ref[12]
+    decoder = SpeculativeDecoder(mtp, num_masks=4, lookup=6, draft_fn=draft, costs=FLAT)
+    got = [t for s in decoder.steps(prompt, 80, eos_token_ids=[eos]) for t in s.tokens]
+    assert got == ref[: ref.index(eos) + 1]
+
+
+@pytest.mark.parametrize(
+    "table, expect, never",
+    [
+        (LINEAR, {"plain"}, {"copy", "chain", "masks", "branches", "tree"}),
+        (FLAT, {"chain"}, set()),
+        (CPU_FP32, {"copy"}, {"masks", "branches", "tree"}),
+    ],
+)
+def test_policy_choices_follow_the_costs(table, expect, never):
+    """With the real policy: where width costs what it returns only plain
+    steps; where it is free the masks' chain every step; in between copies
+    without masks. The output is mlx-lm's in each case."""
+    mtp = mtp_for("llama")
+    prompt, ref = repetitive_prompt(mtp, 5)
+    draft = oracle_draft(mtp, prompt + ref, rate=0.9, seed=5)
+    got, steps = run(mtp, prompt, 80, num_masks=4, lookup=6, branches=3, draft_fn=draft, costs=table)
+    assert got == ref
+    kinds = Counter(s.choice for s in steps)
+    assert expect <= set(kinds), kinds
+    assert not (never & set(kinds)), kinds
+    if table is FLAT:
+        # nearly every step verifies the chain: well over 2 tokens per step
+        assert len(got) / len(steps) > 2.5
+
+
+def test_no_adapter_policy_copies_or_decodes_plainly():
+    """A model without masks: the policy picks between plain steps and copies."""
+    mtp = mtp_for("qwen3")
+    prompt, ref = repetitive_prompt(mtp, 6)
+    from mlx_mtp.model.mtp_model import MTPModel
+
+    bare = MTPModel(mtp.model)
+    got, steps = run(bare, prompt, 80, lookup=8, lookup_ngram=1, costs=CPU_FP32)
+    assert got == ref
+    assert {s.choice for s in steps} <= {"plain", "copy"} and "copy" in {s.choice for s in steps}
+
+
+def test_policy_refuses_linear_mode():
+    with pytest.raises(ValueError, match="quadratic"):
+        SpeculativeDecoder(mtp_for("llama"), num_masks=2, mode="linear", costs=FLAT)
+
+
+def sample_triples(decoder, prompt, n, seed):
+    mx.random.seed(seed)
+    counts, proposed, accepted = Counter(), 0, 0
+    for _ in range(n):
+        tokens = []
+        for step in decoder.steps(prompt, max_tokens=3):
+            tokens += step.tokens
+            proposed += step.proposed
+            accepted += step.accepted
+        counts[tuple(tokens)] += 1
+    return counts, proposed, accepted
+
+
+@pytest.mark.parametrize("use_sampler, seed", [(False, 0), (True, 1)])
+def test_sampling_exact_whatever_the_policy_chooses(use_sampler, seed, monkeypatch):
+    """Sampling (temperature, or an mlx-lm sampler verified by matching),
+    each step's plan random among masks of any count, copies of any length
+    and chains to any depth: the first three tokens follow the base model's
+    exact joint distribution."""
+    V, N = 5, 1000
+    mtp = tiny_mtp("qwen3", num_masks=3, seed=40 + seed, vocab_size=V, tie_word_embeddings=False)
+    prompt = [3, 1, 4, 0, 2, 1]
+    joint = exact_joint(mtp, prompt, 1.0, 1.0, 0, 3)
+    kwargs = dict(sampler=make_sampler(temp=1.0)) if use_sampler else dict(temp=1.0)
+    decoder = SpeculativeDecoder(mtp, num_masks=3, lookup=2, lookup_ngram=1, costs=FLAT, **kwargs)
+    made = random_policy(decoder, monkeypatch, seed)
+    counts, proposed, accepted = sample_triples(decoder, prompt, N, seed)
+    kinds = sum((p.kinds for p in made), Counter())
+    assert {"plain", "masks", "copy", "chain"} <= set(kinds) and not {"branches", "tree"} & set(kinds)
+    assert 0.05 * proposed < accepted < 0.95 * proposed
+    assert chi_square_pvalue(counts, joint) > ALPHA
