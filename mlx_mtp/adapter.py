@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .decoding.datastore import Datastore
+from .decoding.policy import Priors
 from .errors import AdapterError
 from .files import atomic_write, read_safetensors, read_safetensors_header
 from .model.architectures import require_supported
@@ -248,5 +249,9 @@ def load_adapter(
         if packed.min(initial=0) < 0 or packed.max(initial=0) > mtp.vocab_size:
             raise AdapterError(f"adapter '{path}': its datastore holds token ids outside the vocabulary")
         mtp.datastore = Datastore(packed)
+    try:
+        mtp.policy_priors = Priors.from_dict(config.get("recipe", {}).get("policy_priors"))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{path / CONFIG_FILE}: recipe: {e}") from None
     mx.eval(mtp.parameters())
     return mtp

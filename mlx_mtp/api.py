@@ -13,7 +13,7 @@ The command line is :mod:`mlx_mtp.generate`, the server :mod:`mlx_mtp.server`.
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, List, Optional, Sequence, Union
+from typing import Any, Dict, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +22,9 @@ from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .decoding.decode import SpeculativeDecoder
-from .decoding.drafts import DEFAULT_LOOKUP, DraftFn
+from .decoding.drafts import DEFAULT_LOOKUP, POLICY_MAX_COPY, POLICY_MIN_NGRAM, DraftFn
+from .decoding.fallback import plain_fallback
+from .decoding.policy import KINDS, MAX_BRANCHES
 from .model.cache import SpecCache, as_spec_cache, write_back
 from .model.mtp_model import MTPModel
 
@@ -44,6 +46,9 @@ class MTPGenerationResponse(GenerationResponse):
     mode: str = "off"
     branches: int = 1
     draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
+    policy: bool = False  # the per-step policy chose (num_masks, branches: the most it could feed)
+    choice: str = "plain"  # what the step that emitted this token fed (decoding.policy.KINDS)
+    choices: Optional[Dict[str, int]] = None  # steps so far per choice
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -154,8 +159,19 @@ def fit_prompt_cache(prompt_cache: List[Any], held: Sequence[int], prompt: Seque
 # --- generation ---------------------------------------------------------------------------
 
 
+def choice_shares(choices: Optional[Dict[str, int]]) -> str:
+    """Share of steps per choice, most frequent first: "copy 52%, plain 48%"."""
+    total = sum((choices or {}).values())
+    if not total:
+        return "no steps"
+    ranked = sorted(choices.items(), key=lambda kv: (-kv[1], KINDS.index(kv[0]) if kv[0] in KINDS else 99))
+    return ", ".join(f"{kind} {100 * n / total:.0f}%" for kind, n in ranked if n)
+
+
 def _decoding(response: MTPGenerationResponse) -> str:
     """How the tokens were decoded, for the stats line."""
+    if response.policy:
+        return f"policy: {choice_shares(response.choices)}"
     if response.num_masks == 0 and response.mode != "off":
         return "k=0: copied drafts only"
     branches = f", {response.branches} branches" if response.branches > 1 else ""
@@ -214,6 +230,89 @@ def _stop_strings(stop) -> List[str]:
     return stops
 
 
+def _costs(model: MTPModel):
+    """The model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`),
+    kept on the model after the first call."""
+    costs = getattr(model, "_policy_costs", None)
+    if costs is None:
+        from .calibrate import cost_model
+
+        costs = model._policy_costs = cost_model(model).costs
+    return costs
+
+
+def make_decoder(
+    model: nn.Module,
+    num_masks: Optional[int] = None,
+    mode: Optional[str] = None,
+    lookup: Optional[int] = None,
+    branches: Optional[int] = None,
+    policy: Optional[bool] = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    use_datastore: bool = True,
+    sampler=None,
+    logits_processors=None,
+    draft_fn: Optional[DraftFn] = None,
+    prefill_step_size: int = 2048,
+) -> SpeculativeDecoder:
+    """The decoder for these settings, the one place their defaults are decided.
+
+    With none of ``num_masks``, ``mode``, ``lookup`` and ``branches`` given
+    (or ``policy=True``), the per-step policy chooses each step's plan from
+    this machine's calibrated costs (:mod:`mlx_mtp.calibrate`, measured once
+    and cached): up to the adapter's trained k masks, copies of up to
+    ``POLICY_MAX_COPY`` tokens, and (greedy, no sampler or processors)
+    ``MAX_BRANCHES`` branches. Any of them given (or ``policy=False``) fixes
+    the setting, the others taking their defaults: mode quadratic, lookup
+    ``DEFAULT_LOOKUP``, one branch, and the adapter's k for this device.
+    """
+    model = _as_mtp(model)
+    fixed = [
+        name
+        for name, v in (("num_masks", num_masks), ("mode", mode), ("lookup", lookup), ("branches", branches))
+        if v is not None
+    ]
+    if policy is None:
+        policy = not fixed
+    if policy and fixed:
+        raise ValueError(
+            f"the policy chooses the masks, copies and branches itself: pass either policy=True "
+            f"or {', '.join(fixed)}, not both"
+        )
+    common = dict(
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        draft_fn=draft_fn,
+        prefill_step_size=prefill_step_size,
+        use_datastore=use_datastore,
+        sampler=sampler,
+        logits_processors=logits_processors,
+    )
+    if not policy:
+        return SpeculativeDecoder(
+            model,
+            num_masks=num_masks,
+            mode=mode or "quadratic",
+            lookup=DEFAULT_LOOKUP if lookup is None else lookup,
+            branches=1 if branches is None else branches,
+            **common,
+        )
+    trees = temp == 0 and sampler is None and not logits_processors and model.num_masks > 0
+    return SpeculativeDecoder(
+        model,
+        num_masks=model.num_masks,
+        lookup=POLICY_MAX_COPY,
+        lookup_ngram=POLICY_MIN_NGRAM,
+        branches=MAX_BRANCHES if trees else 1,
+        costs=None if plain_fallback(model) is not None else _costs(model),
+        priors=getattr(model, "policy_priors", None),
+        **common,
+    )
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -223,27 +322,32 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     num_masks: Optional[int] = None,
-    mode: str = "quadratic",
+    mode: Optional[str] = None,
     stop: Optional[Union[str, Sequence[str]]] = None,
     prefill_step_size: int = 2048,
     draft_fn: Optional[DraftFn] = None,
-    lookup: int = DEFAULT_LOOKUP,
+    lookup: Optional[int] = None,
     use_datastore: bool = True,
-    branches: int = 1,
+    branches: Optional[int] = None,
     prompt_cache: Optional[List[Any]] = None,
     sampler=None,
     logits_processors=None,
     context: Sequence[int] = (),
+    policy: Optional[bool] = None,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
     last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
     stop string, which its text leaves out) or "length" (``max_tokens`` or the
     model's context limit).
 
+    By default a per-step policy chooses what each step verifies from this
+    machine's measured costs (:func:`make_decoder`); ``num_masks``, ``mode``,
+    ``lookup`` and ``branches`` fix a setting instead.
+
     Args:
-        num_masks: speculations per step (default: the adapter's k for this
-            device; 0 with lookup: copied drafts only).
-        mode: "quadratic" (default), "linear" or "off".
+        num_masks: speculations per step (fixed settings: default the
+            adapter's k for this device; 0 with lookup: copied drafts only).
+        mode: "quadratic" (the default), "linear" or "off".
         lookup: where the last tokens occurred before in the prompt or the
             output, verify the d tokens that followed them instead (prompt
             lookup, :mod:`mlx_mtp.decoding.lookup`); where they did not and
@@ -263,25 +367,27 @@ def stream_generate(
             samples, so the output follows it exactly.
         context: the tokens in ``prompt_cache``, where known (prompt lookup
             drafts from them too; speed only).
+        policy: None: on unless a setting above is given; True/False: on/off.
         draft_fn: replaces the sampler head (tests and inspection).
     """
     check_generation_args(max_tokens, temp, top_p, top_k)
     tokenizer = _wrap_tokenizer(tokenizer)
     model = _as_mtp(model)
-    decoder = SpeculativeDecoder(
+    decoder = make_decoder(
         model,
         num_masks=num_masks,
         mode=mode,
+        lookup=lookup,
+        branches=branches,
+        policy=policy,
         temp=temp,
         top_p=top_p,
         top_k=top_k,
-        draft_fn=draft_fn,
-        prefill_step_size=prefill_step_size,
-        lookup=lookup,
         use_datastore=use_datastore,
-        branches=branches,
         sampler=sampler,
         logits_processors=logits_processors,
+        draft_fn=draft_fn,
+        prefill_step_size=prefill_step_size,
     )
     ids = encode_prompt(tokenizer, prompt, model.vocab_size)
     spec = None if prompt_cache is None else as_spec_cache(prompt_cache, len(model.layers))
@@ -298,7 +404,8 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
     eos = set(tokenizer.eos_token_ids)
     stopper = _StopText(tokenizer, stops) if any(stops) else None
     detokenizer = tokenizer.detokenizer
-    source = "mtp"
+    source, choice = "mtp", "plain"
+    choices: Dict[str, int] = {}
     out: List[int] = []
 
     def response(text, token, logprobs, from_draft, n, steps, finish_reason=None):
@@ -319,6 +426,9 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
             mode=decoder.mode,
             branches=decoder.branches,
             draft_source=source,
+            policy=decoder.costs is not None,
+            choice=choice,
+            choices=dict(choices),
         )
 
     tic = time.perf_counter()
@@ -329,7 +439,8 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
         with wired_limit(model):
             for step in decoder.steps(ids, max_tokens=limit, eos_token_ids=eos, cache=spec, context=context):
                 steps += 1
-                source = step.source
+                source, choice = step.source, step.choice
+                choices[choice] = choices.get(choice, 0) + 1
                 for i, token in enumerate(step.tokens):
                     if n == 0:
                         prompt_tps = len(ids) / (time.perf_counter() - tic)
@@ -373,7 +484,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     num_masks: Optional[int] = None,
-    mode: str = "quadratic",
+    mode: Optional[str] = None,
     verbose: bool = False,
     **kwargs,
 ) -> str:

@@ -54,3 +54,70 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--adapter-path", default=None, help="MTP adapter directory (default: the one shipped for the model, if any)"
     )
+
+
+def add_decoding_args(parser: argparse.ArgumentParser):
+    """The flags that fix a decoding setting instead of the per-step policy
+    (``--num-masks``, ``--mode``, ``--lookup``, ``--branches``,
+    ``--no-policy``) and ``--no-datastore``, as generate and the server take
+    them; :func:`decoding_settings` turns them into the API's arguments."""
+    from .decoding.decode import MODES
+    from .decoding.drafts import DEFAULT_LOOKUP
+    from .model.masks import MAX_MASKS
+
+    parser.add_argument(
+        "--num-masks",
+        type=int_range(0, MAX_MASKS),
+        default=None,
+        help=(
+            "fix the masks' speculated tokens per step (default: the policy chooses each step; "
+            "with fixed settings, the adapter's choice for this device; 0: copied drafts only)"
+        ),
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="fix the decoding layout (the policy decodes quadratic; 'off': plain decoding)",
+    )
+    parser.add_argument(
+        "--lookup",
+        type=non_negative_int,
+        default=None,
+        help=(
+            "fix prompt lookup: where the last tokens occurred before in the prompt or output, verify up to N "
+            f"of the tokens that followed them instead of the masks' speculations (fixed: default {DEFAULT_LOOKUP}; "
+            "0: off)"
+        ),
+    )
+    parser.add_argument(
+        "--branches",
+        type=positive_int,
+        default=None,
+        help=(
+            "fix the branches (greedy, quadratic, k >= 1): verify the sampler head's B most likely first "
+            "speculations, each with its own chain, in one pass (fixed: default 1)"
+        ),
+    )
+    parser.add_argument(
+        "--no-policy",
+        action="store_true",
+        help=(
+            "decode with fixed settings (those given, defaults for the rest) instead of the per-step policy, "
+            "which chooses from this machine's measured costs (python -m mlx_mtp.calibrate)"
+        ),
+    )
+    parser.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore")
+
+
+def decoding_settings(args: argparse.Namespace) -> dict:
+    """The API's decoding arguments (:func:`mlx_mtp.api.make_decoder`) from
+    :func:`add_decoding_args`'s flags."""
+    return dict(
+        num_masks=args.num_masks,
+        mode=args.mode,
+        lookup=args.lookup,
+        branches=args.branches,
+        policy=False if args.no_policy else None,
+        use_datastore=not args.no_datastore,
+    )

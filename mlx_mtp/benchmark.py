@@ -1,14 +1,20 @@
 """Benchmark MTP decoding against mlx-lm greedy decoding on Spec-Bench.
 
     python -m mlx_mtp.benchmark [--model M --adapter-path A] [--prompts FILE]
-        [--categories a,b] [--num-prompts N] [--max-tokens N] [--num-masks K]
-        [--mode quadratic|linear] [--branches B] [--json OUT] [--plot OUT.png]
+        [--categories a,b] [--num-prompts N] [--max-tokens N]
+        [--configs policy,k=0,k=1,k=4] [--num-masks K] [--mode quadratic|linear]
+        [--lookup N] [--branches B] [--no-policy] [--json OUT] [--plot OUT.png]
 
-For each prompt, in one process and interleaved (baseline, MTP, baseline,
-MTP, ...), after a warm-up, it runs mlx-lm's own greedy ``stream_generate`` and
-ours, records both token sequences and counts identical outputs. Per category
-and overall it reports baseline and MTP tokens/sec, the speedup (ratio of
-per-prompt medians), mean tokens/step and identical outputs. It also measures
+For each prompt, in one process and interleaved (baseline, then each
+configuration, prompt after prompt), after a warm-up, it runs mlx-lm's own
+greedy ``stream_generate`` and ours, records the token sequences and counts
+identical outputs. A configuration is ``policy`` (the per-step policy, the
+default) or ``k=N`` (fixed: N masks, with ``--mode``, ``--lookup`` and
+``--branches``); ``--configs`` compares several in the same run. Per category
+and overall it reports baseline and our tokens/sec, the speedup (ratio of
+per-prompt medians), mean tokens/step, the share of steps per choice and
+identical outputs, for each configuration, then the speedups side by side. The first configuration's
+figures are the JSON's top-level fields; every one's are under ``configs``. It also measures
 the cost of one forward over T new tokens (T = 1, k+1, (k+1)^2; calibrated,
 :mod:`mlx_mtp.calibrate`), which bounds
 the wall-clock speedup that a given tokens/step can buy.
@@ -30,13 +36,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import add_model_args, int_range, non_negative_int, positive_int
+from .api import make_decoder
+from .arguments import add_decoding_args, add_model_args, positive_int
 from .blas import blas_info, measure_gflops
 from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
-from .decoding.decode import DEFAULT_LOOKUP, SpeculativeDecoder
+from .decoding.drafts import DEFAULT_LOOKUP
 from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
 from .files import read_jsonl
-from .model.masks import MAX_MASKS
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
 
@@ -193,17 +199,21 @@ def run(args) -> int:
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     if model.num_masks == 0:
         raise ValueError("the model has no MTP adapter: pass --adapter-path")
-    k = model.default_num_masks if args.num_masks is None else args.num_masks
+    configs = parse_configs(args, model)
     # the decoder's own checks (k, mode, branches), before anything is timed
-    SpeculativeDecoder(model, num_masks=k, mode=args.mode, lookup=args.lookup, branches=args.branches)
+    for config in configs:
+        make_decoder(model, **config.settings)
+    main = configs[0]
+    k = main.num_masks
     base_model = model.model
     dtype = weights_dtype(base_model)
     blas_now = blas_info()
     blas = blas_now.name
-    use_datastore = model.datastore is not None and not args.no_datastore and args.lookup > 0
+    use_datastore = model.datastore is not None and not args.no_datastore and main.lookup > 0
     print(
-        f"platform: {platform.platform()}, weights: {dtype}, k={k}, mode={args.mode}, "
-        f"branches={args.branches}, lookup={args.lookup}, datastore={use_datastore}"
+        f"platform: {platform.platform()}, weights: {dtype}, configurations: {', '.join(c.name for c in configs)}; "
+        f"{main.name}: k={k}, mode={main.mode}, branches={main.branches}, lookup={main.lookup}, "
+        f"datastore={use_datastore}"
     )
     print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
@@ -218,7 +228,7 @@ def run(args) -> int:
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"
     print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
     print(calibration.costs.describe())
-    costs = forward_costs(model, step_shapes(k, args.branches), calibration.costs)
+    costs = forward_costs(model, step_shapes(k, main.branches), calibration.costs)
     chain = calibration.costs.table.sampler_call
     print(
         "costs used (300 cached), relative to T=1: "
@@ -228,12 +238,11 @@ def run(args) -> int:
     # warm-up
     for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
         pass
-    for _ in stream_generate(
-        model, tokenizer, chat("Hello"), max_tokens=8, num_masks=k, mode=args.mode, branches=args.branches
-    ):
-        pass
+    for config in configs:
+        for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, **config.settings):
+            pass
 
-    records = defaultdict(list)
+    records = {config.name: defaultdict(list) for config in configs}
     try:
         from tqdm import tqdm
 
@@ -247,46 +256,148 @@ def run(args) -> int:
             for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
                 base_tokens.append(resp.token)
                 base_tps = resp.generation_tps
-            ours, flags, sources, resp = [], [], [], None
-            for resp in stream_generate(
-                model,
-                tokenizer,
-                prompt,
-                max_tokens=args.max_tokens,
-                num_masks=k,
-                mode=args.mode,
-                lookup=args.lookup,
-                use_datastore=not args.no_datastore,
-                branches=args.branches,
-            ):
-                ours.append(resp.token)
-                flags.append(resp.from_draft)
-                sources.append(resp.draft_source)
-            records[cat].append(
-                {
-                    "baseline_tps": base_tps,
-                    "mtp_tps": resp.generation_tps,
-                    "steps": resp.steps,
-                    "tokens": len(ours),
-                    "identical": int(ours == base_tokens),
-                    # the first step has nothing to verify; the last may be cut short
-                    "accepted": accepted_per_step(flags, sources)[1:],
-                }
-            )
+            done = []
+            for config in configs:
+                ours, flags, sources, resp = [], [], [], None
+                for resp in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, **config.settings):
+                    ours.append(resp.token)
+                    flags.append(resp.from_draft)
+                    sources.append(resp.draft_source)
+                done.append(
+                    (
+                        config.name,
+                        {
+                            "baseline_tps": base_tps,
+                            "mtp_tps": resp.generation_tps,
+                            "steps": resp.steps,
+                            "tokens": len(ours),
+                            "identical": int(ours == base_tokens),
+                            "choices": resp.choices or {},
+                            # the first step has nothing to verify; the last may be cut short
+                            "accepted": accepted_per_step(flags, sources)[1:],
+                        },
+                    )
+                )
+            for name, record in done:  # a prompt counts once every configuration has run it
+                records[name][cat].append(record)
     except KeyboardInterrupt:
         print("\ninterrupted: partial results")
-    if not records:
+    if not records[main.name]:
         return 1
 
+    reports = [report(config, records[config.name], costs, chain) for config in configs]
+    if len(configs) > 1:
+        print_comparison(reports)
+    first = reports[0]
+    if args.json:
+        result = {
+            "model": args.model or "default",
+            "adapter": args.adapter_path or "shipped",
+            "dtype": dtype,
+            "blas": blas,
+            "platform": platform.platform(),
+            "num_masks": k,
+            "mode": main.mode,
+            "branches": main.branches,
+            "lookup": main.lookup,
+            "policy": main.policy,
+            "datastore": use_datastore,
+            "max_tokens": args.max_tokens,
+            "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
+            "sampler_call_ms": chain * 1e3,
+            "calibration": asdict(calibration.costs.table),
+            **{key: first[key] for key in REPORT_KEYS},
+            "configs": reports,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot([Row(**r) for r in first["results"]] + [Row(**first["overall"])], args.plot)
+    return 0
+
+
+@dataclass
+class Config:
+    """One configuration the benchmark decodes with."""
+
+    name: str  # "policy" or "k=N"
+    settings: dict  # make_decoder's / stream_generate's arguments
+    num_masks: int  # the most masks a step may feed
+    mode: str
+    lookup: int  # the longest copy a step may verify
+    branches: int
+    policy: bool
+
+
+def parse_configs(args, model) -> List[Config]:
+    """The configurations to run: ``--configs`` (``policy`` or ``k=N``), else
+    the policy unless a setting is fixed (``--num-masks``, ``--mode``,
+    ``--lookup``, ``--branches``, ``--no-policy``), then that one."""
+    fixed = dict(mode=args.mode, lookup=args.lookup, branches=args.branches)
+    fixed_given = any(v is not None for v in fixed.values()) or args.num_masks is not None or args.no_policy
+    names = args.configs.split(",") if args.configs else (["fixed"] if fixed_given else ["policy"])
+    configs = []
+    for name in names:
+        name = name.strip()
+        common = dict(use_datastore=not args.no_datastore)
+        if name == "policy":
+            decoder = make_decoder(model, **common)
+            configs.append(Config(name, common, decoder.k, decoder.mode, decoder.lookup, decoder.branches, True))
+            continue
+        if name == "fixed":
+            num_masks = args.num_masks
+        elif name.startswith("k=") and name[2:].isdigit():
+            num_masks = int(name[2:])
+        else:
+            raise ValueError(f"--configs: '{name}' is not 'policy' or 'k=N'")
+        settings = dict(
+            num_masks=model.default_num_masks if num_masks is None else num_masks,
+            mode=args.mode or "quadratic",
+            lookup=DEFAULT_LOOKUP if args.lookup is None else args.lookup,
+            branches=args.branches or 1,
+            **common,
+        )
+        label = f"k={settings['num_masks']}" if name == "fixed" else name
+        configs.append(
+            Config(
+                label,
+                settings,
+                settings["num_masks"],
+                settings["mode"],
+                settings["lookup"],
+                settings["branches"],
+                False,
+            )
+        )
+    if len({c.name for c in configs}) < len(configs):
+        raise ValueError(f"--configs names a configuration twice: {args.configs}")
+    return configs
+
+
+REPORT_KEYS = ("results", "overall", "choices", "acceptance_per_depth", "lookup_steps", "datastore_steps", "projection")
+
+
+def report(config: Config, records: Dict[str, List[dict]], costs: Dict[int, float], chain: float) -> dict:
+    """Print one configuration's table and figures; returns them (the JSON's fields)."""
+    k = config.num_masks
+    print(f"\n== {config.name}" + (" (the per-step policy)" if config.policy else ""))
     rows = [summarize(cat, recs) for cat, recs in records.items()]
-    overall = summarize("overall", [r for recs in records.values() for r in recs])
+    everything = [r for recs in records.values() for r in recs]
+    overall = summarize("overall", everything)
     print_table(rows + [overall])
-    steps = [c for recs in records.values() for r in recs for c in r["accepted"]]
+    counts: Dict[str, int] = defaultdict(int)
+    for r in everything:
+        for kind, n in r["choices"].items():
+            counts[kind] += n
+    total = sum(counts.values())
+    choices = {kind: n / total for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
+    print("steps per choice: " + ", ".join(f"{kind} {share:.0%}" for kind, share in choices.items()))
+    steps = [c for r in everything for c in r["accepted"]]
     acceptance = acceptance_per_depth([c for c, src in steps if src == "mtp"], k)
-    print(
-        "acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
-        + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1))
-    )
+    if k:
+        print(
+            "acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
+            + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1))
+        )
 
     def source_stats(source):
         accepted = [c for c, src in steps if src == source]
@@ -296,9 +407,9 @@ def run(args) -> int:
         }
 
     lookup_stats, datastore_stats = source_stats("lookup"), source_stats("datastore")
-    if args.lookup:
+    if config.lookup:
         print(
-            f"prompt lookup (up to {args.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
+            f"prompt lookup (up to {config.lookup} copied tokens): {lookup_stats['share_of_steps']:.0%} of steps, "
             f"{lookup_stats['accepted_per_step']:.2f} copied tokens accepted per such step"
         )
         if datastore_stats["share_of_steps"]:
@@ -307,44 +418,43 @@ def run(args) -> int:
                 f"{datastore_stats['accepted_per_step']:.2f} drafted tokens accepted per such step"
             )
     proj = []
-    if args.mode == "quadratic" and k:
-        if args.lookup:
+    if not config.policy and config.mode == "quadratic" and k:
+        if config.lookup:
             print("(the projection counts the masks' speculations only, without prompt lookup or datastore)")
-        proj = projection(acceptance, costs, chain, args.branches)
-        branches = f" and {args.branches} branches" if args.branches > 1 else ""
+        proj = projection(acceptance, costs, chain, config.branches)
+        branches = f" and {config.branches} branches" if config.branches > 1 else ""
         print(f"quadratic decoding with j masks{branches}, projected from these measurements:")
         print(f"{'j':>4}{'tok/step':>10}{'step cost':>11}{'speedup':>9}")
         for p in proj:
             print(f"{p['num_masks']:>4}{p['tokens_per_step']:>10.2f}{p['step_cost']:>10.2f}x{p['speedup']:>8.2f}x")
         best = max(proj, key=lambda p: p["speedup"])
         print(f"fastest here: --num-masks {best['num_masks']}")
-    if args.json:
-        result = {
-            "model": args.model or "default",
-            "adapter": args.adapter_path or "shipped",
-            "dtype": dtype,
-            "blas": blas,
-            "platform": platform.platform(),
-            "num_masks": k,
-            "mode": args.mode,
-            "branches": args.branches,
-            "lookup": args.lookup,
-            "datastore": use_datastore,
-            "max_tokens": args.max_tokens,
-            "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
-            "sampler_call_ms": chain * 1e3,
-            "calibration": asdict(calibration.costs.table),
-            "acceptance_per_depth": acceptance,
-            "lookup_steps": lookup_stats,
-            "datastore_steps": datastore_stats,
-            "projection": proj,
-            "results": [asdict(r) for r in rows],
-            "overall": asdict(overall),
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.plot:
-        plot(rows + [overall], args.plot)
-    return 0
+    return {
+        "name": config.name,
+        "policy": config.policy,
+        "settings": config.settings,
+        "results": [asdict(r) for r in rows],
+        "overall": asdict(overall),
+        "choices": choices,
+        "acceptance_per_depth": acceptance,
+        "lookup_steps": lookup_stats,
+        "datastore_steps": datastore_stats,
+        "projection": proj,
+    }
+
+
+def print_comparison(reports: List[dict]):
+    """The configurations' speedups side by side, per category and overall."""
+    names = [r["name"] for r in reports]
+    print("\nspeedup over mlx-lm (same run), by configuration:")
+    print(f"{'category':<16}" + "".join(f"{n:>10}" for n in names))
+    cats = [row["category"] for row in reports[0]["results"]] + ["overall"]
+    for cat in cats:
+        cells = []
+        for r in reports:
+            row = r["overall"] if cat == "overall" else next(x for x in r["results"] if x["category"] == cat)
+            cells.append(f"{row['speedup']:>9.2f}x")
+        print(f"{cat:<16}" + "".join(cells))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,25 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=positive_int, default=None, help="prompts per category")
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument(
-        "--num-masks",
-        type=int_range(0, MAX_MASKS),
+        "--configs",
         default=None,
-        help="k to decode with (default: the adapter's choice for this device; 0: copied drafts only)",
+        help=(
+            "comma-separated configurations to compare in the same run: 'policy' (the per-step policy) or "
+            "'k=N' (fixed: N masks, with --mode/--lookup/--branches); default: the policy, or the fixed "
+            "setting that --num-masks/--mode/--lookup/--branches/--no-policy give"
+        ),
     )
-    p.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic")
-    p.add_argument(
-        "--branches",
-        type=positive_int,
-        default=1,
-        help="verify the sampler head's B most likely first speculations, each with its own chain (default: 1)",
-    )
-    p.add_argument(
-        "--lookup",
-        type=non_negative_int,
-        default=DEFAULT_LOOKUP,
-        help=f"copied tokens verified per prompt-lookup step (default: {DEFAULT_LOOKUP}; 0: masks only)",
-    )
-    p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
+    add_decoding_args(p)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     return p

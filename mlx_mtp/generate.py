@@ -2,7 +2,8 @@
 
     python -m mlx_mtp.generate --model M [--adapter-path A] --prompt P|-
         [--max-tokens N] [--temp T] [--top-p P] [--top-k K] [--seed S]
-        [--num-masks K] [--mode quadratic|linear|off] [--branches B] [--system-prompt S]
+        [--num-masks K] [--mode quadratic|linear|off] [--lookup N] [--branches B] [--no-policy]
+        [--system-prompt S]
         [--ignore-chat-template] [--verbose true|false]
 
 The Python API (``generate``, ``stream_generate``, ...) is :mod:`mlx_mtp.api`,
@@ -21,12 +22,11 @@ from .api import (  # noqa: F401  (re-exported for code that imported the API fr
     check_generation_args,
     check_text,
     generate,
+    make_decoder,
     propose,
     stream_generate,
 )
-from .arguments import add_model_args
-from .decoding.decode import MODES, SpeculativeDecoder
-from .decoding.drafts import DEFAULT_LOOKUP
+from .arguments import add_decoding_args, add_model_args, decoding_settings
 from .errors import USER_ERROR_EXIT
 from .loading import load
 
@@ -64,36 +64,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--top-k", type=int, default=0, help="sample among the top k tokens only (0: all)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument(
-        "--num-masks",
-        type=int,
-        default=None,
-        help=(
-            "masks' speculated tokens per step (default: the adapter's choice for this device; 0: copied drafts only)"
-        ),
-    )
-    p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
-    p.add_argument(
-        "--lookup",
-        type=int,
-        default=DEFAULT_LOOKUP,
-        help=(
-            f"where the last tokens occurred before in the prompt or output, verify up to N of the "
-            f"tokens that followed them instead of the masks' speculations (default: "
-            f"{DEFAULT_LOOKUP}; 0: off)"
-        ),
-    )
-    p.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore of responses")
-    p.add_argument(
-        "--branches",
-        type=int,
-        default=1,
-        help=(
-            "greedy, quadratic, k >= 1: verify the sampler head's B most likely first "
-            "speculations, each with its own chain, in one pass (default: 1; more pays where a "
-            "wide forward costs about as much as a narrow one, a GPU)"
-        ),
-    )
+    add_decoding_args(p)
     p.add_argument("--verbose", type=_str2bool, default=True, help="print statistics after the text (default: true)")
     return p
 
@@ -132,15 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
         # validate everything before any output
-        decoder = SpeculativeDecoder(
-            model,
-            num_masks=args.num_masks,
-            mode=args.mode,
-            temp=args.temp,
-            lookup=args.lookup,
-            use_datastore=not args.no_datastore,
-            branches=args.branches,
-        )
+        settings = decoding_settings(args)
+        decoder = make_decoder(model, temp=args.temp, **settings)
         decoder.check_prompt(ids)
         text = generate(
             model,
@@ -150,12 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             temp=args.temp,
             top_p=args.top_p,
             top_k=args.top_k,
-            num_masks=args.num_masks,
-            mode=args.mode,
-            lookup=args.lookup,
-            use_datastore=not args.no_datastore,
-            branches=args.branches,
             verbose=args.verbose,
+            **settings,
         )
     except (ValueError, TypeError, FileNotFoundError) as e:  # MTPError (AdapterError, ModelLoadError) is a ValueError
         print(f"error: {e}", file=sys.stderr)

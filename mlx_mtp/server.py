@@ -8,7 +8,8 @@
 (``stream: true``) are server-sent events ending in ``data: [DONE]``.
 Responses carry OpenAI's ``usage`` block (``prompt_tokens_details.cached_tokens``:
 prompt tokens reused from the cache) and a ``speculation`` block (steps,
-tokens per step, k, mode, tokens prefilled).
+tokens per step, k, mode, whether the per-step policy chose and its share of
+steps per choice, tokens prefilled).
 
 How it works: one worker thread owns the model and runs the requests of a
 bounded queue one at a time, so each gets exactly what it would get alone;
@@ -36,10 +37,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .api import check_generation_args, check_text, encode_prompt, fit_prompt_cache, make_prompt_cache, stream_generate
-from .arguments import add_model_args
-from .decoding.decode import MODES, context_limit
-from .decoding.drafts import DEFAULT_LOOKUP
+from .api import (
+    check_generation_args,
+    check_text,
+    encode_prompt,
+    fit_prompt_cache,
+    make_decoder,
+    make_prompt_cache,
+    stream_generate,
+)
+from .arguments import add_decoding_args, add_model_args, decoding_settings
+from .decoding.decode import context_limit
 from .errors import USER_ERROR_EXIT
 
 DEFAULT_MAX_TOKENS = 512  # mlx_lm.server's default
@@ -57,9 +65,8 @@ class ServerConfig:
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    num_masks: Optional[int] = None
-    mode: str = "quadratic"
-    lookup: int = DEFAULT_LOOKUP
+    # decoding settings (mlx_mtp.api.make_decoder; all None: the per-step policy)
+    decoding: Dict[str, Any] = field(default_factory=dict)
     cache_count: int = 8  # conversations whose caches are kept
     cache_bytes: int = 2 << 30  # their total size
     max_queue: int = 32  # requests waiting or running; more get a 503
@@ -417,12 +424,10 @@ class Worker:
                 self.tokenizer,
                 job.prompt[reused:],
                 max_tokens=job.max_tokens,
-                num_masks=self.config.num_masks,
-                mode=self.config.mode,
-                lookup=self.config.lookup,
                 stop=job.stop or None,
                 prompt_cache=entry.cache,
                 context=job.prompt[:reused],
+                **self.config.decoding,
                 **job.sampling,
             )
         except (TypeError, ValueError) as e:  # the request's arguments (checked before anything runs)
@@ -443,6 +448,8 @@ class Worker:
                     tokens_per_step=r.tokens_per_step,
                     num_masks=r.num_masks,
                     mode=r.mode,
+                    policy=r.policy,
+                    choices=r.choices,
                 )
                 if job.cancelled.is_set():
                     responses.close()
@@ -485,11 +492,16 @@ def _usage(stats: dict) -> dict:
 
 
 def _speculation(stats: dict) -> dict:
+    choices = stats.get("choices") or {}
+    total = sum(choices.values())
     return {
         "steps": stats.get("steps", 0),
         "tokens_per_step": round(stats.get("tokens_per_step", 0.0), 4),
         "num_masks": stats.get("num_masks", 0),
         "mode": stats.get("mode", "off"),
+        "policy": stats.get("policy", False),
+        # share of steps per choice (what each step fed: decoding.policy.KINDS)
+        "choices": {kind: round(n / total, 4) for kind, n in choices.items()} if total else {},
         "prefill_tokens": stats.get("prefill_tokens", 0),
     }
 
@@ -691,19 +703,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0, help="temperature when a request gives none (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="top-p when a request gives none")
     p.add_argument("--top-k", type=int, default=0, help="top-k when a request gives none")
-    p.add_argument(
-        "--num-masks",
-        type=int,
-        default=None,
-        help="masks' speculated tokens per step (default: the adapter's choice for this device)",
-    )
-    p.add_argument("--mode", choices=MODES, default="quadratic", help="decoding layout (default: quadratic)")
-    p.add_argument(
-        "--lookup",
-        type=int,
-        default=DEFAULT_LOOKUP,
-        help=f"prompt lookup drafts per step (default: {DEFAULT_LOOKUP}; 0: off)",
-    )
+    add_decoding_args(p)
     p.add_argument("--prompt-cache-size", type=int, default=8, help="conversations whose caches are kept (default: 8)")
     p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30, help="their total size in bytes (default: 2 GiB)")
     p.add_argument("--max-queue", type=int, default=32, help="requests queued at once; more get a 503 (default: 32)")
@@ -724,11 +724,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue"):
             if getattr(args, name) < (0 if name == "port" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}")
-        from .decoding.decode import SpeculativeDecoder
         from .loading import load
 
         model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-        SpeculativeDecoder(model, num_masks=args.num_masks, mode=args.mode, lookup=args.lookup)  # checks k, mode
+        make_decoder(model, **decoding_settings(args))  # checks the settings; calibrates once for the policy
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -744,9 +743,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         temp=args.temp,
         top_p=args.top_p,
         top_k=args.top_k,
-        num_masks=args.num_masks,
-        mode=args.mode,
-        lookup=args.lookup,
+        decoding=decoding_settings(args),
         cache_count=args.prompt_cache_size,
         cache_bytes=args.prompt_cache_bytes,
         max_queue=args.max_queue,

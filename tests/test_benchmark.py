@@ -46,7 +46,7 @@ def run_benchmark(dirs, tmp_path, *args) -> dict:
 
 
 def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
-    result = run_benchmark(dirs, tmp_path, "--categories", "coding,math_reasoning")
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding,math_reasoning", "--configs", f"k={K},policy")
     for key in (
         "model",
         "adapter",
@@ -81,6 +81,32 @@ def test_benchmark_json_and_table(dirs, tmp_path, capsys):  # noqa: F811
     text = capsys.readouterr().out
     assert "overall" in text and "identical" in text and "relative to T=1" in text
     assert "acceptance per depth" in text and "fastest here: --num-masks" in text
+    # every configuration ran every prompt; the first one's figures are the top-level ones
+    assert [c["name"] for c in result["configs"]] == [f"k={K}", "policy"]
+    fixed, policy = result["configs"]
+    assert fixed["overall"] == result["overall"] and not fixed["policy"] and policy["policy"]
+    assert policy["overall"]["prompts"] == 4 and policy["overall"]["identical"] == 4 and policy["projection"] == []
+    assert sum(policy["choices"].values()) == pytest.approx(1.0)
+    assert set(policy["choices"]) <= {"plain", "masks", "copy", "chain", "branches", "tree"}
+    assert set(fixed["choices"]) <= {"masks", "copy", "chain"}
+    assert "speedup over mlx-lm (same run), by configuration:" in text and "steps per choice: " in text
+
+
+def test_benchmark_policy_by_default(dirs, tmp_path, capsys):  # noqa: F811
+    """No setting fixed: the policy alone; --configs names must be policy or k=N."""
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding")
+    assert result["policy"] is True and [c["name"] for c in result["configs"]] == ["policy"]
+    assert result["lookup"] == 10 and result["num_masks"] == K and result["branches"] == 3
+    assert result["overall"]["identical"] == 2 and result["projection"] == []
+    assert "(the per-step policy)" in capsys.readouterr().out
+    model_dir, adapter_dir, _ = dirs
+    for bad, message in (("k=x", "'k=x' is not 'policy' or 'k=N'"), ("policy,policy", "twice")):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(
+                ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "q.jsonl")]
+                + ["--configs", bad]
+            )
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_benchmark_num_masks_zero_runs_copied_drafts_only(dirs, tmp_path, capsys):  # noqa: F811

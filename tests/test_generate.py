@@ -2,6 +2,7 @@
 command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
 word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
 
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -115,8 +116,9 @@ def test_response_fields_with_forced_acceptance(loaded):
     seq = [r[1] for r in lm_responses(model, tokenizer, ids, 50)]
     draft = oracle_draft(model, ids + seq, rate=1.0)
     n = 1 + 6 * (K + 1)
-    _, rs = our_responses(model, tokenizer, ids, n, draft_fn=draft)
+    _, rs = our_responses(model, tokenizer, ids, n, draft_fn=draft, num_masks=K)
     assert [r.token for r in rs] == seq[:n]
+    assert not any(r.policy for r in rs) and [r.choice for r in rs[:2]] == ["masks", "chain"]
     per_step = Counter(r.steps for r in rs)
     assert [per_step[s] for s in sorted(per_step)] == [1] + [K + 1] * 6
     last = rs[-1]
@@ -127,6 +129,30 @@ def test_response_fields_with_forced_acceptance(loaded):
     assert last.logprobs.shape == (128,)
     assert mx.argmax(last.logprobs).item() == last.token
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory >= 0
+
+
+def test_policy_by_default_fixed_settings_on_request(loaded):
+    """The policy decodes unless a setting is fixed; its responses count the
+    steps per choice; policy=True with a fixed setting is refused."""
+    from mlx_mtp.api import make_decoder
+    from mlx_mtp.decoding.policy import KINDS
+
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    seq = [r[1] for r in lm_responses(model, tokenizer, ids, 30)]
+    _, rs = our_responses(model, tokenizer, ids, 30)
+    assert [r.token for r in rs] == seq
+    assert all(r.policy and r.choice in KINDS for r in rs)
+    assert sum(rs[-1].choices.values()) == rs[-1].steps
+    assert rs[0].choices == {rs[0].choice: 1}
+    assert make_decoder(model).costs is not None
+    for fixed in (dict(num_masks=1), dict(mode="quadratic"), dict(lookup=3), dict(branches=1), dict(policy=False)):
+        assert make_decoder(model, **fixed).costs is None, fixed
+        assert not any(r.policy for r in our_responses(model, tokenizer, ids, 5, **fixed)[1])
+    with pytest.raises(ValueError, match="pass either policy=True or num_masks, lookup, not both"):
+        make_decoder(model, num_masks=2, lookup=3, policy=True)
+    # sampling: no branches or trees for the policy
+    assert make_decoder(model, temp=0.5).branches == 1 and make_decoder(model).branches == 3
 
 
 def test_generate_text_equals_mlx_lm(loaded, capsys):
@@ -141,8 +167,11 @@ def test_generate_text_equals_mlx_lm(loaded, capsys):
     out = capsys.readouterr().out
     assert text == expected and text in out
     assert "Prompt: 6 tokens" in out and "Generation: 20 tokens" in out
-    assert "tokens/step over" in out and f"(k={K}, quadratic)" in out
+    # the policy by default: the share of steps per choice
+    assert re.search(r"tokens/step over \d+ steps \(policy: [a-z]+ \d+%", out)
     assert "Peak memory:" in out
+    assert generate(model, tokenizer, PROMPT, max_tokens=20, policy=False, verbose=True) == expected
+    assert f"(k={K}, quadratic)" in capsys.readouterr().out
     # k = 0: copied drafts only, said so; plain decoding says "off"
     assert generate(model, tokenizer, PROMPT, max_tokens=20, num_masks=0, verbose=True) == expected
     assert "(k=0: copied drafts only)" in capsys.readouterr().out
@@ -229,7 +258,7 @@ def test_cli_generates_like_mlx_lm(dirs, loaded, capsys):
     lines = out.splitlines()
     assert any(l.startswith(f"Prompt: {len(ids)} tokens, ") and l.endswith("tokens-per-sec") for l in lines)
     assert any(l.startswith(f"Generation: {n} tokens, ") for l in lines)
-    assert any(l.startswith("Acceptance: ") and l.endswith(f"(k={K}, quadratic)") for l in lines)
+    assert any(l.startswith("Acceptance: ") and "(policy: " in l for l in lines)
     assert any(l.startswith("Peak memory: ") and l.endswith(" GB") for l in lines)
 
     raw = lm_generate(model.model, tokenizer, PROMPT, max_tokens=8)
@@ -289,9 +318,9 @@ def test_cli_as_module(dirs):
     assert ok.returncode == 0, ok.stderr
     assert len(ok.stdout.split()) == 5
     assert "Warning" not in ok.stderr and "Traceback" not in ok.stderr
-    bad = run(*cli(dirs, "--prompt", PROMPT, "--num-masks", "99"))
+    bad = run(*cli(dirs, "--prompt", PROMPT, "--num-masks", "9"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.startswith("error: num_masks=99")
+    assert bad.stderr.startswith("error: num_masks=9 is more than the adapter was trained with")
 
 
 # --- the real default model -----------------------------------------------------------------

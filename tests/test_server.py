@@ -101,7 +101,10 @@ def test_chat_and_completions_with_the_openai_client(server, loaded):
     assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == n_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     spec = r.model_extra["speculation"]
-    assert spec["num_masks"] == model.default_num_masks and spec["steps"] >= 1
+    # the per-step policy by default: up to the adapter's k, its choices' shares add up
+    assert spec["num_masks"] == model.num_masks and spec["steps"] >= 1 and spec["policy"] is True
+    assert set(spec["choices"]) <= {"plain", "masks", "copy", "chain", "branches", "tree"}
+    assert sum(spec["choices"].values()) == pytest.approx(1.0, abs=1e-3)
     assert spec["tokens_per_step"] == pytest.approx(r.usage.completion_tokens / spec["steps"], abs=1e-3)
     # streamed: the same text, chunk by chunk, the last with the finish reason
     chunks = list(

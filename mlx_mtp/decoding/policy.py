@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 SOURCES = ("mtp", "lookup", "datastore")
+KINDS = ("plain", "masks", "copy", "chain", "branches", "tree")
+# the most branches of the masks' chain the decoder offers the policy
+MAX_BRANCHES = 3
 
 
 class Costs(Protocol):

@@ -207,6 +207,8 @@ class MTPModel(nn.Module):
         self._draft_head = None
         # responses for datastore drafts (mlx_mtp.datastore), set by the adapter
         self.datastore = None
+        # the per-step policy's prior acceptance (decoding.policy.Priors), set by the adapter
+        self.policy_priors = None
         self.config = config
         self.masks: Optional[MaskEmbeddings] = None
         self.sampler: Optional[SamplerHead] = None
