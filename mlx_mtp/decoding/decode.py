@@ -53,6 +53,14 @@ has no such match, an adapter's datastore (:mod:`mlx_mtp.decoding.datastore`: th
 responses it was trained on) drafts the most common continuation of the last
 tokens in the same way.
 
+With ``costs`` (a calibrated :class:`~mlx_mtp.calibrate.CostModel`), a
+:class:`~mlx_mtp.decoding.policy.Policy` chooses each step's plan instead of
+fixed settings: plain, masks only, a copy, the chain to some depth, branches,
+or a copy beside the chain as one tree, each with 0..k masks per masked token
+(:class:`~mlx_mtp.decoding.policy.Choice`). The sampler head's probability of
+each chain token travels to the host in the step's packed array, for the
+policy to read; after each step it learns how far each branch was right.
+
 Only the accepted regular tokens are committed to the KV cache (their entries
 equal the base model's); masks and rejected tokens are dropped.
 
