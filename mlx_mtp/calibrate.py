@@ -17,12 +17,11 @@ not computed: attention costs the same), and the sampler head's call (one per
 drafted token). :class:`CostModel` interpolates the table (linear in T between
 measured widths, linear in C: attention is). :func:`cost_model` measures once
 per (model shape, weights' format, adapter, device, BLAS, MLX version) and
-caches the table as JSON in ``calibration/`` under ``$MLX_MTP_CACHE`` (else
-``$XDG_CACHE_HOME/mlx_mtp``, else ``~/.cache/mlx_mtp``; ``$MLX_MTP_CALIBRATION``
-names the directory itself);
-a cache that cannot be read, does not parse, or was measured for something
-else is measured again and rewritten, and one that cannot be written is
-skipped. How the policy uses the costs: docs/calibration.md.
+caches the table as JSON in ``calibration/`` under the cache root
+(:func:`mlx_mtp.user_cache.cache_root`; ``$MLX_MTP_CALIBRATION`` names the
+directory itself); a cache that cannot be read, does not parse, or was
+measured for something else is measured again and rewritten, and one that
+cannot be written is skipped. How the policy uses the costs: docs/calibration.md.
 """
 
 import argparse
@@ -43,6 +42,7 @@ import mlx.core as mx
 from .arguments import add_model_args
 from .errors import USER_ERROR_EXIT, MTPError
 from .files import atomic_write
+from .user_cache import cache_root
 
 FORMAT = 1  # of the cache files; a file of another format is measured again
 # contexts measured: a short prompt and a long answer; costs are linear in
@@ -415,16 +415,10 @@ def calibrate(
 
 # --- the cache on disk --------------------------------------------------------------------
 def cache_dir() -> Path:
-    """``$MLX_MTP_CALIBRATION``, else ``calibration/`` under ``$MLX_MTP_CACHE``,
-    else under ``$XDG_CACHE_HOME/mlx_mtp``, else under ``~/.cache/mlx_mtp``."""
+    """``$MLX_MTP_CALIBRATION``, else ``calibration/`` under the cache root
+    (:func:`mlx_mtp.user_cache.cache_root`)."""
     own = os.environ.get("MLX_MTP_CALIBRATION")
-    if own:
-        return Path(own)
-    root = os.environ.get("MLX_MTP_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "mlx_mtp") if xdg else os.path.join(Path.home(), ".cache", "mlx_mtp")
-    return Path(root) / "calibration"
+    return Path(own) if own else cache_root() / "calibration"
 
 
 def cache_path(ident: Dict[str, object], directory: Optional[Path] = None) -> Path:

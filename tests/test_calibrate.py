@@ -145,20 +145,6 @@ def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch):
     assert not result.written and list(tmp_path.iterdir()) == []
 
 
-def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLX_MTP_CALIBRATION", str(tmp_path / "own"))
-    assert cal.cache_dir() == tmp_path / "own"
-    monkeypatch.delenv("MLX_MTP_CALIBRATION")
-    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "x"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cal.cache_dir() == tmp_path / "x" / "calibration"
-    monkeypatch.delenv("MLX_MTP_CACHE")
-    assert cal.cache_dir() == tmp_path / "xdg" / "mlx_mtp" / "calibration"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cal.cache_dir() == tmp_path / "home" / ".cache" / "mlx_mtp" / "calibration"
-
-
 def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLX_MTP_CALIBRATION", str(tmp_path))
     assert cal.main(["--model", str(tmp_path / "nothing")]) == 2
