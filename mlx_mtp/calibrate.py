@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 
 from .arguments import add_model_args
-from .errors import USER_ERROR_EXIT, MTPError
+from .errors import USER_ERROR_EXIT, MTPError, WriteError
 from .files import atomic_write
 from .user_cache import cache_root
 
@@ -432,7 +432,7 @@ def read_cached(path: Path, ident: Dict[str, object]) -> Optional[CostTable]:
     for ``ident``; None otherwise (never raises)."""
     try:
         table = CostTable.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return table if table.identity == ident else None
 
@@ -444,7 +444,7 @@ def write_cached(path: Path, table: CostTable) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(table), indent=1)))
         return True
-    except OSError:
+    except (OSError, WriteError):  # atomic_write reports an OSError as a WriteError
         return False
 
 

@@ -112,16 +112,25 @@ def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
         lambda d: "{not json",
         lambda d: "",
         lambda d: json.dumps({**d, "plain": [[-1.0, 1.0]]}),  # a negative cost
+        lambda d: json.dumps({**d, "plain": [[float("nan")] * len(r) for r in d["plain"]]}),  # non-finite
+        lambda d: json.dumps({**d, "gated": [[float("inf")] * len(r) for r in d["gated"]]}),
+        lambda d: json.dumps({**d, "sampler_call": float("nan")}),
+        lambda d: json.dumps(d)[: len(json.dumps(d)) // 2],  # half-written
+        lambda d: b"\xff\xfe\x00binary",  # not UTF-8
+        lambda d: "[" * 100_000,  # nested past the parser's recursion limit
         lambda d: json.dumps({**d, "widths": "12"}),
         lambda d: json.dumps({**d, "identity": {**d["identity"], "mlx": "0.0.1"}}),  # stale: another MLX
         lambda d: json.dumps({**d, "identity": {**d["identity"], "format": cal.FORMAT - 1}}),
+        lambda d: json.dumps({**d, "identity": cal.identity(tiny_mtp(num_masks=3))}),  # another adapter
+        lambda d: json.dumps({k: v for k, v in d.items() if k != "identity"}),  # no identity
         lambda d: json.dumps([1, 2]),
     ],
 )
 def test_corrupt_or_stale_cache_is_measured_again_and_rewritten(tmp_path, quick, corrupt):
     model = tiny_mtp(num_masks=2)
     good = cal.cost_model(model, directory=tmp_path)
-    good.path.write_text(corrupt(json.loads(good.path.read_text())))
+    bad = corrupt(json.loads(good.path.read_text()))
+    good.path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
     result = cal.cost_model(model, directory=tmp_path)
     assert not result.cached and result.written
     assert cal.read_cached(result.path, cal.identity(model)) is not None
@@ -136,13 +145,24 @@ def test_unwritable_cache_never_fails_a_run(tmp_path, quick):
     assert blocker.read_text() == ""
 
 
-def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch):
-    def refuse(path, write):
-        raise PermissionError(13, "Permission denied", str(path))
+@pytest.mark.parametrize("fails", ["tempfile.mkstemp", "os.replace", "pathlib.Path.mkdir"])
+def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch, fails):
+    """A read-only cache through the real atomic writer: root ignores file
+    modes, so the call a read-only directory makes fail fails here."""
+    model = tiny_mtp(num_masks=2)
+    directory = tmp_path / "new" if fails.endswith("mkdir") else tmp_path
+    stale = cal.cache_path(cal.identity(model), tmp_path)
+    stale.write_text("{not json")
 
-    monkeypatch.setattr(cal, "atomic_write", refuse)
-    result = cal.cost_model(tiny_mtp(num_masks=2), directory=tmp_path)
-    assert not result.written and list(tmp_path.iterdir()) == []
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(fails, refuse)
+    result = cal.cost_model(model, directory=directory)
+    monkeypatch.undo()
+    assert not result.cached and not result.written
+    assert result.costs.cost(2, 8, gated=True) > 0
+    assert sorted(tmp_path.iterdir()) == [stale] and stale.read_text() == "{not json"
 
 
 def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
