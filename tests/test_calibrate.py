@@ -76,6 +76,60 @@ def test_calibrate_measures_every_width_and_path():
     CostModel(t)  # well formed
 
 
+def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypatch):
+    """Every width on both paths at the first context, the plain path's ends
+    at the longer one (both paths get its change), the sampler chain: each
+    timed by one round robin; costs here are synthetic."""
+    seen = {}
+
+    def fake(runs, repeats):
+        seen.update(runs=set(runs), repeats=repeats)
+        cost = {k: (k[2] + (3.0 if k[1] else 0.0) + k[0] * 0.5 * k[2]) for k in runs if k != "sampler"}
+        return {**cost, "sampler": 0.4}, 17
+
+    monkeypatch.setattr(cal, "time_round_robin", fake)
+    t = cal.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4], contexts=[8, 40], repeats=3)
+    shapes = {(0, g, w) for g in (False, True) for w in (1, 2, 4)} | {(1, False, 1), (1, False, 4)}
+    assert seen == {"runs": shapes | {"sampler"}, "repeats": 3}
+    assert t.plain == [[1.0, 2.0, 4.0], [1.5, 3.0, 6.0]]
+    assert t.gated == [[4.0, 5.0, 7.0], [4.5, 6.0, 9.0]]
+    assert t.sampler_call == pytest.approx(0.1) and t.timings == 17
+
+
+@pytest.mark.parametrize(
+    "scripted, repeats, best, count",
+    [
+        ({"a": [1.0, 1.04, 9.0], "b": [2.0, 1.0, 1.02]}, 3, {"a": 1.0, "b": 1.0}, 5),  # a settles at 2
+        ({"a": [1.0, 2.0, 3.0, 0.5]}, 3, {"a": 1.0}, 3),  # never settles: at most repeats
+        ({"a": [3.0, 1.0], "b": [2.0, 2.0]}, 2, {"a": 1.0, "b": 2.0}, 4),
+        ({"a": [3.0, 1.0]}, 1, {"a": 3.0}, 1),
+    ],
+)
+def test_round_robin_stops_where_two_timings_agree(monkeypatch, scripted, repeats, best, count):
+    order = []
+
+    def timed(fn, repeats):
+        return fn()
+
+    def run(key):
+        it = iter(scripted[key])
+        return lambda: order.append(key) or next(it)
+
+    monkeypatch.setattr(cal, "time_call", timed)
+    result = cal.time_round_robin({k: run(k) for k in scripted}, repeats, agree=0.05)
+    assert result == (best, count)
+    keys = list(scripted)
+    assert order[: len(keys)] == keys  # round robin: every run once before any twice
+
+
+def test_widths_double_to_the_bend_then_grow_fourfold():
+    assert cal.widths_up_to(32) == [1, 2, 4, 8, 32]
+    assert cal.widths_up_to(64) == [1, 2, 4, 8, 32, 64]
+    assert cal.widths_up_to(25) == [1, 2, 4, 8, 25]
+    assert cal.widths_up_to(6) == [1, 2, 4, 6]
+    assert cal.widths_up_to(2) == [1, 2]
+
+
 def test_calibrate_without_adapter_has_no_gated_costs():
     t = cal.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
     assert t.gated is None and t.sampler_call == 0.0 and t.identity["adapter"] is None
