@@ -11,9 +11,10 @@ cost depends on the machine, the weights' format and the path it takes:
 - ``gated``: a decoding layout with mask tokens, gated LoRA and an explicit
   attention mask (:meth:`MTPModel.forward_layout`).
 
-:func:`calibrate` times both for T = 1, 2, 4, ... up to the widest forward the
-decoder feeds, at a few context lengths (the KV cache is filled with zeros,
-not computed: attention costs the same), and the sampler head's call (one per
+:func:`calibrate` times both for T = 1, 2, 4, 8, then 4x wider, up to the
+widest forward the decoder feeds, at a short context, the plain path's
+narrowest and widest at a long one (the KV cache is filled with zeros, not
+computed: attention costs the same), and the sampler head's call (one per
 drafted token). :class:`CostModel` interpolates the table (linear in T between
 measured widths, linear in C: attention is). :func:`cost_model` measures once
 per (model shape, weights' format, adapter, device, BLAS, MLX version) and
