@@ -11,18 +11,18 @@ cost depends on the machine, the weights' format and the path it takes:
 - ``gated``: a decoding layout with mask tokens, gated LoRA and an explicit
   attention mask (:meth:`MTPModel.forward_layout`).
 
-:func:`calibrate` times both for T = 1, 2, 4, ... up to the widest forward the
-decoder feeds, at a few context lengths (the KV cache is filled with zeros,
-not computed: attention costs the same), and the sampler head's call (one per
+:func:`calibrate` times both for T = 1, 2, 4, 8, then 4x wider, up to the
+widest forward the decoder feeds, at a short context, the plain path's
+narrowest and widest at a long one (the KV cache is filled with zeros, not
+computed: attention costs the same), and the sampler head's call (one per
 drafted token). :class:`CostModel` interpolates the table (linear in T between
 measured widths, linear in C: attention is). :func:`cost_model` measures once
 per (model shape, weights' format, adapter, device, BLAS, MLX version) and
-caches the table as JSON in ``calibration/`` under ``$MLX_MTP_CACHE`` (else
-``$XDG_CACHE_HOME/mlx_mtp``, else ``~/.cache/mlx_mtp``; ``$MLX_MTP_CALIBRATION``
-names the directory itself);
-a cache that cannot be read, does not parse, or was measured for something
-else is measured again and rewritten, and one that cannot be written is
-skipped. How the policy uses the costs: docs/calibration.md.
+caches the table as JSON in ``calibration/`` under the cache root
+(:func:`mlx_mtp.user_cache.cache_root`; ``$MLX_MTP_CALIBRATION`` names the
+directory itself); a cache that cannot be read, does not parse, or was
+measured for something else is measured again and rewritten, and one that
+cannot be written is skipped. How the policy uses the costs: docs/calibration.md.
 """
 
 import argparse
@@ -36,13 +36,14 @@ import time
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from .arguments import add_model_args
-from .errors import USER_ERROR_EXIT, MTPError
+from .errors import USER_ERROR_EXIT, MTPError, WriteError
 from .files import atomic_write
+from .user_cache import cache_root
 
 FORMAT = 1  # of the cache files; a file of another format is measured again
 # contexts measured: a short prompt and a long answer; costs are linear in
@@ -51,7 +52,11 @@ CONTEXTS = (64, 1024)
 # the widest forward measured by default: quadratic decoding at k=4 feeds
 # (k+1)^2 = 25 tokens; wider ones are extrapolated (``--max-width``)
 MAX_WIDTH = 32
-REPEATS = 2  # rounds over the shapes (the fastest counts): ~70 one-token forwards in all, a few seconds
+# widths doubled up to here, where a forward's cost stops bending (a fixed cost
+# of reading the weights, then ~linear in T), then every 4x
+BEND = 8
+REPEATS = 2  # timings of a shape at most (the fastest counts); fewer where two agree within AGREE
+AGREE = 0.05  # two timings this close (relative) settle a shape
 
 
 def weights_dtype(model) -> str:
@@ -70,11 +75,13 @@ def weights_dtype(model) -> str:
 
 
 def widths_up_to(max_width: int) -> List[int]:
-    """1, 2, 4, ... up to ``max_width`` (which is included)."""
+    """1, 2, 4, ... doubling up to :data:`BEND`, then every 4x, up to
+    ``max_width`` (which is included): 1, 2, 4, 8, 32 for 32; 1, 2, 4, 8, 32,
+    64 for 64."""
     widths, w = [], 1
     while w < max_width:
         widths.append(w)
-        w *= 2
+        w *= 2 if w < BEND else 4
     return widths + [max_width]
 
 
@@ -126,6 +133,7 @@ class CostTable:
     gated: Optional[List[List[float]]] = None
     sampler_call: float = 0.0  # seconds per sampler-head call (0: no adapter)
     seconds: float = 0.0  # how long the measurement took
+    timings: int = 0  # forwards (and sampler chains) timed
     identity: Dict[str, object] = field(default_factory=dict)
 
     def validate(self):
@@ -170,6 +178,7 @@ class CostTable:
             gated=None if d.get("gated") is None else rows(d["gated"]),
             sampler_call=float(d.get("sampler_call", 0.0)),
             seconds=float(d.get("seconds", 0.0)),
+            timings=int(d.get("timings", 0)),
             identity=dict(d.get("identity", {})),
         )
         table.validate()
@@ -329,8 +338,8 @@ def forward_cost(model, cache, width: int, gated: bool, repeats: int = REPEATS) 
     return time_call(forward_fn(model, cache, width, gated), repeats)
 
 
-def sampler_call_cost(model, repeats: int = REPEATS, depth: int = 4) -> float:
-    """Seconds per sampler-head call in a greedy draft chain (``depth`` calls)."""
+def sampler_fn(model, depth: int) -> Callable[[], mx.array]:
+    """A greedy draft chain of ``depth`` sampler-head calls."""
     z = mx.random.normal((1, depth, model.hidden_size))
     mx.eval(z)
 
@@ -340,7 +349,37 @@ def sampler_call_cost(model, repeats: int = REPEATS, depth: int = 4) -> float:
             prev = mx.argmax(model.sampler_logits(prev, z[:, j]), axis=-1).astype(mx.int32)
         return prev
 
-    return time_call(run, repeats) / depth
+    return run
+
+
+def _settled(times: List[float], agree: float) -> bool:
+    """Whether the two fastest of ``times`` agree within ``agree``."""
+    if len(times) < 2:
+        return False
+    first, second = sorted(times)[:2]
+    return second <= first * (1 + agree)
+
+
+def time_round_robin(
+    runs: Dict[object, Callable[[], mx.array]], repeats: int = REPEATS, agree: float = AGREE
+) -> Tuple[Dict[object, float], int]:
+    """Seconds of each of ``runs``, the fastest of its timings (the least
+    disturbed by other processes). They are timed in rounds, each round over
+    the runs not yet settled (a burst of load from other processes hits every
+    run alike); a run is settled when its two fastest timings agree within
+    ``agree``, or after ``repeats`` timings.
+
+    Returns:
+        ``{key: seconds}`` and the number of timings made.
+    """
+    times: Dict[object, List[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        pending = [key for key, t in times.items() if not _settled(t, agree)]
+        if not pending:
+            break
+        for key in pending:
+            times[key].append(time_call(runs[key], 1))
+    return {key: min(t) for key, t in times.items()}, sum(map(len, times.values()))
 
 
 def _monotone(row: List[float]) -> List[float]:
@@ -360,10 +399,13 @@ def calibrate(
 ) -> CostTable:
     """Measure the cost table of ``model`` (an :class:`MTPModel`) here.
 
-    Every width is measured at the first context; at the others only the
-    narrowest and the widest, the rest following the first context's row plus
-    the change in cost, interpolated linearly in the width (attention over
-    the cache costs ~width x context)."""
+    Every width is measured on every path at the first context; at the
+    others only the plain path's narrowest and widest. The change in cost
+    from the first context is interpolated linearly in the width (attention
+    over the cache costs ~width x context) and added to both paths' rows
+    (both attend over the same cache; the gated path's explicit mask adds
+    ~width x context booleans). Each shape is timed up to ``repeats`` times
+    (:func:`time_round_robin`)."""
     from .model.mtp_model import MTPModel
 
     if not isinstance(model, MTPModel):
@@ -372,59 +414,45 @@ def calibrate(
     tic = time.perf_counter()
     paths = (False, True) if model.num_masks > 0 else (False,)
     caches = [fill_cache(model, context, widths[-1]) for context in contexts]
-    # every width at the first context; the narrowest and widest at the others
-    shapes = [
-        (i, gated, w)
-        for i in range(len(contexts))
-        for gated in paths
-        for w in (widths if i == 0 else sorted({widths[0], widths[-1]}))
-    ]
-    runs = {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
-    for gated in paths:  # buffers for the widest forwards first: narrower ones reuse them
-        mx.eval(runs[(0, gated, widths[-1])]())
-    # round-robin: a burst of load from other processes hits every shape alike
-    best = {s: float("inf") for s in shapes}
-    for _ in range(repeats):
-        for s in shapes:
-            best[s] = min(best[s], time_call(runs[s], 1))
+    ends = sorted({widths[0], widths[-1]})
+    # every width and path at the first context; the plain path's ends at the others
+    shapes = [(0, gated, w) for gated in paths for w in reversed(widths)]
+    shapes += [(i, False, w) for i in range(1, len(contexts)) for w in ends]
+    runs: Dict[object, Callable[[], mx.array]] = {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
+    depth = 4  # sampler-head calls timed together (one chain)
+    if model.num_masks > 0:
+        runs["sampler"] = sampler_fn(model, depth)
+    # one warm-up, the widest forward on the last path: its buffers serve the narrower ones
+    mx.eval(runs[(0, paths[-1], widths[-1])]())
+    best, timings = time_round_robin(runs, repeats)
     rows: Dict[bool, List[List[float]]] = {gated: [] for gated in paths}
     for gated in paths:
         first = [best[(0, gated, w)] for w in widths]
         rows[gated].append(_monotone(first))
         for i in range(1, len(contexts)):
-            lo = best[(i, gated, widths[0])] - first[0]
-            hi = best[(i, gated, widths[-1])] - first[-1]
-            row = [
-                c + (_interp([widths[0], widths[-1]], [lo, hi], w) if len(widths) > 1 else lo)
-                for c, w in zip(first, widths)
-            ]
+            change = [best[(i, False, w)] - best[(0, False, w)] for w in ends]
+            row = [c + (_interp(ends, change, w) if len(ends) > 1 else change[0]) for c, w in zip(first, widths)]
             rows[gated].append(_monotone([max(c, 1e-6) for c in row]))
-    del caches
-    sampler = sampler_call_cost(model, repeats) if model.num_masks > 0 else 0.0
+    del caches, runs
     mx.clear_cache()
     return CostTable(
         widths=widths,
         contexts=list(contexts),
         plain=rows[False],
         gated=rows.get(True),
-        sampler_call=sampler,
+        sampler_call=best["sampler"] / depth if "sampler" in best else 0.0,
         seconds=time.perf_counter() - tic,
+        timings=timings,
         identity=identity(model),
     )
 
 
 # --- the cache on disk --------------------------------------------------------------------
 def cache_dir() -> Path:
-    """``$MLX_MTP_CALIBRATION``, else ``calibration/`` under ``$MLX_MTP_CACHE``,
-    else under ``$XDG_CACHE_HOME/mlx_mtp``, else under ``~/.cache/mlx_mtp``."""
+    """``$MLX_MTP_CALIBRATION``, else ``calibration/`` under the cache root
+    (:func:`mlx_mtp.user_cache.cache_root`)."""
     own = os.environ.get("MLX_MTP_CALIBRATION")
-    if own:
-        return Path(own)
-    root = os.environ.get("MLX_MTP_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "mlx_mtp") if xdg else os.path.join(Path.home(), ".cache", "mlx_mtp")
-    return Path(root) / "calibration"
+    return Path(own) if own else cache_root() / "calibration"
 
 
 def cache_path(ident: Dict[str, object], directory: Optional[Path] = None) -> Path:
@@ -438,7 +466,7 @@ def read_cached(path: Path, ident: Dict[str, object]) -> Optional[CostTable]:
     for ``ident``; None otherwise (never raises)."""
     try:
         table = CostTable.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return table if table.identity == ident else None
 
@@ -450,7 +478,7 @@ def write_cached(path: Path, table: CostTable) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(table), indent=1)))
         return True
-    except OSError:
+    except (OSError, WriteError):  # atomic_write reports an OSError as a WriteError
         return False
 
 
@@ -516,7 +544,8 @@ def main(argv=None) -> int:
     table = result.costs.table
     print(f"BLAS: {describe()}")
     print(f"weights: {table.identity['dtype']}, device: {table.identity['device']}, MLX {table.identity['mlx']}")
-    print(f"seconds per forward over T new tokens after C cached ones (measured in {table.seconds:.1f} s):")
+    took = f"measured in {table.seconds:.1f} s, {table.timings} timings"
+    print(f"seconds per forward over T new tokens after C cached ones ({took}):")
     print(result.costs.describe())
     where = f"cached in {result.path}" if result.written else f"not cached ({result.path.parent} is not writable)"
     print(where)

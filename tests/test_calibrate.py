@@ -76,6 +76,60 @@ def test_calibrate_measures_every_width_and_path():
     CostModel(t)  # well formed
 
 
+def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypatch):
+    """Every width on both paths at the first context, the plain path's ends
+    at the longer one (both paths get its change), the sampler chain: each
+    timed by one round robin; costs here are synthetic."""
+    seen = {}
+
+    def fake(runs, repeats):
+        seen.update(runs=set(runs), repeats=repeats)
+        cost = {k: (k[2] + (3.0 if k[1] else 0.0) + k[0] * 0.5 * k[2]) for k in runs if k != "sampler"}
+        return {**cost, "sampler": 0.4}, 17
+
+    monkeypatch.setattr(cal, "time_round_robin", fake)
+    t = cal.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4], contexts=[8, 40], repeats=3)
+    shapes = {(0, g, w) for g in (False, True) for w in (1, 2, 4)} | {(1, False, 1), (1, False, 4)}
+    assert seen == {"runs": shapes | {"sampler"}, "repeats": 3}
+    assert t.plain == [[1.0, 2.0, 4.0], [1.5, 3.0, 6.0]]
+    assert t.gated == [[4.0, 5.0, 7.0], [4.5, 6.0, 9.0]]
+    assert t.sampler_call == pytest.approx(0.1) and t.timings == 17
+
+
+@pytest.mark.parametrize(
+    "scripted, repeats, best, count",
+    [
+        ({"a": [1.0, 1.04, 9.0], "b": [2.0, 1.0, 1.02]}, 3, {"a": 1.0, "b": 1.0}, 5),  # a settles at 2
+        ({"a": [1.0, 2.0, 3.0, 0.5]}, 3, {"a": 1.0}, 3),  # never settles: at most repeats
+        ({"a": [3.0, 1.0], "b": [2.0, 2.0]}, 2, {"a": 1.0, "b": 2.0}, 4),
+        ({"a": [3.0, 1.0]}, 1, {"a": 3.0}, 1),
+    ],
+)
+def test_round_robin_stops_where_two_timings_agree(monkeypatch, scripted, repeats, best, count):
+    order = []
+
+    def timed(fn, repeats):
+        return fn()
+
+    def run(key):
+        it = iter(scripted[key])
+        return lambda: order.append(key) or next(it)
+
+    monkeypatch.setattr(cal, "time_call", timed)
+    result = cal.time_round_robin({k: run(k) for k in scripted}, repeats, agree=0.05)
+    assert result == (best, count)
+    keys = list(scripted)
+    assert order[: len(keys)] == keys  # round robin: every run once before any twice
+
+
+def test_widths_double_to_the_bend_then_grow_fourfold():
+    assert cal.widths_up_to(32) == [1, 2, 4, 8, 32]
+    assert cal.widths_up_to(64) == [1, 2, 4, 8, 32, 64]
+    assert cal.widths_up_to(25) == [1, 2, 4, 8, 25]
+    assert cal.widths_up_to(6) == [1, 2, 4, 6]
+    assert cal.widths_up_to(2) == [1, 2]
+
+
 def test_calibrate_without_adapter_has_no_gated_costs():
     t = cal.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
     assert t.gated is None and t.sampler_call == 0.0 and t.identity["adapter"] is None
@@ -112,16 +166,25 @@ def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
         lambda d: "{not json",
         lambda d: "",
         lambda d: json.dumps({**d, "plain": [[-1.0, 1.0]]}),  # a negative cost
+        lambda d: json.dumps({**d, "plain": [[float("nan")] * len(r) for r in d["plain"]]}),  # non-finite
+        lambda d: json.dumps({**d, "gated": [[float("inf")] * len(r) for r in d["gated"]]}),
+        lambda d: json.dumps({**d, "sampler_call": float("nan")}),
+        lambda d: json.dumps(d)[: len(json.dumps(d)) // 2],  # half-written
+        lambda d: b"\xff\xfe\x00binary",  # not UTF-8
+        lambda d: "[" * 100_000,  # nested past the parser's recursion limit
         lambda d: json.dumps({**d, "widths": "12"}),
         lambda d: json.dumps({**d, "identity": {**d["identity"], "mlx": "0.0.1"}}),  # stale: another MLX
         lambda d: json.dumps({**d, "identity": {**d["identity"], "format": cal.FORMAT - 1}}),
+        lambda d: json.dumps({**d, "identity": cal.identity(tiny_mtp(num_masks=3))}),  # another adapter
+        lambda d: json.dumps({k: v for k, v in d.items() if k != "identity"}),  # no identity
         lambda d: json.dumps([1, 2]),
     ],
 )
 def test_corrupt_or_stale_cache_is_measured_again_and_rewritten(tmp_path, quick, corrupt):
     model = tiny_mtp(num_masks=2)
     good = cal.cost_model(model, directory=tmp_path)
-    good.path.write_text(corrupt(json.loads(good.path.read_text())))
+    bad = corrupt(json.loads(good.path.read_text()))
+    good.path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
     result = cal.cost_model(model, directory=tmp_path)
     assert not result.cached and result.written
     assert cal.read_cached(result.path, cal.identity(model)) is not None
@@ -136,27 +199,24 @@ def test_unwritable_cache_never_fails_a_run(tmp_path, quick):
     assert blocker.read_text() == ""
 
 
-def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch):
-    def refuse(path, write):
-        raise PermissionError(13, "Permission denied", str(path))
+@pytest.mark.parametrize("fails", ["tempfile.mkstemp", "os.replace", "pathlib.Path.mkdir"])
+def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch, fails):
+    """A read-only cache through the real atomic writer: root ignores file
+    modes, so the call a read-only directory makes fail fails here."""
+    model = tiny_mtp(num_masks=2)
+    directory = tmp_path / "new" if fails.endswith("mkdir") else tmp_path
+    stale = cal.cache_path(cal.identity(model), tmp_path)
+    stale.write_text("{not json")
 
-    monkeypatch.setattr(cal, "atomic_write", refuse)
-    result = cal.cost_model(tiny_mtp(num_masks=2), directory=tmp_path)
-    assert not result.written and list(tmp_path.iterdir()) == []
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(directory))
 
-
-def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLX_MTP_CALIBRATION", str(tmp_path / "own"))
-    assert cal.cache_dir() == tmp_path / "own"
-    monkeypatch.delenv("MLX_MTP_CALIBRATION")
-    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "x"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cal.cache_dir() == tmp_path / "x" / "calibration"
-    monkeypatch.delenv("MLX_MTP_CACHE")
-    assert cal.cache_dir() == tmp_path / "xdg" / "mlx_mtp" / "calibration"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cal.cache_dir() == tmp_path / "home" / ".cache" / "mlx_mtp" / "calibration"
+    monkeypatch.setattr(fails, refuse)
+    result = cal.cost_model(model, directory=directory)
+    monkeypatch.undo()
+    assert not result.cached and not result.written
+    assert result.costs.cost(2, 8, gated=True) > 0
+    assert sorted(tmp_path.iterdir()) == [stale] and stale.read_text() == "{not json"
 
 
 def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
