@@ -262,7 +262,8 @@ def run(args) -> int:
                 for resp in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, **config.settings):
                     ours.append(resp.token)
                     flags.append(resp.from_draft)
-                    sources.append(resp.draft_source)
+                    # steps that verified no draft ("plain", "masks") count for no source
+                    sources.append("none" if resp.choice in ("plain", "masks") else resp.draft_source)
                 done.append(
                     (
                         config.name,
@@ -392,8 +393,9 @@ def report(config: Config, records: Dict[str, List[dict]], costs: Dict[int, floa
     choices = {kind: n / total for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
     print("steps per choice: " + ", ".join(f"{kind} {share:.0%}" for kind, share in choices.items()))
     steps = [c for r in everything for c in r["accepted"]]
-    acceptance = acceptance_per_depth([c for c, src in steps if src == "mtp"], k)
-    if k:
+    chain_steps = [c for c, src in steps if src == "mtp"]
+    acceptance = acceptance_per_depth(chain_steps, k)
+    if k and (chain_steps or not config.policy):
         print(
             "acceptance per depth (steps with the masks' speculations whose j-th was accepted): "
             + ", ".join(f"{j}: {a:.2f}" for j, a in enumerate(acceptance, 1))
