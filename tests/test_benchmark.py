@@ -96,7 +96,7 @@ def test_benchmark_policy_by_default(dirs, tmp_path, capsys):  # noqa: F811
     """No setting fixed: the policy alone; --configs names must be policy or k=N."""
     result = run_benchmark(dirs, tmp_path, "--categories", "coding")
     assert result["policy"] is True and [c["name"] for c in result["configs"]] == ["policy"]
-    assert result["lookup"] == 10 and result["num_masks"] == K and result["branches"] == 3
+    assert result["lookup"] == 16 and result["num_masks"] == K and result["branches"] == 3
     assert result["overall"]["identical"] == 2 and result["projection"] == []
     assert "(the per-step policy)" in capsys.readouterr().out
     model_dir, adapter_dir, _ = dirs

@@ -24,7 +24,7 @@ import mlx.core as mx
 DEFAULT_LOOKUP = 6
 # the policy's longest copy and shortest n-gram match: it weighs each copy by
 # its n-gram's length, so short matches and long copies are offered (docs/calibration.md)
-POLICY_MAX_COPY = 10
+POLICY_MAX_COPY = 16
 POLICY_MIN_NGRAM = 1
 # tokens drafted per step from a datastore: its drafts are right for fewer
 # leading tokens than copies from the text (docs/)
