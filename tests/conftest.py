@@ -19,6 +19,7 @@ from here or from ``tiny.py``, never from each other).
 import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
 
 import atexit
+from collections import Counter
 import functools
 import math
 import os
@@ -370,3 +371,20 @@ def exact_joint(mtp, prompt, temp, top_p, top_k, n_tokens):
         d = dist(prefixes)
         joint = {c + (x,): joint[c] * d[i, x] for i, c in enumerate(prefixes) for x in range(V) if d[i, x] > 0}
     return joint
+
+
+def sample_first_tokens(decoder, prompt, n, seed, source=None):
+    """``n`` runs of three tokens: (Counter of the token triples, drafts
+    proposed, drafts accepted), counting the steps whose drafts came from
+    ``source`` (default: all)."""
+    mx.random.seed(seed)
+    counts, proposed, accepted = Counter(), 0, 0
+    for _ in range(n):
+        tokens = []
+        for step in decoder.steps(prompt, max_tokens=3):
+            tokens += step.tokens
+            if source is None or step.source == source:
+                proposed += step.proposed
+                accepted += step.accepted
+        counts[tuple(tokens)] += 1
+    return counts, proposed, accepted

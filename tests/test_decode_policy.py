@@ -5,7 +5,6 @@ synthetic cost tables it chooses what they favour."""
 import random
 from collections import Counter
 
-import mlx.core as mx
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
@@ -13,7 +12,16 @@ from mlx_mtp.calibrate import CostModel
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.policy import Policy
 
-from conftest import chi_square_pvalue, exact_joint, make_prompt, mtp_for, oracle_draft, reference, run
+from conftest import (
+    chi_square_pvalue,
+    exact_joint,
+    make_prompt,
+    mtp_for,
+    oracle_draft,
+    reference,
+    run,
+    sample_first_tokens,
+)
 from tiny import tiny_mtp
 
 ALPHA = 1e-3
@@ -162,19 +170,6 @@ def test_policy_refuses_linear_mode():
         SpeculativeDecoder(mtp_for("llama"), num_masks=2, mode="linear", costs=FLAT)
 
 
-def sample_triples(decoder, prompt, n, seed):
-    mx.random.seed(seed)
-    counts, proposed, accepted = Counter(), 0, 0
-    for _ in range(n):
-        tokens = []
-        for step in decoder.steps(prompt, max_tokens=3):
-            tokens += step.tokens
-            proposed += step.proposed
-            accepted += step.accepted
-        counts[tuple(tokens)] += 1
-    return counts, proposed, accepted
-
-
 @pytest.mark.parametrize("use_sampler, seed", [(False, 0), (True, 1)])
 def test_sampling_exact_whatever_the_policy_chooses(use_sampler, seed, monkeypatch):
     """Sampling (temperature, or an mlx-lm sampler verified by matching),
@@ -188,7 +183,7 @@ def test_sampling_exact_whatever_the_policy_chooses(use_sampler, seed, monkeypat
     kwargs = dict(sampler=make_sampler(temp=1.0)) if use_sampler else dict(temp=1.0)
     decoder = SpeculativeDecoder(mtp, num_masks=3, lookup=2, lookup_ngram=1, costs=FLAT, **kwargs)
     made = random_policy(decoder, monkeypatch, seed)
-    counts, proposed, accepted = sample_triples(decoder, prompt, N, seed)
+    counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
     kinds = sum((p.kinds for p in made), Counter())
     assert {"plain", "masks", "copy", "chain"} <= set(kinds) and not {"branches", "tree"} & set(kinds)
     assert 0.05 * proposed < accepted < 0.95 * proposed

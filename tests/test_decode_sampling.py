@@ -18,7 +18,7 @@ import pytest
 from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.verify import speculative_accept
 
-from conftest import chi2_sf, chi_square_pvalue, exact_joint
+from conftest import chi2_sf, chi_square_pvalue, exact_joint, sample_first_tokens
 from tiny import tiny_mtp
 
 ALPHA = 1e-3
@@ -59,23 +59,6 @@ def test_speculative_accept_p_equals_q():
     accept, correction = speculative_accept(p, p[:1], mx.array([1]), mx.array([0.999]))
     assert accept.tolist() == [True]
     assert correction.shape == (2,) and 0 <= correction[0].item() <= 1
-
-
-def sample_first_tokens(decoder, prompt, n, seed, source=None):
-    """``n`` runs of three tokens: (Counter of the token triples, drafts
-    proposed, drafts accepted), counting the steps whose drafts came from
-    ``source`` (default: all)."""
-    mx.random.seed(seed)
-    counts, proposed, accepted = Counter(), 0, 0
-    for _ in range(n):
-        tokens = []
-        for step in decoder.steps(prompt, max_tokens=3):
-            tokens += step.tokens
-            if source is None or step.source == source:
-                proposed += step.proposed
-                accepted += step.accepted
-        counts[tuple(tokens)] += 1
-    return counts, proposed, accepted
 
 
 @pytest.mark.parametrize(
