@@ -145,6 +145,10 @@ def _config_problem(config: Dict[str, Any]) -> Optional[str]:
     for key in ("residual", "skip"):
         if key in sampler and type(sampler[key]) is not bool:
             return f"sampler.{key} is {sampler[key]!r}, not true or false"
+    if sampler.get("hidden_dims") is not None and not _is_int(sampler["hidden_dims"], 1):
+        return f"sampler.hidden_dims is {sampler['hidden_dims']!r}, not a positive integer (or null: the model's width)"
+    if "num_layers" in sampler and not _is_int(sampler["num_layers"], 1):
+        return f"sampler.num_layers is {sampler['num_layers']!r}, not a positive integer"
     for device, k in config.get("decode_num_masks", {}).items():
         if not _is_int(k, 0, MAX_MASKS):
             return f"decode_num_masks.{device} is {k!r}, not an integer in 0..{MAX_MASKS}"
