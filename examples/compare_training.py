@@ -1,6 +1,7 @@
 """Short trainings from the same start and seed, one per set of options, in
-one table: seconds per step, sequences per hour, and validation top-1 per
-depth at the end (issue #16's controlled comparisons).
+one table: seconds per step, sequences per hour, response tokens (the data
+covered) per second, and validation top-1 per depth at the start and the
+end (issue #16's controlled comparisons).
 
     python examples/compare_training.py --run "" --run "mask_positions=0.5" \\
         --run "sampler_hidden_dims=1152 sampler_layers=3" -- \\
@@ -63,6 +64,7 @@ def summarize(records: List[dict], batch_size: int) -> Dict:
         "seconds_per_step": step,
         "sequences_per_hour": batch_size * 3600.0 / step,
         "layout_tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in train),
+        "response_tokens_per_sec": statistics.median(r["response_tokens_per_sec"] for r in train),
         "first_val": val[0] if val and val[0]["step"] == 0 else None,
         "last_val": end[-1] if end else None,
     }
@@ -79,7 +81,10 @@ def option(common: List[str], flags: List[str], name: str, default):
 
 def table(rows: List[Dict]) -> str:
     base = rows[0]["sequences_per_hour"]
-    out = [f"{'run':34s} {'s/step':>7s} {'seq/hour':>9s} {'ratio':>6s}  val top-1 per depth (start -> end)"]
+    out = [
+        f"{'run':34s} {'s/step':>7s} {'seq/hour':>9s} {'ratio':>6s} {'resp tok/s':>10s}  "
+        "val top-1 per depth (start -> end)"
+    ]
     for r in rows:
         acc = ""
         if r["last_val"]:
@@ -88,7 +93,7 @@ def table(rows: List[Dict]) -> str:
                 acc = " ".join(f"{a:.3f}" for a in r["first_val"]["accuracy"]) + " -> " + acc
         out.append(
             f"{r['name'][:34]:34s} {r['seconds_per_step']:7.2f} {r['sequences_per_hour']:9.0f} "
-            f"{r['sequences_per_hour'] / base:5.2f}x  {acc}"
+            f"{r['sequences_per_hour'] / base:5.2f}x {r['response_tokens_per_sec']:10.1f}  {acc}"
         )
     return "\n".join(out)
 
