@@ -31,6 +31,7 @@ from .errors import USER_ERROR_EXIT, MTPError
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
 from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
+from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
 from .model.sampler import SamplerConfig
 from .training.args import TrainArgs, train_arg_defaults, train_arg_help
 
@@ -263,6 +264,8 @@ def _check(args):
         not isinstance(args.sampler_hidden_dims, int) or args.sampler_hidden_dims < 1
     ):
         raise UsageError(f"--sampler-hidden-dims must be a positive integer, got {args.sampler_hidden_dims!r}")
+    if args.sampler_layers > MAX_SAMPLER_LAYERS:
+        raise UsageError(f"--sampler-layers must be at most {MAX_SAMPLER_LAYERS}, got {args.sampler_layers}")
     if not 0 < args.mask_positions <= 1:
         raise UsageError(f"--mask-positions must be a fraction in (0, 1], got {args.mask_positions!r}")
     if args.learning_rate <= 0:

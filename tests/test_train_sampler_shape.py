@@ -139,8 +139,10 @@ def test_save_and_load_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "sampler, message",
     [
-        ({"num_layers": 0}, "sampler.num_layers is 0, not a positive integer"),
-        ({"num_layers": 2.5}, "sampler.num_layers is 2.5, not a positive integer"),
+        ({"num_layers": 0}, "sampler.num_layers is 0, not an integer in 1..16"),
+        ({"num_layers": 2.5}, "sampler.num_layers is 2.5, not an integer in 1..16"),
+        ({"num_layers": 10**6}, "sampler.num_layers is 1000000, not an integer in 1..16"),
+        ({"hidden_dims": 10**6}, "adapter_config.json: the sampler head's hidden_dims must be in 1..1024 (16x the"),
         ({"hidden_dims": -4}, "sampler.hidden_dims is -4, not a positive integer (or null: the model's width)"),
         ({"hidden_dims": "wide"}, "sampler.hidden_dims is 'wide', not a positive integer"),
         ({"hidden_dims": 32}, "tensor 'sampler.layers.0.linear.weight' has shape (24, 128) in the adapter but (32, 128)"),
@@ -167,3 +169,5 @@ def test_cli_options(capsys):
     for flag in ("--sampler-hidden-dims", "--sampler-layers"):
         assert main([*req, flag, "0"]) == USER_ERROR_EXIT
         assert capsys.readouterr().err.startswith(f"error: {flag} must be a positive integer")
+    assert main([*req, "--sampler-layers", "17"]) == USER_ERROR_EXIT
+    assert capsys.readouterr().err == "error: --sampler-layers must be at most 16, got 17\n"

@@ -26,6 +26,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+# bounds on a head's shape, so that a config cannot build millions of modules or
+# huge matrices before its tensors are checked; far above any useful head
+MAX_LAYERS = 16
+MAX_WIDTH_FACTOR = 16  # hidden_dims <= 16 x the model's hidden size
+
+
 @dataclass
 class SamplerConfig:
     residual: bool = True
@@ -38,11 +44,14 @@ class SamplerConfig:
 def sampler_widths(dims: int, config: SamplerConfig) -> List[int]:
     """Input and output widths of the MLP's blocks in order:
     ``[2d, h, ..., h, d]`` (``num_layers`` + 1 entries)."""
-    if config.num_layers < 1:
-        raise ValueError(f"the sampler head needs at least one layer, got num_layers={config.num_layers}")
+    if not 1 <= config.num_layers <= MAX_LAYERS:
+        raise ValueError(f"the sampler head's num_layers must be in 1..{MAX_LAYERS}, got {config.num_layers}")
     hidden = dims if config.hidden_dims is None else config.hidden_dims
-    if hidden < 1:
-        raise ValueError(f"the sampler head's hidden_dims must be positive, got {hidden}")
+    if not 1 <= hidden <= MAX_WIDTH_FACTOR * dims:
+        raise ValueError(
+            f"the sampler head's hidden_dims must be in 1..{MAX_WIDTH_FACTOR * dims} "
+            f"({MAX_WIDTH_FACTOR}x the model's hidden size), got {hidden}"
+        )
     return [2 * dims] + [hidden] * (config.num_layers - 1) + [dims]
 
 
