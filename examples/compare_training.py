@@ -14,7 +14,7 @@ CLI's option names, underscores or dashes; ``true``/``false`` for switches;
 directory under ``--out``. The same ``--seed`` gives every run the same
 initial LoRA and masks (a sampler head of another shape is drawn after them)
 and the same batch order. Timings come from each run's ``train_log.jsonl``:
-the median step after the first. Give ``--steps-per-eval`` = ``--iters`` for
+the mean step after the first. Give ``--steps-per-eval`` = ``--iters`` for
 one validation at the start and one at the end (0: none, speed only), and run
 it alone or under ``nice`` on a shared machine (only the ratios compare).
 """
@@ -22,7 +22,6 @@ it alone or under ``nice`` on a shared machine (only the ratios compare).
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,18 +52,24 @@ def read_log(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _rate(train: List[dict], key: str) -> float:
+    """Tokens per second over all the steps of ``train`` (one record per step)."""
+    return sum(r[key] / r["steps_per_sec"] for r in train) / sum(1.0 / r["steps_per_sec"] for r in train)
+
+
 def summarize(records: List[dict], batch_size: int) -> Dict:
     """Step time, sequences/hour and the last validation of one run's log."""
     train = [r for r in records if r["type"] == "train"]
     val = [r for r in records if r["type"] == "val"]
     times = [1.0 / r["steps_per_sec"] for r in train]
-    step = statistics.median(times[1:] if len(times) > 1 else times)
+    timed = times[1:] if len(times) > 1 else times  # the first step also allocates
+    step = sum(timed) / len(timed)  # a mean: batches differ in length, an hour holds all of them
     end = [v for v in val if v["step"] > 0]
     return {
         "seconds_per_step": step,
         "sequences_per_hour": batch_size * 3600.0 / step,
-        "layout_tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in train),
-        "response_tokens_per_sec": statistics.median(r["response_tokens_per_sec"] for r in train),
+        "layout_tokens_per_sec": _rate(train[1:] or train, "tokens_per_sec"),
+        "response_tokens_per_sec": _rate(train[1:] or train, "response_tokens_per_sec"),
         "first_val": val[0] if val and val[0]["step"] == 0 else None,
         "last_val": end[-1] if end else None,
     }
