@@ -39,7 +39,8 @@ def write_v1_state(path, trainer, before_shapes=False):
     before the sampler head's shape and ``mask_positions`` were options)."""
     mtp_config, train_args = trainer.mtp.config.to_dict(), trainer.args.to_dict()
     if before_shapes:
-        del mtp_config["sampler"]["hidden_dims"], mtp_config["sampler"]["num_layers"], train_args["mask_positions"]
+        mtp_config["sampler"].pop("hidden_dims", None), mtp_config["sampler"].pop("num_layers", None)
+        del train_args["mask_positions"]
     arrays = {f"adapter.{k}": v for k, v in trainer.mtp.adapter_parameters().items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(trainer.optimizer.state)})
     metadata = {

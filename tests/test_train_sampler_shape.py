@@ -128,6 +128,11 @@ def test_save_and_load_round_trip(tmp_path):
     save_adapter(mtp, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert (config["sampler"]["hidden_dims"], config["sampler"]["num_layers"]) == (24, 3)
+    # the default shape writes the config earlier versions wrote (and read)
+    save_adapter(_mtp(SamplerConfig(skip=True)), tmp_path / "default")
+    config = json.loads((tmp_path / "default" / "adapter_config.json").read_text())
+    assert config["sampler"] == {"residual": True, "eps": 1e-5, "skip": True}
+    assert load_adapter(tiny_model("llama"), tmp_path / "default").config.sampler == SamplerConfig(skip=True)
     loaded = load_adapter(tiny_model("llama"), tmp_path / "ad")
     assert loaded.config.sampler == WIDE
     a, b = mtp.adapter_parameters(), loaded.adapter_parameters()
