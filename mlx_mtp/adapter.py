@@ -24,6 +24,8 @@ from .files import atomic_write, read_safetensors, read_safetensors_header
 from .model.architectures import require_supported
 from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig, MTPModel, base_model_identity
+from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
+from .model.sampler import sampler_widths
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -146,6 +148,10 @@ def _config_problem(config: Dict[str, Any]) -> Optional[str]:
     for key in ("residual", "skip"):
         if key in sampler and type(sampler[key]) is not bool:
             return f"sampler.{key} is {sampler[key]!r}, not true or false"
+    if sampler.get("hidden_dims") is not None and not _is_int(sampler["hidden_dims"], 1):
+        return f"sampler.hidden_dims is {sampler['hidden_dims']!r}, not a positive integer (or null: the model's width)"
+    if "num_layers" in sampler and not _is_int(sampler["num_layers"], 1, MAX_SAMPLER_LAYERS):
+        return f"sampler.num_layers is {sampler['num_layers']!r}, not an integer in 1..{MAX_SAMPLER_LAYERS}"
     for device, k in config.get("decode_num_masks", {}).items():
         if not _is_int(k, 0, MAX_MASKS):
             return f"decode_num_masks.{device} is {k!r}, not an integer in 0..{MAX_MASKS}"
@@ -154,12 +160,17 @@ def _config_problem(config: Dict[str, Any]) -> Optional[str]:
 
 def _check_ranks(config: MTPConfig, hidden_size: int, cfg_file: Path):
     """A LoRA rank above the model's width is meaningless and would only
-    allocate huge matrices: refuse it before building the adapter."""
+    allocate huge matrices, and so would a sampler head far wider than the
+    model: refuse them before building the adapter."""
     for key, rank in [("rank", config.lora.rank), *config.lora.ranks.items()]:
         if rank > hidden_size:
             raise AdapterError(
                 f"{cfg_file}: lora rank {rank} ({key}) is more than the model's hidden size {hidden_size}"
             )
+    try:
+        sampler_widths(hidden_size, config.sampler)
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file}: {e}") from None
 
 
 def check_adapter_tensors(weights: Dict[str, mx.array], expected: Dict[str, mx.array], source: Union[str, Path]):

@@ -31,6 +31,8 @@ from .errors import USER_ERROR_EXIT, MTPError
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
 from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
+from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
+from .model.sampler import SamplerConfig
 from .training.args import TrainArgs, train_arg_defaults, train_arg_help
 
 
@@ -74,6 +76,7 @@ OPTIONS = [
     _train_option("decay_steps", type=int),
     _train_option("weight_decay", type=float),
     _train_option("max_seq_length", type=int),
+    _train_option("mask_positions", type=float),
     _train_option("mask_chunk", type=int),
     _train_option("adapter_path"),
     (
@@ -95,6 +98,13 @@ OPTIONS = [
         "(--no-sampler-skip: the paper's plain head, p = W_unembed MLP([E(y_prev); z]))",
         {"action": argparse.BooleanOptionalAction, "default": None},
     ),
+    (
+        "sampler_hidden_dims",
+        SamplerConfig.hidden_dims,
+        "inner width of the sampler head's MLP (default: the model's hidden size)",
+        {"type": int},
+    ),
+    ("sampler_layers", SamplerConfig.num_layers, "blocks of the sampler head's MLP", {"type": int}),
     _train_option("save_every", type=int),
     _train_option("steps_per_report", type=int),
     _train_option("steps_per_eval", type=int),
@@ -221,7 +231,7 @@ def _check(args):
         raise UsageError("--model is required")
     if not args.train and not args.test:
         raise UsageError("nothing to do: give --train (and/or --test)")
-    positive = ["num_masks", "rank", "iters", "batch_size", "max_seq_length", "steps_per_report"]
+    positive = ["num_masks", "rank", "iters", "batch_size", "max_seq_length", "steps_per_report", "sampler_layers"]
     for key in positive:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)!r}")
@@ -250,6 +260,14 @@ def _check(args):
         raise UsageError(f"--num-masks must be at most {MAX_MASKS}, got {args.num_masks}")
     if not isinstance(args.val_batches, int) or (args.val_batches < 1 and args.val_batches != -1):
         raise UsageError("--val-batches must be a positive integer, or -1 for the whole set")
+    if args.sampler_hidden_dims is not None and (
+        not isinstance(args.sampler_hidden_dims, int) or args.sampler_hidden_dims < 1
+    ):
+        raise UsageError(f"--sampler-hidden-dims must be a positive integer, got {args.sampler_hidden_dims!r}")
+    if args.sampler_layers > MAX_SAMPLER_LAYERS:
+        raise UsageError(f"--sampler-layers must be at most {MAX_SAMPLER_LAYERS}, got {args.sampler_layers}")
+    if not 0 < args.mask_positions <= 1:
+        raise UsageError(f"--mask-positions must be a fraction in (0, 1], got {args.mask_positions!r}")
     if args.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
     if args.sampler_lr_scale <= 0:
@@ -268,7 +286,6 @@ def run(args) -> int:
     from .model.architectures import require_supported
     from .model.gated_lora import LoRAConfig, model_layers
     from .model.mtp_model import MTPModel
-    from .model.sampler import SamplerConfig
     from .training.callbacks import LOG_FILE
     from .training.data import load_data
     from .training.trainer import Trainer, TrainingInterrupted
@@ -313,7 +330,9 @@ def run(args) -> int:
         config = MTPConfig(
             num_masks=args.num_masks,
             lora=LoRAConfig(rank=args.rank, scale=scale, keys=list(args.lora_keys), layers=layers),
-            sampler=SamplerConfig(skip=bool(args.sampler_skip)),
+            sampler=SamplerConfig(
+                skip=bool(args.sampler_skip), hidden_dims=args.sampler_hidden_dims, num_layers=args.sampler_layers
+            ),
         )
         try:
             mtp = MTPModel(model, config)

@@ -32,18 +32,23 @@ def _trainer(path, iters=4):
     return Trainer(tiny_mtp("llama", num_masks=K), Dataset(examples), None, args)
 
 
-def write_v1_state(path, trainer):
+def write_v1_state(path, trainer, before_shapes=False):
     """The training state as the trainer wrote it before the split: adapter
     weights as ``adapter.<name>``, the optimizer state as ``optimizer.<path>``,
-    the step and both configs in the metadata."""
+    the step and both configs in the metadata (``before_shapes``: as written
+    before the sampler head's shape and ``mask_positions`` were options)."""
+    mtp_config, train_args = trainer.mtp.config.to_dict(), trainer.args.to_dict()
+    if before_shapes:
+        mtp_config["sampler"].pop("hidden_dims", None), mtp_config["sampler"].pop("num_layers", None)
+        del train_args["mask_positions"]
     arrays = {f"adapter.{k}": v for k, v in trainer.mtp.adapter_parameters().items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(trainer.optimizer.state)})
     metadata = {
         "format": "mlx-mtp-training-state",
         "version": "1",
         "step": str(trainer.step),
-        "mtp_config": json.dumps(trainer.mtp.config.to_dict()),
-        "train_args": json.dumps(trainer.args.to_dict()),
+        "mtp_config": json.dumps(mtp_config),
+        "train_args": json.dumps(train_args),
     }
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(path / "training_state.safetensors"), arrays, metadata=metadata)
@@ -78,6 +83,20 @@ def test_state_written_in_the_v1_format_resumes_exactly(tmp_path):
     _same(resumed.mtp.adapter_parameters(), half.mtp.adapter_parameters())
     resumed.train(Quiet())
     assert resumed.step == 4
+    _same(resumed.mtp.adapter_parameters(), full.mtp.adapter_parameters())
+    _same(dict(tree_flatten(resumed.optimizer.state)), dict(tree_flatten(full.optimizer.state)))
+
+
+def test_state_written_before_the_sampler_shape_options_resumes_exactly(tmp_path):
+    full = _trainer(tmp_path / "full")
+    full.train(Quiet())
+    half = _trainer(tmp_path / "half", iters=4)
+    half.args.iters = 2
+    half.train(Quiet())
+    write_v1_state(tmp_path / "old", half, before_shapes=True)
+    resumed = _trainer(tmp_path / "resumed")
+    assert resumed.resume(tmp_path / "old") == 2
+    resumed.train(Quiet())
     _same(resumed.mtp.adapter_parameters(), full.mtp.adapter_parameters())
     _same(dict(tree_flatten(resumed.optimizer.state)), dict(tree_flatten(full.optimizer.state)))
 

@@ -207,12 +207,15 @@ def training_layout(
     k: int,
     loss_start: int = 1,
     loss_mask: Optional[Sequence[bool]] = None,
+    blocks: Optional[Sequence[bool]] = None,
 ) -> TrainLayout:
     """The interleaved layout ``x0 m1..mk x1 m1..mk ...`` of one sequence.
 
     Token x_t carries loss when ``loss_mask[t]`` (default: t >= loss_start).
-    A block of k masks follows x_i when x_{i+1} carries loss; its mask m_j
-    predicts x_{i+j+1} (IGNORE past the end of the sequence).
+    A block of k masks follows x_i when x_{i+1} carries loss and ``blocks[i]``
+    (default: every i; position subsampling keeps a subset); its mask m_j
+    predicts x_{i+j+1} (IGNORE past the end of the sequence). Regular tokens
+    keep their labels whether a block follows them or not.
     """
     x = np.asarray(tokens, dtype=np.int64)
     n = len(x)
@@ -224,6 +227,11 @@ def training_layout(
             raise ValueError("loss_mask must have one entry per token")
     has_block = np.zeros(n, dtype=bool)
     has_block[:-1] = loss[1:]
+    if blocks is not None:
+        blocks = np.asarray(blocks, dtype=bool)
+        if len(blocks) != n:
+            raise ValueError("blocks must have one entry per token")
+        has_block &= blocks
     sizes = 1 + k * has_block
     start = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # layout index of x_i
     L = int(sizes.sum())

@@ -149,7 +149,13 @@ class MTPConfig:
                 )
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # the sampler head's shape is written only when it is not the default,
+        # so an adapter of the default shape keeps the config earlier versions read
+        for key in ("hidden_dims", "num_layers"):
+            if d["sampler"][key] == getattr(SamplerConfig, key):
+                del d["sampler"][key]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "MTPConfig":

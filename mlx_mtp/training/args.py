@@ -36,6 +36,11 @@ class TrainArgs:
     max_seq_length: int = _arg(
         2048, "cap on the layout length, regular tokens + k masks per response token; responses are cut"
     )
+    mask_positions: float = _arg(
+        1.0,
+        "fraction in (0, 1] of each sequence's response positions followed by mask blocks, "
+        "drawn anew every step from --seed (1: all; the regular tokens are always all there)",
+    )
     mask_chunk: int = _arg(256, "mask tokens per forward/backward chunk, whole batch (0: no chunking)")
     loss_weights: LossWeights = field(
         default_factory=LossWeights, metadata={"help": "weights of the loss terms (--<term>-loss-weight)"}

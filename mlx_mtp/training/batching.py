@@ -1,9 +1,10 @@
-"""Batches: which examples make up each step (a pure function of seed and
-step), and a batch of examples as model inputs (padded regular tokens, masks
-in chunks of whole blocks with their attention mask, labels and weights)."""
+"""Batches: which examples make up each step and which of their mask blocks
+are trained (pure functions of seed and step), and a batch of examples as
+model inputs (padded regular tokens, masks in chunks of whole blocks with
+their attention mask, labels and weights)."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -47,6 +48,35 @@ def shard(indices: List[int], rank: int, size: int) -> List[int]:
     return indices[rank::size]
 
 
+# the last entry of the block sampler's seed, so its stream differs from the batch order's
+_BLOCK_STREAM = 1
+
+
+def num_kept_blocks(num_blocks: int, fraction: float) -> int:
+    """How many of ``num_blocks`` mask blocks a ``fraction`` keeps: the
+    nearest integer, at least one."""
+    return min(num_blocks, max(1, int(fraction * num_blocks + 0.5)))
+
+
+def sample_blocks(
+    examples: Sequence[Example], indices: Sequence[int], fraction: float, seed: int, step: int
+) -> Optional[List[np.ndarray]]:
+    """The mask blocks trained at ``step`` (``--mask-positions``): for each
+    example (``indices``: its index in the dataset), ascending indices of
+    :func:`num_kept_blocks` of its blocks drawn without replacement by a
+    generator seeded with (seed, step, index), so a resumed run (or another
+    number of processes) draws the same blocks. None (every block) when
+    ``fraction`` >= 1."""
+    if fraction >= 1.0:
+        return None
+    out = []
+    for e, i in zip(examples, indices):
+        rng = np.random.default_rng([seed, step, int(i), _BLOCK_STREAM])
+        kept = rng.choice(e.num_blocks, size=num_kept_blocks(e.num_blocks, fraction), replace=False)
+        out.append(np.sort(kept))
+    return out
+
+
 @dataclass
 class Chunk:
     """A group of whole blocks of every example in a batch."""
@@ -75,10 +105,14 @@ class Batch:
     response_tokens: int
 
 
-def make_batch(examples: List[Example], mask_chunk: int) -> Batch:
+def make_batch(examples: List[Example], mask_chunk: int, blocks: Optional[Sequence[np.ndarray]] = None) -> Batch:
     """Model inputs of ``examples``: the padded regular tokens and the masks
     split into chunks of whole blocks of at most ``mask_chunk`` mask tokens
-    (whole batch) each."""
+    (whole batch) each. ``blocks`` (:func:`sample_blocks`): the blocks of
+    each example to train, default all; ``response_tokens`` counts all."""
+    response = int(sum(e.num_blocks for e in examples))
+    if blocks is not None:
+        examples = [e.keep_blocks(b) for e, b in zip(examples, blocks)]
     B = len(examples)
     k = examples[0].num_masks
     C = max(len(e.tokens) for e in examples)
@@ -150,5 +184,5 @@ def make_batch(examples: List[Example], mask_chunk: int) -> Batch:
         n_counted=int(sum(len(c.block) for c in chunks)),
         n_anchors=n_anchors,
         layout_tokens=int(sum(e.layout_length for e in examples)),
-        response_tokens=int(sum(e.num_blocks for e in examples)),
+        response_tokens=response,
     )

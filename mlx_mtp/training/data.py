@@ -222,6 +222,19 @@ class Example:
     def layout_length(self) -> int:
         return len(self.tokens) + self.labels.size
 
+    def keep_blocks(self, blocks: np.ndarray) -> "Example":
+        """The same sequence with the mask blocks ``blocks`` (indices into
+        the blocks, ascending) only; the regular tokens are unchanged."""
+        return Example(
+            tokens=self.tokens,
+            owner=self.owner[blocks],
+            labels=self.labels[blocks],
+            prev=self.prev[blocks],
+            anchor=self.anchor[blocks],
+            source=self.source,
+            truncated=self.truncated,
+        )
+
 
 def response_tokens(path: Path, tokenizer, prefix: int = 0) -> List[List[int]]:
     """The response tokens of each row of a jsonl file, with the last

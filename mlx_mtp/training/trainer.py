@@ -39,9 +39,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..errors import AdapterError, DataError
-from ..model.mtp_model import MTPModel
+from ..model.mtp_model import MTPConfig, MTPModel
 from .args import TrainArgs, learning_rate_schedule
-from .batching import Batch, BatchSchedule, make_batch, shard
+from .batching import Batch, BatchSchedule, make_batch, sample_blocks, shard
 from .callbacks import ReportingCallback, TrainingCallback
 from .checkpoint import (
     STATE_FILE,
@@ -128,6 +128,8 @@ class Trainer:
         self.world = world if world is not None else mx.distributed.init()
         self.rank, self.size = self.world.rank(), self.world.size()
         self.k = mtp.num_masks
+        if not 0.0 < args.mask_positions <= 1.0:
+            raise ValueError(f"mask_positions must be in (0, 1], got {args.mask_positions!r}")
         if args.batch_size % self.size:
             raise DataError(
                 f"--batch-size {args.batch_size} must be divisible by the number of processes ({self.size})"
@@ -180,7 +182,9 @@ class Trainer:
 
     def local_batch(self, step: int) -> Batch:
         idx = shard(self.schedule.batch(step), self.rank, self.size)
-        return make_batch([self.train_set.examples[i] for i in idx], self.args.mask_chunk)
+        examples = [self.train_set.examples[i] for i in idx]
+        blocks = sample_blocks(examples, idx, self.args.mask_positions, self.args.seed, step)
+        return make_batch(examples, self.args.mask_chunk, blocks)
 
     def loss_and_grad(self, batch: Batch) -> LossAndGrad:
         """Terms, gradients and global counts of a local batch; loss weights
@@ -309,7 +313,11 @@ class Trainer:
             self.step = 0
             return 0
         state = read_checkpoint(state_file)
-        diffs = config_diffs(state.mtp_config, self.mtp.config.to_dict())
+        try:  # through the dataclass: a field added since the checkpoint was written takes its default
+            saved = MTPConfig.from_dict(state.mtp_config).to_dict()
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AdapterError(f"'{state_file}': invalid adapter configuration ({e})") from None
+        diffs = config_diffs(saved, self.mtp.config.to_dict())
         if diffs:
             raise AdapterError(
                 f"'{state_file}' was trained with a different adapter configuration: " + "; ".join(diffs)
