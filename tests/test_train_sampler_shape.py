@@ -68,7 +68,10 @@ def test_shipped_adapter_config_builds_its_tensors_shapes():
     [
         (SamplerConfig(skip=True), ["layers.0.norm.weight", "layers.1.norm.weight"]),
         (WIDE, ["layers.2.norm.weight"]),  # the last block's input is 24 wide: no residual into the output
-        (SamplerConfig(skip=True, num_layers=3), ["layers.0.norm.weight", "layers.1.norm.weight", "layers.2.norm.weight"]),
+        (
+            SamplerConfig(skip=True, num_layers=3),
+            ["layers.0.norm.weight", "layers.1.norm.weight", "layers.2.norm.weight"],
+        ),
         (SamplerConfig(skip=True, residual=False), ["layers.1.norm.weight"]),
     ],
 )
@@ -150,7 +153,10 @@ def test_save_and_load_round_trip(tmp_path):
         ({"hidden_dims": 10**6}, "adapter_config.json: the sampler head's hidden_dims must be in 1..1024 (16x the"),
         ({"hidden_dims": -4}, "sampler.hidden_dims is -4, not a positive integer (or null: the model's width)"),
         ({"hidden_dims": "wide"}, "sampler.hidden_dims is 'wide', not a positive integer"),
-        ({"hidden_dims": 32}, "tensor 'sampler.layers.0.linear.weight' has shape (24, 128) in the adapter but (32, 128)"),
+        (
+            {"hidden_dims": 32},
+            "tensor 'sampler.layers.0.linear.weight' has shape (24, 128) in the adapter but (32, 128)",
+        ),
         ({"num_layers": 2}, "does not fit the model: unexpected tensors: sampler.layers.2.linear.weight"),
     ],
 )
@@ -168,7 +174,11 @@ def test_a_bad_shape_in_the_config_is_refused_in_one_line(tmp_path, sampler, mes
 def test_cli_options(capsys):
     req = ["--model", "m", "--train"]
     args = resolve_args(req)
-    assert (args.sampler_hidden_dims, args.sampler_layers) == (None, 2) == (SamplerConfig.hidden_dims, SamplerConfig.num_layers)
+    assert (
+        (args.sampler_hidden_dims, args.sampler_layers)
+        == (None, 2)
+        == (SamplerConfig.hidden_dims, SamplerConfig.num_layers)
+    )
     args = resolve_args([*req, "--sampler-hidden-dims", "96", "--sampler-layers", "3"])
     assert (args.sampler_hidden_dims, args.sampler_layers) == (96, 3)
     for flag in ("--sampler-hidden-dims", "--sampler-layers"):

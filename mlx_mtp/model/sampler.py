@@ -25,7 +25,6 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-
 # bounds on a head's shape, so that a config cannot build millions of modules or
 # huge matrices before its tensors are checked; far above any useful head
 MAX_LAYERS = 16
