@@ -200,3 +200,31 @@ def test_rate_of_alternating_masks_and_plain_chains():
     assert policy.choose(StepDrafts(CONTEXT)).kind == "masks"
     choice = policy.choose(StepDrafts(CONTEXT, chain_probs=(0.9,) * 4))
     assert (choice.kind, choice.depth, choice.masks) == ("chain", 4, 0)
+
+
+def test_measured_step_times_correct_the_costs():
+    """Gated steps measured at 5x their calibrated cost: after a few of them
+    the policy stops feeding masks (and plain steps measured as predicted
+    keep their cost); steps measured as predicted change nothing."""
+    policy = Policy(
+        CPU_FP32.__class__.from_function(lambda w, c, g: 0.01 * (1 + 0.02 * w) * (1.05 if g else 1.0)),
+        max_masks=4,
+        max_branches=1,
+        max_copy=6,
+    )
+    first = policy.choose(SURE_CHAIN)
+    assert first.masks > 0
+    for _ in range(3):
+        policy.observe(first, chain_right=[4], chain_probs=SURE_CHAIN.chain_probs, seconds=first.seconds)
+    assert policy.scale == {False: 1.0, True: pytest.approx(1.0)}
+    for _ in range(12):
+        choice = policy.choose(SURE_CHAIN)
+        if choice.masks == 0:
+            break
+        policy.observe(
+            choice, chain_right=[4], chain_probs=SURE_CHAIN.chain_probs, seconds=5 * choice.seconds / policy.scale[True]
+        )
+    assert policy.scale[True] > 1.2 and policy.scale[False] == 1.0
+    assert policy.choose(SURE_CHAIN).masks == 0
+    assert policy.seconds(1, 0, CONTEXT) == pytest.approx(0.01 * 1.02)  # the plain path as calibrated
+    assert policy.seconds(1, 1, CONTEXT) == pytest.approx(0.01 * 1.02 * 1.05 * policy.scale[True])

@@ -82,6 +82,7 @@ per step (one ``tolist()`` of a small packed int array). The prompt is
 prefilled in chunks through the plain causal forward.
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -536,8 +537,9 @@ class SpeculativeDecoder:
             q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
         return _Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
 
-    def _observe(self, plan: _Plan, done: _Finished):
-        """Tell the policy how far each branch of the step's drafts was right."""
+    def _observe(self, plan: _Plan, done: _Finished, seconds: float):
+        """Tell the policy how far each branch of the step's drafts was right
+        and how long the step took (since the previous step's sync)."""
         if plan.choice is None:
             return
         copy_right, chain_right, source = 0, [], "lookup"
@@ -548,7 +550,7 @@ class SpeculativeDecoder:
                 chain_right.append(run)
             else:
                 copy_right, source = run, branch_source
-        self.policy.observe(plan.choice, copy_right, chain_right, plan.chain_probs, source)
+        self.policy.observe(plan.choice, copy_right, chain_right, plan.chain_probs, source, seconds)
 
     # --- the loop ------------------------------------------------------------------
     def budget(self, prompt_len: int, max_tokens: int, cached: int = 0) -> int:
@@ -616,12 +618,16 @@ class SpeculativeDecoder:
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
+        synced = time.perf_counter()
         inflight = self._launch(self._plan(prompt[-1], lookup, _NO_CHAIN, budget), seen)
         generated = 0
         while True:
             done_step = self._finish(inflight)
             plan = inflight.plan
-            self._observe(plan, done_step)
+            # a step takes from the previous sync to its own: planning, launching, computing
+            now = time.perf_counter()
+            self._observe(plan, done_step, now - synced)
+            synced = now
             emitted = done_step.emitted
             commit(self.cache, done_step.keep)
             logprobs = inflight.logprobs

@@ -39,6 +39,8 @@ SOURCES = ("mtp", "lookup", "datastore")
 KINDS = ("plain", "masks", "copy", "chain", "branches", "tree")
 # the most branches of the masks' chain the decoder offers the policy
 MAX_BRANCHES = 3
+# steps over which measured step times correct the calibrated costs (Policy.observe)
+SCALE_STEPS = 8
 
 
 class Costs(Protocol):
@@ -319,26 +321,35 @@ class Policy:
         self._regime_at: Tuple[int, int] = (-1, -1)  # (steps, context bucket) it was computed at
         self._steps = 0
         self._seconds: Dict[Tuple[int, bool, int], float] = {}
+        # measured over predicted seconds of the steps so far, per path (plain, gated)
+        self.scale: Dict[bool, float] = {False: 1.0, True: 1.0}
+        self._regime_scale = dict(self.scale)  # the scale the long-run view was computed at
 
     # --- costs ---------------------------------------------------------------------------
     def seconds(self, width: int, masks: int, context: int) -> float:
         """A plan's seconds: its forward (looked up once per 64 tokens of
-        context), plus the sampler chain of ``masks`` calls where it feeds masks."""
+        context), plus the sampler chain of ``masks`` calls where it feeds
+        masks, times what the steps on that path have measured against
+        their prediction (:meth:`observe`)."""
         bucket = context // 64
-        key = (width, masks > 0, bucket)
+        gated = masks > 0
+        key = (width, gated, bucket)
         fwd = self._seconds.get(key)
         if fwd is None:
-            fwd = self._seconds[key] = self.costs.cost(width, bucket * 64, masks > 0)
-        return fwd + (self.costs.chain(masks) if masks else 0.0)
+            fwd = self._seconds[key] = self.costs.cost(width, bucket * 64, gated)
+        return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.scale[gated]
 
     # --- the long-run view -----------------------------------------------------------------
     def regime(self, context: int) -> Regime:
         """rho and the value of a chain of each depth, from the estimates
-        without any step's own signals (recomputed every ``refresh`` steps or
-        when the context has grown by 64 tokens)."""
+        without any step's own signals (recomputed every ``refresh`` steps,
+        when the context has grown by 64 tokens, or when the measured scale
+        of a path's costs has moved by 5% since)."""
         at = (self._steps // self.refresh, context // 64)
-        if self._regime is not None and at == self._regime_at:
+        moved = any(abs(math.log(self.scale[g] / self._regime_scale[g])) > 0.05 for g in self.scale)
+        if self._regime is not None and at == self._regime_at and not moved:
             return self._regime
+        self._regime_scale = dict(self.scale)
         k, B = self.max_masks, self.max_branches
         est = self.estimator
         reach = [0.0] + est.reach("mtp", k)  # [m] = P(first m of a chain right)
@@ -480,12 +491,22 @@ class Policy:
         chain_right: Sequence[int] = (),
         chain_probs: Sequence[float] = (),
         copy_source: str = "lookup",
+        seconds: Optional[float] = None,
     ):
         """Record a verified step: ``copy_right`` leading copied tokens were
         right, and ``chain_right[i]`` leading tokens of branch i (the base
         model's tokens decide: under greedy decoding every branch's run is
-        known; under sampling, pass the accepted run only)."""
+        known; under sampling, pass the accepted run only); ``seconds``: what
+        the step took, measured (host work included), against which the
+        calibrated costs of its path are scaled from then on (a running
+        geometric mean over the last ~``SCALE_STEPS`` steps of the path)."""
         self._steps += 1
+        if seconds is not None and seconds > 0 and choice.seconds > 0:
+            gated = choice.masks > 0
+            predicted = choice.seconds / self.scale[gated]
+            ratio = min(max(seconds / predicted, 0.1), 10.0)
+            w = 1.0 / SCALE_STEPS
+            self.scale[gated] = math.exp((1 - w) * math.log(self.scale[gated]) + w * math.log(ratio))
         if choice.copy:
             self.estimator.observe(copy_source, choice.copy, copy_right)
         if choice.depth and chain_right:
