@@ -262,7 +262,8 @@ def make_decoder(
     With none of ``num_masks``, ``mode``, ``lookup`` and ``branches`` given
     (or ``policy=True``), the per-step policy chooses each step's plan from
     this machine's calibrated costs (:mod:`mlx_mtp.calibrate`, measured once
-    and cached): up to the adapter's trained k masks, copies of up to
+    and cached) and the steps' measured times: up to the adapter's masks for
+    this device (``decode_num_masks``, else its trained k), copies of up to
     ``POLICY_MAX_COPY`` tokens, and (greedy, no sampler or processors)
     ``MAX_BRANCHES`` branches. Any of them given (or ``policy=False``) fixes
     the setting, the others taking their defaults: mode quadratic, lookup
@@ -300,10 +301,12 @@ def make_decoder(
             branches=1 if branches is None else branches,
             **common,
         )
-    trees = temp == 0 and sampler is None and not logits_processors and model.num_masks > 0
+    # the adapter's masks for this device (decode_num_masks: where it was measured that they do not pay, none)
+    k = model.default_num_masks
+    trees = temp == 0 and sampler is None and not logits_processors and k > 0
     return SpeculativeDecoder(
         model,
-        num_masks=model.num_masks,
+        num_masks=k,
         lookup=POLICY_MAX_COPY,
         lookup_ngram=POLICY_MIN_NGRAM,
         branches=MAX_BRANCHES if trees else 1,

@@ -153,6 +153,16 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
         make_decoder(model, num_masks=2, lookup=3, policy=True)
     # sampling: no branches or trees for the policy
     assert make_decoder(model, temp=0.5).branches == 1 and make_decoder(model).branches == 3
+    # the policy feeds at most the adapter's masks for this device (none: copies only)
+    saved = dict(model.config.decode_num_masks)
+    try:
+        model.config.decode_num_masks = {"cpu": 0, "gpu": 0}
+        decoder = make_decoder(model)
+        assert decoder.costs is not None and decoder.k == 0 and decoder.branches == 1
+        model.config.decode_num_masks = {"cpu": 2, "gpu": 2}
+        assert make_decoder(model).k == 2
+    finally:
+        model.config.decode_num_masks = saved
 
 
 def test_generate_text_equals_mlx_lm(loaded, capsys):
