@@ -537,7 +537,7 @@ class SpeculativeDecoder:
             q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
         return _Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
 
-    def _observe(self, plan: _Plan, done: _Finished, seconds: float):
+    def _observe(self, plan: _Plan, done: _Finished, seconds: Optional[float]):
         """Tell the policy how far each branch of the step's drafts was right
         and how long the step took (since the previous step's sync)."""
         if plan.choice is None:
@@ -625,8 +625,9 @@ class SpeculativeDecoder:
             done_step = self._finish(inflight)
             plan = inflight.plan
             # a step takes from the previous sync to its own: planning, launching, computing
+            # (greedy only: sampled output must follow the seed, so choices may not depend on timing)
             now = time.perf_counter()
-            self._observe(plan, done_step, now - synced)
+            self._observe(plan, done_step, now - synced if self.temp == 0 and self.sampler is None else None)
             synced = now
             emitted = done_step.emitted
             commit(self.cache, done_step.keep)
