@@ -34,6 +34,8 @@ from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from mlx_mtp.training.callbacks import TrainingCallback
+
 from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
 
 # ------------------------------------------------------ skip locally, fail under CI=true
@@ -388,3 +390,14 @@ def sample_first_tokens(decoder, prompt, n, seed, source=None):
                 accepted += step.accepted
         counts[tuple(tokens)] += 1
     return counts, proposed, accepted
+
+
+class StopAt(TrainingCallback):
+    """Requests a stop after step ``step``, as a signal would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.step:
+            trainer.request_stop()

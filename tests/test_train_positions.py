@@ -18,6 +18,7 @@ from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.training.forward import fork_cache, regular_forward
 from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
 
+from conftest import StopAt
 from tiny import tiny_mtp
 
 K = 2
@@ -150,15 +151,6 @@ def test_trainer_batches_hold_the_drawn_blocks_only(tmp_path):
         expected = make_batch(kept, 8)
         expected.response_tokens = sum(e.num_blocks for e in examples)  # the data covered: all of it
         _same_batch(t.local_batch(step), expected)
-
-
-class StopAt(TrainingCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.step:
-            trainer.request_stop()
 
 
 def _weights(t):

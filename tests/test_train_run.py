@@ -21,12 +21,11 @@ from mlx_mtp.lora import main
 from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from mlx_mtp.training.args import TrainArgs, learning_rate_schedule
-from mlx_mtp.training.callbacks import TrainingCallback
 from mlx_mtp.training.checkpoint import STATE_FILE
 from mlx_mtp.training.data import load_data
 from mlx_mtp.training.trainer import Trainer, TrainingInterrupted
 
-from conftest import distilled_dir, model_dir
+from conftest import StopAt, distilled_dir, model_dir
 
 K = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -121,17 +120,6 @@ def _trainer(tmp_path, name, data, iters=8):
         seed=3,
     )
     return Trainer(_mtp(model), data["train"], None, args)
-
-
-class StopAt(TrainingCallback):
-    """Requests a stop after step ``step``, as a signal would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.step:
-            trainer.request_stop()
 
 
 def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
