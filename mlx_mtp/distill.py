@@ -23,10 +23,18 @@ cut back to those lengths, so no row is lost or duplicated, and since a chunk's
 responses are a function of the chunk, the files end the same as an
 uninterrupted run's (with the same ``--batch-size`` and ``--chunk``). Prompts
 whose response is empty are skipped (and counted).
+
+The prompts file may grow between runs: the state records a digest of the
+prompts done so far, and a run resumes when those are unchanged, whatever
+follows them. So distillation can follow a prompt writer that is still
+appending: ``--max-prompts N`` (a multiple of ``--chunk``, so that the chunks
+fall where an uninterrupted run puts them) distils the first N, and a later
+run over the longer file continues from there.
 """
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import USER_ERROR_EXIT, DataError, MTPError
-from .files import atomic_write, sha256
+from .files import atomic_write
 from .files import read_jsonl as jsonl_lines
 
 STATE_FILE = ".distill_state.json"
@@ -130,6 +138,7 @@ class State:
     sizes: Optional[dict] = None  # bytes of train.jsonl / valid.jsonl
     rows: Optional[dict] = None
     empty: int = 0
+    prompts_sha256: Optional[str] = None  # digest of the prompts done (prompts_digest)
 
     def to_json(self) -> dict:
         return {
@@ -138,7 +147,17 @@ class State:
             "sizes": self.sizes,
             "rows": self.rows,
             "empty": self.empty,
+            "prompts_sha256": self.prompts_sha256,
         }
+
+
+def prompts_digest(prompts: List[Prompt]) -> str:
+    """SHA-256 of the prompts (their JSON, one per line): what a resumed run
+    checks of the prompts already done."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps(p, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _write_state(out: Path, state: State):
@@ -157,7 +176,14 @@ def open_output(out: Path, settings: dict) -> State:
     if state_path.exists():
         try:
             saved = json.loads(state_path.read_text())
-            state = State(saved["settings"], saved["done"], saved["sizes"], saved["rows"], saved.get("empty", 0))
+            state = State(
+                saved["settings"],
+                saved["done"],
+                saved["sizes"],
+                saved["rows"],
+                saved.get("empty", 0),
+                saved.get("prompts_sha256"),
+            )
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DistillError(f"{state_path} is corrupt; remove {out} (or use another --out) to start over") from None
         diffs = [k for k in settings if settings[k] != state.settings.get(k)]
@@ -181,7 +207,7 @@ def open_output(out: Path, settings: dict) -> State:
         if (out / f"{split}.jsonl").exists():
             raise DistillError(f"{out / (split + '.jsonl')} exists and was not written by distill; use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    state = State(settings, 0, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, 0)
+    state = State(settings, 0, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, 0, prompts_digest([]))
     for split in SPLITS:
         (out / f"{split}.jsonl").touch()
     _write_state(out, state)
@@ -252,6 +278,11 @@ def distill(
     chunk = chunk or batch_size
     out = Path(out)
     state = open_output(out, settings)
+    if state.done > len(prompts) or prompts_digest(prompts[: state.done]) != state.prompts_sha256:
+        raise DistillError(
+            f"{out} holds the responses to {state.done} prompts that are not the first {state.done} given now; "
+            "resume with the same prompts (more may follow them), or use another --out"
+        )
     bar = None
     if progress:
         from tqdm import tqdm
@@ -279,7 +310,7 @@ def distill(
                             os.fsync(f.fileno())
                 sizes = {s: (out / f"{s}.jsonl").stat().st_size for s in SPLITS}
                 rows = {s: state.rows[s] + len(lines[s]) for s in SPLITS}
-                new = State(state.settings, hi, sizes, rows, state.empty + empty)
+                new = State(state.settings, hi, sizes, rows, state.empty + empty, prompts_digest(prompts[:hi]))
                 _write_state(out, new)
                 state = new
             except BaseException:
@@ -319,7 +350,12 @@ def build_parser():
         "--chunk", type=int, default=CHUNK, help=f"prompts per checkpoint, the unit of resume (default: {CHUNK})"
     )
     p.add_argument("--valid-fraction", type=float, default=0.1, help="share of prompts for valid.jsonl (default: 0.1)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        default=None,
+        help="use only the first N prompts (a later run over more of them resumes from there)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -345,9 +381,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, tokenizer = load_base(args.model or default_model_path())
         settings = {
             "model": args.model or "default",
-            "prompts_sha256": sha256(Path(args.prompts)),
-            "num_prompts": len(prompts),
             "max_tokens": args.max_tokens,
+            "batch_size": args.batch_size,
+            "chunk": args.chunk,
             "valid_fraction": args.valid_fraction,
         }
         state = distill(

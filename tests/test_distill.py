@@ -97,7 +97,7 @@ def _fake_generate(calls, fail_at=None):
     return gen
 
 
-SETTINGS = {"model": "m", "prompts_sha256": "x", "num_prompts": 48, "max_tokens": 8, "valid_fraction": 0.25}
+SETTINGS = {"model": "m", "max_tokens": 8, "valid_fraction": 0.25}
 
 
 def test_resume_loses_and_duplicates_nothing(tmp_path):
@@ -139,7 +139,7 @@ def test_batched_resume_ends_with_the_files_of_an_uninterrupted_run(tmp_path):
 
     model, tok = load(str(model_dir()))
     ps = prompts(20)
-    settings = {**SETTINGS, "num_prompts": 20, "max_tokens": 12}
+    settings = {**SETTINGS, "max_tokens": 12}
     kw = dict(max_tokens=12, batch_size=4, chunk=8, valid_fraction=0.25, progress=False)
     distill(model, tok, ps, tmp_path / "ref", settings, **kw)
     calls = []
@@ -158,17 +158,39 @@ def test_batched_resume_ends_with_the_files_of_an_uninterrupted_run(tmp_path):
         assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (tmp_path / "ref" / f"{split}.jsonl").read_bytes()
 
 
+def test_follows_a_growing_prompts_file_and_refuses_changed_prompts(tmp_path):
+    """Distilling the first 16 prompts, then all 24 once the file has grown,
+    ends with the files of one run over the 24; a changed early prompt is refused."""
+    tok = TokenizerWrapper(make_tokenizer())
+    ps = prompts(24)
+    kw = dict(max_tokens=8, batch_size=4, chunk=8, valid_fraction=0.25, progress=False)
+    distill(None, tok, ps, tmp_path / "ref", SETTINGS, generate=_fake_generate([]), **kw)
+    calls = []
+    distill(None, tok, ps[:16], tmp_path / "out", SETTINGS, generate=_fake_generate(calls), **kw)
+    assert calls == [8, 8]
+    calls = []
+    state = distill(None, tok, ps, tmp_path / "out", SETTINGS, generate=_fake_generate(calls), **kw)
+    assert calls == [8] and state.done == 24
+    for split in ("train", "valid"):
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (tmp_path / "ref" / f"{split}.jsonl").read_bytes()
+    changed = list(ps)
+    changed[3] = changed[3] + " (edited)"
+    for bad in (changed, ps[:10]):
+        with pytest.raises(DistillError, match="not the first 24"):
+            distill(None, tok, bad, tmp_path / "out", SETTINGS, generate=_fake_generate([]), **kw)
+
+
 def test_resume_refuses_other_settings_and_foreign_files(tmp_path):
     tok = TokenizerWrapper(make_tokenizer())
     kw = dict(batch_size=8, progress=False)
-    distill(None, tok, prompts(8), tmp_path / "a", {**SETTINGS, "num_prompts": 8}, generate=_fake_generate([]), **kw)
+    distill(None, tok, prompts(8), tmp_path / "a", SETTINGS, generate=_fake_generate([]), **kw)
     with pytest.raises(DistillError, match="different settings.*max_tokens"):
         distill(
             None,
             tok,
             prompts(8),
             tmp_path / "a",
-            {**SETTINGS, "num_prompts": 8, "max_tokens": 9},
+            {**SETTINGS, "max_tokens": 9},
             generate=_fake_generate([]),
             **kw,
         )
