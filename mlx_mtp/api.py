@@ -232,12 +232,13 @@ def _stop_strings(stop) -> List[str]:
 
 def _costs(model: MTPModel):
     """The model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`),
-    kept on the model after the first call."""
+    kept on the model after the first call: the gated path's only where the
+    policy may feed masks here (``default_num_masks`` > 0)."""
     costs = getattr(model, "_policy_costs", None)
     if costs is None:
         from .calibrate import cost_model
 
-        costs = model._policy_costs = cost_model(model).costs
+        costs = model._policy_costs = cost_model(model, gated=model.default_num_masks > 0).costs
     return costs
 
 

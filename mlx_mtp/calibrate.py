@@ -396,8 +396,12 @@ def calibrate(
     widths: Optional[Sequence[int]] = None,
     contexts: Sequence[int] = CONTEXTS,
     repeats: int = REPEATS,
+    gated: bool = True,
 ) -> CostTable:
-    """Measure the cost table of ``model`` (an :class:`MTPModel`) here.
+    """Measure the cost table of ``model`` (an :class:`MTPModel`) here:
+    the plain path, and the gated path and the sampler head where the model
+    has an adapter and ``gated`` (False: a decoder that feeds no masks here
+    needs neither).
 
     Every width is measured on every path at the first context; at the
     others only the plain path's narrowest and widest. The change in cost
@@ -412,7 +416,7 @@ def calibrate(
         model = MTPModel(model)
     widths = list(widths) if widths is not None else widths_up_to(MAX_WIDTH)
     tic = time.perf_counter()
-    paths = (False, True) if model.num_masks > 0 else (False,)
+    paths = (False, True) if (gated and model.num_masks > 0) else (False,)
     caches = [fill_cache(model, context, widths[-1]) for context in contexts]
     ends = sorted({widths[0], widths[-1]})
     # every width and path at the first context; the plain path's ends at the others
@@ -420,7 +424,7 @@ def calibrate(
     shapes += [(i, False, w) for i in range(1, len(contexts)) for w in ends]
     runs: Dict[object, Callable[[], mx.array]] = {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
     depth = 4  # sampler-head calls timed together (one chain)
-    if model.num_masks > 0:
+    if True in paths:
         runs["sampler"] = sampler_fn(model, depth)
     # one warm-up, the widest forward on the last path: its buffers serve the narrower ones
     mx.eval(runs[(0, paths[-1], widths[-1])]())
@@ -493,21 +497,30 @@ class Calibration:
 
 
 def cost_model(
-    model, refresh: bool = False, directory: Optional[Path] = None, max_width: int = MAX_WIDTH
+    model,
+    refresh: bool = False,
+    directory: Optional[Path] = None,
+    max_width: int = MAX_WIDTH,
+    gated: bool = True,
 ) -> Calibration:
     """The :class:`CostModel` of ``model`` here: from the cache, or measured
     (``refresh``: always; T up to ``max_width``) and cached. A cached table
-    is used whatever widths it holds (wider ones extrapolate)."""
+    is used whatever widths it holds (wider ones extrapolate), and with the
+    gated path where ``gated`` and the model has an adapter (one without it
+    is measured again, both paths); ``gated=False``: the plain path is
+    enough (a decoder that feeds no masks here)."""
     from .model.mtp_model import MTPModel
 
     if not isinstance(model, MTPModel):
         model = MTPModel(model)
     ident = identity(model)
     path = cache_path(ident, directory)
+    gated = gated and model.num_masks > 0
     table = None if refresh else read_cached(path, ident)
-    if table is not None:
+    if table is not None and (table.gated is not None or not gated):
         return Calibration(CostModel(table), path, cached=True, written=False)
-    table = calibrate(model) if max_width == MAX_WIDTH else calibrate(model, widths_up_to(max_width))
+    widths = widths_up_to(max_width) if max_width != MAX_WIDTH else None
+    table = calibrate(model, widths, gated=gated)
     table.identity = ident
     return Calibration(CostModel(table), path, cached=False, written=write_cached(path, table))
 
@@ -525,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_WIDTH,
         help=f"widest forward to measure (default: {MAX_WIDTH}; wider ones extrapolate)",
     )
+    p.add_argument(
+        "--gated",
+        action="store_true",
+        help="measure the gated path (masks) too where the adapter feeds none on this device "
+        "(by default only what the decoder uses here is measured)",
+    )
     return p
 
 
@@ -540,7 +559,7 @@ def main(argv=None) -> int:
     except (MTPError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
-    result = cost_model(model, refresh=True, max_width=args.max_width)
+    result = cost_model(model, refresh=True, max_width=args.max_width, gated=args.gated or model.default_num_masks > 0)
     table = result.costs.table
     print(f"BLAS: {describe()}")
     print(f"weights: {table.identity['dtype']}, device: {table.identity['device']}, MLX {table.identity['mlx']}")

@@ -145,7 +145,11 @@ def test_identity_tells_formats_apart():
 def quick(monkeypatch):
     """Calibration over few widths and contexts (the cache logic is what is tested)."""
     real = cal.calibrate
-    monkeypatch.setattr(cal, "calibrate", lambda model: real(model, widths=[1, 2], contexts=[8], repeats=1))
+    monkeypatch.setattr(
+        cal,
+        "calibrate",
+        lambda model, widths=None, gated=True: real(model, widths=[1, 2], contexts=[8], repeats=1, gated=gated),
+    )
 
 
 def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
@@ -158,6 +162,21 @@ def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
     assert again.costs.table.plain == first.costs.table.plain
     refreshed = cal.cost_model(model, refresh=True, directory=tmp_path)
     assert not refreshed.cached and refreshed.written
+
+
+def test_plain_path_only_where_no_masks_are_fed_and_a_cached_table_serves_what_it_holds(tmp_path, quick):
+    """gated=False (a decoder that feeds no masks here) measures the plain
+    path only; that table serves later plain-only calls, and a call that
+    needs the gated path measures both and replaces it."""
+    model = tiny_mtp(num_masks=2)
+    plain = cal.cost_model(model, directory=tmp_path, gated=False)
+    assert not plain.cached and plain.costs.table.gated is None and plain.costs.table.sampler_call == 0.0
+    assert plain.costs.table.timings == 2  # widths 1 and 2, one context, one timing each
+    assert cal.cost_model(model, directory=tmp_path, gated=False).cached
+    full = cal.cost_model(model, directory=tmp_path)
+    assert not full.cached and full.costs.table.gated is not None and full.costs.table.sampler_call > 0
+    again = cal.cost_model(model, directory=tmp_path, gated=False)
+    assert again.cached and again.costs.table.gated == full.costs.table.gated
 
 
 @pytest.mark.parametrize(
@@ -240,8 +259,12 @@ def test_cli_on_the_default_model_prints_and_caches(default_model_path, tmp_path
         timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    assert "T=1" in out.stdout and "T=32" in out.stdout and "gated" in out.stdout
+    from mlx_mtp.loading import load
+
+    feeds_masks = load(str(default_model_path))[0].default_num_masks > 0  # the shipped adapter: none on a CPU
+    assert "T=1" in out.stdout and "T=32" in out.stdout and ("gated" in out.stdout) == feeds_masks
     files = list((tmp_path / "calibration").glob("costs-*.json"))
     assert len(files) == 1
     t = CostTable.from_dict(json.loads(files[0].read_text()))
+    assert (t.gated is not None) == feeds_masks
     assert t.widths == cal.widths_up_to(cal.MAX_WIDTH) and t.contexts == list(cal.CONTEXTS)

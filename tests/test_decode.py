@@ -343,6 +343,66 @@ def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(
     assert events == prefill + loop
 
 
+def test_plain_decoding_launches_each_step_before_reading_the_last(monkeypatch):
+    """Plain decoding (mode off) runs as mlx-lm's loop does: the next step is
+    launched before the host waits for the current one, each step fed the
+    current one's token while still on the device; the tokens are mlx-lm's."""
+    import mlx_mtp.decoding.decode as decode
+
+    events = []
+
+    class CountingMx:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def async_eval(self, *args):
+            events.append("launch")
+            return mx.async_eval(*args)
+
+    finish = SpeculativeDecoder._finish
+
+    def counting_finish(self, step):
+        events.append("wait")
+        return finish(self, step)
+
+    monkeypatch.setattr(decode, "mx", CountingMx())
+    monkeypatch.setattr(SpeculativeDecoder, "_finish", counting_finish)
+    mtp = mtp_for("llama")
+    prompt = make_prompt(9, seed=3)
+    got = []
+    for step in SpeculativeDecoder(mtp, mode="off").steps(prompt, max_tokens=8):
+        events.append("tokens")
+        got += step.tokens
+    assert got == reference(mtp.model, prompt, 8)
+    assert events == ["launch"] + ["launch", "wait", "tokens"] * 7 + ["wait", "tokens"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_plain_steps_launched_ahead_leave_the_cache_of_the_text(model_type):
+    """Stopping at EOS with a step launched ahead: the cache holds the prompt
+    and every token but the last; settled to the text, it equals a fresh
+    prefill of it, and the next generation continues as mlx-lm does."""
+    mtp = mtp_for(model_type)
+    prompt = make_prompt(7, seed=4)
+    ref = reference(mtp.model, prompt, 30)
+    e = next(i for i in range(2, 30) if ref.index(ref[i]) == i)
+    decoder = SpeculativeDecoder(mtp, mode="off")
+    cache = mtp.make_cache()
+    got = [t for s in decoder.steps(prompt, max_tokens=30, eos_token_ids=[ref[e]], cache=cache) for t in s.tokens]
+    assert got == ref[: e + 1]
+    assert cache[0].committed == len(prompt) + e
+    text = prompt + got
+    decoder.settle(0, text)
+    fresh = SpeculativeDecoder(mtp, mode="off")
+    fresh.prefill(text)
+    assert cache[0].committed == fresh.cache[0].committed == len(text)
+    for mine, theirs in zip(cache, fresh.cache):
+        keys, _ = mine.state
+        np.testing.assert_allclose(np.array(keys), np.array(theirs.state[0]), atol=1e-5)
+    more = [t for s in decoder.steps([ref[e + 1]], max_tokens=5, cache=cache) for t in s.tokens]
+    assert more == reference(mtp.model, text + [ref[e + 1]], 5)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_branches_logprobs_follow_the_accepted_branch(k):
     """With branches, the right token is the draft's second choice (its own

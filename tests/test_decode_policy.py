@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_mtp.calibrate import CostModel
 from mlx_mtp.decoding.decode import SpeculativeDecoder
-from mlx_mtp.decoding.policy import Policy
+from mlx_mtp.decoding.policy import Policy, StepDrafts
 
 from conftest import (
     chi_square_pvalue,
@@ -49,14 +49,28 @@ class RandomPolicy(Policy):
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.rng = random.Random(seed)
+        self.ahead = random.Random(seed + 100)
         self.kinds = Counter()
+        self.pipelined = 0
 
     def choose(self, drafts):
         plans = self.plans(drafts)
         kind = self.rng.choice(sorted({p.kind for p in plans}))
-        choice = self.rng.choice([p for p in plans if p.kind == kind])
-        self.kinds[choice.kind] += 1
-        return choice
+        return self.rng.choice([p for p in plans if p.kind == kind])
+
+    def pipelines(self, context, room=-1):
+        """Half the plain steps launch the next one, a plain step, ahead."""
+        if self.ahead.random() < 0.5:
+            return None
+        self.pipelined += 1
+        return next(p for p in self.plans(StepDrafts(context=context, room=room)) if p.kind == "plain")
+
+    def after_plain(self, choice):
+        pass
+
+    def observe(self, choice, *args, **kwargs):
+        self.kinds[choice.kind] += 1  # the plans fed (choose also answers pipelines and after_plain)
+        super().observe(choice, *args, **kwargs)
 
 
 def random_policy(decoder, monkeypatch, seed=0):
@@ -107,6 +121,7 @@ def test_greedy_equals_mlx_lm_whatever_the_policy_chooses(model_type, k, branche
     assert [t for s in steps for t in s.tokens] == ref
     kinds = made[0].kinds
     assert {"plain", "masks", "copy", "chain"} <= set(kinds)
+    assert made[0].pipelined > 0
     if branches > 1:
         assert kinds["branches"] > 0 and kinds["tree"] > 0
     assert Counter(s.choice for s in steps) == kinds
@@ -128,6 +143,19 @@ def test_policy_stops_at_max_tokens_and_eos(monkeypatch):
     assert got == ref[: ref.index(eos) + 1]
 
 
+@pytest.fixture
+def untimed(monkeypatch):
+    """The synthetic cost tables as they are: the tiny model's measured step
+    times would otherwise correct them (Policy.observe, observe_host)."""
+    observe = Policy.observe
+
+    def without_seconds(self, choice, copy_right=0, chain_right=(), chain_probs=(), copy_source="lookup", seconds=None):
+        observe(self, choice, copy_right, chain_right, chain_probs, copy_source)
+
+    monkeypatch.setattr(Policy, "observe", without_seconds)
+    monkeypatch.setattr(Policy, "observe_host", lambda self, seconds: None)
+
+
 @pytest.mark.parametrize(
     "table, expect, never",
     [
@@ -136,7 +164,7 @@ def test_policy_stops_at_max_tokens_and_eos(monkeypatch):
         (CPU_FP32, {"copy"}, {"masks", "branches", "tree"}),
     ],
 )
-def test_policy_choices_follow_the_costs(table, expect, never):
+def test_policy_choices_follow_the_costs(table, expect, never, untimed):
     """With the real policy: where width costs what it returns only plain
     steps; where it is free the masks' chain every step; in between copies
     without masks. The output is mlx-lm's in each case."""
@@ -153,7 +181,7 @@ def test_policy_choices_follow_the_costs(table, expect, never):
         assert len(got) / len(steps) > 2.5
 
 
-def test_no_adapter_policy_copies_or_decodes_plainly():
+def test_no_adapter_policy_copies_or_decodes_plainly(untimed):
     """A model without masks: the policy picks between plain steps and copies."""
     mtp = mtp_for("qwen3")
     prompt, ref = repetitive_prompt(mtp, 6)

@@ -228,3 +228,54 @@ def test_measured_step_times_correct_the_costs():
     assert policy.choose(SURE_CHAIN).masks == 0
     assert policy.seconds(1, 0, CONTEXT) == pytest.approx(0.01 * 1.02)  # the plain path as calibrated
     assert policy.seconds(1, 1, CONTEXT) == pytest.approx(0.01 * 1.02 * 1.05 * policy.scale[True])
+
+
+def test_plain_steps_launch_ahead_until_copies_gain_more_than_the_hidden_host_time():
+    """Where plain is the choice without a copy, the next plain step is
+    launched ahead while the plans chosen after plain steps gain less than
+    the host time it hides is worth (rho * host seconds); copies that gain
+    more stop it, and so do masks that pay."""
+    policy = Policy(STEEP, max_masks=0, max_copy=6)
+    ahead = policy.pipelines(CONTEXT)
+    assert ahead is not None and (ahead.kind, ahead.width, ahead.masks) == ("plain", 1, 0)
+    policy.observe_host(0.002)  # a fifth of a plain step, 0.2 tokens' worth
+    assert policy.host_seconds == pytest.approx(0.002)
+    rate = policy.regime(CONTEXT).rate
+    assert rate == pytest.approx(100.0)
+    gain = policy.choose(StepDrafts(CONTEXT, copy=CopyDraft(6, "lookup", ngram=8, count=4)))
+    assert gain.kind == "copy" and gain.gain > 0.2 * 4 / 3
+    for _ in range(4):  # mean gain over 4 + 4 prior steps: above 0.2 tokens
+        policy.after_plain(gain)
+    assert policy.pipelines(CONTEXT) is None
+    for _ in range(int(4 * gain.gain / 0.1)):  # plain steps after plain ones: the mean falls below
+        policy.after_plain(policy.choose(StepDrafts(CONTEXT)))
+    assert policy.choose(StepDrafts(CONTEXT)).gain == 0.0
+    assert policy.pipelines(CONTEXT) is not None
+    # masks that pay: never ahead
+    assert Policy(FLAT, max_masks=4).pipelines(CONTEXT) is None
+    # no room after the current step's token: the caller does not ask; with room, the same plain step
+    assert policy.pipelines(CONTEXT, room=1).width == 1
+
+
+def test_each_band_of_widths_is_priced_as_measured():
+    """Copies of 8 tokens (width 9) measured at four times their calibrated cost
+    and plain steps as calibrated: after a few of each, a width-9 step costs
+    about four times its calibration, a plain one about its own, and the policy
+    shortens its copies to the band that still pays."""
+    policy = Policy(CPU_FP32, max_masks=0, max_copy=8)
+    offer = StepDrafts(CONTEXT, copy=CopyDraft(8, "lookup", ngram=8, count=4))
+    assert policy.choose(offer).copy == 8
+    plain = policy.choose(StepDrafts(CONTEXT))
+    wide = next(p for p in policy.plans(offer) if p.copy == 8)
+    calibrated = {1: policy.seconds(1, 0, CONTEXT), 9: policy.seconds(9, 0, CONTEXT)}
+    assert calibrated[9] == pytest.approx(CPU_FP32.cost(9, CONTEXT, False))
+    for _ in range(40):
+        policy.observe(plain, seconds=calibrated[1])
+        policy.observe(wide, copy_right=8, seconds=4 * calibrated[9])
+    assert policy.seconds(9, 0, CONTEXT) == pytest.approx(4 * calibrated[9], rel=0.05)
+    assert policy.seconds(1, 0, CONTEXT) == pytest.approx(calibrated[1], rel=0.05)
+    # widths 4-7: not measured, priced at the path's scale (between the two bands')
+    assert 1.2 < policy.scale[False] < 3.5
+    assert policy.seconds(7, 0, CONTEXT) == pytest.approx(policy.scale[False] * CPU_FP32.cost(7, CONTEXT, False))
+    assert set(policy.band_scale) == {(False, 1), (False, 4)}
+    assert policy.choose(offer).copy == 6  # width 7, the widest of the band that costs less

@@ -78,7 +78,10 @@ continues it, as in mlx-lm.
 The loop is lazy: each step's graph (forward, verification, sampling, sampler
 chains) is built and launched with ``mx.async_eval``, then the host hands the
 previous step's tokens to the consumer while the device works, and waits once
-per step (one ``tolist()`` of a small packed int array). The prompt is
+per step (one ``tolist()`` of a small packed int array). Where a plain step
+will be followed by another whatever its token (plain decoding, or the
+policy's call), the next one is launched before the current one is read, fed
+its token still on the device, as mlx-lm's loop does. The prompt is
 prefilled in chunks through the plain causal forward.
 """
 
@@ -181,7 +184,7 @@ _NO_CHAIN = _Chain([])
 class _Plan:
     """What a step feeds: a tree (or chain) of tokens after the pending one."""
 
-    fed: List[int]  # the pending token, then the speculations branch by branch
+    fed: List  # the pending token (an int, or a lazy (1,) array), then the speculations branch by branch
     parents: Tuple[int, ...]  # of each fed token
     masked: Tuple[bool, ...]  # which fed tokens get masks after them
     masks: int  # masks after each masked token (0: the plain causal forward)
@@ -205,6 +208,8 @@ class _Launched:
     packed: mx.array  # [accepted, best, targets (n), next speculations, their probabilities], int32
     q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
     logprobs: mx.array  # (n, V)
+    submitted: float = 0.0  # perf_counter() when its graph went to the device
+    committed: bool = False  # its fed token is in the cache already (a plain step launched ahead)
 
 
 class _Finished(NamedTuple):
@@ -385,7 +390,7 @@ class SpeculativeDecoder:
         C = cache[0].committed
         fed, parents, masked = plan.fed, plan.parents, plan.masked
         n = len(fed)
-        tokens = mx.array(fed, dtype=mx.int32)
+        tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
         if j == 0:
             h = model(tokens[None], cache)[0]
             regular, layout = h, None
@@ -424,9 +429,10 @@ class SpeculativeDecoder:
                 head.append(mx.round(mx.concatenate([chain.probs, chain.first]) * PROB_SCALE).astype(mx.int32))
             q_rows = chain.q
         packed = mx.concatenate(head)
+        submitted = time.perf_counter()
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(n)) if layout is None else layout.regular
-        return _Launched(plan, regular_index, packed, q_rows, logprobs)
+        return _Launched(plan, regular_index, packed, q_rows, logprobs, submitted)
 
     def _finish(self, step: _Launched) -> _Finished:
         """Wait for a step (the one sync) and read it."""
@@ -453,6 +459,31 @@ class SpeculativeDecoder:
         # the node before it on the accepted path (fed order differs in a tree)
         rows = [0] + path
         return _Finished(emitted, a, best, targets, chain, keep, rows)
+
+    def _ahead(self, step: _Launched, generated: int, budget: int) -> Optional[_Launched]:
+        """The step after ``step``, launched before ``step`` is read (as
+        mlx-lm does), where both are plain steps: its token is ``step``'s,
+        still on the device, and ``step``'s cache entry is committed now.
+        Only where the next step would be plain whatever ``step`` emits:
+        plain decoding (no masks, no copies), or the policy's say
+        (:meth:`~mlx_mtp.decoding.policy.Policy.pipelines`). None otherwise."""
+        plan = step.plan
+        if plan.kind != "plain" or plan.masks or self.logits_processors:
+            return None
+        room = budget - generated - 1 if budget >= 0 else -1  # after step's token
+        if budget >= 0 and room < 1:
+            return None
+        choice = None
+        if self.policy is not None:
+            choice = self.policy.pipelines(self.cache[0].committed + 1, room)
+            if choice is None:
+                return None
+        elif self.k or self.lookup:  # fixed settings draft wherever they can
+            return None
+        commit(self.cache, [0])
+        step.committed = True
+        token = step.packed[2:3]  # the base model's token after the pending one, on the device
+        return self._launch(_Plan([token], (), (False,), 0, [], kind="plain", choice=choice))
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Fixed settings: which of the n fed tokens get k masks after them:
@@ -618,19 +649,26 @@ class SpeculativeDecoder:
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
+        # greedy only: sampled output must follow the seed, so choices may not depend on timing
+        timed = self.temp == 0 and self.sampler is None
         synced = time.perf_counter()
         inflight = self._launch(self._plan(prompt[-1], lookup, _NO_CHAIN, budget), seen)
+        ahead: Optional[_Launched] = None  # the next step, launched before inflight is read
         generated = 0
         while True:
+            serial = ahead is None  # inflight was not launched ahead
+            if serial:
+                ahead = self._ahead(inflight, generated, budget)
+            waiting = time.perf_counter()
             done_step = self._finish(inflight)
             plan = inflight.plan
             # a step takes from the previous sync to its own: planning, launching, computing
-            # (greedy only: sampled output must follow the seed, so choices may not depend on timing)
             now = time.perf_counter()
-            self._observe(plan, done_step, now - synced if self.temp == 0 and self.sampler is None else None)
+            self._observe(plan, done_step, now - synced if timed else None)
             synced = now
             emitted = done_step.emitted
-            commit(self.cache, done_step.keep)
+            if not inflight.committed:
+                commit(self.cache, done_step.keep)
             logprobs = inflight.logprobs
             if seen is not None:
                 seen = seen + [plan.fed[0]] + emitted[:-1]
@@ -645,7 +683,19 @@ class SpeculativeDecoder:
                     lookup.extend(emitted)
                 # the next step is in flight before the host hands over these tokens
                 room = budget - generated if budget >= 0 else -1
-                inflight = self._launch(self._plan(emitted[-1], lookup, done_step.chain, room), seen)
+                if ahead is not None:
+                    if self.policy is not None:  # what the step would have been, launched now
+                        self.policy.after_plain(self._plan_policy(emitted[-1], lookup, done_step.chain, room).choice)
+                    inflight, ahead = ahead, None
+                else:
+                    next_plan = self._plan(emitted[-1], lookup, done_step.chain, room)
+                    inflight = self._launch(next_plan, seen)
+                    if self.policy is not None and plan.kind == "plain":
+                        self.policy.after_plain(next_plan.choice)
+                        if timed and serial and next_plan.kind == "plain":
+                            # the host's work before this launch, which launching it ahead
+                            # could hide behind at most the time the host waited for the last
+                            self.policy.observe_host(min(inflight.submitted - now, now - waiting))
             yield Step(
                 tokens=emitted,
                 proposed=len(plan.fed) - 1,

@@ -41,6 +41,13 @@ KINDS = ("plain", "masks", "copy", "chain", "branches", "tree")
 MAX_BRANCHES = 3
 # steps over which measured step times correct the calibrated costs (Policy.observe)
 SCALE_STEPS = 8
+# the host's share of a plain step (reading it, planning and launching the
+# next) that launching the next plain step before reading this one hides,
+# until measured (Policy.pipelines; docs/calibration.md)
+HOST_SHARE = 0.05
+# weight, in steps, of the prior (no gain) in the mean gain of the plans
+# chosen after plain steps (Policy.pipelines)
+GAIN_PRIOR_STEPS = 4.0
 
 
 class Costs(Protocol):
@@ -222,6 +229,8 @@ class Choice:
     expected_tokens: float = 1.0
     seconds: float = 0.0
     fresh: float = 0.0  # P(the next step has a chain to verify)
+    gain: float = 0.0  # its score over a plain step's, in tokens (Policy.choose)
+    scaled: float = 1.0  # measured over calibrated seconds that ``seconds`` includes (Policy.measured)
 
     @property
     def rate(self) -> float:
@@ -323,33 +332,50 @@ class Policy:
         self._seconds: Dict[Tuple[int, bool, int], float] = {}
         # measured over predicted seconds of the steps so far, per path (plain, gated)
         self.scale: Dict[bool, float] = {False: 1.0, True: 1.0}
-        self._regime_scale = dict(self.scale)  # the scale the long-run view was computed at
+        # and per band of widths on a path, (gated, width.bit_length()); the path's where unmeasured
+        self.band_scale: Dict[Tuple[bool, int], float] = {}
+        self._regime_scale = self._scales()  # the scales the long-run view was computed at
+        # measured host seconds that launching a plain step ahead hides (observe_host)
+        self.host_seconds: Optional[float] = None
+        # sum and count of the gain of the plans chosen right after plain steps (after_plain)
+        self._after_plain = [0.0, 0.0]
 
     # --- costs ---------------------------------------------------------------------------
     def seconds(self, width: int, masks: int, context: int) -> float:
         """A plan's seconds: its forward (looked up once per 64 tokens of
         context), plus the sampler chain of ``masks`` calls where it feeds
-        masks, times what the steps on that path have measured against
-        their prediction (:meth:`observe`)."""
+        masks, times what the steps of its band of widths (1, 2-3, 4-7,
+        8-15, ...) on its path have measured against their prediction, or
+        where none has run yet, the steps of the path (:meth:`observe`)."""
         bucket = context // 64
         gated = masks > 0
         key = (width, gated, bucket)
         fwd = self._seconds.get(key)
         if fwd is None:
             fwd = self._seconds[key] = self.costs.cost(width, bucket * 64, gated)
-        return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.scale[gated]
+        return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.measured(width, masks)
+
+    def measured(self, width: int, masks: int) -> float:
+        """Measured over calibrated seconds for a forward of ``width`` tokens
+        (with ``masks`` masks: the gated path), so far (:meth:`observe`)."""
+        gated = masks > 0
+        return self.band_scale.get((gated, width.bit_length()), self.scale[gated])
+
+    def _scales(self) -> Dict[object, float]:
+        return {**self.scale, **self.band_scale}
 
     # --- the long-run view -----------------------------------------------------------------
     def regime(self, context: int) -> Regime:
         """rho and the value of a chain of each depth, from the estimates
         without any step's own signals (recomputed every ``refresh`` steps,
         when the context has grown by 64 tokens, or when the measured scale
-        of a path's costs has moved by 5% since)."""
+        of a path's or a band's costs has moved by 5% since)."""
         at = (self._steps // self.refresh, context // 64)
-        moved = any(abs(math.log(self.scale[g] / self._regime_scale[g])) > 0.05 for g in self.scale)
+        scales = self._scales()
+        moved = any(abs(math.log(v / self._regime_scale.get(key, 1.0))) > 0.05 for key, v in scales.items())
         if self._regime is not None and at == self._regime_at and not moved:
             return self._regime
-        self._regime_scale = dict(self.scale)
+        self._regime_scale = scales
         k, B = self.max_masks, self.max_branches
         est = self.estimator
         reach = [0.0] + est.reach("mtp", k)  # [m] = P(first m of a chain right)
@@ -462,7 +488,16 @@ class Policy:
             w = width_of(copy, depth, branches, masks)
             out.append(
                 Choice(
-                    kind, copy, depth, branches, masks, w, 1.0 + tokens, self.seconds(w, masks, drafts.context), fresh
+                    kind,
+                    copy,
+                    depth,
+                    branches,
+                    masks,
+                    w,
+                    1.0 + tokens,
+                    self.seconds(w, masks, drafts.context),
+                    fresh,
+                    scaled=self.measured(w, masks),
                 )
             )
         return out
@@ -472,17 +507,77 @@ class Policy:
         the narrower forward."""
         regime = self.regime(drafts.context)
         rate, value, C = regime.rate, regime.chain_value, drafts.context
-        best, best_score, best_width = None, -math.inf, 0
+        best, best_score, best_width, plain = None, -math.inf, 0, -math.inf
         for cand in self._candidates(drafts):
             kind, copy, depth, branches, masks, tokens, fresh = cand
             w = width_of(copy, depth, branches, masks)
             score = 1.0 + tokens + fresh * value[masks] - rate * self.seconds(w, masks, C)
+            if kind == "plain":
+                plain = score
             if score > best_score + 1e-9 or (score > best_score - 1e-9 and w < best_width):
                 best, best_score, best_width = cand, score, w
         kind, copy, depth, branches, masks, tokens, fresh = best
+        seconds = self.seconds(best_width, masks, C)
+        gain = max(0.0, best_score - plain)
         return Choice(
-            kind, copy, depth, branches, masks, best_width, 1.0 + tokens, self.seconds(best_width, masks, C), fresh
+            kind,
+            copy,
+            depth,
+            branches,
+            masks,
+            best_width,
+            1.0 + tokens,
+            seconds,
+            fresh,
+            gain,
+            self.measured(best_width, masks),
         )
+
+    # --- launching plain steps ahead ---------------------------------------------------------
+    def pipelines(self, context: int, room: int = -1) -> Optional[Choice]:
+        """Whether to launch the next step, a plain one, before the current
+        plain step is read (as mlx-lm does), and the plain choice if so.
+
+        Launched ahead, the step hides the host's work between two steps
+        (:attr:`host_seconds`, measured; :data:`HOST_SHARE` of a plain step
+        until then), worth ``rho * host_seconds`` tokens; but it is plain
+        whatever the current step's token offers (a copy), and the plans
+        chosen after plain steps have gained this generation's mean
+        :meth:`after_plain` over plain ones. It pipelines where plain is
+        the choice without a copy and the hidden time is worth more.
+
+        Args:
+            context: tokens in the cache when the step runs.
+            room: tokens that may still be generated by then (-1: no limit).
+        """
+        choice = self.choose(StepDrafts(context=context, room=room))
+        if choice.kind != "plain":
+            return None
+        host = self.host_seconds if self.host_seconds is not None else HOST_SHARE * self.seconds(1, 0, context)
+        total, count = self._after_plain
+        gain = total / (count + GAIN_PRIOR_STEPS)
+        return choice if gain < self.regime(context).rate * host else None
+
+    def after_plain(self, choice: Choice):
+        """Record the plan chosen (or that would have been chosen, where a
+        plain step was launched ahead) for the step after a plain one."""
+        self._after_plain[0] += choice.gain
+        self._after_plain[1] += 1
+
+    def observe_host(self, seconds: float):
+        """Record the host seconds that launching a plain step ahead would
+        have hidden: the host's work from reading the last plain step to
+        handing the next one's graph to the device, at most what the host
+        waited for the last one (where the device computes while the host
+        waits, on the caller's thread, nothing else overlaps). A running
+        geometric mean over ~``SCALE_STEPS``."""
+        if seconds <= 0:
+            return
+        if self.host_seconds is None:
+            self.host_seconds = seconds
+        else:
+            w = 1.0 / SCALE_STEPS
+            self.host_seconds = math.exp((1 - w) * math.log(self.host_seconds) + w * math.log(seconds))
 
     def observe(
         self,
@@ -499,14 +594,25 @@ class Policy:
         known; under sampling, pass the accepted run only); ``seconds``: what
         the step took, measured (host work included), against which the
         calibrated costs of its path are scaled from then on (a running
-        geometric mean over the last ~``SCALE_STEPS`` steps of the path)."""
+        geometric mean over the last ~``SCALE_STEPS`` steps of the path),
+        and those of its band of widths by that band's own steps (so that
+        wide steps that cost more than calibrated, or narrow ones whose
+        host work weighs more, are priced as measured; a band not measured
+        yet takes the path's)."""
         self._steps += 1
         if seconds is not None and seconds > 0 and choice.seconds > 0:
             gated = choice.masks > 0
-            predicted = choice.seconds / self.scale[gated]
+            band = (gated, choice.width.bit_length())
+            # the calibrated seconds: the choice's, without the scale it was priced at
+            predicted = choice.seconds / choice.scaled
             ratio = min(max(seconds / predicted, 0.1), 10.0)
             w = 1.0 / SCALE_STEPS
-            self.scale[gated] = math.exp((1 - w) * math.log(self.scale[gated]) + w * math.log(ratio))
+
+            def mean(old: float, new: float) -> float:
+                return math.exp((1 - w) * math.log(old) + w * math.log(new))
+
+            self.band_scale[band] = mean(self.band_scale.get(band, self.scale[gated]), ratio)
+            self.scale[gated] = mean(self.scale[gated], ratio)
         if choice.copy:
             self.estimator.observe(copy_source, choice.copy, copy_right)
         if choice.depth and chain_right:
