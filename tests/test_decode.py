@@ -302,10 +302,9 @@ def test_property_branches_equal_mlx_lm(
     assert all(len(s.tokens) <= k + 1 or s.source != "mtp" for s in steps)
 
 
-def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(monkeypatch):
-    """The host waits once per step (``_finish``: one ``tolist``), launches the
-    next step (``mx.async_eval``) before it hands out this step's tokens, and
-    calls ``mx.eval`` only to prefill the prompt chunks."""
+def record_events(monkeypatch) -> list:
+    """The decode loop's ``mx.eval`` ("eval"), ``mx.async_eval`` ("launch")
+    and waits for a step (``_finish``: "wait"), in order, into the list returned."""
     import mlx_mtp.decoding.decode as decode
 
     events = []
@@ -330,6 +329,14 @@ def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(
 
     monkeypatch.setattr(decode, "mx", CountingMx())
     monkeypatch.setattr(SpeculativeDecoder, "_finish", counting_finish)
+    return events
+
+
+def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(monkeypatch):
+    """The host waits once per step (``_finish``: one ``tolist``), launches the
+    next step (``mx.async_eval``) before it hands out this step's tokens, and
+    calls ``mx.eval`` only to prefill the prompt chunks."""
+    events = record_events(monkeypatch)
     mtp = mtp_for("qwen2")
     prompt = make_prompt(11, seed=1)
     decoder = SpeculativeDecoder(mtp, num_masks=3, prefill_step_size=4)
@@ -347,26 +354,7 @@ def test_plain_decoding_launches_each_step_before_reading_the_last(monkeypatch):
     """Plain decoding (mode off) runs as mlx-lm's loop does: the next step is
     launched before the host waits for the current one, each step fed the
     current one's token while still on the device; the tokens are mlx-lm's."""
-    import mlx_mtp.decoding.decode as decode
-
-    events = []
-
-    class CountingMx:
-        def __getattr__(self, name):
-            return getattr(mx, name)
-
-        def async_eval(self, *args):
-            events.append("launch")
-            return mx.async_eval(*args)
-
-    finish = SpeculativeDecoder._finish
-
-    def counting_finish(self, step):
-        events.append("wait")
-        return finish(self, step)
-
-    monkeypatch.setattr(decode, "mx", CountingMx())
-    monkeypatch.setattr(SpeculativeDecoder, "_finish", counting_finish)
+    events = record_events(monkeypatch)
     mtp = mtp_for("llama")
     prompt = make_prompt(9, seed=3)
     got = []
@@ -374,7 +362,7 @@ def test_plain_decoding_launches_each_step_before_reading_the_last(monkeypatch):
         events.append("tokens")
         got += step.tokens
     assert got == reference(mtp.model, prompt, 8)
-    assert events == ["launch"] + ["launch", "wait", "tokens"] * 7 + ["wait", "tokens"]
+    assert events == ["eval"] + ["launch"] + ["launch", "wait", "tokens"] * 7 + ["wait", "tokens"]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
