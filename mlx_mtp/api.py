@@ -24,7 +24,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .decoding.decode import SpeculativeDecoder
 from .decoding.drafts import DEFAULT_LOOKUP, POLICY_MAX_COPY, POLICY_MIN_NGRAM, DraftFn
 from .decoding.fallback import plain_fallback
-from .decoding.policy import KINDS, MAX_BRANCHES
+from .decoding.policy import KINDS, MAX_BRANCHES, StepTimes
 from .model.cache import SpecCache, as_spec_cache, write_back
 from .model.mtp_model import MTPModel
 
@@ -234,12 +234,22 @@ def _costs(model: MTPModel):
     """The model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`),
     kept on the model after the first call: the gated path's only where the
     policy may feed masks here (``default_num_masks`` > 0)."""
+    gated = model.default_num_masks > 0
     costs = getattr(model, "_policy_costs", None)
-    if costs is None:
+    if costs is None or (gated and costs.table.gated is None):
         from .calibrate import cost_model
 
-        costs = model._policy_costs = cost_model(model, gated=model.default_num_masks > 0).costs
+        costs = model._policy_costs = cost_model(model, gated=gated).costs
     return costs
+
+
+def _times(model: MTPModel) -> StepTimes:
+    """What the policy's steps have measured against the model's calibrated
+    costs, kept on the model so that each generation starts from the last."""
+    times = getattr(model, "_policy_times", None)
+    if times is None:
+        times = model._policy_times = StepTimes()
+    return times
 
 
 def make_decoder(
@@ -313,6 +323,7 @@ def make_decoder(
         branches=MAX_BRANCHES if trees else 1,
         costs=None if plain_fallback(model) is not None else _costs(model),
         priors=getattr(model, "policy_priors", None),
+        times=_times(model),
         **common,
     )
 

@@ -216,3 +216,27 @@ def test_sampling_exact_whatever_the_policy_chooses(use_sampler, seed, monkeypat
     assert {"plain", "masks", "copy", "chain"} <= set(kinds) and not {"branches", "tree"} & set(kinds)
     assert 0.05 * proposed < accepted < 0.95 * proposed
     assert chi_square_pvalue(counts, joint) > ALPHA
+
+
+def test_greedy_generations_share_measured_step_times_and_sampling_never_reads_them():
+    """Greedy generations of one decoder (and of decoders given the same
+    StepTimes) start from the step times measured before and update them;
+    a sampled generation starts from the calibration and leaves them alone."""
+    from mlx_mtp.decoding.policy import StepTimes
+
+    mtp = mtp_for("llama")
+    prompt, ref = repetitive_prompt(mtp, 2)
+    times = StepTimes()
+    greedy = SpeculativeDecoder(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
+    assert [t for s in greedy.steps(prompt, 30) for t in s.tokens] == ref[:30]
+    assert greedy.policy.times is times and times.scale[False] != 1.0  # the tiny model runs far under 10 ms
+    measured = (dict(times.scale), dict(times.band_scale))
+    again = SpeculativeDecoder(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
+    start = again._make_policy()
+    assert start.times is times and start.seconds(1, 0, 100) == pytest.approx(
+        CPU_FP32.cost(1, 100, False) * times.band_scale.get((False, 1), times.scale[False])
+    )
+    sampled = SpeculativeDecoder(mtp, num_masks=2, lookup=6, temp=1.0, costs=CPU_FP32, times=times)
+    list(sampled.steps(prompt, 20))
+    assert sampled.policy.times is not times and sampled.policy.scale == {False: 1.0, True: 1.0}
+    assert (dict(times.scale), dict(times.band_scale)) == measured

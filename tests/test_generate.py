@@ -2,6 +2,7 @@
 command line, on a tiny qwen3 model saved as an mlx-lm model directory with a
 word-level tokenizer (w0..w127, EOS w127) and a random adapter."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mlx_lm import stream_generate as lm_stream_generate
 import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError
+from mlx_mtp.calibrate import CostModel
 from mlx_mtp.generate import main
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from mlx_mtp.model.mtp_model import MTPConfig
@@ -146,6 +148,8 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
     assert sum(rs[-1].choices.values()) == rs[-1].steps
     assert rs[0].choices == {rs[0].choice: 1}
     assert make_decoder(model).costs is not None
+    # the step times measured against the costs carry over between decoders of the model
+    assert make_decoder(model).times is make_decoder(model).times is model._policy_times
     for fixed in (dict(num_masks=1), dict(mode="quadratic"), dict(lookup=3), dict(branches=1), dict(policy=False)):
         assert make_decoder(model, **fixed).costs is None, fixed
         assert not any(r.policy for r in our_responses(model, tokenizer, ids, 5, **fixed)[1])
@@ -159,8 +163,11 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
         model.config.decode_num_masks = {"cpu": 0, "gpu": 0}
         decoder = make_decoder(model)
         assert decoder.costs is not None and decoder.k == 0 and decoder.branches == 1
+        # costs kept from a policy without masks (the plain path only) ...
+        model._policy_costs = CostModel(dataclasses.replace(decoder.costs.table, gated=None))
         model.config.decode_num_masks = {"cpu": 2, "gpu": 2}
-        assert make_decoder(model).k == 2
+        decoder = make_decoder(model)  # ... are read again with the gated path for one with them
+        assert decoder.k == 2 and decoder.costs.table.gated is not None
     finally:
         model.config.decode_num_masks = saved
 

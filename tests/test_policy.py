@@ -279,3 +279,25 @@ def test_each_band_of_widths_is_priced_as_measured():
     assert policy.seconds(7, 0, CONTEXT) == pytest.approx(policy.scale[False] * CPU_FP32.cost(7, CONTEXT, False))
     assert set(policy.band_scale) == {(False, 1), (False, 4)}
     assert policy.choose(offer).copy == 6  # width 7, the widest of the band that costs less
+
+
+def test_measured_step_times_carry_over_to_the_next_policy():
+    """A policy given StepTimes starts from what earlier policies measured and
+    updates them in place; one without starts from the calibration."""
+    from mlx_mtp.decoding.policy import StepTimes
+
+    times = StepTimes()
+    first = Policy(CPU_FP32, max_masks=0, max_copy=6, times=times)
+    plain = first.choose(StepDrafts(CONTEXT))
+    for _ in range(30):
+        first.observe(plain, seconds=2 * plain.seconds / plain.scaled)
+    first.observe_host(0.003)
+    assert times.scale[False] == pytest.approx(2.0, rel=0.05) and times.band_scale[(False, 1)] == pytest.approx(
+        2.0, rel=0.05
+    )
+    second = Policy(CPU_FP32, max_masks=0, max_copy=6, times=times)
+    assert second.seconds(1, 0, CONTEXT) == pytest.approx(2 * CPU_FP32.cost(1, CONTEXT, False), rel=0.05)
+    assert second.host_seconds == pytest.approx(0.003)
+    fresh = Policy(CPU_FP32, max_masks=0, max_copy=6)
+    assert fresh.seconds(1, 0, CONTEXT) == pytest.approx(CPU_FP32.cost(1, CONTEXT, False))
+    assert fresh.host_seconds is None

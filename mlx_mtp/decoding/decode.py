@@ -97,7 +97,7 @@ from ..model.mtp_model import MTPModel
 from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
-from .policy import Choice, CopyDraft, Costs, Policy, Priors, StepDrafts
+from .policy import Choice, CopyDraft, Costs, Policy, Priors, StepDrafts, StepTimes
 from .verify import (
     Verdict,
     accepted_path,
@@ -277,6 +277,7 @@ class SpeculativeDecoder:
         logits_processors: Optional[Sequence[LogitsProcessor]] = None,
         costs: Optional[Costs] = None,
         priors: Optional[Priors] = None,
+        times: Optional[StepTimes] = None,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
@@ -339,9 +340,18 @@ class SpeculativeDecoder:
             raise ValueError("the policy decodes in mode 'quadratic' (pass costs=None for mode 'linear')")
         self.costs = costs if self.fallback is None else None
         self.priors = priors
+        # measured step times the policy starts from and updates, across generations (greedy only)
+        self.times = times if times is not None else StepTimes()
         self.policy: Optional[Policy] = None  # the current generation's (with costs)
         # trees (branches, a copy beside the chain) need greedy verification without processors
         self.trees = self.greedy and sampler is None and not processors
+
+    @property
+    def _timed(self) -> bool:
+        """Whether measured step times steer the policy: greedy decoding only
+        (sampled output must follow the seed, so its choices may not depend
+        on timing)."""
+        return self.temp == 0 and self.sampler is None
 
     @property
     def greedy(self) -> bool:
@@ -649,8 +659,7 @@ class SpeculativeDecoder:
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
-        # greedy only: sampled output must follow the seed, so choices may not depend on timing
-        timed = self.temp == 0 and self.sampler is None
+        timed = self._timed
         synced = time.perf_counter()
         inflight = self._launch(self._plan(prompt[-1], lookup, _NO_CHAIN, budget), seen)
         ahead: Optional[_Launched] = None  # the next step, launched before inflight is read
@@ -717,6 +726,8 @@ class SpeculativeDecoder:
             max_copy=self.lookup,
             greedy=self.trees,
             priors=self.priors,
+            # sampled output must follow the seed: its choices never depend on timing
+            times=self.times if self._timed else None,
         )
 
     def settle(self, cached: int, text: Sequence[int]):

@@ -294,6 +294,21 @@ def _positive_cycle_rate(acts: List[List[Tuple[float, float, int]]], rate: float
     return tokens / seconds
 
 
+@dataclass
+class StepTimes:
+    """What steps have measured against the calibrated costs, kept across
+    generations on one machine and model (:meth:`Policy.observe`,
+    :meth:`Policy.observe_host`): a new policy starts from them rather than
+    from the calibration alone."""
+
+    # measured over calibrated seconds, per path (plain, gated)
+    scale: Dict[bool, float] = field(default_factory=lambda: {False: 1.0, True: 1.0})
+    # and per band of widths on a path, (gated, width.bit_length()); the path's where unmeasured
+    band_scale: Dict[Tuple[bool, int], float] = field(default_factory=dict)
+    # host seconds that launching a plain step ahead hides
+    host_seconds: Optional[float] = None
+
+
 class Policy:
     """Chooses each step's plan (see the module docstring).
 
@@ -305,6 +320,8 @@ class Policy:
         greedy: trees and branches need greedy verification.
         priors: prior acceptance (an adapter's ``recipe["policy_priors"]``).
         refresh: steps between recomputations of the long-run view.
+        times: measured step times to start from and update (None: a fresh
+            :class:`StepTimes`, the calibration as it is).
     """
 
     def __init__(
@@ -316,6 +333,7 @@ class Policy:
         greedy: bool = True,
         priors: Optional[Priors] = None,
         refresh: int = 16,
+        times: Optional[StepTimes] = None,
     ):
         if max_masks < 0 or max_branches < 1 or max_copy < 0:
             raise ValueError("need max_masks >= 0, max_branches >= 1, max_copy >= 0")
@@ -330,17 +348,27 @@ class Policy:
         self._regime_at: Tuple[int, int] = (-1, -1)  # (steps, context bucket) it was computed at
         self._steps = 0
         self._seconds: Dict[Tuple[int, bool, int], float] = {}
-        # measured over predicted seconds of the steps so far, per path (plain, gated)
-        self.scale: Dict[bool, float] = {False: 1.0, True: 1.0}
-        # and per band of widths on a path, (gated, width.bit_length()); the path's where unmeasured
-        self.band_scale: Dict[Tuple[bool, int], float] = {}
+        self.times = times if times is not None else StepTimes()
         self._regime_scale = self._scales()  # the scales the long-run view was computed at
-        # measured host seconds that launching a plain step ahead hides (observe_host)
-        self.host_seconds: Optional[float] = None
         # sum and count of the gain of the plans chosen right after plain steps (after_plain)
         self._after_plain = [0.0, 0.0]
 
     # --- costs ---------------------------------------------------------------------------
+    @property
+    def scale(self) -> Dict[bool, float]:
+        """Measured over calibrated seconds per path (:class:`StepTimes`)."""
+        return self.times.scale
+
+    @property
+    def band_scale(self) -> Dict[Tuple[bool, int], float]:
+        """Measured over calibrated seconds per band of widths (:class:`StepTimes`)."""
+        return self.times.band_scale
+
+    @property
+    def host_seconds(self) -> Optional[float]:
+        """Host seconds that launching a plain step ahead hides (:class:`StepTimes`)."""
+        return self.times.host_seconds
+
     def seconds(self, width: int, masks: int, context: int) -> float:
         """A plan's seconds: its forward (looked up once per 64 tokens of
         context), plus the sampler chain of ``masks`` calls where it feeds
@@ -568,16 +596,16 @@ class Policy:
         """Record the host seconds that launching a plain step ahead would
         have hidden: the host's work from reading the last plain step to
         handing the next one's graph to the device, at most what the host
-        waited for the last one (where the device computes while the host
-        waits, on the caller's thread, nothing else overlaps). A running
-        geometric mean over ~``SCALE_STEPS``."""
+        then waited for the last one (a backend that computes most of a step
+        inside the launch, as MLX's CPU backend does, leaves only that wait
+        to overlap). A running geometric mean over ~``SCALE_STEPS``."""
         if seconds <= 0:
             return
-        if self.host_seconds is None:
-            self.host_seconds = seconds
+        if self.times.host_seconds is None:
+            self.times.host_seconds = seconds
         else:
             w = 1.0 / SCALE_STEPS
-            self.host_seconds = math.exp((1 - w) * math.log(self.host_seconds) + w * math.log(seconds))
+            self.times.host_seconds = math.exp((1 - w) * math.log(self.host_seconds) + w * math.log(seconds))
 
     def observe(
         self,
