@@ -55,6 +55,10 @@ MAX_WIDTH = 32
 # widths doubled up to here, where a forward's cost stops bending (a fixed cost
 # of reading the weights, then ~linear in T), then every 4x
 BEND = 8
+# a forward whose cost at the bend is at least this share of the bend times a
+# one-token forward's is compute-bound (4-bit weights on a CPU): wider ones
+# are extrapolated along the last measured slope rather than timed
+LINEAR_SHARE = 0.5
 REPEATS = 2  # timings of a shape at most (the fastest counts); fewer where two agree within AGREE
 AGREE = 0.05  # two timings this close (relative) settle a shape
 
@@ -404,7 +408,11 @@ def calibrate(
     needs neither).
 
     Every width is measured on every path at the first context; at the
-    others only the plain path's narrowest and widest. The change in cost
+    others only the plain path's narrowest and widest. Where the forward
+    at the bend (T = ``BEND``) costs ``LINEAR_SHARE`` x T one-token
+    forwards or more (compute-bound: 4-bit weights on a CPU), the wider
+    widths are extrapolated along the slope to the bend instead of timed,
+    and the longer contexts are timed at the bend. The change in cost
     from the first context is interpolated linearly in the width (attention
     over the cache costs ~width x context) and added to both paths' rows
     (both attend over the same cache; the gated path's explicit mask adds
@@ -418,17 +426,42 @@ def calibrate(
     tic = time.perf_counter()
     paths = (False, True) if (gated and model.num_masks > 0) else (False,)
     caches = [fill_cache(model, context, widths[-1]) for context in contexts]
+    narrow = [w for w in widths if w <= BEND]
+    wide = [w for w in widths if w > BEND]
+    if len(narrow) < 2:
+        narrow, wide = widths, []
+
+    def runs_of(shapes) -> Dict[object, Callable[[], mx.array]]:
+        return {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
+
+    rest = range(1, len(contexts))
     ends = sorted({widths[0], widths[-1]})
-    # every width and path at the first context; the plain path's ends at the others
-    shapes = [(0, gated, w) for gated in paths for w in reversed(widths)]
-    shapes += [(i, False, w) for i in range(1, len(contexts)) for w in ends]
-    runs: Dict[object, Callable[[], mx.array]] = {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
+    # first every narrow width and path at the first context, and the plain path's
+    # narrowest at the others (and its widest, where there is nothing wide)
+    shapes = [(0, g, w) for g in paths for w in reversed(narrow)]
+    shapes += [(i, False, w) for i in rest for w in (ends if not wide else ends[:1])]
+    runs = runs_of(shapes)
     depth = 4  # sampler-head calls timed together (one chain)
     if True in paths:
         runs["sampler"] = sampler_fn(model, depth)
-    # one warm-up, the widest forward on the last path: its buffers serve the narrower ones
-    mx.eval(runs[(0, paths[-1], widths[-1])]())
+    # one warm-up, the widest of them on the last path: its buffers serve the narrower ones
+    mx.eval(runs[shapes[len(narrow) * (len(paths) - 1)]]())
     best, timings = time_round_robin(runs, repeats)
+    b, then = narrow[-1], []
+    if wide and best[(0, False, b)] >= LINEAR_SHARE * b * best[(0, False, widths[0])]:
+        # compute-bound: the wide widths along the last slope, the longer contexts' change at the bend
+        for g in paths:
+            slope = (best[(0, g, b)] - best[(0, g, narrow[-2])]) / (b - narrow[-2])
+            for w in wide:
+                best[(0, g, w)] = best[(0, g, b)] + slope * (w - b)
+        ends = [widths[0], b]
+        then = [(i, False, b) for i in rest]
+    elif wide:
+        then = [(0, g, w) for g in paths for w in reversed(wide)] + [(i, False, widths[-1]) for i in rest]
+    if then:
+        more, count = time_round_robin(runs_of(then), repeats)
+        best.update(more)
+        timings += count
     rows: Dict[bool, List[List[float]]] = {gated: [] for gated in paths}
     for gated in paths:
         first = [best[(0, gated, w)] for w in widths]
@@ -437,7 +470,8 @@ def calibrate(
             change = [best[(i, False, w)] - best[(0, False, w)] for w in ends]
             row = [c + (_interp(ends, change, w) if len(ends) > 1 else change[0]) for c, w in zip(first, widths)]
             rows[gated].append(_monotone([max(c, 1e-6) for c in row]))
-    del caches, runs
+    caches.clear()
+    runs.clear()
     mx.clear_cache()
     return CostTable(
         widths=widths,

@@ -96,6 +96,36 @@ def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypat
     assert t.sampler_call == pytest.approx(0.1) and t.timings == 17
 
 
+@pytest.mark.parametrize("compute_bound", [True, False])
+def test_wide_forwards_extrapolated_where_the_cost_is_linear_in_width(monkeypatch, compute_bound):
+    """Narrow widths first; where T = 8 costs 8 one-token forwards (4-bit
+    weights on a CPU), T = 32 is extrapolated along the slope from 4 to 8 and
+    the long context is timed at 8; where it bends (fp32), T = 32 is timed."""
+    rounds = []
+
+    def cost(k):
+        c, g, w = k
+        return (w if compute_bound else 1 + 0.05 * w) * (1.5 if g else 1.0) + 0.1 * c * w
+
+    def fake(runs, repeats):
+        rounds.append(set(runs))
+        return {k: (0.4 if k == "sampler" else cost(k)) for k in runs}, len(runs)
+
+    monkeypatch.setattr(cal, "time_round_robin", fake)
+    t = cal.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8, 40], repeats=2)
+    narrow = {(0, g, w) for g in (False, True) for w in (1, 2, 4, 8)} | {(1, False, 1), "sampler"}
+    assert rounds[0] == narrow
+    if compute_bound:
+        assert rounds[1] == {(1, False, 8)}
+        assert t.plain[0][-1] == pytest.approx(32.0) and t.gated[0][-1] == pytest.approx(48.0)
+        assert t.plain[1][-1] == pytest.approx(32.0 + 0.1 * 32)  # the change at 1 and 8, extended to 32
+    else:
+        assert rounds[1] == {(0, False, 32), (0, True, 32), (1, False, 32)}
+        assert t.plain[0][-1] == pytest.approx(cost((0, False, 32)))
+        assert t.plain[1][-1] == pytest.approx(cost((1, False, 32)))
+    assert t.timings == sum(map(len, rounds))
+
+
 @pytest.mark.parametrize(
     "scripted, repeats, best, count",
     [
