@@ -160,13 +160,13 @@ def untimed(monkeypatch):
     "table, expect, never",
     [
         (LINEAR, {"plain"}, {"copy", "chain", "masks", "branches", "tree"}),
-        (FLAT, {"chain"}, set()),
+        (FLAT, set(), {"plain"}),
         (CPU_FP32, {"copy"}, {"masks", "branches", "tree"}),
     ],
 )
 def test_policy_choices_follow_the_costs(table, expect, never, untimed):
     """With the real policy: where width costs what it returns only plain
-    steps; where it is free the masks' chain every step; in between copies
+    steps; where it is free the masks' chain nearly every step; in between copies
     without masks. The output is mlx-lm's in each case."""
     mtp = mtp_for("llama")
     prompt, ref = repetitive_prompt(mtp, 5)
@@ -177,7 +177,8 @@ def test_policy_choices_follow_the_costs(table, expect, never, untimed):
     assert expect <= set(kinds), kinds
     assert not (never & set(kinds)), kinds
     if table is FLAT:
-        # nearly every step verifies the chain: well over 2 tokens per step
+        # nearly every step verifies the chain (alone, in branches or beside a copy): well over 2 tokens per step
+        assert sum(kinds[k] for k in ("chain", "branches", "tree")) >= 0.8 * len(steps), kinds
         assert len(got) / len(steps) > 2.5
 
 

@@ -96,7 +96,7 @@ def test_cpu_fp32_verifies_a_sure_chain_without_feeding_masks():
 
 
 def test_estimate_moves_with_history():
-    est = AcceptanceEstimator(Priors(strength=4.0))
+    est = AcceptanceEstimator(Priors(strength=4.0, lookup=[0.5, 0.75, 0.8, 0.85]))
     prior = est.conditional("lookup", 1)
     assert prior == pytest.approx(0.5)
     for _ in range(20):

@@ -70,11 +70,11 @@ class Priors:
 
     # defaults from the default adapter's measurements (docs/calibration.md)
     mtp: List[float] = field(default_factory=lambda: [0.35, 0.5, 0.55, 0.6])
-    lookup: List[float] = field(default_factory=lambda: [0.5, 0.75, 0.8, 0.85])
+    lookup: List[float] = field(default_factory=lambda: [0.55, 0.75, 0.8, 0.85])
     datastore: List[float] = field(default_factory=lambda: [0.4, 0.55, 0.6, 0.6])
     strength: float = 4.0
     ngram_base: int = 3
-    ngram_bonus: float = 0.3
+    ngram_bonus: float = 0.7
     count_bonus: float = 0.3
 
     def __post_init__(self):
