@@ -234,11 +234,11 @@ def _costs(model: MTPModel):
     """The model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`),
     kept on the model after the first call: the gated path's only where the
     policy may feed masks here (``default_num_masks`` > 0)."""
-    gated = model.default_num_masks > 0
+    from .calibrate import cost_model, feeds_masks
+
+    gated = feeds_masks(model)
     costs = getattr(model, "_policy_costs", None)
     if costs is None or (gated and costs.table.gated is None):
-        from .calibrate import cost_model
-
         costs = model._policy_costs = cost_model(model, gated=gated).costs
     return costs
 

@@ -530,6 +530,13 @@ class Calibration:
     written: bool  # measured now and written to the cache
 
 
+def feeds_masks(model) -> bool:
+    """Whether the decoder's policy may feed masks on this device (the
+    adapter's ``default_num_masks``), so that the gated path's costs are
+    needed."""
+    return getattr(model, "default_num_masks", 0) > 0
+
+
 def cost_model(
     model,
     refresh: bool = False,
@@ -593,7 +600,7 @@ def main(argv=None) -> int:
     except (MTPError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
-    result = cost_model(model, refresh=True, max_width=args.max_width, gated=args.gated or model.default_num_masks > 0)
+    result = cost_model(model, refresh=True, max_width=args.max_width, gated=args.gated or feeds_masks(model))
     table = result.costs.table
     print(f"BLAS: {describe()}")
     print(f"weights: {table.identity['dtype']}, device: {table.identity['device']}, MLX {table.identity['mlx']}")

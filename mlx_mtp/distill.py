@@ -151,13 +151,17 @@ class State:
         }
 
 
+def _hash_prompts(h, prompts: List[Prompt]):
+    """Extend the running SHA-256 ``h`` with the prompts (their JSON, one per line); returns it."""
+    for p in prompts:
+        h.update(json.dumps(p, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return h
+
+
 def prompts_digest(prompts: List[Prompt]) -> str:
     """SHA-256 of the prompts (their JSON, one per line): what a resumed run
     checks of the prompts already done."""
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(json.dumps(p, ensure_ascii=False, sort_keys=True).encode() + b"\n")
-    return h.hexdigest()
+    return _hash_prompts(hashlib.sha256(), prompts).hexdigest()
 
 
 def _write_state(out: Path, state: State):
@@ -278,7 +282,8 @@ def distill(
     chunk = chunk or batch_size
     out = Path(out)
     state = open_output(out, settings)
-    if state.done > len(prompts) or prompts_digest(prompts[: state.done]) != state.prompts_sha256:
+    digest = _hash_prompts(hashlib.sha256(), prompts[: state.done])  # of the prompts done, extended per chunk
+    if state.done > len(prompts) or digest.hexdigest() != state.prompts_sha256:
         raise DistillError(
             f"{out} holds the responses to {state.done} prompts that are not the first {state.done} given now; "
             "resume with the same prompts (more may follow them), or use another --out"
@@ -310,7 +315,9 @@ def distill(
                             os.fsync(f.fileno())
                 sizes = {s: (out / f"{s}.jsonl").stat().st_size for s in SPLITS}
                 rows = {s: state.rows[s] + len(lines[s]) for s in SPLITS}
-                new = State(state.settings, hi, sizes, rows, state.empty + empty, prompts_digest(prompts[:hi]))
+                new = State(
+                    state.settings, hi, sizes, rows, state.empty + empty, _hash_prompts(digest, batch).hexdigest()
+                )
                 _write_state(out, new)
                 state = new
             except BaseException:

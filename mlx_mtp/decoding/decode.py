@@ -539,20 +539,23 @@ class SpeculativeDecoder:
         parents = tree_parents([len(branch) for branch in specs])
         return _Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
 
-    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
-        """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
+    def _choose(self, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> Tuple[Choice, Drafts]:
+        """The policy's choice for the next step, and the copy it was offered."""
         copied = self._copied(lookup)
         offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
-        chain_probs = tuple(chain.probs[0]) if chain.specs else ()
-        choice = self.policy.choose(
-            StepDrafts(
-                context=self.cache[0].committed,
-                copy=offer,
-                chain_probs=chain_probs,
-                branch_probs=tuple(chain.first) if chain.specs else (),
-                room=room,
-            )
+        drafts = StepDrafts(
+            context=self.cache[0].committed,
+            copy=offer,
+            chain_probs=tuple(chain.probs[0]) if chain.specs else (),
+            branch_probs=tuple(chain.first) if chain.specs else (),
+            room=room,
         )
+        return self.policy.choose(drafts), copied
+
+    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
+        """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
+        choice, copied = self._choose(lookup, chain, room)
+        chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
         branches: List[Tuple[str, List[int]]] = []
         if d:
@@ -694,7 +697,7 @@ class SpeculativeDecoder:
                 room = budget - generated if budget >= 0 else -1
                 if ahead is not None:
                     if self.policy is not None:  # what the step would have been, launched now
-                        self.policy.after_plain(self._plan_policy(emitted[-1], lookup, done_step.chain, room).choice)
+                        self.policy.after_plain(self._choose(lookup, done_step.chain, room)[0])
                     inflight, ahead = ahead, None
                 else:
                     next_plan = self._plan(emitted[-1], lookup, done_step.chain, room)

@@ -101,6 +101,12 @@ class Priors:
         return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()})
 
 
+def _running_mean(old: float, new: float) -> float:
+    """A running geometric mean over about ``SCALE_STEPS`` observations."""
+    w = 1.0 / SCALE_STEPS
+    return math.exp((1 - w) * math.log(old) + w * math.log(new))
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)
     return math.log(p / (1 - p))
@@ -601,11 +607,8 @@ class Policy:
         to overlap). A running geometric mean over ~``SCALE_STEPS``."""
         if seconds <= 0:
             return
-        if self.times.host_seconds is None:
-            self.times.host_seconds = seconds
-        else:
-            w = 1.0 / SCALE_STEPS
-            self.times.host_seconds = math.exp((1 - w) * math.log(self.host_seconds) + w * math.log(seconds))
+        old = self.times.host_seconds
+        self.times.host_seconds = seconds if old is None else _running_mean(old, seconds)
 
     def observe(
         self,
@@ -634,13 +637,8 @@ class Policy:
             # the calibrated seconds: the choice's, without the scale it was priced at
             predicted = choice.seconds / choice.scaled
             ratio = min(max(seconds / predicted, 0.1), 10.0)
-            w = 1.0 / SCALE_STEPS
-
-            def mean(old: float, new: float) -> float:
-                return math.exp((1 - w) * math.log(old) + w * math.log(new))
-
-            self.band_scale[band] = mean(self.band_scale.get(band, self.scale[gated]), ratio)
-            self.scale[gated] = mean(self.scale[gated], ratio)
+            self.band_scale[band] = _running_mean(self.band_scale.get(band, self.scale[gated]), ratio)
+            self.scale[gated] = _running_mean(self.scale[gated], ratio)
         if choice.copy:
             self.estimator.observe(copy_source, choice.copy, copy_right)
         if choice.depth and chain_right:
