@@ -13,9 +13,11 @@ thread count) gives the same tokens.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 
 @dataclass
@@ -32,6 +34,45 @@ class Completion:
     text: str
     tokens: List[int]
     finished: bool
+
+
+@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+def _top_p_from_sorted(logprobs: mx.array, sorted_logprobs: mx.array, top_p: float) -> mx.array:
+    # mlx_lm.sample_utils.apply_top_p after its sort, op for op
+    sorted_probs = mx.exp(sorted_logprobs.astype(mx.float32))
+    mass_above = mx.cumsum(sorted_probs, axis=-1, reverse=True, inclusive=False)
+    total_mass = mass_above[..., :1] + sorted_probs[..., :1]
+    num_dropped = (mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(sorted_logprobs, num_dropped, axis=-1)
+    return mx.where(logprobs < threshold, -float("inf"), logprobs)
+
+
+def top_p_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's ``make_sampler(temp=temperature, top_p=top_p)``, drawing the
+    same tokens from the same random state, with the vocabulary sorted by
+    numpy: MLX's CPU sort of a batch of vocabulary rows costs more than the
+    model's forward over the batch. Sorting values gives one result whatever
+    the algorithm, and the rest are mlx-lm's ops in mlx-lm's order.
+
+    Args:
+        temperature: sampling temperature (> 0).
+        top_p: nucleus mass in (0, 1).
+
+    Returns:
+        A sampler taking log-probabilities ``(B, V)`` and returning ``(B,)`` tokens.
+    """
+    from mlx_lm.sample_utils import categorical_sampling
+
+    if not (temperature > 0 and 0 < top_p < 1):
+        raise ValueError("top_p_sampler needs temperature > 0 and 0 < top_p < 1")
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        # float32 holds every bfloat16/float16 value exactly, so the sort
+        # round-trips through it unchanged
+        sorted_logprobs = mx.array(np.sort(np.array(logprobs.astype(mx.float32)), axis=-1)).astype(logprobs.dtype)
+        return categorical_sampling(_top_p_from_sorted(logprobs, sorted_logprobs, top_p), temperature)
+
+    return sampler
 
 
 def generate_completions(

@@ -406,12 +406,10 @@ def chunk_plan(seed: int, chunk: int, size: int, kinds: Sequence[str]):
 
 
 def _continuations(model, tokenizer, texts: List[str], openings: List[str], max_tokens, temperature, batch_size):
-    from mlx_lm.sample_utils import make_sampler
-
-    from .generation import generate_completions
+    from .generation import generate_completions, top_p_sampler
 
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    sampler = make_sampler(temp=temperature, top_p=TOP_P)
+    sampler = top_p_sampler(temperature, TOP_P)
     outs = generate_completions(model, tokenizer, prompts, max_tokens, sampler=sampler, batch_size=batch_size)
     return [((o + c.text).strip(), c.finished, len(c.tokens)) for o, c in zip(openings, outs)]
 
