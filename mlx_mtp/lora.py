@@ -106,6 +106,7 @@ OPTIONS = [
     ),
     ("sampler_layers", SamplerConfig.num_layers, "blocks of the sampler head's MLP", {"type": int}),
     _train_option("save_every", type=int),
+    _train_option("keep_every", type=int),
     _train_option("steps_per_report", type=int),
     _train_option("steps_per_eval", type=int),
     _train_option("val_batches", type=int),
@@ -235,7 +236,7 @@ def _check(args):
     for key in positive:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)!r}")
-    for key in ["warmup", "decay_steps", "save_every", "steps_per_eval", "mask_chunk"]:
+    for key in ["warmup", "decay_steps", "save_every", "keep_every", "steps_per_eval", "mask_chunk"]:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= 0")
     if args.decay_steps > args.iters:

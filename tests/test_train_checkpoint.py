@@ -173,3 +173,45 @@ def test_a_kill_during_a_save_leaves_whole_files_and_the_next_save_cleans_up(tmp
     t.train(Quiet())
     assert not stale.exists()
     assert _trainer(tmp_path / "o").resume(tmp_path / "ad") == 2
+
+
+def _adapter_weights(directory):
+    return mx.load(str(directory / "adapters.safetensors"))
+
+
+def test_keep_every_keeps_the_adapter_of_those_steps_and_resume_writes_the_same(tmp_path):
+    from mlx_mtp.training.trainer import TrainingInterrupted
+
+    from conftest import StopAt
+
+    a = _trainer(tmp_path / "a", iters=5)
+    a.args.keep_every = 2
+    a.train(Quiet())
+    kept = ckpt.list_snapshots(tmp_path / "a")
+    assert [s for s, _ in kept] == [2, 4, 5]  # every 2nd step and the last
+    assert kept[0][1] == tmp_path / "a" / "snapshots" / "step_0000002"
+    # the snapshot of step 2 is the adapter of a run stopped there (flat rate after warm-up)
+    two = _trainer(tmp_path / "two", iters=5)
+    two.args.iters = 2
+    two.train(Quiet())
+    _same(_adapter_weights(kept[0][1]), _adapter_weights(tmp_path / "two"))
+    _same(_adapter_weights(kept[2][1]), _adapter_weights(tmp_path / "a"))
+    assert json.loads((kept[0][1] / "adapter_config.json").read_text())["num_masks"] == K
+    assert not list((tmp_path / "a").glob(ckpt.STAGING_PREFIX + "*"))
+
+    # stopped at step 3 and resumed: the same snapshots, tensor for tensor
+    b = _trainer(tmp_path / "b", iters=5)
+    b.args.keep_every = 2
+    with pytest.raises(TrainingInterrupted):
+        b.train(StopAt(3))
+    assert [s for s, _ in ckpt.list_snapshots(tmp_path / "b")] == [2]
+    c = _trainer(tmp_path / "b", iters=5)
+    c.args.keep_every = 2
+    assert c.resume(tmp_path / "b") == 3
+    c.train(Quiet())
+    again = ckpt.list_snapshots(tmp_path / "b")
+    assert [s for s, _ in again] == [2, 4, 5]
+    for (_, x), (_, y) in zip(kept, again):
+        _same(_adapter_weights(x), _adapter_weights(y))
+    # none by default
+    assert TrainArgs().keep_every == 0 and ckpt.list_snapshots(tmp_path / "two") == []

@@ -47,6 +47,11 @@ class TrainArgs:
     )
     distill_logits: bool = _arg(False, "add a soft cross-entropy against the base model's next-token distribution")
     save_every: int = _arg(100, "checkpoint every N steps (0: at the end only)")
+    keep_every: int = _arg(
+        0,
+        "also keep the adapter of every N-th step as <adapter-path>/snapshots/step_NNNNNNN "
+        "(a learning curve's points; 0: none)",
+    )
     steps_per_report: int = _arg(10, "report training losses every N steps")
     steps_per_eval: int = _arg(200, "validate every N steps (0: never)")
     val_batches: int = _arg(25, "validation batches (-1: the whole set)")

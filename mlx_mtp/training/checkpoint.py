@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -27,6 +27,21 @@ STATE_FILE = "training_state.safetensors"
 STATE_FORMAT = "mlx-mtp-training-state"
 STATE_VERSION = "1"
 STAGING_PREFIX = ".checkpoint."  # a checkpoint being written; left behind only by a kill
+SNAPSHOTS = "snapshots"  # kept adapters (--keep-every), one directory per step
+
+
+def snapshot_dir(path: Path, step: int) -> Path:
+    """Where the adapter of ``step`` is kept inside the adapter directory ``path``."""
+    return Path(path) / SNAPSHOTS / f"step_{step:07d}"
+
+
+def list_snapshots(path: Path) -> List[Tuple[int, Path]]:
+    """The kept adapters of the run at ``path``, as (step, directory), by step."""
+    out = []
+    for d in (Path(path) / SNAPSHOTS).glob("step_*"):
+        if d.name[5:].isdigit() and (d / WEIGHTS_FILE).exists() and (d / CONFIG_FILE).exists():
+            out.append((int(d.name[5:]), d))
+    return sorted(out)
 
 
 class CheckpointWriteError(MTPError):
@@ -51,13 +66,17 @@ def save_checkpoint(
     step: int,
     train_args: dict,
     recipe: dict,
+    keep: bool = False,
 ):
     """Write the checkpoint of ``step`` to the directory ``path``.
 
     Every file is first written completely into a staging directory inside
     ``path``, then renamed into place (the state file last): a failed write
     (disk full, read-only directory) changes nothing, and a kill leaves each
-    file whole. Raises :class:`CheckpointWriteError` naming the directory.
+    file whole. With ``keep`` the adapter is also kept as
+    :func:`snapshot_dir` (written before the state file is renamed, so a
+    resumed run writes it again if a kill came between). Raises
+    :class:`CheckpointWriteError` naming the directory.
     """
     from mlx.utils import tree_flatten
 
@@ -80,6 +99,8 @@ def save_checkpoint(
         staging = Path(tempfile.mkdtemp(dir=path, prefix=STAGING_PREFIX, suffix=".tmp"))
         atomic_write(staging / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata))
         save_adapter(mtp, staging, recipe=recipe, weights=weights)
+        if keep:
+            _keep_snapshot(staging, snapshot_dir(path, step))
         for name in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE):
             os.replace(staging / name, path / name)
     except (OSError, MTPError, RuntimeError) as e:
@@ -92,6 +113,19 @@ def save_checkpoint(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _keep_snapshot(staging: Path, target: Path):
+    """Copy the adapter files in ``staging`` to the directory ``target``,
+    replacing it whole (a directory renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging / "snapshot"
+    tmp.mkdir()
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        shutil.copyfile(staging / name, tmp / name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def resolve_state_file(path: Path) -> Path:

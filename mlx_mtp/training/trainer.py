@@ -277,9 +277,10 @@ class Trainer:
     def checkpoint_recipe(self) -> dict:
         return {**self.recipe, "step": self.step, "train_args": self.args.to_dict()}
 
-    def save(self, path: Optional[Path] = None):
+    def save(self, path: Optional[Path] = None, keep: bool = False):
         """Write the checkpoint of the current step (process 0; all files or
-        none; a signal meanwhile only asks to stop)."""
+        none; a signal meanwhile only asks to stop); ``keep``: keep its
+        adapter as a snapshot too (``--keep-every``)."""
         if self.rank != 0:
             return
         self.saving = True
@@ -291,6 +292,7 @@ class Trainer:
                 self.step,
                 self.args.to_dict(),
                 self.checkpoint_recipe(),
+                keep=keep,
             )
         finally:
             self.saving = False
@@ -426,13 +428,14 @@ class Trainer:
                     and (self.step % args.steps_per_eval == 0 or last)
                 ):
                     self._validate(callback)
+                keep = args.keep_every > 0 and (self.step % args.keep_every == 0 or last)
                 if self._should_stop():
-                    self.save()
+                    self.save(keep=keep)
                     raise TrainingInterrupted(self.step, Path(args.adapter_path))
-                if args.save_every > 0 and self.step % args.save_every == 0 and not last:
-                    self.save()
+                if not last and (keep or (args.save_every > 0 and self.step % args.save_every == 0)):
+                    self.save(keep=keep)
             if self.step > start_step or not (Path(args.adapter_path) / STATE_FILE).exists():
-                self.save()
+                self.save(keep=args.keep_every > 0)
         finally:
             callback.on_train_end(self)
         return self.history
