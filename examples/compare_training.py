@@ -17,6 +17,10 @@ and the same batch order. Timings come from each run's ``train_log.jsonl``:
 the mean step after the first. Give ``--steps-per-eval`` = ``--iters`` for
 one validation at the start and one at the end (0: none, speed only), and run
 it alone or under ``nice`` on a shared machine (only the ratios compare).
+
+With ``--out``, an interrupted comparison continues where it stopped: a run
+whose checkpoint has reached ``--iters`` is not run again, one with an
+earlier checkpoint resumes from it (``--save-every`` sets how much is redone).
 """
 
 import argparse
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from mlx_mtp.training.args import TrainArgs
+from mlx_mtp.training.checkpoint import STATE_FILE, read_checkpoint
 
 
 def run_flags(spec: str) -> List[str]:
@@ -59,7 +64,9 @@ def _rate(train: List[dict], key: str) -> float:
 
 def summarize(records: List[dict], batch_size: int) -> Dict:
     """Step time, sequences/hour and the last validation of one run's log."""
-    train = [r for r in records if r["type"] == "train"]
+    # a resumed run logs the steps after its checkpoint again: the later record of a step wins
+    by_step = {r["step"]: r for r in records if r["type"] == "train"}
+    train = [by_step[s] for s in sorted(by_step)]
     val = [r for r in records if r["type"] == "val"]
     times = [1.0 / r["steps_per_sec"] for r in train]
     timed = times[1:] if len(times) > 1 else times  # the first step also allocates
@@ -73,6 +80,12 @@ def summarize(records: List[dict], batch_size: int) -> Dict:
         "first_val": val[0] if val and val[0]["step"] == 0 else None,
         "last_val": end[-1] if end else None,
     }
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of the run's last checkpoint in ``path`` (None: none yet)."""
+    state = path / STATE_FILE
+    return read_checkpoint(state).step if state.exists() else None
 
 
 def option(common: List[str], flags: List[str], name: str, default):
@@ -120,11 +133,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         cmd = [sys.executable, "-m", "mlx_mtp.lora", "--train", *common, *flags, "--adapter-path", str(path),
                "--steps-per-report", "1", "--no-progress"]  # fmt: skip
         name = spec.strip() or "default"
-        print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
-        if done.returncode != 0:
-            print(f"error: run '{name}' failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
-            return done.returncode
+        step = checkpoint_step(path)
+        iters = int(option(common, flags, "--iters", TrainArgs.iters))
+        if step is not None and step >= iters:
+            print(f"[{name}] done before (step {step}): {path}", flush=True)
+        else:
+            if step is not None:
+                cmd += ["--resume-adapter-file", str(path)]
+            print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+            if done.returncode != 0:
+                print(f"error: run '{name}' failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+                return done.returncode
         batch_size = int(option(common, flags, "--batch-size", TrainArgs.batch_size))
         rows.append({"name": name, **summarize(read_log(path / "train_log.jsonl"), batch_size)})
     print(table(rows))

@@ -37,3 +37,31 @@ def test_compare_runs_from_the_same_start(tmp_path):
     assert rows[1]["last_val"] != rows[0]["last_val"]  # subsampling trained other positions
     config = json.loads((tmp_path / "runs" / "run2" / "adapter_config.json").read_text())
     assert (config["sampler"]["num_layers"], config["sampler"]["hidden_dims"]) == (1, 32)
+
+
+def test_an_interrupted_comparison_continues(tmp_path):
+    common = ["--", "--model", str(model_dir()), "--data", str(distilled_dir()), "--num-masks", "2", "--rank", "4",
+              "--batch-size", "2", "--steps-per-eval", "0", "--max-seq-length", "128", "--warmup", "0",
+              "--save-every", "1"]  # fmt: skip
+    out = ["--out", str(tmp_path / "runs")]
+
+    def compare(iters, json_name):
+        cmd = [sys.executable, str(SCRIPT), "--run=", "--run=mask_positions=0.5", *out,
+               "--json", str(tmp_path / json_name), *common, "--iters", str(iters)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    compare(2, "a.json")
+    log = tmp_path / "runs" / "run0" / "train_log.jsonl"
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+    # done runs are not run again
+    again = compare(2, "b.json")
+    assert again.count("done before (step 2)") == 2
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert json.loads((tmp_path / "b.json").read_text()) == first
+    # more steps: each run resumes from its checkpoint
+    more = compare(3, "c.json")
+    assert "--resume-adapter-file" in more
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
