@@ -380,6 +380,14 @@ def run(args) -> int:
             mtp_test = model_for_test
         else:
             mtp_test = load_adapter(model, args.adapter_path)
+        if mtp_test.draft_vocab is not None:
+            # the figures of training's validation: the sampler head over the whole
+            # vocabulary (restricted, its loss is infinite wherever a label is outside)
+            say(
+                f"[test] the adapter's draft vocabulary ({mtp_test.draft_vocab.size} tokens) is set aside: "
+                "the sampler head is evaluated over the whole vocabulary, as in training"
+            )
+            mtp_test.set_draft_vocab(None)
         from .training.data import build_dataset, tokenize_file
 
         data_dir = Path(args.data)

@@ -207,7 +207,19 @@ def test_cli_config_file_and_outputs(tmp_path, capsys):
         )
         == 0
     )
-    assert "[test]" in capsys.readouterr().out
+    first = capsys.readouterr().out
+    assert "[test]" in first and "draft vocabulary" not in first
+    # with a draft vocabulary (as shipped adapters have) the same figures: the whole head
+    from mlx_mtp.adapter import update_adapter
+
+    mtp.set_draft_vocab(mx.arange(8))
+    update_adapter(mtp, ad, config["recipe"])
+    argv = ["--model", str(model_dir()), "--test", "--data", str(distilled_dir()), "--adapter-path", str(ad),
+            "--max-seq-length", "256"]  # fmt: skip
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "draft vocabulary (8 tokens) is set aside" in second
+    assert second.splitlines()[-1] == first.splitlines()[-1] and "inf" not in second.splitlines()[-1]
 
 
 @pytest.mark.parametrize(
