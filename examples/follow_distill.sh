@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${1:-/work/data16}
 CHUNK=128
 export OPENBLAS_NUM_THREADS=1
-ARGS=(--prompts "$OUT/prompts.jsonl" --out "$OUT/distilled" --max-tokens 512 --batch-size 32
+ARGS=(--prompts "$OUT/prompts.jsonl" --out "$OUT/distilled" --max-tokens 256 --batch-size 32
       --chunk "$CHUNK" --valid-fraction 0.05 --no-progress)
 field() {  # field FILE EXPR: a value from a JSON state file (empty if unreadable)
     python -c "import json,sys; s=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null

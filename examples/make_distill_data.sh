@@ -18,4 +18,4 @@ nice -n 19 python -m mlx_mtp.training.prompt_writer --out "$OUT/prompts.jsonl" -
     --chunk 128 --batch-size "$BATCH"
 python -m mlx_mtp.training.prompt_writer --report "$OUT/prompts.jsonl" > "$OUT/prompts_report.json"
 nice -n 19 python -m mlx_mtp.distill --prompts "$OUT/prompts.jsonl" --out "$OUT/distilled" \
-    --max-tokens 512 --batch-size "$BATCH" --chunk $((4 * BATCH)) --valid-fraction 0.05 --no-progress
+    --max-tokens 256 --batch-size "$BATCH" --chunk $((4 * BATCH)) --valid-fraction 0.05 --no-progress
