@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx_mtp  # noqa: F401  (first: it loads a fast BLAS before MLX on Linux)
-from mlx_mtp.benchmark import acceptance_per_depth, accepted_per_step, default_prompts_file, read_prompts
+from mlx_mtp.benchmark import (
+    acceptance_per_depth,
+    accepted_per_step,
+    chat_prompt,
+    default_prompts_file,
+    read_prompts,
+)
 from mlx_mtp.training.callbacks import LOG_FILE
 from mlx_mtp.training.checkpoint import list_snapshots
 
@@ -68,14 +74,6 @@ def validation_at(records: List[dict], step: int) -> Optional[dict]:
     return found[-1] if found else None
 
 
-def chat(tokenizer, text: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-    return text
-
-
 def reference_outputs(model_path: Optional[str], prompts, max_tokens: int) -> List[List[int]]:
     """mlx-lm's greedy tokens for each prompt."""
     from mlx_lm.generate import stream_generate
@@ -84,7 +82,7 @@ def reference_outputs(model_path: Optional[str], prompts, max_tokens: int) -> Li
 
     model, tokenizer = load(model_path, adapter_path=False)
     return [
-        [r.token for r in stream_generate(model.model, tokenizer, chat(tokenizer, text), max_tokens=max_tokens)]
+        [r.token for r in stream_generate(model.model, tokenizer, chat_prompt(tokenizer, text), max_tokens=max_tokens)]
         for _, text in prompts
     ]
 
@@ -101,7 +99,7 @@ def masks_only(model_path, snapshot: Path, prompts, references, max_tokens: int,
     accepted, identical = [], 0
     for (cat, text), ref in zip(prompts, references):
         out, flags, resp = [], [], None
-        for resp in stream_generate(model, tokenizer, chat(tokenizer, text), max_tokens=max_tokens, **settings):
+        for resp in stream_generate(model, tokenizer, chat_prompt(tokenizer, text), max_tokens=max_tokens, **settings):
             out.append(resp.token)
             flags.append(resp.from_draft)
         tokens[cat] += len(out)

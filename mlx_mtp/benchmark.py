@@ -86,6 +86,16 @@ def read_prompts(path: Path, categories: Optional[List[str]], per_category: Opti
     return rows
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """A benchmark prompt as the user's turn of the tokenizer's chat template
+    (the text as it is where there is none)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    return text
+
+
 def step_shapes(k: int, branches: int = 1) -> List[Tuple[int, int]]:
     """(regular tokens n, masks per block j) of the forwards to time: one
     token; one token with k masks (T = k+1); quadratic steps with j masks,
@@ -218,11 +228,7 @@ def run(args) -> int:
     print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
     def chat(text):
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-        return text
+        return chat_prompt(tokenizer, text)
 
     calibration = cost_model(model)
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"

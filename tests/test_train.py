@@ -17,7 +17,7 @@ from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.training.forward import fork_cache as _fork
 from mlx_mtp.training.forward import regular_forward
 from mlx_mtp.training.losses import LossWeights, consistency, cross_entropy, mask_losses, soft_cross_entropy, total_loss
-from mlx_mtp.training.metrics import expected_tokens_per_step, leading_correct
+from mlx_mtp.training.metrics import decoding_walk, expected_tokens_per_step, leading_correct
 from mlx_mtp.training.trainer import Trainer
 
 from tiny import tiny_mtp
@@ -127,6 +127,18 @@ def test_expected_tokens_per_step():
     # linear: (1 + E[a] + P(a<k)) / (1 + P(a<k)) = (1 + 2 + 2/3) / (5/3)
     assert tps["linear"] == pytest.approx((3 + 2 / 3) / (5 / 3))
     assert expected_tokens_per_step(np.array([3, 3]), 3)["linear"] == 4.0
+
+
+def test_decoding_walk_starts_each_step_where_the_last_stopped():
+    # quadratic: block 0 accepts 2 (3 tokens) -> block 3 accepts 0 -> block 4 accepts 3 -> block 8 (past the end)
+    lead = np.array([2, 3, 3, 0, 3, 0, 0, 0])
+    q_tokens, q_steps, l_tokens, l_steps = decoding_walk(lead, 3)
+    assert (q_tokens, q_steps) == (8, 3)
+    # linear: block 0 (2 < k: then a plain step) -> block 4 accepts all 3 -> block 8
+    assert (l_tokens, l_steps) == (8, 3)
+    assert decoding_walk(np.array([0, 0, 0]), 2).tolist() == [3, 3, 4, 4]
+    # the other estimate weighs every block the same, the ones the walk steps over too
+    assert expected_tokens_per_step(lead, 3)["quadratic"] == pytest.approx(1 + lead.mean())
 
 
 SEQS = [
@@ -322,3 +334,19 @@ def test_the_loop_reports_through_its_callback_only(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
         "adapter_config.json", "adapters.safetensors", "training_state.safetensors"
     ]  # fmt: skip
+
+
+def test_validation_walk_is_the_same_however_the_blocks_are_batched():
+    k = 2
+    examples = [build_example(x, p, k) for x, p in SEQS]
+    args = TrainArgs(iters=40, batch_size=3, learning_rate=2e-2, warmup=0, steps_per_eval=0, save_every=0,
+                     mask_chunk=0, progress=False, seed=1)  # fmt: skip
+    trainer = Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), Dataset(examples), args)
+    trainer.train(TrainingCallback())
+    ref = trainer.evaluate(num_batches=-1)
+    assert ref["tokens_per_step"]["quadratic"] > 1.3  # memorized: the walk has something to count
+    for batch_size, mask_chunk in [(1, 0), (1, 4), (3, 4), (3, 12), (3, 30)]:  # whole batches: every example
+        trainer.args.batch_size, trainer.args.mask_chunk = batch_size, mask_chunk
+        got = trainer.evaluate(num_batches=-1)
+        assert got["tokens_per_step"] == ref["tokens_per_step"], (batch_size, mask_chunk)
+        assert got["accuracy"] == pytest.approx(ref["accuracy"])

@@ -56,7 +56,7 @@ from .data import Dataset
 from .forward import chunk_terms, regular_forward
 from .grad_checkpoint import enable_grad_checkpoint
 from .losses import TERMS, total_loss
-from .metrics import EvalTotals, expected_tokens_per_step, leading_correct
+from .metrics import EvalTotals, decoding_walk, expected_tokens_per_step, leading_correct
 
 
 class TrainingInterrupted(Exception):
@@ -222,7 +222,9 @@ class Trainer:
     def evaluate(self, dataset: Optional[Dataset] = None, num_batches: Optional[int] = None) -> Dict:
         """Validation losses, per-depth top-1 accuracy of the speculated token
         (sampler head fed the true previous token, and the base LM head at the
-        mask) and the expected tokens/step they imply."""
+        mask) and the tokens/step that decoding the validation sequences with
+        these speculations gives (``tokens_per_step``; :func:`decoding_walk`),
+        and that every position would give (``tokens_per_step_every_position``)."""
         dataset = dataset or self.valid_set
         num_batches = self.args.val_batches if num_batches is None else num_batches
         k = self.k
@@ -236,9 +238,15 @@ class Trainer:
         terms_all = tuple(t for t in TERMS if t != "distill" or self.args.distill_logits)
         for i in range(n):
             idx = shard(sched.batch(i), self.rank, self.size)
-            batch = make_batch([dataset.examples[j] for j in idx], self.args.mask_chunk)
+            examples = [dataset.examples[j] for j in idx]
+            batch = make_batch(examples, self.args.mask_chunk)
             h_reg, cache = regular_forward(self.mtp, batch.tokens)
+            # the sampler head's hits by (example, block, depth), for the decoding walk
+            hits = np.zeros((len(examples), max(e.num_blocks for e in examples), k), dtype=bool)
+            first = 0  # the chunk's first block index
             for chunk in batch.chunks:
+                per_row = chunk.tokens.shape[1] // k
+                first, start = first + per_row, first
                 if len(chunk.block) == 0:
                     continue
                 logits: dict = {}
@@ -252,10 +260,14 @@ class Trainer:
                     acc.correct[h] += np.bincount(chunk.depth, weights=ok[h], minlength=k)
                 acc.total += np.bincount(chunk.depth, minlength=k)
                 acc.leading.append(leading_correct(ok[0], chunk.depth, chunk.block, k))
+                hits[chunk.block // per_row, start + chunk.block % per_row, chunk.depth] = ok[0]
                 # sums over masks; consistency: sum over tokens t of the mean over S(t)
                 for t_i, t in enumerate(TERMS):
                     if t in terms:
                         acc.sums[t_i] += terms[t].item()
+            for row, e in zip(hits, examples):
+                # the last block has no label: its step would emit a token past the end
+                acc.walk += decoding_walk(np.cumprod(row[: e.num_blocks - 1], axis=1).sum(axis=1), k)
             acc.n_counted += batch.n_counted
             acc.n_anchors += batch.n_anchors
         if self.size > 1:
@@ -269,7 +281,8 @@ class Trainer:
         out["loss"] = sum(self.args.loss_weights.get(t) * out[t] for t in self.terms if t in out)
         out["accuracy"] = [float(a) for a in acc.correct[0] / np.maximum(acc.total, 1)]
         out["accuracy_base_head"] = [float(a) for a in acc.correct[1] / np.maximum(acc.total, 1)]
-        out["tokens_per_step"] = expected_tokens_per_step(lead, k)
+        out["tokens_per_step"] = acc.walked()
+        out["tokens_per_step_every_position"] = expected_tokens_per_step(lead, k)
         out["blocks"] = int(len(lead))
         return out
 
