@@ -336,11 +336,11 @@ def test_the_loop_reports_through_its_callback_only(tmp_path, capsys):
     ]  # fmt: skip
 
 
-def test_validation_walk_is_the_same_however_the_blocks_are_batched():
+def test_validation_walk_is_the_same_however_the_blocks_are_batched(tmp_path):
     k = 2
     examples = [build_example(x, p, k) for x, p in SEQS]
     args = TrainArgs(iters=40, batch_size=3, learning_rate=2e-2, warmup=0, steps_per_eval=0, save_every=0,
-                     mask_chunk=0, progress=False, seed=1)  # fmt: skip
+                     mask_chunk=0, progress=False, seed=1, adapter_path=str(tmp_path / "ad"))  # fmt: skip
     trainer = Trainer(tiny_mtp("llama", num_masks=k), Dataset(examples), Dataset(examples), args)
     trainer.train(TrainingCallback())
     ref = trainer.evaluate(num_batches=-1)
