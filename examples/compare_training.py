@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from mlx_mtp.training.args import TrainArgs
+from mlx_mtp.training.callbacks import LOG_FILE, read_log, train_reports
 from mlx_mtp.training.checkpoint import STATE_FILE, read_checkpoint
 
 
@@ -53,10 +54,6 @@ def run_flags(spec: str) -> List[str]:
     return flags
 
 
-def read_log(path: Path) -> List[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _rate(train: List[dict], key: str) -> float:
     """Tokens per second over all the steps of ``train`` (one record per step)."""
     return sum(r[key] / r["steps_per_sec"] for r in train) / sum(1.0 / r["steps_per_sec"] for r in train)
@@ -64,9 +61,7 @@ def _rate(train: List[dict], key: str) -> float:
 
 def summarize(records: List[dict], batch_size: int) -> Dict:
     """Step time, sequences/hour and the last validation of one run's log."""
-    # a resumed run logs the steps after its checkpoint again: the later record of a step wins
-    by_step = {r["step"]: r for r in records if r["type"] == "train"}
-    train = [by_step[s] for s in sorted(by_step)]
+    train = train_reports(records)
     val = [r for r in records if r["type"] == "val"]
     times = [1.0 / r["steps_per_sec"] for r in train]
     timed = times[1:] if len(times) > 1 else times  # the first step also allocates
@@ -146,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"error: run '{name}' failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
                 return done.returncode
         batch_size = int(option(common, flags, "--batch-size", TrainArgs.batch_size))
-        rows.append({"name": name, **summarize(read_log(path / "train_log.jsonl"), batch_size)})
+        rows.append({"name": name, **summarize(read_log(path / LOG_FILE), batch_size)})
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

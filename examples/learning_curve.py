@@ -31,29 +31,18 @@ from mlx_mtp.benchmark import (
     default_prompts_file,
     read_prompts,
 )
-from mlx_mtp.training.callbacks import LOG_FILE
+from mlx_mtp.training.callbacks import LOG_FILE, read_log, train_reports
 from mlx_mtp.training.checkpoint import list_snapshots
 
 CURVE_FILE = "curve.jsonl"
 
 
-def read_log(path: Path) -> List[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def training_hours(records: List[dict]) -> Dict[int, float]:
-    """Hours of training steps up to each reported step. A resumed run logs
-    the steps after its checkpoint again; the later report of a step wins."""
-    train = {}
-    for r in records:
-        if r.get("type") == "train":
-            train[r["step"]] = r
+    """Hours of training steps up to each reported step."""
     hours, total, last = {0: 0.0}, 0.0, 0
-    for step in sorted(train):
-        total += (step - last) / train[step]["steps_per_sec"] / 3600
-        hours[step], last = total, step
+    for r in train_reports(records):
+        total += (r["step"] - last) / r["steps_per_sec"] / 3600
+        hours[r["step"]], last = total, r["step"]
     return hours
 
 

@@ -227,9 +227,6 @@ def run(args) -> int:
     )
     print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
-    def chat(text):
-        return chat_prompt(tokenizer, text)
-
     calibration = cost_model(model)
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"
     print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
@@ -242,10 +239,10 @@ def run(args) -> int:
     )
 
     # warm-up
-    for _ in lm_stream_generate(base_model, tokenizer, chat("Hello"), max_tokens=8):
+    for _ in lm_stream_generate(base_model, tokenizer, chat_prompt(tokenizer, "Hello"), max_tokens=8):
         pass
     for config in configs:
-        for _ in stream_generate(model, tokenizer, chat("Hello"), max_tokens=8, **config.settings):
+        for _ in stream_generate(model, tokenizer, chat_prompt(tokenizer, "Hello"), max_tokens=8, **config.settings):
             pass
 
     records = {config.name: defaultdict(list) for config in configs}
@@ -257,7 +254,7 @@ def run(args) -> int:
         bar = prompts
     try:
         for cat, text in bar:
-            prompt = chat(text)
+            prompt = chat_prompt(tokenizer, text)
             base_tokens, base_tps = [], 0.0
             for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
                 base_tokens.append(resp.token)

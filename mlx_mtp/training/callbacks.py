@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
 
 from .losses import TERMS
 
@@ -20,6 +20,22 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 LOG_FILE = "train_log.jsonl"
+
+
+def read_log(path: Union[str, Path]) -> List[dict]:
+    """The records of a ``train_log.jsonl`` (or any JSON-lines file), in
+    order; none where the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_reports(records: List[dict]) -> List[dict]:
+    """The ``train`` records by step. A resumed run logs the steps after its
+    checkpoint again; the later record of a step wins."""
+    by_step = {r["step"]: r for r in records if r.get("type") == "train"}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 class TrainingCallback:

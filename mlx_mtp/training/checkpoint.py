@@ -39,8 +39,9 @@ def list_snapshots(path: Path) -> List[Tuple[int, Path]]:
     """The kept adapters of the run at ``path``, as (step, directory), by step."""
     out = []
     for d in (Path(path) / SNAPSHOTS).glob("step_*"):
-        if d.name[5:].isdigit() and (d / WEIGHTS_FILE).exists() and (d / CONFIG_FILE).exists():
-            out.append((int(d.name[5:]), d))
+        step = d.name.removeprefix("step_")
+        if step.isdigit() and (d / WEIGHTS_FILE).exists() and (d / CONFIG_FILE).exists():
+            out.append((int(step), d))
     return sorted(out)
 
 

@@ -43,22 +43,17 @@ def decoding_walk(leading: np.ndarray, k: int) -> np.ndarray:
     Returns:
         ``[quadratic tokens, quadratic steps, linear tokens, linear steps]``.
     """
-    out = np.zeros(4)
-    n = len(leading)
-    i = 0
-    while i < n:
+    return np.array([*_walk(leading, k, linear=False), *_walk(leading, k, linear=True)], dtype=np.float64)
+
+
+def _walk(leading: np.ndarray, k: int, linear: bool):
+    tokens = steps = i = 0
+    while i < len(leading):
         a = int(leading[i])
-        out[0:2] += (a + 1, 1)
-        i += a + 1
-    i = 0
-    while i < n:
-        a = int(leading[i])
-        out[2:4] += (a + 1, 1)
-        if a < k:
-            out[2:4] += (1, 1)
-            i += 1
-        i += a + 1
-    return out
+        tokens, steps, i = tokens + a + 1, steps + 1, i + a + 1
+        if linear and a < k:  # a plain step: one token, speculations from the next block
+            tokens, steps, i = tokens + 1, steps + 1, i + 1
+    return tokens, steps
 
 
 def leading_correct(correct: np.ndarray, depth: np.ndarray, block: np.ndarray, k: int) -> np.ndarray:

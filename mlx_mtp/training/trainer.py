@@ -245,8 +245,9 @@ class Trainer:
             hits = np.zeros((len(examples), max(e.num_blocks for e in examples), k), dtype=bool)
             first = 0  # the chunk's first block index
             for chunk in batch.chunks:
-                per_row = chunk.tokens.shape[1] // k
-                first, start = first + per_row, first
+                per_row = chunk.tokens.shape[1] // k  # blocks per example in this chunk
+                start = first
+                first += per_row
                 if len(chunk.block) == 0:
                     continue
                 logits: dict = {}
