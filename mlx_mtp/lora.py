@@ -77,6 +77,7 @@ OPTIONS = [
     _train_option("weight_decay", type=float),
     _train_option("max_seq_length", type=int),
     _train_option("mask_positions", type=float),
+    _train_option("mask_init", choices=["normal", "tokens"]),
     _train_option("mask_chunk", type=int),
     _train_option("adapter_path"),
     (
@@ -267,6 +268,8 @@ def _check(args):
         raise UsageError(f"--sampler-hidden-dims must be a positive integer, got {args.sampler_hidden_dims!r}")
     if args.sampler_layers > MAX_SAMPLER_LAYERS:
         raise UsageError(f"--sampler-layers must be at most {MAX_SAMPLER_LAYERS}, got {args.sampler_layers}")
+    if args.mask_init not in ("normal", "tokens"):
+        raise UsageError(f"--mask-init must be 'normal' or 'tokens', got {args.mask_init!r}")
     if not 0 < args.mask_positions <= 1:
         raise UsageError(f"--mask-positions must be a fraction in (0, 1], got {args.mask_positions!r}")
     if args.learning_rate <= 0:
@@ -356,6 +359,8 @@ def run(args) -> int:
             if args.init_adapter:
                 n = trainer.init_from(args.init_adapter)
                 say(f"[init] {n} LoRA and mask tensors from {args.init_adapter}; fresh sampler head")
+            elif args.mask_init == "tokens":
+                mtp.init_masks_like_tokens()
         n_params = sum(v.size for v in mtp.adapter_parameters().values())
         say(
             f"[train] {len(train_set)} train / {len(valid_set) if valid_set else 0} valid examples | "

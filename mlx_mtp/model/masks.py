@@ -29,6 +29,18 @@ class MaskEmbeddings(nn.Module):
     def num_masks(self) -> int:
         return self.weight.shape[0]
 
+    def init_like(self, sample: mx.array):
+        """Draw the rows anew as the model's token embeddings look: per
+        coordinate, the mean plus Gaussian noise of the standard deviation of
+        ``sample`` ((n, dims): embeddings of regular tokens).
+
+        The default rows (std 0.02) can be several times smaller than a
+        model's token embeddings; at the tokens' scale the masks enter the
+        first layer as a token would (``--mask-init tokens``)."""
+        sample = sample.astype(mx.float32)
+        mean, std = sample.mean(axis=0), sample.std(axis=0)
+        self.weight = mean + std * mx.random.normal(self.weight.shape)
+
     def __call__(self, tokens: mx.array, embed_tokens: nn.Module) -> mx.array:
         """Embed ``tokens`` (masks as negative ids) with the model's own input
         embedding for regular tokens and the mask table for masks."""

@@ -227,6 +227,13 @@ class MTPModel(nn.Module):
             self.masks = MaskEmbeddings(config.num_masks, dims)
             self.sampler = SamplerHead(dims, config.sampler)
 
+    def init_masks_like_tokens(self, num_samples: int = 4096):
+        """Draw the mask rows at the scale of the model's token embeddings
+        (:meth:`MaskEmbeddings.init_like`), from ``num_samples`` token ids
+        drawn uniformly (with replacement) from the vocabulary."""
+        ids = mx.random.randint(0, self.vocab_size, (num_samples,))
+        self.masks.init_like(self.model.model.embed_tokens(ids))
+
     # --- properties ------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

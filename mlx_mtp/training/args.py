@@ -41,6 +41,11 @@ class TrainArgs:
         "fraction in (0, 1] of each sequence's response positions followed by mask blocks, "
         "drawn anew every step from --seed (1: all; the regular tokens are always all there)",
     )
+    mask_init: str = _arg(
+        "normal",
+        "initial mask embeddings: 'normal' (std 0.02) or 'tokens' (per coordinate, the mean and spread "
+        "of the model's token embeddings)",
+    )
     mask_chunk: int = _arg(256, "mask tokens per forward/backward chunk, whole batch (0: no chunking)")
     loss_weights: LossWeights = field(
         default_factory=LossWeights, metadata={"help": "weights of the loss terms (--<term>-loss-weight)"}
