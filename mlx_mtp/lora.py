@@ -72,6 +72,7 @@ OPTIONS = [
     _train_option("batch_size", type=int),
     _train_option("learning_rate", type=float),
     _train_option("sampler_lr_scale", type=float),
+    _train_option("mask_lr_scale", type=float),
     _train_option("warmup", type=int),
     _train_option("decay_steps", type=int),
     _train_option("weight_decay", type=float),
@@ -247,6 +248,7 @@ def _check(args):
     for key in [
         "learning_rate",
         "sampler_lr_scale",
+        "mask_lr_scale",
         "scale",
         "alpha",
         "weight_decay",
@@ -276,6 +278,8 @@ def _check(args):
         raise UsageError("--learning-rate must be positive")
     if args.sampler_lr_scale <= 0:
         raise UsageError("--sampler-lr-scale must be positive")
+    if args.mask_lr_scale <= 0:
+        raise UsageError("--mask-lr-scale must be positive")
     if args.resume_adapter_file and args.init_adapter:
         raise UsageError("give --resume-adapter-file or --init-adapter, not both")
     if not args.lora_keys:

@@ -30,6 +30,11 @@ class TrainArgs:
         "the sampler head's learning rate relative to --learning-rate "
         "(a skip head's zero norms grow by about one learning rate per step)",
     )
+    mask_lr_scale: float = _arg(
+        1.0,
+        "the mask embeddings' learning rate relative to --learning-rate "
+        "(rows drawn at the tokens' scale, --mask-init tokens, move less per step)",
+    )
     warmup: int = _arg(100, "linear warm-up steps")
     decay_steps: int = _arg(0, "cosine decay of the learning rate to zero over the last N of --iters steps (0: flat)")
     weight_decay: float = _arg(0.01, "AdamW weight decay")

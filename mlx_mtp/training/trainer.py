@@ -144,14 +144,24 @@ class Trainer:
         def schedule(lr):
             return learning_rate_schedule(lr, args.warmup, args.decay_steps, args.iters)
 
-        main = optim.AdamW(learning_rate=schedule(args.learning_rate), weight_decay=args.weight_decay)
+        def adamw(scale: float):
+            return optim.AdamW(learning_rate=schedule(args.learning_rate * scale), weight_decay=args.weight_decay)
+
+        main = adamw(1.0)
         self._main_optimizer = main
-        if args.sampler_lr_scale != 1.0:
-            # the skip head's zero norms grow by about one learning rate per step (docs/training.md)
-            head = optim.AdamW(
-                learning_rate=schedule(args.learning_rate * args.sampler_lr_scale), weight_decay=args.weight_decay
+        # parameter groups with their own learning rate, in this order (the
+        # checkpoint names the groups' states by position): the skip head's zero
+        # norms grow by about one learning rate per step (docs/training.md)
+        scaled = [
+            (s, prefix)
+            for s, prefix in ((args.sampler_lr_scale, "sampler."), (args.mask_lr_scale, "masks."))
+            if s != 1.0
+        ]
+        if scaled:
+            self.optimizer = optim.MultiOptimizer(
+                [adamw(s) for s, _ in scaled] + [main],
+                [lambda path, _, prefix=prefix: path.startswith(prefix) for _, prefix in scaled],
             )
-            self.optimizer = optim.MultiOptimizer([head, main], [lambda path, _: path.startswith("sampler.")])
         else:
             self.optimizer = main
         self.optimizer.init(mtp.trainable_parameters())
