@@ -33,7 +33,7 @@ from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
 from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
 from .model.sampler import SamplerConfig
-from .training.args import TrainArgs, train_arg_defaults, train_arg_help
+from .training.args import MASK_INITS, TrainArgs, train_arg_defaults, train_arg_help
 
 
 class UsageError(MTPError):
@@ -78,7 +78,7 @@ OPTIONS = [
     _train_option("weight_decay", type=float),
     _train_option("max_seq_length", type=int),
     _train_option("mask_positions", type=float),
-    _train_option("mask_init", choices=["normal", "tokens"]),
+    _train_option("mask_init", choices=list(MASK_INITS)),
     _train_option("mask_chunk", type=int),
     _train_option("adapter_path"),
     (
@@ -270,8 +270,8 @@ def _check(args):
         raise UsageError(f"--sampler-hidden-dims must be a positive integer, got {args.sampler_hidden_dims!r}")
     if args.sampler_layers > MAX_SAMPLER_LAYERS:
         raise UsageError(f"--sampler-layers must be at most {MAX_SAMPLER_LAYERS}, got {args.sampler_layers}")
-    if args.mask_init not in ("normal", "tokens"):
-        raise UsageError(f"--mask-init must be 'normal' or 'tokens', got {args.mask_init!r}")
+    if args.mask_init not in MASK_INITS:
+        raise UsageError(f"--mask-init must be {' or '.join(map(repr, MASK_INITS))}, got {args.mask_init!r}")
     if not 0 < args.mask_positions <= 1:
         raise UsageError(f"--mask-positions must be a fraction in (0, 1], got {args.mask_positions!r}")
     if args.learning_rate <= 0:

@@ -14,6 +14,9 @@ import mlx.core as mx
 
 from .losses import LossWeights
 
+# --mask-init's choices: the default rows (std 0.02), or rows at the scale of the token embeddings
+MASK_INITS = ("normal", "tokens")
+
 
 def _arg(default: Any, help: str):
     return field(default=default, metadata={"help": help})

@@ -150,8 +150,8 @@ class Trainer:
         main = adamw(1.0)
         self._main_optimizer = main
         # parameter groups with their own learning rate, in this order (the
-        # checkpoint names the groups' states by position): the skip head's zero
-        # norms grow by about one learning rate per step (docs/training.md)
+        # checkpoint names the groups' states by position); why each has one:
+        # docs/training.md (sampler head, mask initialization)
         scaled = [
             (s, prefix)
             for s, prefix in ((args.sampler_lr_scale, "sampler."), (args.mask_lr_scale, "masks."))
