@@ -274,12 +274,9 @@ def _check(args):
         raise UsageError(f"--mask-init must be {' or '.join(map(repr, MASK_INITS))}, got {args.mask_init!r}")
     if not 0 < args.mask_positions <= 1:
         raise UsageError(f"--mask-positions must be a fraction in (0, 1], got {args.mask_positions!r}")
-    if args.learning_rate <= 0:
-        raise UsageError("--learning-rate must be positive")
-    if args.sampler_lr_scale <= 0:
-        raise UsageError("--sampler-lr-scale must be positive")
-    if args.mask_lr_scale <= 0:
-        raise UsageError("--mask-lr-scale must be positive")
+    for key in ("learning_rate", "sampler_lr_scale", "mask_lr_scale"):
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive")
     if args.resume_adapter_file and args.init_adapter:
         raise UsageError("give --resume-adapter-file or --init-adapter, not both")
     if not args.lora_keys:
