@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .errors import USER_ERROR_EXIT, DataError, MTPError
+from .errors import USER_ERROR_EXIT, DataError, MTPError, unexpected_error
 from .files import atomic_write
 from .files import read_jsonl as jsonl_lines
 
@@ -412,10 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"Interrupted; run the same command again to resume ({out}).", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("MLX_MTP_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {e} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return unexpected_error(e)
     msg = f"{state.rows['train']} train / {state.rows['valid']} valid rows in {out}"
     if state.empty:
         msg += f" ({state.empty} prompt(s) got an empty response and were skipped)"

@@ -5,6 +5,9 @@ file, the argument, the tensor); CLIs print it as ``error: <message>`` on
 stderr and exit with :data:`USER_ERROR_EXIT`, never with a traceback.
 """
 
+import os
+import sys
+
 USER_ERROR_EXIT = 2  # argparse's own status for bad arguments, so all user errors share it
 
 
@@ -33,6 +36,16 @@ def one_line(error: BaseException) -> str:
     what a CLI prints after ``error:`` for an error raised by a library."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def unexpected_error(error: Exception) -> int:
+    """What a CLI does with an error no check foresaw: re-raise it when
+    ``MLX_MTP_DEBUG`` is set (for the traceback), otherwise print it in one
+    line on stderr. Returns the exit status, 1."""
+    if os.environ.get("MLX_MTP_DEBUG"):
+        raise error
+    print(f"error: {type(error).__name__}: {one_line(error)} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 class WriteError(MTPError):

@@ -21,13 +21,12 @@ interrupt) end in one line on stderr and exit status 2.
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import USER_ERROR_EXIT, MTPError
+from .errors import USER_ERROR_EXIT, MTPError, one_line, unexpected_error
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
 from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
@@ -415,11 +414,6 @@ def run(args) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; a user-caused error (bad option, config, data, adapter,
     a file that cannot be written, an interrupt) ends in one line on stderr
@@ -428,11 +422,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = resolve_args(argv)
         return run(args)
     except MTPError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
     except OSError as e:  # a file that cannot be read or written: disk full, read-only directory
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        print(f"error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("error: interrupted; no checkpoint written since the last one", file=sys.stderr)
@@ -441,10 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: out of memory; try a smaller --batch-size, --mask-chunk or --max-seq-length", file=sys.stderr)
         return USER_ERROR_EXIT
     except Exception as e:
-        if os.environ.get("MLX_MTP_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {_one_line(e)} (set MLX_MTP_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return unexpected_error(e)
 
 
 if __name__ == "__main__":

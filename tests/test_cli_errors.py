@@ -191,3 +191,32 @@ def test_generate_bad_adapter_file(files):
     )
     assert proc.returncode == USER_ERROR_EXIT, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def _crash(*_args, **_kwargs):
+    raise RuntimeError("nobody checked for this\nsecond line")
+
+
+@pytest.mark.parametrize("module, target", [("mlx_mtp.lora", "run"), ("mlx_mtp.distill", "distill")])
+def test_an_unforeseen_error_is_one_line_and_exit_1_unless_debugging(files, capsys, monkeypatch, module, target):
+    """The catch-all every long-running CLI shares (``errors.unexpected_error``):
+    one line naming the error's class and status 1; ``MLX_MTP_DEBUG=1`` lets
+    the exception (and its traceback) through."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, target, _crash)
+    argv = {
+        "mlx_mtp.lora": ["--model", "m", "--train", "--data", files["data"]],
+        "mlx_mtp.distill": ["--model", "m", "--prompts", files["bad.jsonl"], "--out", files["empty_dir"]],
+    }[module]
+    if module == "mlx_mtp.distill":  # no model to load: the crash comes first
+        monkeypatch.setattr("mlx_mtp.loading.load_base", lambda *a, **k: (None, None))
+        monkeypatch.setattr(mod, "read_prompts", lambda *a, **k: ["p"])
+    monkeypatch.delenv("MLX_MTP_DEBUG", raising=False)
+    assert mod.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: RuntimeError: nobody checked for this (set MLX_MTP_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("MLX_MTP_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="nobody checked"):
+        mod.main(argv)
