@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import USER_ERROR_EXIT, DataError, MTPError, unexpected_error
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .files import read_jsonl as jsonl_lines
 
 STATE_FILE = ".distill_state.json"
@@ -101,17 +101,10 @@ def _prompt_from_row(row, where: str) -> Prompt:
 def read_prompts(path: Union[str, Path]) -> List[Prompt]:
     """All prompts of ``path``; :class:`DistillError` with file and line on a bad one."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DistillError(f"prompts file '{path}' not found") from None
-    except UnicodeDecodeError as e:
-        raise DistillError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise DistillError(f"cannot read '{path}': {e.strerror}") from None
     if path.suffix.lower() in (".jsonl", ".json"):
         prompts = [_prompt_from_row(row, f"{path}:{n}") for n, row in jsonl_lines(path, DistillError)]
     else:
+        text = read_text(path, DistillError, "a prompts file")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DistillError(f"{path}: no prompts")

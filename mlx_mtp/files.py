@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple, Type, Union
 
-from .errors import DataError, MTPError, WriteError
+from .errors import DataError, MTPError, WriteError, one_line
 
 PathLike = Union[str, Path]
 
@@ -92,8 +92,7 @@ def failure_reason(e: BaseException) -> str:
         return e.reason
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return one_line(e)
 
 
 def sha256(path: PathLike) -> str:
@@ -108,6 +107,24 @@ def sha256(path: PathLike) -> str:
 # --- JSONL ------------------------------------------------------------------------
 
 
+def read_text(path: PathLike, error: Type[MTPError] = DataError, kind: str = "a text file") -> str:
+    """The whole of the UTF-8 text file ``path`` (newlines as ``\\n``).
+
+    Raises ``error`` naming the file when it is missing, a directory (not
+    ``kind``), not UTF-8 or cannot be read.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not {kind}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror}") from None
+
+
 def read_jsonl(path: PathLike, error: Type[MTPError] = DataError) -> Iterator[Tuple[int, Any]]:
     """``(line number, value)`` of every non-blank line of a JSONL file.
 
@@ -117,19 +134,8 @@ def read_jsonl(path: PathLike, error: Type[MTPError] = DataError) -> Iterator[Tu
     before the first row is yielded, so a caller never acts on half a file.
     """
     path = Path(path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            lines = list(enumerate(f, start=1))
-    except FileNotFoundError:
-        raise error(f"{path} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a directory, not a JSONL file") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
     rows = []
-    for lineno, line in lines:
+    for lineno, line in enumerate(read_text(path, error, "a JSONL file").split("\n"), start=1):
         if not line.strip():
             continue
         try:

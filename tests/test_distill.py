@@ -12,6 +12,21 @@ from mlx_mtp.training.data import read_jsonl
 from conftest import distilled_dir, make_tokenizer, model_dir, prompts, prompts_file
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, r"p\.txt not found"),
+        (lambda p: p.mkdir(), r"p\.txt is a directory, not a prompts file"),
+        (lambda p: p.write_bytes(b"ok\n\xff\xfe"), r"p\.txt: not UTF-8 text \(invalid start byte at byte 3\)"),
+    ],
+)
+def test_a_plain_prompts_file_that_cannot_be_read_is_one_error(tmp_path, make, message):
+    p = tmp_path / "p.txt"
+    make(p)
+    with pytest.raises(DistillError, match=message):
+        read_prompts(p)
+
+
 def test_read_prompts_formats(tmp_path):
     p = tmp_path / "p.jsonl"
     rows = [
