@@ -104,7 +104,7 @@ def sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
-# --- JSONL ------------------------------------------------------------------------
+# --- text and JSONL -----------------------------------------------------------------
 
 
 def read_text(path: PathLike, error: Type[MTPError] = DataError, kind: str = "a text file") -> str:
