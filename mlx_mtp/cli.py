@@ -22,6 +22,7 @@ COMMANDS = {
     "draft_vocab": "add a draft vocabulary to an adapter",
     "calibrate": "measure this machine's verification costs",
     "check": "check that a model and adapter decode exactly",
+    "launch": "run a command as several processes of MLX's ring backend on this machine",
 }
 
 

@@ -10,9 +10,11 @@ mlx_mtp.distill`` writes them from the base model's own responses. Flags follow
 ``mlx_lm.lora``; a YAML config (``-c``) takes the same names with underscores,
 and flags given on the command line win over it.
 
-Several processes train data-parallel when started with ``mlx.launch``:
+Several processes train data-parallel when started as ranks of MLX's ring
+backend, on one machine or on several:
 
-    mlx.launch -n 2 --backend ring --python $(which python) -m mlx_mtp.lora ...
+    python -m mlx_mtp.launch -n 2 -- -m mlx_mtp.lora ...
+    mlx.launch --hosts mac1,mac2 --backend ring --python $(which python) -- -m mlx_mtp.lora ...
 
 Ctrl-C saves a checkpoint and stops; ``--resume-adapter-file`` continues it.
 Errors a user can cause (options, config, data, adapters, a full disk, an
