@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import List, Optional
 
@@ -115,7 +116,9 @@ def launch(args: List[str], num_processes: int, python: str = sys.executable, po
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mlx_mtp_hosts_", delete=False) as f:
         f.write(hostfile(ports))
     ranks = Ranks([])
-    old = {s: signal.signal(s, ranks.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        old = {s: signal.signal(s, ranks.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(num_processes):
             env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=f.name)

@@ -102,3 +102,18 @@ def test_one_rank_is_the_program_itself(tmp_path, status):
     proc = _launch(tmp_path, f"import sys\nprint('hi')\nsys.exit({status})\n", "-n", "1")
     out, _ = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (status, "hi\n")
+
+
+def test_launch_from_a_worker_thread(tmp_path):
+    """Outside the main thread no signal handler can be set: it runs without."""
+    import threading
+
+    from mlx_mtp.launch import launch
+
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nsys.exit(20 + int(os.environ['MLX_RANK']))\n")
+    result = []
+    worker = threading.Thread(target=lambda: result.append(launch([str(script)], 2)))
+    worker.start()
+    worker.join(60)
+    assert result in ([20], [21])
