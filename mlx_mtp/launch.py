@@ -57,8 +57,8 @@ def hostfile(ports: List[int]) -> str:
 class Ranks:
     """The running processes of one ring, and the signals passed on to them."""
 
-    def __init__(self, procs: List[subprocess.Popen]):
-        self.procs = procs
+    def __init__(self):
+        self.procs: List[subprocess.Popen] = []
         self.signalled = False
 
     def forward(self, signum, frame=None):
@@ -115,7 +115,7 @@ def launch(args: List[str], num_processes: int, python: str = sys.executable, po
     ports = ports or free_ports(num_processes)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mlx_mtp_hosts_", delete=False) as f:
         f.write(hostfile(ports))
-    ranks = Ranks([])
+    ranks = Ranks()
     old = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
         old = {s: signal.signal(s, ranks.forward) for s in (signal.SIGINT, signal.SIGTERM)}
