@@ -344,7 +344,8 @@ def forward_cost(model, cache, width: int, gated: bool, repeats: int = REPEATS) 
 
 def sampler_fn(model, depth: int) -> Callable[[], mx.array]:
     """A greedy draft chain of ``depth`` sampler-head calls."""
-    z = mx.random.normal((1, depth, model.hidden_size))
+    # a key of its own: measuring costs must not move the caller's seeded stream
+    z = mx.random.normal((1, depth, model.hidden_size), key=mx.random.key(0))
     mx.eval(z)
 
     def run():

@@ -76,6 +76,19 @@ def test_calibrate_measures_every_width_and_path():
     CostModel(t)  # well formed
 
 
+def test_calibrating_leaves_the_seeded_random_stream_alone():
+    """A seeded run samples the same tokens whether its costs were measured
+    or read from the cache."""
+    import mlx.core as mx
+
+    model = tiny_mtp(num_masks=3)
+    mx.random.seed(7)
+    expected = mx.random.uniform(shape=(4,)).tolist()
+    mx.random.seed(7)
+    cal.calibrate(model, widths=[1, 2], contexts=[8], repeats=1)
+    assert mx.random.uniform(shape=(4,)).tolist() == expected
+
+
 def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypatch):
     """Every width on both paths at the first context, the plain path's ends
     at the longer one (both paths get its change), the sampler chain: each
