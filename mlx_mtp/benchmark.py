@@ -231,7 +231,9 @@ def run(args) -> int:
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"
     print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
     print(calibration.costs.describe())
-    costs = forward_costs(model, step_shapes(k, main.branches), calibration.costs)
+    # every configuration's widths: each report projects its own k and branches
+    shapes = [s for c in configs for s in step_shapes(c.num_masks, c.branches)]
+    costs = forward_costs(model, shapes, calibration.costs)
     chain = calibration.costs.table.sampler_call
     print(
         "costs used (300 cached), relative to T=1: "

@@ -109,6 +109,18 @@ def test_benchmark_policy_by_default(dirs, tmp_path, capsys):  # noqa: F811
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_benchmark_configs_in_rising_k_each_project_their_own(dirs, tmp_path):  # noqa: F811
+    """A later configuration with more masks than the first: its projection
+    needs widths the first does not use, and gets them (this raised KeyError)."""
+    result = run_benchmark(dirs, tmp_path, "--categories", "coding", "--configs", f"k=1,k={K}", "--lookup", "0")
+    one, top = result["configs"]
+    assert [p["num_masks"] for p in one["projection"]] == [1]
+    assert [p["num_masks"] for p in top["projection"]] == list(range(1, K + 1))
+    sizes = {1, 2, K + 1} | {(j + 1) ** 2 for j in range(1, K + 1)}
+    assert sorted(result["forward_cost_ms"]) == sorted(str(t) for t in sizes)
+    assert one["overall"]["identical"] == top["overall"]["identical"] == 2
+
+
 def test_benchmark_num_masks_zero_runs_copied_drafts_only(dirs, tmp_path, capsys):  # noqa: F811
     """--num-masks 0 is honoured (not read as "the adapter's default"):
     copied drafts only, no masks' acceptance or projection."""
