@@ -231,8 +231,9 @@ def run(args) -> int:
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"
     print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
     print(calibration.costs.describe())
-    # every configuration's widths: each report projects its own k and branches
-    shapes = [s for c in configs for s in step_shapes(c.num_masks, c.branches)]
+    # the first configuration's widths, and those of every fixed one: each projects its own k and branches
+    projected = [main] + [c for c in configs[1:] if not c.policy]
+    shapes = [s for c in projected for s in step_shapes(c.num_masks, c.branches)]
     costs = forward_costs(model, shapes, calibration.costs)
     chain = calibration.costs.table.sampler_call
     print(
