@@ -20,13 +20,13 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_mtp.adapter import check_adapter_tensors, save_adapter
-from mlx_mtp.errors import USER_ERROR_EXIT, ConversionError, MTPError
+from mlx_mtp.errors import ConversionError, MTPError, cli_main
 from mlx_mtp.files import atomic_dir
 from mlx_mtp.model.gated_lora import LoRAConfig, _get, model_layers
 from mlx_mtp.model.masks import MAX_MASKS
@@ -283,7 +283,8 @@ def convert(
     return convert_loaded(checkpoint, model, tokenizer, out, fmt, dtype, mask_token_id, overwrite)
 
 
-def main(argv=None) -> int:
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert.torch",
         description="Convert a PyTorch MTP adapter (peft-style or MTP-GLoRA) to an mlx-mtp adapter directory.",
@@ -296,13 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mask-token-id", type=int, default=None, help="MTP-GLoRA: id of the <mask> token")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(
-            args.checkpoint, args.model, args.out, args.format, args.dtype, args.mask_token_id, args.overwrite
-        )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    summary = convert(
+        args.checkpoint, args.model, args.out, args.format, args.dtype, args.mask_token_id, args.overwrite
+    )
     lora = summary["lora"]
     print(f"converted {summary['format']} checkpoint '{args.checkpoint}' -> '{args.out}'")
     print(

@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import USER_ERROR_EXIT, ModelLoadError, MTPError
+from .errors import ModelLoadError, MTPError, cli_main
 from .model.architectures import Support, supports
 from .model.gated_lora import LoRAConfig
 from .model.mtp_model import MTPConfig, MTPModel
@@ -187,30 +187,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    try:
-        if args.rank < 1 or args.num_masks < 1:
-            raise MTPError(f"--rank and --num-masks must be >= 1, got {args.rank} and {args.num_masks}")
-        model = load_model(args.model)
-        support = supports(model)
-        for line in describe(support):
-            print(line)
-        if not support.supported:
-            return 1
-        w = wrapped(model, MTPConfig(num_masks=args.num_masks, lora=LoRAConfig(rank=args.rank)))
-        keys = ", ".join(k if n == w.layers else f"{k} ({n} blocks)" for k, n in w.keys.items())
-        print(f"adapter wraps: {sum(w.keys.values())} linear layers in {w.layers} blocks: {keys}")
-        print(
-            f"adapter parameters (rank {args.rank}, k={args.num_masks}): {w.lora_parameters + w.other_parameters:,} "
-            f"(LoRA {w.lora_parameters:,}; masks and sampler head {w.other_parameters:,})"
-        )
-        if args.no_self_test:
-            return 0
-        result = self_test(model)
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    if args.rank < 1 or args.num_masks < 1:
+        raise MTPError(f"--rank and --num-masks must be >= 1, got {args.rank} and {args.num_masks}")
+    model = load_model(args.model)
+    support = supports(model)
+    for line in describe(support):
+        print(line)
+    if not support.supported:
+        return 1
+    w = wrapped(model, MTPConfig(num_masks=args.num_masks, lora=LoRAConfig(rank=args.rank)))
+    keys = ", ".join(k if n == w.layers else f"{k} ({n} blocks)" for k, n in w.keys.items())
+    print(f"adapter wraps: {sum(w.keys.values())} linear layers in {w.layers} blocks: {keys}")
+    print(
+        f"adapter parameters (rank {args.rank}, k={args.num_masks}): {w.lora_parameters + w.other_parameters:,} "
+        f"(LoRA {w.lora_parameters:,}; masks and sampler head {w.other_parameters:,})"
+    )
+    if args.no_self_test:
+        return 0
+    result = self_test(model)
     ok = result.masks_error <= result.masks_tolerance
     print(
         f"self-test: masks' hidden states vs contiguous reference: relative error {result.masks_error:.1e} "

@@ -5,10 +5,12 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .decoding.datastore import Datastore, hit_rate
+from .errors import cli_main
 
 
 def response_documents(data_dir: Path, tokenizer, split: str = "train") -> List[List[int]]:
@@ -35,7 +37,8 @@ def _generation_header_length(tokenizer) -> int:
     return len(tokenizer.encode(with_header[len(without) :], add_special_tokens=False))
 
 
-def main(argv=None):
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mtp.datastore", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
     p.add_argument("--adapter-path", required=True, help="adapter directory to update")
@@ -66,7 +69,8 @@ def main(argv=None):
         print(msg)
 
     edit_adapter(args.model, args.adapter_path, edit)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

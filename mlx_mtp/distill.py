@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .errors import USER_ERROR_EXIT, DataError, MTPError, unexpected_error
+from .errors import INTERRUPTED_EXIT, DataError, cli_main
 from .files import atomic_write, read_text
 from .files import read_jsonl as jsonl_lines
 
@@ -360,6 +360,7 @@ def build_parser():
     return p
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -398,14 +399,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             progress=args.progress,
             chunk=args.chunk,
         )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"Interrupted; run the same command again to resume ({out}).", file=sys.stderr)
-        return 130
-    except Exception as e:
-        return unexpected_error(e)
+        return INTERRUPTED_EXIT
     msg = f"{state.rows['train']} train / {state.rows['valid']} valid rows in {out}"
     if state.empty:
         msg += f" ({state.empty} prompt(s) got an empty response and were skipped)"

@@ -28,7 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import USER_ERROR_EXIT, MTPError, one_line, unexpected_error
+from .errors import USER_ERROR_EXIT, MTPError, cli_main
 from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
 from .model.masks import MAX_MASKS
 from .model.mtp_model import MTPConfig
@@ -416,28 +416,16 @@ def run(args) -> int:
     return 0
 
 
+@cli_main(
+    interrupted="interrupted; no checkpoint written since the last one",
+    interrupted_exit=USER_ERROR_EXIT,
+    out_of_memory="try a smaller --batch-size, --mask-chunk or --max-seq-length",
+)
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; a user-caused error (bad option, config, data, adapter,
     a file that cannot be written, an interrupt) ends in one line on stderr
     and :data:`~mlx_mtp.errors.USER_ERROR_EXIT`."""
-    try:
-        args = resolve_args(argv)
-        return run(args)
-    except MTPError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except OSError as e:  # a file that cannot be read or written: disk full, read-only directory
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        print("error: interrupted; no checkpoint written since the last one", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except MemoryError:
-        print("error: out of memory; try a smaller --batch-size, --mask-chunk or --max-seq-length", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except Exception as e:
-        return unexpected_error(e)
+    return run(resolve_args(argv))
 
 
 if __name__ == "__main__":

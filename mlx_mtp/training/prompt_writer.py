@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import USER_ERROR_EXIT, DataError, MTPError
+from ..errors import INTERRUPTED_EXIT, DataError, cli_main
 from ..files import atomic_write
 
 SPEC_BENCH = Path(__file__).resolve().parents[1] / "spec_bench" / "question.jsonl"
@@ -675,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -699,12 +700,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         progress = write_prompts(
             model, tokenizer, settings, args.out, log=lambda m: print(m, file=sys.stderr, flush=True)
         )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"Interrupted; run the same command again to resume ({args.out}).", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     print(
         f"{progress.rows} prompts in {args.out} ({progress.chunks} chunks, {sum(progress.rejected.values())} rejected)"
     )
