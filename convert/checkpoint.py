@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from mlx_mtp.errors import ConversionError
-from mlx_mtp.files import read_safetensors
+from mlx_mtp.errors import ConversionError, one_line
+from mlx_mtp.files import read_safetensors, read_text
 from mlx_mtp.model.sampler import SamplerConfig
 
 _LORA_RE = re.compile(
@@ -68,7 +68,7 @@ def _read_torch(path: Path) -> Dict[str, mx.array]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds on a bad file
-        raise ConversionError(f"cannot read '{path}': {_first_line(e)}") from None
+        raise ConversionError(f"cannot read '{path}': {one_line(e)}") from None
     if not isinstance(state, dict):
         raise ConversionError(f"'{path}' does not hold a state dict")
     tensors = {}
@@ -81,19 +81,13 @@ def _read_torch(path: Path) -> Dict[str, mx.array]:
     return tensors
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def read_json(path: Path) -> Dict[str, Any]:
     """A JSON object file."""
+    text = read_text(path, ConversionError, "a JSON file")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"'{path}' not found") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConversionError(f"cannot read '{path}': {_first_line(e)}") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"cannot read '{path}': {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"'{path}' is not a JSON object")
     return data
