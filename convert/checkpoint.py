@@ -24,12 +24,13 @@ _LORA_RE = re.compile(
     r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.([A-Za-z0-9_]+)\.lora_([AB])(?:\.default)?\.(weight|bias)$"
 )
 _SAMPLER_RE = re.compile(r"^(?:.*\.)?sampler_head\.layers\.([01])\.(linear|norm)\.weight$")
-_MASK_NAMES = ("mask_embeddings", "mask_embeddings.weight")
-_EMBED_RE = re.compile(r"^(?:.*\.)?embed_tokens\.weight$")
+MASK_NAMES = ("mask_embeddings", "mask_embeddings.weight")
+EMBED_RE = re.compile(r"^(?:.*\.)?embed_tokens\.weight$")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _names(names, limit: int = 8) -> str:
+def name_list(names, limit: int = 8) -> str:
+    """Up to ``limit`` of ``names``, sorted, for an error message."""
     names = sorted(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -132,7 +133,7 @@ class Imported:
     notes: List[str] = field(default_factory=list)
 
 
-def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
+def collect_tensors(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
     """Sort tensors into LoRA pairs, sampler and the rest; LoRA biases are errors."""
     lora: Dict[Tuple[int, str], Dict[str, mx.array]] = {}
     names: Dict[Tuple[int, str], Dict[str, str]] = {}
@@ -157,7 +158,7 @@ def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
         rest[name] = value
     if biases:
         raise ConversionError(
-            f"LoRA biases are not supported by the adapter format (trained with lora_bias): {_names(biases)}"
+            f"LoRA biases are not supported by the adapter format (trained with lora_bias): {name_list(biases)}"
         )
     for key, pair in lora.items():
         for ab in ("A", "B"):
@@ -167,7 +168,7 @@ def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
     return lora, sampler, rest
 
 
-def _check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
+def check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
     expected = {
         "layers.0.linear.weight": (dims, 2 * dims),
         "layers.0.norm.weight": (dims,),
@@ -176,7 +177,7 @@ def _check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
     }
     missing = [prefix + k for k in expected if k not in sampler]
     if missing:
-        raise ConversionError(f"missing tensors: {_names(missing)}")
+        raise ConversionError(f"missing tensors: {name_list(missing)}")
     for k, shape in expected.items():
         if tuple(sampler[k].shape) != shape:
             raise ConversionError(

@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx_mtp.adapter import check_adapter_tensors, save_adapter
 from mlx_mtp.errors import ConversionError, MTPError, cli_main
 from mlx_mtp.files import atomic_dir
-from mlx_mtp.model.gated_lora import LoRAConfig, _get, model_layers
+from mlx_mtp.model.gated_lora import LoRAConfig, model_layers, submodule
 from mlx_mtp.model.masks import MAX_MASKS
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, _embedding_shape
 
@@ -101,12 +101,12 @@ def map_lora(imp: Imported, model: nn.Module):
             )
         if A.shape[0] != rank:
             raise ConversionError(f"LoRA for {where} has rank {A.shape[0]}, but the config gives {rank}")
-        linear = _get(block, key)
+        linear = submodule(block, key)
         if isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
             parts = [(key, linear, B)]
         elif key in FUSED:
             group, names = FUSED[key]
-            linears = [_get(block, f"{group}.{n}") for n in names]
+            linears = [submodule(block, f"{group}.{n}") for n in names]
             if any(not isinstance(l, (nn.Linear, nn.QuantizedLinear)) for l in linears):
                 raise ConversionError(f"LoRA for {where}: the model has no {', '.join(names)} to split it into")
             sizes = [_out_dims(l) for l in linears]

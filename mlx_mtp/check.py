@@ -60,7 +60,7 @@ class SelfTest:
 def wrapped(model: nn.Module, config: MTPConfig) -> Wrapped:
     """Count what an adapter with ``config`` would add (the model is left as it is)."""
     from .model.architectures import language_model
-    from .model.gated_lora import _get, model_layers, resolve_keys
+    from .model.gated_lora import model_layers, resolve_keys, submodule
     from .model.sampler import SamplerHead
 
     lm = language_model(model)
@@ -69,7 +69,7 @@ def wrapped(model: nn.Module, config: MTPConfig) -> Wrapped:
     lora = 0
     for key in resolve_keys(lm, config.lora.keys):
         for block in blocks:
-            linear = _get(block, key)
+            linear = submodule(block, key)
             if isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
                 out_dims, in_dims = linear.weight.shape
                 if isinstance(linear, nn.QuantizedLinear):
