@@ -57,7 +57,7 @@ def read_tensors(path: Path) -> Dict[str, mx.array]:
 
 def _read_torch(path: Path) -> Dict[str, mx.array]:
     try:
-        import torch
+        import torch  # lazy: PyTorch is optional, needed only for a .bin checkpoint
     except ImportError:
         raise ConversionError(f"reading '{path}' needs PyTorch (pip install torch)") from None
     try:

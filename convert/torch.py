@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm import load
 
 from mlx_mtp.adapter import check_adapter_tensors, save_adapter
 from mlx_mtp.errors import ConversionError, MTPError, cli_main
@@ -272,8 +273,6 @@ def convert(
     overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Load the mlx-lm model ``model_path`` and convert ``checkpoint`` to ``out``."""
-    from mlx_lm import load
-
     if fmt == "auto":
         detect_format(Path(checkpoint))  # fail before the (slow) model load
     try:

@@ -7,6 +7,7 @@
 
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import List, Optional
 
 from .errors import USER_ERROR_EXIT, MTPError, cli_main
@@ -40,8 +41,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else USER_ERROR_EXIT
     if argv[0] == "--version":
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             print(version("mlx-mtp"))
         except PackageNotFoundError:

@@ -11,14 +11,14 @@ from typing import List, Optional
 
 from .decoding.datastore import Datastore, hit_rate
 from .errors import cli_main
+from .loading import edit_adapter
+from .training.data import response_tokens
 
 
 def response_documents(data_dir: Path, tokenizer, split: str = "train") -> List[List[int]]:
     """The responses of ``split``.jsonl, each from the chat template's
     generation prompt on (e.g. ``<|im_start|>assistant\\n``, which the text
     being drafted for also has): what the model itself writes."""
-    from .training.data import response_tokens
-
     return response_tokens(data_dir / f"{split}.jsonl", tokenizer, prefix=_generation_header_length(tokenizer))
 
 
@@ -49,7 +49,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if not args.remove and args.data is None:
         p.error("--data is required (or --remove)")
-    from .loading import edit_adapter
 
     def edit(model, tokenizer, recipe):
         if args.remove:

@@ -42,9 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+from tqdm import tqdm
+
 from .errors import INTERRUPTED_EXIT, DataError, cli_main
 from .files import atomic_write, read_text
 from .files import read_jsonl as jsonl_lines
+from .loading import default_model_path, load_base
+from .training.generation import generate_completions
 
 STATE_FILE = ".distill_state.json"
 SPLITS = ("train", "valid")
@@ -244,8 +248,6 @@ def generate_batch(
     model, tokenizer, prompts: List[List[int]], max_tokens: int, batch_size: int = BATCH_SIZE
 ) -> List[str]:
     """Greedy responses to ``prompts`` (token ids), ``batch_size`` decoded together."""
-    from .training.generation import generate_completions
-
     return [c.text for c in generate_completions(model, tokenizer, prompts, max_tokens, batch_size=batch_size)]
 
 
@@ -283,8 +285,6 @@ def distill(
         )
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(prompts), initial=state.done, desc="distill", unit="prompt", dynamic_ncols=True)
     try:
         while state.done < len(prompts):
@@ -377,8 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         prompts = read_prompts(args.prompts)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]
-        from .loading import default_model_path, load_base
-
         model, tokenizer = load_base(args.model or default_model_path())
         settings = {
             "model": args.model or "default",

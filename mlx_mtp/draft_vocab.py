@@ -19,6 +19,8 @@ import numpy as np
 
 from .arguments import non_negative_int
 from .errors import cli_main
+from .loading import edit_adapter
+from .training.data import response_tokens
 
 
 def frequent_tokens(responses: Iterable[Sequence[int]], size: int, always: Sequence[int] = ()) -> np.ndarray:
@@ -53,8 +55,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
     p.add_argument("--size", type=non_negative_int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
-    from .loading import edit_adapter
-    from .training.data import response_tokens
 
     def edit(model, tokenizer, recipe):
         if args.size <= 0:

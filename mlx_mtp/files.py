@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple, Type, Union
 
+import mlx.core as mx
+
 from .errors import DataError, MTPError, WriteError, one_line
 
 PathLike = Union[str, Path]
@@ -244,8 +246,6 @@ def read_safetensors(
     """The tensors of a safetensors file (and its metadata if ``metadata``),
     read with ``mx.load`` once :func:`read_safetensors_header` has checked
     the file. Raises ``error`` naming the file and what is wrong."""
-    import mlx.core as mx
-
     infos, _ = read_safetensors_header(path, error)
     unreadable = sorted(n for n, t in infos.items() if t.dtype.startswith("F8"))
     if unreadable:

@@ -211,7 +211,7 @@ def test_an_unforeseen_error_is_one_line_and_exit_1_unless_debugging(files, caps
         "mlx_mtp.distill": ["--model", "m", "--prompts", files["bad.jsonl"], "--out", files["empty_dir"]],
     }[module]
     if module == "mlx_mtp.distill":  # no model to load: the crash comes first
-        monkeypatch.setattr("mlx_mtp.loading.load_base", lambda *a, **k: (None, None))
+        monkeypatch.setattr(mod, "load_base", lambda *a, **k: (None, None))
         monkeypatch.setattr(mod, "read_prompts", lambda *a, **k: ["p"])
     monkeypatch.delenv("MLX_MTP_DEBUG", raising=False)
     assert mod.main(argv) == 1
