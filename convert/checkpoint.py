@@ -16,20 +16,21 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from mlx_mtp.errors import ConversionError
-from mlx_mtp.files import read_safetensors
+from mlx_mtp.errors import ConversionError, one_line
+from mlx_mtp.files import read_safetensors, read_text
 from mlx_mtp.model.sampler import SamplerConfig
 
 _LORA_RE = re.compile(
     r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.([A-Za-z0-9_]+)\.lora_([AB])(?:\.default)?\.(weight|bias)$"
 )
 _SAMPLER_RE = re.compile(r"^(?:.*\.)?sampler_head\.layers\.([01])\.(linear|norm)\.weight$")
-_MASK_NAMES = ("mask_embeddings", "mask_embeddings.weight")
-_EMBED_RE = re.compile(r"^(?:.*\.)?embed_tokens\.weight$")
+MASK_NAMES = ("mask_embeddings", "mask_embeddings.weight")
+EMBED_RE = re.compile(r"^(?:.*\.)?embed_tokens\.weight$")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _names(names, limit: int = 8) -> str:
+def name_list(names, limit: int = 8) -> str:
+    """Up to ``limit`` of ``names``, sorted, for an error message."""
     names = sorted(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -56,7 +57,7 @@ def read_tensors(path: Path) -> Dict[str, mx.array]:
 
 def _read_torch(path: Path) -> Dict[str, mx.array]:
     try:
-        import torch
+        import torch  # lazy: PyTorch is optional, needed only for a .bin checkpoint
     except ImportError:
         raise ConversionError(f"reading '{path}' needs PyTorch (pip install torch)") from None
     try:
@@ -68,7 +69,7 @@ def _read_torch(path: Path) -> Dict[str, mx.array]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds on a bad file
-        raise ConversionError(f"cannot read '{path}': {_first_line(e)}") from None
+        raise ConversionError(f"cannot read '{path}': {one_line(e)}") from None
     if not isinstance(state, dict):
         raise ConversionError(f"'{path}' does not hold a state dict")
     tensors = {}
@@ -81,19 +82,13 @@ def _read_torch(path: Path) -> Dict[str, mx.array]:
     return tensors
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def read_json(path: Path) -> Dict[str, Any]:
     """A JSON object file."""
+    text = read_text(path, ConversionError, "a JSON file")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"'{path}' not found") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConversionError(f"cannot read '{path}': {_first_line(e)}") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"cannot read '{path}': {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"'{path}' is not a JSON object")
     return data
@@ -138,7 +133,7 @@ class Imported:
     notes: List[str] = field(default_factory=list)
 
 
-def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
+def collect_tensors(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
     """Sort tensors into LoRA pairs, sampler and the rest; LoRA biases are errors."""
     lora: Dict[Tuple[int, str], Dict[str, mx.array]] = {}
     names: Dict[Tuple[int, str], Dict[str, str]] = {}
@@ -163,7 +158,7 @@ def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
         rest[name] = value
     if biases:
         raise ConversionError(
-            f"LoRA biases are not supported by the adapter format (trained with lora_bias): {_names(biases)}"
+            f"LoRA biases are not supported by the adapter format (trained with lora_bias): {name_list(biases)}"
         )
     for key, pair in lora.items():
         for ab in ("A", "B"):
@@ -173,7 +168,7 @@ def _collect(tensors: Dict[str, mx.array], extra: Tuple[str, ...] = ()):
     return lora, sampler, rest
 
 
-def _check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
+def check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
     expected = {
         "layers.0.linear.weight": (dims, 2 * dims),
         "layers.0.norm.weight": (dims,),
@@ -182,7 +177,7 @@ def _check_sampler(sampler: Dict[str, mx.array], prefix: str, dims: int):
     }
     missing = [prefix + k for k in expected if k not in sampler]
     if missing:
-        raise ConversionError(f"missing tensors: {_names(missing)}")
+        raise ConversionError(f"missing tensors: {name_list(missing)}")
     for k, shape in expected.items():
         if tuple(sampler[k].shape) != shape:
             raise ConversionError(

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from mlx_mtp.default_model import DEFAULT_NAME, DEFAULT_WHEEL, ensure_default_gguf
-from mlx_mtp.errors import USER_ERROR_EXIT, MTPError
+from mlx_mtp.errors import cli_main
 from mlx_mtp.gguf.writer import DTYPES, convert_gguf
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert.gguf",
@@ -42,16 +43,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if (args.gguf is None) == (not args.default_model):
         parser.error("give either a GGUF file or --default-model")
-    try:
-        if args.default_model:
-            source = ensure_default_gguf()
-            dtype = args.dtype or "float32"
-        else:
-            source, dtype = Path(args.gguf), args.dtype or "keep"
-        out = convert_gguf(source, args.out, dtype=dtype, force=args.force)
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    if args.default_model:
+        source = ensure_default_gguf()
+        dtype = args.dtype or "float32"
+    else:
+        source, dtype = Path(args.gguf), args.dtype or "keep"
+    out = convert_gguf(source, args.out, dtype=dtype, force=args.force)
     print(f"wrote {out}")
     return 0
 

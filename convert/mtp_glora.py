@@ -16,14 +16,14 @@ from mlx_mtp.model.masks import MAX_MASKS
 from mlx_mtp.model.sampler import SamplerConfig
 
 from .checkpoint import (
-    _EMBED_RE,
+    EMBED_RE,
     Imported,
-    _check_sampler,
-    _collect,
-    _names,
+    check_sampler,
+    collect_tensors,
     config_bool,
     config_float,
     config_int,
+    name_list,
     read_json,
     read_tensors,
 )  # fmt: skip
@@ -111,12 +111,12 @@ def read_glora(
         if key not in cfg:
             raise ConversionError(f"'{step_dir / 'config.json'}' has no '{key}'")
     tensors = read_tensors(step_dir / "model.safetensors")
-    lora, sampler, rest = _collect(tensors)
-    _check_sampler(sampler, "sampler_head.", dims)
-    embed_name = next((n for n in rest if _EMBED_RE.match(n)), None)
+    lora, sampler, rest = collect_tensors(tensors)
+    check_sampler(sampler, "sampler_head.", dims)
+    embed_name = next((n for n in rest if EMBED_RE.match(n)), None)
     embed_table = rest.pop(embed_name) if embed_name else None
     if rest:
-        raise ConversionError(f"unexpected tensors in '{step_dir / 'model.safetensors'}': {_names(rest)}")
+        raise ConversionError(f"unexpected tensors in '{step_dir / 'model.safetensors'}': {name_list(rest)}")
 
     where = step_dir / "config.json"
     r, alpha = config_int(cfg, "lora_rank", where), config_float(cfg, "lora_alpha", where)

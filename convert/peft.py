@@ -13,14 +13,14 @@ from mlx_mtp.errors import ConversionError
 from mlx_mtp.model.sampler import SamplerConfig
 
 from .checkpoint import (
-    _MASK_NAMES,
+    MASK_NAMES,
     Imported,
-    _check_sampler,
-    _collect,
-    _names,
+    check_sampler,
+    collect_tensors,
     config_bool,
     config_float,
     config_int,
+    name_list,
     read_json,
     read_tensors,
 )  # fmt: skip
@@ -57,10 +57,10 @@ def read_peft(path: Path, dims: int, rms_norm_eps: float) -> Imported:
     tensors = {}
     for k, v in read_tensors(weights_file).items():
         tensors[k[len("base_model.model.") :] if k.startswith("base_model.model.") else k] = v
-    lora, sampler, rest = _collect(tensors)
-    _check_sampler(sampler, "sampler_head.", dims)
+    lora, sampler, rest = collect_tensors(tensors)
+    check_sampler(sampler, "sampler_head.", dims)
 
-    mask_name = next((n for n in _MASK_NAMES if n in rest), None)
+    mask_name = next((n for n in MASK_NAMES if n in rest), None)
     if mask_name is None:
         raise ConversionError("missing tensor: mask_embeddings")
     masks = rest.pop(mask_name)
@@ -77,7 +77,7 @@ def read_peft(path: Path, dims: int, rms_norm_eps: float) -> Imported:
             f"tensor '{mask_name}' has {masks.shape[0]} rows but adapter_config.json says num_masks={num_masks}"
         )
     if rest:
-        raise ConversionError(f"unexpected tensors in '{weights_file}': {_names(rest)}")
+        raise ConversionError(f"unexpected tensors in '{weights_file}': {name_list(rest)}")
 
     r, alpha = config_int(cfg, "r", where), config_float(cfg, "lora_alpha", where)
     rslora = config_bool(cfg, "use_rslora", where, False)

@@ -20,15 +20,16 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm import load
 
 from mlx_mtp.adapter import check_adapter_tensors, save_adapter
-from mlx_mtp.errors import USER_ERROR_EXIT, ConversionError, MTPError
+from mlx_mtp.errors import ConversionError, MTPError, cli_main
 from mlx_mtp.files import atomic_dir
-from mlx_mtp.model.gated_lora import LoRAConfig, _get, model_layers
+from mlx_mtp.model.gated_lora import LoRAConfig, model_layers, submodule
 from mlx_mtp.model.masks import MAX_MASKS
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, _embedding_shape
 
@@ -101,12 +102,12 @@ def map_lora(imp: Imported, model: nn.Module):
             )
         if A.shape[0] != rank:
             raise ConversionError(f"LoRA for {where} has rank {A.shape[0]}, but the config gives {rank}")
-        linear = _get(block, key)
+        linear = submodule(block, key)
         if isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
             parts = [(key, linear, B)]
         elif key in FUSED:
             group, names = FUSED[key]
-            linears = [_get(block, f"{group}.{n}") for n in names]
+            linears = [submodule(block, f"{group}.{n}") for n in names]
             if any(not isinstance(l, (nn.Linear, nn.QuantizedLinear)) for l in linears):
                 raise ConversionError(f"LoRA for {where}: the model has no {', '.join(names)} to split it into")
             sizes = [_out_dims(l) for l in linears]
@@ -272,8 +273,6 @@ def convert(
     overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Load the mlx-lm model ``model_path`` and convert ``checkpoint`` to ``out``."""
-    from mlx_lm import load
-
     if fmt == "auto":
         detect_format(Path(checkpoint))  # fail before the (slow) model load
     try:
@@ -283,7 +282,8 @@ def convert(
     return convert_loaded(checkpoint, model, tokenizer, out, fmt, dtype, mask_token_id, overwrite)
 
 
-def main(argv=None) -> int:
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert.torch",
         description="Convert a PyTorch MTP adapter (peft-style or MTP-GLoRA) to an mlx-mtp adapter directory.",
@@ -296,13 +296,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mask-token-id", type=int, default=None, help="MTP-GLoRA: id of the <mask> token")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(
-            args.checkpoint, args.model, args.out, args.format, args.dtype, args.mask_token_id, args.overwrite
-        )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    summary = convert(
+        args.checkpoint, args.model, args.out, args.format, args.dtype, args.mask_token_id, args.overwrite
+    )
     lora = summary["lora"]
     print(f"converted {summary['format']} checkpoint '{args.checkpoint}' -> '{args.out}'")
     print(

@@ -22,11 +22,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_model as mlx_load_model
 
-from .errors import USER_ERROR_EXIT, ModelLoadError, MTPError
-from .model.architectures import Support, supports
-from .model.gated_lora import LoRAConfig
+from .decoding.decode import SpeculativeDecoder
+from .errors import ModelLoadError, MTPError, cli_main, one_line
+from .loading import default_model_path, load_base
+from .model.architectures import Support, language_model, supports
+from .model.cache import commit
+from .model.gated_lora import LoRAConfig, model_layers, resolve_keys, submodule
+from .model.layouts import quadratic_layout
 from .model.mtp_model import MTPConfig, MTPModel
+from .model.sampler import SamplerHead
 
 # decoded tokens per self-test run (a few forced-draft steps at k=4)
 SELF_TEST_TOKENS = 16
@@ -59,17 +66,13 @@ class SelfTest:
 
 def wrapped(model: nn.Module, config: MTPConfig) -> Wrapped:
     """Count what an adapter with ``config`` would add (the model is left as it is)."""
-    from .model.architectures import language_model
-    from .model.gated_lora import _get, model_layers, resolve_keys
-    from .model.sampler import SamplerHead
-
     lm = language_model(model)
     blocks = model_layers(lm)
     counts: Dict[str, int] = {}
     lora = 0
     for key in resolve_keys(lm, config.lora.keys):
         for block in blocks:
-            linear = _get(block, key)
+            linear = submodule(block, key)
             if isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
                 out_dims, in_dims = linear.weight.shape
                 if isinstance(linear, nn.QuantizedLinear):
@@ -106,12 +109,6 @@ def _forced_draft(mtp: MTPModel, sequence: List[int], rate: float):
 def self_test(model: nn.Module, k: int = 4, num_tokens: int = SELF_TEST_TOKENS) -> SelfTest:
     """Run the self-test on a supported model (a random adapter is attached
     to it: use a model loaded for the purpose)."""
-    from mlx_lm.generate import generate_step
-
-    from .decoding.decode import SpeculativeDecoder
-    from .model.cache import commit
-    from .model.layouts import quadratic_layout
-
     mtp = _random_adapter(model, k)
     V = mtp.vocab_size
     prompt = [(i * 7919 + 13) % V for i in range(12)]
@@ -143,19 +140,14 @@ def self_test(model: nn.Module, k: int = 4, num_tokens: int = SELF_TEST_TOKENS) 
 def load_model(path_or_repo: Optional[str]) -> nn.Module:
     """The mlx-lm model at a local directory (no tokenizer needed) or hub id;
     None: the default model. Raises :class:`ModelLoadError`."""
-    from .loading import default_model_path, load_base
-
     if path_or_repo is None:
         path_or_repo = default_model_path()
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
-        from mlx_lm.utils import load_model as mlx_load_model
-
         try:
             return mlx_load_model(path)[0]
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"cannot load model '{path_or_repo}': {msg}") from None
+            raise ModelLoadError(f"cannot load model '{path_or_repo}': {one_line(e)}") from None
     return load_base(str(path_or_repo))[0]
 
 
@@ -187,30 +179,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    try:
-        if args.rank < 1 or args.num_masks < 1:
-            raise MTPError(f"--rank and --num-masks must be >= 1, got {args.rank} and {args.num_masks}")
-        model = load_model(args.model)
-        support = supports(model)
-        for line in describe(support):
-            print(line)
-        if not support.supported:
-            return 1
-        w = wrapped(model, MTPConfig(num_masks=args.num_masks, lora=LoRAConfig(rank=args.rank)))
-        keys = ", ".join(k if n == w.layers else f"{k} ({n} blocks)" for k, n in w.keys.items())
-        print(f"adapter wraps: {sum(w.keys.values())} linear layers in {w.layers} blocks: {keys}")
-        print(
-            f"adapter parameters (rank {args.rank}, k={args.num_masks}): {w.lora_parameters + w.other_parameters:,} "
-            f"(LoRA {w.lora_parameters:,}; masks and sampler head {w.other_parameters:,})"
-        )
-        if args.no_self_test:
-            return 0
-        result = self_test(model)
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    if args.rank < 1 or args.num_masks < 1:
+        raise MTPError(f"--rank and --num-masks must be >= 1, got {args.rank} and {args.num_masks}")
+    model = load_model(args.model)
+    support = supports(model)
+    for line in describe(support):
+        print(line)
+    if not support.supported:
+        return 1
+    w = wrapped(model, MTPConfig(num_masks=args.num_masks, lora=LoRAConfig(rank=args.rank)))
+    keys = ", ".join(k if n == w.layers else f"{k} ({n} blocks)" for k, n in w.keys.items())
+    print(f"adapter wraps: {sum(w.keys.values())} linear layers in {w.layers} blocks: {keys}")
+    print(
+        f"adapter parameters (rank {args.rank}, k={args.num_masks}): {w.lora_parameters + w.other_parameters:,} "
+        f"(LoRA {w.lora_parameters:,}; masks and sampler head {w.other_parameters:,})"
+    )
+    if args.no_self_test:
+        return 0
+    result = self_test(model)
     ok = result.masks_error <= result.masks_tolerance
     print(
         f"self-test: masks' hidden states vs contiguous reference: relative error {result.masks_error:.1e} "

@@ -7,9 +7,10 @@
 
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import List, Optional
 
-from .errors import USER_ERROR_EXIT
+from .errors import USER_ERROR_EXIT, MTPError, cli_main
 
 # command -> what it does (the module is mlx_mtp.<command>, its entry point main())
 COMMANDS = {
@@ -33,14 +34,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else USER_ERROR_EXIT
     if argv[0] == "--version":
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             print(version("mlx-mtp"))
         except PackageNotFoundError:
@@ -48,8 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     command = argv[0].replace("-", "_")
     if command not in COMMANDS:
-        print(f"error: unknown command '{argv[0]}'; one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        raise MTPError(f"unknown command '{argv[0]}'; one of: {', '.join(COMMANDS)}")
     module = importlib.import_module(f"mlx_mtp.{command}")
     sys.argv = [f"mlx_mtp {command}", *argv[1:]]
     return module.main()

@@ -5,18 +5,20 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .decoding.datastore import Datastore, hit_rate
+from .errors import cli_main
+from .loading import edit_adapter
+from .training.data import response_tokens
 
 
 def response_documents(data_dir: Path, tokenizer, split: str = "train") -> List[List[int]]:
     """The responses of ``split``.jsonl, each from the chat template's
     generation prompt on (e.g. ``<|im_start|>assistant\\n``, which the text
     being drafted for also has): what the model itself writes."""
-    from .training.data import response_tokens
-
     return response_tokens(data_dir / f"{split}.jsonl", tokenizer, prefix=_generation_header_length(tokenizer))
 
 
@@ -35,7 +37,8 @@ def _generation_header_length(tokenizer) -> int:
     return len(tokenizer.encode(with_header[len(without) :], add_special_tokens=False))
 
 
-def main(argv=None):
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mtp.datastore", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
     p.add_argument("--adapter-path", required=True, help="adapter directory to update")
@@ -46,7 +49,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.remove and args.data is None:
         p.error("--data is required (or --remove)")
-    from .loading import edit_adapter
 
     def edit(model, tokenizer, recipe):
         if args.remove:
@@ -66,7 +68,8 @@ def main(argv=None):
         print(msg)
 
     edit_adapter(args.model, args.adapter_path, edit)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

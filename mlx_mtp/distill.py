@@ -42,9 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .errors import USER_ERROR_EXIT, DataError, MTPError, unexpected_error
+from tqdm import tqdm
+
+from .errors import INTERRUPTED_EXIT, DataError, cli_main
 from .files import atomic_write, read_text
 from .files import read_jsonl as jsonl_lines
+from .loading import default_model_path, load_base
+from .training.generation import generate_completions
 
 STATE_FILE = ".distill_state.json"
 SPLITS = ("train", "valid")
@@ -244,8 +248,6 @@ def generate_batch(
     model, tokenizer, prompts: List[List[int]], max_tokens: int, batch_size: int = BATCH_SIZE
 ) -> List[str]:
     """Greedy responses to ``prompts`` (token ids), ``batch_size`` decoded together."""
-    from .training.generation import generate_completions
-
     return [c.text for c in generate_completions(model, tokenizer, prompts, max_tokens, batch_size=batch_size)]
 
 
@@ -283,8 +285,6 @@ def distill(
         )
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(prompts), initial=state.done, desc="distill", unit="prompt", dynamic_ncols=True)
     try:
         while state.done < len(prompts):
@@ -360,6 +360,7 @@ def build_parser():
     return p
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -376,8 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         prompts = read_prompts(args.prompts)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]
-        from .loading import default_model_path, load_base
-
         model, tokenizer = load_base(args.model or default_model_path())
         settings = {
             "model": args.model or "default",
@@ -398,14 +397,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             progress=args.progress,
             chunk=args.chunk,
         )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"Interrupted; run the same command again to resume ({out}).", file=sys.stderr)
-        return 130
-    except Exception as e:
-        return unexpected_error(e)
+        return INTERRUPTED_EXIT
     msg = f"{state.rows['train']} train / {state.rows['valid']} valid rows in {out}"
     if state.empty:
         msg += f" ({state.empty} prompt(s) got an empty response and were skipped)"

@@ -10,13 +10,17 @@ do not change, only how often a rare token is drafted.
 """
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from .arguments import non_negative_int
+from .errors import cli_main
+from .loading import edit_adapter
+from .training.data import response_tokens
 
 
 def frequent_tokens(responses: Iterable[Sequence[int]], size: int, always: Sequence[int] = ()) -> np.ndarray:
@@ -43,15 +47,14 @@ def coverage(responses: Iterable[Sequence[int]], ids: np.ndarray) -> float:
     return inside / max(total, 1)
 
 
-def main(argv=None):
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mtp.draft_vocab", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm model (default: the default model)")
     p.add_argument("--adapter-path", required=True, help="adapter directory to update")
     p.add_argument("--data", required=True, help="directory with train.jsonl (and valid.jsonl)")
     p.add_argument("--size", type=non_negative_int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
-    from .loading import edit_adapter
-    from .training.data import response_tokens
 
     def edit(model, tokenizer, recipe):
         if args.size <= 0:
@@ -69,7 +72,8 @@ def main(argv=None):
         print(msg + " response tokens")
 
     edit_adapter(args.model, args.adapter_path, edit)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,12 +3,16 @@
 Each is a ``ValueError`` whose message is one line naming what is wrong (the
 file, the argument, the tensor); CLIs print it as ``error: <message>`` on
 stderr and exit with :data:`USER_ERROR_EXIT`, never with a traceback.
+:func:`cli_main` is the one wrapper that does so for every CLI's ``main``.
 """
 
+import functools
 import os
 import sys
+from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 USER_ERROR_EXIT = 2  # argparse's own status for bad arguments, so all user errors share it
+INTERRUPTED_EXIT = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class MTPError(ValueError):
@@ -56,3 +60,62 @@ class WriteError(MTPError):
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason or message
+
+
+def user_error_message(error: BaseException) -> str:
+    """What a CLI prints after ``error:`` for a user error: the message's first
+    line, or for an ``OSError`` the file and the system's reason."""
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return where + (error.strerror or one_line(error))
+    return one_line(error)
+
+
+CliMain = Callable[[Optional[Sequence[str]]], int]
+
+
+def cli_main(
+    main: Optional[CliMain] = None,
+    *,
+    user_errors: Tuple[Type[BaseException], ...] = (MTPError, OSError),
+    interrupted: str = "interrupted",
+    interrupted_exit: int = INTERRUPTED_EXIT,
+    out_of_memory: Optional[str] = None,
+):
+    """Wrap a CLI's ``main(argv) -> int`` (as ``@cli_main`` or
+    ``@cli_main(...)``) so that every way it can fail ends in one line on
+    stderr and a known exit status:
+
+    - ``user_errors`` (an :class:`MTPError`, a file that cannot be read or
+      written): ``error: <message>``, :data:`USER_ERROR_EXIT`;
+    - Ctrl-C: ``error: <interrupted>``, ``interrupted_exit``;
+    - ``MemoryError``, where ``out_of_memory`` says what to try:
+      ``error: out of memory; <out_of_memory>``, :data:`USER_ERROR_EXIT`;
+    - anything else: :func:`unexpected_error` (status 1, or the traceback
+      under ``MLX_MTP_DEBUG``).
+
+    ``SystemExit`` (argparse's usage errors, ``sys.exit``) passes through.
+    """
+
+    def wrap(main: CliMain) -> CliMain:
+        @functools.wraps(main)
+        def wrapped(argv: Optional[List[str]] = None) -> int:
+            try:
+                return main(argv)
+            except user_errors as e:
+                print(f"error: {user_error_message(e)}", file=sys.stderr)
+                return USER_ERROR_EXIT
+            except KeyboardInterrupt:
+                print(f"error: {interrupted}", file=sys.stderr)
+                return interrupted_exit
+            except MemoryError as e:
+                if out_of_memory is None:
+                    return unexpected_error(e)
+                print(f"error: out of memory; {out_of_memory}", file=sys.stderr)
+                return USER_ERROR_EXIT
+            except Exception as e:
+                return unexpected_error(e)
+
+        return wrapped
+
+    return wrap if main is None else wrap(main)

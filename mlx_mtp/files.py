@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple, Type, Union
 
+import mlx.core as mx
+
 from .errors import DataError, MTPError, WriteError, one_line
 
 PathLike = Union[str, Path]
@@ -104,6 +106,26 @@ def sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
+# --- reading -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reading(path: PathLike, error: Type[MTPError], kind: str) -> Iterator[None]:
+    """Turn a failure to open or read ``path`` inside the block into one line
+    of ``error`` naming the file: missing, a directory (not ``kind``, e.g.
+    "a GGUF file"), not UTF-8 text, or unreadable (the system's reason)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(f"{path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not {kind}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror}") from None
+
+
 # --- text and JSONL -----------------------------------------------------------------
 
 
@@ -113,16 +135,8 @@ def read_text(path: PathLike, error: Type[MTPError] = DataError, kind: str = "a 
     Raises ``error`` naming the file when it is missing, a directory (not
     ``kind``), not UTF-8 or cannot be read.
     """
-    try:
+    with reading(path, error, kind):
         return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{path} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a directory, not {kind}") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
 
 
 def read_jsonl(path: PathLike, error: Type[MTPError] = DataError) -> Iterator[Tuple[int, Any]]:
@@ -170,22 +184,15 @@ def read_safetensors_header(path: PathLike, error: Type[MTPError]) -> Tuple[Dict
     known dtypes, shapes of non-negative ints, and data offsets that lie inside
     the file, match the shapes and cover the data without overlap."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise error(f"{path}: not a safetensors file (truncated: {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER, size - 8):
-                raise error(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise error(f"{path} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a directory, not a safetensors file") from None
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
+    with reading(path, error, "a safetensors file"), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise error(f"{path}: not a safetensors file (truncated: {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise error(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+        raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -239,8 +246,6 @@ def read_safetensors(
     """The tensors of a safetensors file (and its metadata if ``metadata``),
     read with ``mx.load`` once :func:`read_safetensors_header` has checked
     the file. Raises ``error`` naming the file and what is wrong."""
-    import mlx.core as mx
-
     infos, _ = read_safetensors_header(path, error)
     unreadable = sorted(n for n, t in infos.items() if t.dtype.startswith("F8"))
     if unreadable:

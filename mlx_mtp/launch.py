@@ -30,7 +30,7 @@ import threading
 import time
 from typing import List, Optional
 
-from .errors import USER_ERROR_EXIT
+from .errors import MTPError, cli_main
 
 POLL_SECONDS = 0.2  # how often the processes' exit is checked: nothing else runs here
 
@@ -147,25 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not rest:
         parser.print_usage(sys.stderr)
-        print("error: nothing to run: give the interpreter's arguments after --", file=sys.stderr)
-        return USER_ERROR_EXIT
+        raise MTPError("nothing to run: give the interpreter's arguments after --")
     if args.num_processes < 1:
-        print(f"error: -n {args.num_processes}: at least 1 process", file=sys.stderr)
-        return USER_ERROR_EXIT
+        raise MTPError(f"-n {args.num_processes}: at least 1 process")
     ports = None
     if args.starting_port is not None:
         if not 0 < args.starting_port <= 65535 - args.num_processes:
-            print(
-                f"error: --starting-port {args.starting_port}: not a port for {args.num_processes} ranks",
-                file=sys.stderr,
-            )
-            return USER_ERROR_EXIT
+            raise MTPError(f"--starting-port {args.starting_port}: not a port for {args.num_processes} ranks")
         ports = list(range(args.starting_port, args.starting_port + args.num_processes))
     return launch(rest, args.num_processes, args.python, ports)
 

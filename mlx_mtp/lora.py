@@ -26,15 +26,25 @@ import math
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import USER_ERROR_EXIT, MTPError, one_line, unexpected_error
-from .model.gated_lora import DEFAULT_KEYS, LoRAConfig
+import mlx.core as mx
+import yaml
+
+from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
+from .errors import USER_ERROR_EXIT, MTPError, cli_main
+from .loading import load_base
+from .model.architectures import require_supported
+from .model.gated_lora import DEFAULT_KEYS, LoRAConfig, model_layers
 from .model.masks import MAX_MASKS
-from .model.mtp_model import MTPConfig
+from .model.mtp_model import MTPConfig, MTPModel
 from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
 from .model.sampler import SamplerConfig
 from .training.args import MASK_INITS, TrainArgs, train_arg_defaults, train_arg_help
+from .training.callbacks import LOG_FILE
+from .training.data import Dataset, build_dataset, load_data, tokenize_file
+from .training.losses import LossWeights
+from .training.trainer import Trainer, TrainingInterrupted
 
 
 class UsageError(MTPError):
@@ -149,8 +159,6 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ns = build_parser().parse_args(argv)
     values = dict(CONFIG_DEFAULTS)
     if ns.config:
-        import yaml
-
         try:
             with open(ns.config) as f:
                 cfg = yaml.safe_load(f) or {}
@@ -177,8 +185,6 @@ def resolve_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def train_args(args: argparse.Namespace) -> TrainArgs:
     """The :class:`TrainArgs` of resolved CLI options."""
-    from .training.losses import LossWeights
-
     values = {}
     for name, default in _TRAIN_DEFAULTS.items():
         v = getattr(args, name)
@@ -284,95 +290,20 @@ def _check(args):
         raise UsageError("--lora-keys is empty")
 
 
-def run(args) -> int:
-    import mlx.core as mx
-
-    from .adapter import CONFIG_FILE, load_adapter, read_adapter_config
-    from .loading import load_base
-    from .model.architectures import require_supported
-    from .model.gated_lora import LoRAConfig, model_layers
-    from .model.mtp_model import MTPModel
-    from .training.callbacks import LOG_FILE
-    from .training.data import load_data
-    from .training.trainer import Trainer, TrainingInterrupted
-
+def run(args: argparse.Namespace) -> int:
+    """Train an adapter (``--train``) and/or evaluate one (``--test``), as
+    ``mlx_lm.lora``'s ``run``; the exit status."""
     world = mx.distributed.init()
-    rank = world.rank()
-
-    def say(msg):
-        if rank == 0:
-            print(msg, flush=True)
-
     model, tokenizer = load_base(args.model)
     require_supported(model)  # a model that cannot carry an adapter fails before any data is read
-    num_layers = len(model_layers(model))
-    if args.num_layers is not None and args.num_layers > num_layers:
-        raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")
-    layers = None if args.num_layers in (None, -1) else list(range(num_layers - args.num_layers, num_layers))
-    scale = args.scale
-    if scale is None:
-        scale = args.alpha / args.rank if args.alpha is not None else _LORA_SCALE
-
+    config = adapter_config(args, model)
     targs = train_args(args)
-
+    mtp = None
     if args.train:
-        # everything is checked before anything is written
-        splits = load_data(args.data, tokenizer, args.num_masks, args.max_seq_length)
-        train_set, valid_set = splits["train"], splits["valid"]
-        if len(train_set) < args.batch_size:
-            raise UsageError(
-                f"{train_set.path} has {len(train_set)} usable examples, fewer than --batch-size {args.batch_size}"
-            )
-        for name, ds in (("train", train_set), ("valid", valid_set)):
-            if ds is None:
-                continue
-            if ds.skipped:
-                say(f"[data] {name}: {ds.skipped} example(s) skipped: the prompt alone exceeds --max-seq-length")
-            if ds.truncated:
-                say(f"[data] {name}: {ds.truncated} response(s) cut to fit --max-seq-length {args.max_seq_length}")
-        if valid_set is None:
-            say(f"[data] no valid.jsonl in {args.data}: training without validation")
-        mx.random.seed(args.seed)
-        config = MTPConfig(
-            num_masks=args.num_masks,
-            lora=LoRAConfig(rank=args.rank, scale=scale, keys=list(args.lora_keys), layers=layers),
-            sampler=SamplerConfig(
-                skip=bool(args.sampler_skip), hidden_dims=args.sampler_hidden_dims, num_layers=args.sampler_layers
-            ),
-        )
         try:
-            mtp = MTPModel(model, config)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        recipe = {"trainer": "mlx_mtp.lora", "base_model": args.model, "data": str(args.data)}
-        if args.init_adapter:
-            cfg = Path(args.init_adapter) / CONFIG_FILE
-            earlier = read_adapter_config(args.init_adapter).get("recipe") if cfg.exists() else None
-            recipe["init_adapter"] = {"path": str(args.init_adapter), "recipe": earlier}
-        trainer = Trainer(mtp, train_set, valid_set, targs, recipe=recipe, world=world)
-        if args.resume_adapter_file:
-            step = trainer.resume(args.resume_adapter_file)
-            say(f"[resume] from {args.resume_adapter_file} at step {step}")
-        else:
-            if rank == 0:
-                log = Path(args.adapter_path) / LOG_FILE
-                if log.exists():
-                    log.unlink()
-            if args.init_adapter:
-                n = trainer.init_from(args.init_adapter)
-                say(f"[init] {n} LoRA and mask tensors from {args.init_adapter}; fresh sampler head")
-            elif args.mask_init == "tokens":
-                mtp.init_masks_like_tokens()
-        n_params = sum(v.size for v in mtp.adapter_parameters().values())
-        say(
-            f"[train] {len(train_set)} train / {len(valid_set) if valid_set else 0} valid examples | "
-            f"k={args.num_masks} rank={args.rank} scale={scale:g} | {n_params / 1e6:.2f}M trainable parameters | "
-            f"{world.size()} process(es)"
-        )
-        try:
-            trainer.train()
+            mtp = train_model(args, model, tokenizer, config, targs, world)
         except TrainingInterrupted as e:
-            if rank == 0:
+            if world.rank() == 0:
                 print(
                     f"error: interrupted at step {e.step}; checkpoint saved to {e.path}; "
                     f"continue with --resume-adapter-file {e.path}",
@@ -380,64 +311,143 @@ def run(args) -> int:
                     flush=True,
                 )
             return USER_ERROR_EXIT
-        say(f"[train] done: adapter saved to {args.adapter_path}")
-        model_for_test = mtp
     if args.test:
-        if args.train:
-            mtp_test = model_for_test
-        else:
-            mtp_test = load_adapter(model, args.adapter_path)
-        if mtp_test.draft_vocab is not None:
-            # the figures of training's validation: the sampler head over the whole
-            # vocabulary (restricted, its loss is infinite wherever a label is outside)
-            say(
-                f"[test] the adapter's draft vocabulary ({mtp_test.draft_vocab.size} tokens) is set aside: "
-                "the sampler head is evaluated over the whole vocabulary, as in training"
-            )
-            mtp_test.set_draft_vocab(None)
-        from .training.data import build_dataset, tokenize_file
-
-        data_dir = Path(args.data)
-        split = "test" if (data_dir / "test.jsonl").exists() else "valid"
-        path = data_dir / f"{split}.jsonl"
-        if not path.exists():
-            raise UsageError(f"no test.jsonl or valid.jsonl in {data_dir}")
-        ds = build_dataset(tokenize_file(path, tokenizer), mtp_test.num_masks, args.max_seq_length, path)
-        if not ds.examples:
-            raise UsageError(f"{path}: no example fits --max-seq-length {args.max_seq_length}")
-        trainer = Trainer(mtp_test, None, ds, targs, world=world)
-        m = trainer.evaluate(ds, -1)
-        accs = " ".join(f"{a:.3f}" for a in m["accuracy"])
-        tps = m["tokens_per_step"]
-        say(
-            f"[test] {path}: loss {m['loss']:.3f} | acc@1..{mtp_test.num_masks} {accs} | "
-            f"tokens/step linear {tps['linear']:.2f} quadratic {tps['quadratic']:.2f}"
+        evaluate_model(
+            args, mtp if mtp is not None else load_adapter(model, args.adapter_path), tokenizer, targs, world
         )
     return 0
 
 
+def printer(world) -> Callable[[str], None]:
+    """``print`` on rank 0 only (flushed), so several ranks say a thing once."""
+
+    def say(msg: str):
+        if world.rank() == 0:
+            print(msg, flush=True)
+
+    return say
+
+
+def adapter_config(args: argparse.Namespace, model) -> MTPConfig:
+    """The shape of the adapter to train, from the options and the model."""
+    num_layers = len(model_layers(model))
+    if args.num_layers is not None and args.num_layers > num_layers:
+        raise UsageError(f"--num-layers {args.num_layers}: the model has only {num_layers} layers")
+    layers = None if args.num_layers in (None, -1) else list(range(num_layers - args.num_layers, num_layers))
+    scale = args.scale
+    if scale is None:
+        scale = args.alpha / args.rank if args.alpha is not None else _LORA_SCALE
+    return MTPConfig(
+        num_masks=args.num_masks,
+        lora=LoRAConfig(rank=args.rank, scale=scale, keys=list(args.lora_keys), layers=layers),
+        sampler=SamplerConfig(
+            skip=bool(args.sampler_skip), hidden_dims=args.sampler_hidden_dims, num_layers=args.sampler_layers
+        ),
+    )
+
+
+def load_splits(args: argparse.Namespace, tokenizer, say: Callable[[str], None]) -> Tuple[Dataset, Optional[Dataset]]:
+    """The train and valid sets, checked before anything is written; says
+    what was skipped or cut to fit ``--max-seq-length``."""
+    splits = load_data(args.data, tokenizer, args.num_masks, args.max_seq_length)
+    train_set, valid_set = splits["train"], splits["valid"]
+    if len(train_set) < args.batch_size:
+        raise UsageError(
+            f"{train_set.path} has {len(train_set)} usable examples, fewer than --batch-size {args.batch_size}"
+        )
+    for name, ds in (("train", train_set), ("valid", valid_set)):
+        if ds is None:
+            continue
+        if ds.skipped:
+            say(f"[data] {name}: {ds.skipped} example(s) skipped: the prompt alone exceeds --max-seq-length")
+        if ds.truncated:
+            say(f"[data] {name}: {ds.truncated} response(s) cut to fit --max-seq-length {args.max_seq_length}")
+    if valid_set is None:
+        say(f"[data] no valid.jsonl in {args.data}: training without validation")
+    return train_set, valid_set
+
+
+def train_model(args: argparse.Namespace, model, tokenizer, config: MTPConfig, targs: TrainArgs, world) -> MTPModel:
+    """Train an adapter of shape ``config`` on ``args.data`` (fresh, from
+    ``--init-adapter``, or resumed from ``--resume-adapter-file``), saved to
+    ``--adapter-path``; the trained model. Raises :class:`TrainingInterrupted`
+    when stopped with a checkpoint saved."""
+    say = printer(world)
+    train_set, valid_set = load_splits(args, tokenizer, say)
+    mx.random.seed(args.seed)
+    try:
+        mtp = MTPModel(model, config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    recipe = {"trainer": "mlx_mtp.lora", "base_model": args.model, "data": str(args.data)}
+    if args.init_adapter:
+        cfg = Path(args.init_adapter) / CONFIG_FILE
+        earlier = read_adapter_config(args.init_adapter).get("recipe") if cfg.exists() else None
+        recipe["init_adapter"] = {"path": str(args.init_adapter), "recipe": earlier}
+    trainer = Trainer(mtp, train_set, valid_set, targs, recipe=recipe, world=world)
+    if args.resume_adapter_file:
+        step = trainer.resume(args.resume_adapter_file)
+        say(f"[resume] from {args.resume_adapter_file} at step {step}")
+    else:
+        if world.rank() == 0:
+            log = Path(args.adapter_path) / LOG_FILE
+            if log.exists():
+                log.unlink()
+        if args.init_adapter:
+            n = trainer.init_from(args.init_adapter)
+            say(f"[init] {n} LoRA and mask tensors from {args.init_adapter}; fresh sampler head")
+        elif args.mask_init == "tokens":
+            mtp.init_masks_like_tokens()
+    n_params = sum(v.size for v in mtp.adapter_parameters().values())
+    say(
+        f"[train] {len(train_set)} train / {len(valid_set) if valid_set else 0} valid examples | "
+        f"k={args.num_masks} rank={args.rank} scale={config.lora.scale:g} | {n_params / 1e6:.2f}M trainable "
+        f"parameters | {world.size()} process(es)"
+    )
+    trainer.train()
+    say(f"[train] done: adapter saved to {args.adapter_path}")
+    return mtp
+
+
+def evaluate_model(args: argparse.Namespace, mtp: MTPModel, tokenizer, targs: TrainArgs, world):
+    """Print the adapter's loss, accuracy per depth and tokens/step on
+    ``test.jsonl`` (``valid.jsonl`` if there is none)."""
+    say = printer(world)
+    if mtp.draft_vocab is not None:
+        # the figures of training's validation: the sampler head over the whole
+        # vocabulary (restricted, its loss is infinite wherever a label is outside)
+        say(
+            f"[test] the adapter's draft vocabulary ({mtp.draft_vocab.size} tokens) is set aside: "
+            "the sampler head is evaluated over the whole vocabulary, as in training"
+        )
+        mtp.set_draft_vocab(None)
+    data_dir = Path(args.data)
+    split = "test" if (data_dir / "test.jsonl").exists() else "valid"
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise UsageError(f"no test.jsonl or valid.jsonl in {data_dir}")
+    ds = build_dataset(tokenize_file(path, tokenizer), mtp.num_masks, args.max_seq_length, path)
+    if not ds.examples:
+        raise UsageError(f"{path}: no example fits --max-seq-length {args.max_seq_length}")
+    m = Trainer(mtp, None, ds, targs, world=world).evaluate(ds, -1)
+    accs = " ".join(f"{a:.3f}" for a in m["accuracy"])
+    tps = m["tokens_per_step"]
+    say(
+        f"[test] {path}: loss {m['loss']:.3f} | acc@1..{mtp.num_masks} {accs} | "
+        f"tokens/step linear {tps['linear']:.2f} quadratic {tps['quadratic']:.2f}"
+    )
+
+
+@cli_main(
+    interrupted="interrupted; no checkpoint written since the last one",
+    interrupted_exit=USER_ERROR_EXIT,
+    out_of_memory="try a smaller --batch-size, --mask-chunk or --max-seq-length",
+)
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; a user-caused error (bad option, config, data, adapter,
     a file that cannot be written, an interrupt) ends in one line on stderr
     and :data:`~mlx_mtp.errors.USER_ERROR_EXIT`."""
-    try:
-        args = resolve_args(argv)
-        return run(args)
-    except MTPError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except OSError as e:  # a file that cannot be read or written: disk full, read-only directory
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        print("error: interrupted; no checkpoint written since the last one", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except MemoryError:
-        print("error: out of memory; try a smaller --batch-size, --mask-chunk or --max-seq-length", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except Exception as e:
-        return unexpected_error(e)
+    return run(resolve_args(argv))
 
 
 if __name__ == "__main__":

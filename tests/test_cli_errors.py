@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_mtp.errors import USER_ERROR_EXIT
+from mlx_mtp.errors import USER_ERROR_EXIT, DataError, cli_main
 
 from conftest import model_dir
 
@@ -211,7 +211,7 @@ def test_an_unforeseen_error_is_one_line_and_exit_1_unless_debugging(files, caps
         "mlx_mtp.distill": ["--model", "m", "--prompts", files["bad.jsonl"], "--out", files["empty_dir"]],
     }[module]
     if module == "mlx_mtp.distill":  # no model to load: the crash comes first
-        monkeypatch.setattr("mlx_mtp.loading.load_base", lambda *a, **k: (None, None))
+        monkeypatch.setattr(mod, "load_base", lambda *a, **k: (None, None))
         monkeypatch.setattr(mod, "read_prompts", lambda *a, **k: ["p"])
     monkeypatch.delenv("MLX_MTP_DEBUG", raising=False)
     assert mod.main(argv) == 1
@@ -220,3 +220,40 @@ def test_an_unforeseen_error_is_one_line_and_exit_1_unless_debugging(files, caps
     monkeypatch.setenv("MLX_MTP_DEBUG", "1")
     with pytest.raises(RuntimeError, match="nobody checked"):
         mod.main(argv)
+
+
+def _raising(error: BaseException):
+    def main(argv=None):
+        raise error
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "error, options, code, line",
+    [
+        (DataError("data/train.jsonl:3: invalid JSON\nmore"), {}, 2, "error: data/train.jsonl:3: invalid JSON"),
+        (PermissionError(13, "Permission denied", "out/x"), {}, 2, "error: out/x: Permission denied"),
+        (OSError("no errno"), {}, 2, "error: no errno"),
+        (KeyboardInterrupt(), {}, 130, "error: interrupted"),
+        (KeyboardInterrupt(), {"interrupted": "stopped", "interrupted_exit": 2}, 2, "error: stopped"),
+        (MemoryError(), {"out_of_memory": "try less"}, 2, "error: out of memory; try less"),
+        (MemoryError("big"), {}, 1, "error: MemoryError: big (set MLX_MTP_DEBUG=1 for the traceback)"),
+        (ValueError("a bug"), {}, 1, "error: ValueError: a bug (set MLX_MTP_DEBUG=1 for the traceback)"),
+        (ValueError("bad"), {"user_errors": (ValueError,)}, 2, "error: bad"),
+    ],
+    ids=["mtp", "oserror", "oserror-no-errno", "ctrl-c", "ctrl-c-own", "oom-hint", "oom", "bug", "own-user-errors"],
+)
+def test_cli_main_wrapper(capsys, monkeypatch, error, options, code, line):
+    """``errors.cli_main``, the one wrapper every CLI's main goes through:
+    each kind of failure ends in exactly one line and its status."""
+    monkeypatch.delenv("MLX_MTP_DEBUG", raising=False)
+    assert cli_main(**options)(_raising(error))(["x"]) == code
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_cli_main_passes_results_and_usage_errors_through(capsys):
+    assert cli_main(lambda argv: len(argv))(["a", "b"]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli_main(_raising(SystemExit(2)))([])
+    assert e.value.code == 2 and capsys.readouterr().err == ""

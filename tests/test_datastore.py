@@ -168,7 +168,7 @@ def test_cli_stores_the_training_responses(tmp_path, capsys):
     save_adapter(MTPModel(model.model, MTPConfig(num_masks=2)), ad, recipe={"note": "kept"})
     data = distilled_dir()
     capsys.readouterr()
-    assert main(["--model", str(model_dir()), "--adapter-path", str(ad), "--data", str(data)]) is None
+    assert main(["--model", str(model_dir()), "--adapter-path", str(ad), "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("datastore: ") and "leading tokens right per draft" in out
     config = json.loads((ad / "adapter_config.json").read_text())

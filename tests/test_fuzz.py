@@ -22,10 +22,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import pre_tokenizers
 
+from convert.checkpoint import read_json, read_tensors
+from convert.torch import convert_loaded
 from mlx_mtp.adapter import load_adapter, save_adapter
-from mlx_mtp.errors import MTPError
+from mlx_mtp.errors import AdapterError, DataError, MTPError
+from mlx_mtp.files import read_safetensors_header, read_text
+from mlx_mtp.gguf.reader import read_header
+from mlx_mtp.gguf.writer import convert_gguf, read_model
+from mlx_mtp.training.data import read_jsonl
 
+from conftest import need
 from tiny import tiny_model, tiny_mtp
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
@@ -94,8 +102,7 @@ def corpus(target: str):
 
 def _tiny_gguf(path: Path) -> Path:
     """A 1-layer llama GGUF (F32, Q8_0, Q4_1 tensors) with a byte-level BPE vocabulary."""
-    gguf = pytest.importorskip("gguf")
-    from tokenizers import pre_tokenizers
+    gguf = need("gguf")
 
     vocab = ["<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["he"]
     rng = np.random.default_rng(0)
@@ -124,48 +131,35 @@ def _tiny_gguf(path: Path) -> Path:
     return path
 
 
-def _gguf_fields(data: bytes):
+def _gguf_fields(path: Path, data: bytes):
     """(offset, size) of the header's counts, every length and the tensor
     table's dims, types and offsets: where a hostile value hurts most."""
+    gguf = need("gguf")
     fields = [(4, 4), (8, 8), (16, 8)]  # version, tensor count, metadata count
-    try:
-        import gguf
-
-        reader = gguf.GGUFReader(_GGUF_PATH)
-        for f in reader.fields.values():
-            for part in f.parts[:2]:
-                fields.append((int(part.ctypes.data - reader.data.ctypes.data), part.nbytes))
-        for t in reader.tensors:
-            for part in t.field.parts:
-                fields.append((int(part.ctypes.data - reader.data.ctypes.data), min(part.nbytes, 8)))
-    except Exception:
-        pass
+    reader = gguf.GGUFReader(str(path))
+    for f in reader.fields.values():
+        for part in f.parts[:2]:
+            fields.append((int(part.ctypes.data - reader.data.ctypes.data), part.nbytes))
+    for t in reader.tensors:
+        for part in t.field.parts:
+            fields.append((int(part.ctypes.data - reader.data.ctypes.data), min(part.nbytes, 8)))
     return [f for f in fields if 0 <= f[0] < len(data) and f[1] in (4, 8)]
-
-
-_GGUF_PATH = None
 
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    global _GGUF_PATH
     path = _tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    _GGUF_PATH = str(path)
     data = path.read_bytes()
-    return data, _gguf_fields(data)
+    return data, _gguf_fields(path, data)
 
 
 def convert_in_memory(path: Path) -> None:
     """Everything the converter does with a file, short of writing it."""
-    from mlx_mtp.gguf.writer import read_model
-
     read_model(path, "keep")
 
 
 def test_tiny_gguf_converts(gguf_file, tmp_path):
     """The unmutated file converts: the fuzz cases start from a good file."""
-    from mlx_mtp.gguf.writer import convert_gguf
-
     path = tmp_path / "ok.gguf"
     path.write_bytes(gguf_file[0])
     convert_in_memory(path)
@@ -284,8 +278,6 @@ def peft_files():
 
 
 def _import_peft(tmp_path: Path, weights: bytes, config: bytes):
-    from convert.torch import convert_loaded
-
     ckpt = tmp_path / "peft"
     ckpt.mkdir(exist_ok=True)
     (ckpt / "adapter_model.safetensors").write_bytes(weights)
@@ -326,8 +318,7 @@ def test_torch_importer_corpus(peft_files, tmp_path):
 
 def test_fuzz_torch_pickle(tmp_path):
     """A PyTorch .bin: truncated, flipped and non-zip files are refused in one line."""
-    torch = pytest.importorskip("torch")
-    from convert.checkpoint import read_tensors
+    torch = need("torch")
 
     path = tmp_path / "adapter_model.bin"
     torch.save({"a": torch.ones(3, 4), "b": torch.zeros(2)}, str(path))
@@ -350,8 +341,6 @@ def test_fuzz_torch_pickle(tmp_path):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_data_reader(tmp_path, data):
-    from mlx_mtp.training.data import read_jsonl
-
     good = "\n".join(json.dumps(r) for r in [
         {"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
@@ -364,8 +353,6 @@ def test_fuzz_data_reader(tmp_path, data):
 
 def test_jsonl_corpus(tmp_path):
     """Replay tests/fuzz_corpus/jsonl/: inputs that once failed."""
-    from mlx_mtp.training.data import read_jsonl
-
     for case in corpus("jsonl"):
         path = tmp_path / "train.jsonl"
         path.write_bytes(case.read_bytes())
@@ -374,10 +361,41 @@ def test_jsonl_corpus(tmp_path):
 
 def test_torch_pickle_corpus(tmp_path):
     """Replay tests/fuzz_corpus/torch_pickle/: inputs that once failed."""
-    pytest.importorskip("torch")
-    from convert.checkpoint import read_tensors
+    need("torch")
 
     for case in corpus("torch_pickle"):
         path = tmp_path / "adapter_model.bin"
         path.write_bytes(case.read_bytes())
         check("torch_pickle", case.read_bytes(), lambda path=path: read_tensors(path))
+
+
+# ------------------------------------------------------ opening (files.reading)
+
+OPENERS = {
+    "text": lambda p: read_text(p, DataError, "a prompts file"),
+    "jsonl": read_jsonl,
+    "safetensors": lambda p: read_safetensors_header(p, AdapterError),
+    "gguf": read_header,
+    "json": read_json,
+}
+
+
+@pytest.mark.parametrize("reader", list(OPENERS))
+def test_readers_refuse_a_missing_file_or_a_directory_alike(tmp_path, reader):
+    """Every reader opens through ``files.reading``: the same one line for a
+    missing file, a directory and (where it decodes text) bytes that are not UTF-8."""
+    with pytest.raises(MTPError) as e:
+        OPENERS[reader](tmp_path / "missing")
+    assert str(e.value) == f"{tmp_path / 'missing'} not found"
+    with pytest.raises(MTPError) as e:
+        OPENERS[reader](tmp_path)
+    assert str(e.value).startswith(f"{tmp_path} is a directory, not a")
+
+
+@pytest.mark.parametrize("reader", ["text", "jsonl", "json"])
+def test_text_readers_refuse_bytes_that_are_not_utf8(tmp_path, reader):
+    path = tmp_path / "f"
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(MTPError) as e:
+        OPENERS[reader](path)
+    assert str(e.value) == f"{path}: not UTF-8 text (invalid start byte at byte 7)"

@@ -368,7 +368,7 @@ def test_unsupported_inputs(tmp_path):
     assert "unknown GGUF tensor 'rope_freqs.weight'" in error(extra)
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
     assert "not a GGUF file" in error(tmp_path / "bad.gguf")
-    assert "no such file" in error(tmp_path / "missing.gguf")
+    assert "missing.gguf not found" in error(tmp_path / "missing.gguf")
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

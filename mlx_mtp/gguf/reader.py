@@ -18,6 +18,7 @@ from typing import Any, Dict, List, NamedTuple, Tuple, Union
 import mlx.core as mx
 
 from ..errors import ConversionError
+from ..files import reading
 
 # ggml tensor types mx.load reads as they are (or as affine quantized
 # triples): name, elements per block, bytes per block. Others it converts to
@@ -117,14 +118,8 @@ def read_header(path: Union[str, Path]) -> GGUFHeader:
     Raises :class:`ConversionError` naming the file and the first problem.
     """
     path = Path(path)
-    try:
+    with reading(path, ConversionError, "a GGUF file"):
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise ConversionError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConversionError(f"{path} is a directory, not a GGUF file") from None
-    except OSError as e:
-        raise ConversionError(f"cannot read {path}: {e.strerror}") from None
     with f:
         r = _Reader(f, path, os.fstat(f.fileno()).st_size)
         if f.read(4) != b"GGUF":

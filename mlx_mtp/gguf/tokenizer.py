@@ -6,6 +6,8 @@ Metadata of the wrong type or size is a :class:`~mlx_mtp.errors.ConversionError`
 
 from typing import List, Optional, Tuple
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from ..errors import ConversionError
 from .reader import require as _require_value
 from .reader import value as _value
@@ -32,8 +34,6 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
 def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
-
     split = PRE_TOKENIZERS.get(pre)
     if split is None:
         raise ConversionError(
@@ -83,8 +83,6 @@ def _merges(metadata: dict) -> List[Tuple[str, str]]:
 
 def build_tokenizer(metadata: dict):
     """A ``tokenizers.Tokenizer`` from the GGUF tokenizer metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
     kind = _require_value(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ConversionError(

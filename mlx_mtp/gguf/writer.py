@@ -18,6 +18,7 @@ from typing import Any, Dict, NamedTuple, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.utils import save_config, save_model
 
 from ..errors import ConversionError
 from ..files import atomic_dir, sha256
@@ -266,8 +267,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer, metadata: dict, provenance: dict) -> None:
     """Write weights, config and tokenizer files into ``out``."""
-    from mlx_lm.utils import save_config, save_model
-
     tok_config, special_map = tokenizer_configs(metadata, config["max_position_embeddings"])
     save_model(out, model)
     save_config(dict(config), out / "config.json")

@@ -114,7 +114,8 @@ class LoRAConfig:
         return self.scales.get(key, self.scale)
 
 
-def _get(module: nn.Module, dotted: str) -> Optional[nn.Module]:
+def submodule(module: nn.Module, dotted: str) -> Optional[nn.Module]:
+    """The module at a dotted path under ``module`` (``"self_attn.q_proj"``), or None."""
     for part in dotted.split("."):
         module = module.get(part) if isinstance(module, dict) else getattr(module, part, None)
         if module is None:
@@ -184,12 +185,12 @@ def apply_gated_lora(model: nn.Module, gate: Gate, config: LoRAConfig) -> nn.Mod
         if not 0 <= i < len(layers):
             raise ValueError(f"LoRA layer {i} out of range: the model has {len(layers)} layers")
     for key in config.keys:
-        if all(_get(layers[i], key) is None for i in indices):
+        if all(submodule(layers[i], key) is None for i in indices):
             raise ValueError(f"the model's layers have no projection named '{key}'")
     for i in indices:
         block = layers[i]
         for key in config.keys:
-            linear = _get(block, key)
+            linear = submodule(block, key)
             if linear is None:
                 continue
             if isinstance(linear, GatedLoRALinear):

@@ -12,12 +12,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Union
+from typing import List, Optional, Protocol, Union
 
+from tqdm import tqdm
+
+from .args import TrainArgs
 from .losses import TERMS
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 LOG_FILE = "train_log.jsonl"
 
@@ -38,22 +38,35 @@ def train_reports(records: List[dict]) -> List[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+class TrainerView(Protocol):
+    """What a callback sees of :class:`~mlx_mtp.training.trainer.Trainer`
+    (a protocol, so that this module does not import the loop that calls it)."""
+
+    args: TrainArgs
+    k: int  # mask tokens
+    step: int  # steps done
+    stop_requested: bool
+    saving: bool  # while a checkpoint is written
+
+    def request_stop(self) -> None: ...
+
+
 class TrainingCallback:
     """Hooks of the training loop; subclasses override what they need."""
 
-    def on_train_begin(self, trainer: "Trainer"):
+    def on_train_begin(self, trainer: TrainerView):
         """Before the first step (and the first validation)."""
 
-    def on_step_end(self, trainer: "Trainer"):
+    def on_step_end(self, trainer: TrainerView):
         """After every step; ``trainer.step`` is the number of steps done."""
 
-    def on_train_report(self, trainer: "Trainer", record: dict):
+    def on_train_report(self, trainer: TrainerView, record: dict):
         """Training losses and speed averaged since the last report."""
 
-    def on_val_report(self, trainer: "Trainer", record: dict):
+    def on_val_report(self, trainer: TrainerView, record: dict):
         """Validation losses, accuracies and expected tokens/step."""
 
-    def on_train_end(self, trainer: "Trainer"):
+    def on_train_end(self, trainer: TrainerView):
         """After the loop, also when it stops on an interrupt or an error."""
 
 
@@ -69,7 +82,7 @@ class ReportingCallback(TrainingCallback):
         self.rank = rank
         self.bar = None
         self._old = {}
-        self._trainer: Optional["Trainer"] = None
+        self._trainer: Optional[TrainerView] = None
 
     # --- signals ----------------------------------------------------------------
     def _handle(self, signum, frame):
@@ -91,8 +104,6 @@ class ReportingCallback(TrainingCallback):
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
         if self.rank == 0 and self.progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(
                 total=trainer.args.iters,
                 initial=trainer.step,

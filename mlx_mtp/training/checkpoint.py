@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..adapter import CONFIG_FILE, DRAFT_VOCAB, WEIGHTS_FILE, check_adapter_tensors, save_adapter
 from ..errors import AdapterError, MTPError
@@ -79,8 +80,6 @@ def save_checkpoint(
     resumed run writes it again if a kill came between). Raises
     :class:`CheckpointWriteError` naming the directory.
     """
-    from mlx.utils import tree_flatten
-
     path = Path(path)
     weights = mtp.adapter_parameters()
     arrays = {f"adapter.{k}": v for k, v in weights.items()}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from mlx_lm.tuner import datasets as ds
 
 from ..errors import DataError
 from ..files import read_jsonl as jsonl_lines
@@ -143,8 +144,6 @@ class _PlainCompletions:
 def make_processor(fmt: str, tokenizer):
     """An object whose ``process(row)`` returns (token ids, prompt length),
     mlx-lm's own dataset classes with ``mask_prompt=True`` where they apply."""
-    from mlx_lm.tuner import datasets as ds
-
     if fmt == "chat":
         if not _has_chat_template(tokenizer):
             raise DataError("'messages' data needs a tokenizer with a chat template; this one has none")

@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import categorical_sampling
 
 
 @dataclass
@@ -61,8 +63,6 @@ def top_p_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.a
     Returns:
         A sampler taking log-probabilities ``(B, V)`` and returning ``(B,)`` tokens.
     """
-    from mlx_lm.sample_utils import categorical_sampling
-
     if not (temperature > 0 and 0 < top_p < 1):
         raise ValueError("top_p_sampler needs temperature > 0 and 0 < top_p < 1")
 
@@ -96,8 +96,6 @@ def generate_completions(
     Returns:
         One :class:`Completion` per prompt, in the order of ``prompts``.
     """
-    from mlx_lm.generate import BatchGenerator
-
     if not prompts:
         return []
     if isinstance(max_tokens, int):

@@ -37,10 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import mlx.core as mx
 import numpy as np
 
-from ..errors import USER_ERROR_EXIT, DataError, MTPError
+from ..errors import INTERRUPTED_EXIT, DataError, cli_main
 from ..files import atomic_write
+from ..loading import default_model_path, load_base
+from .generation import generate_completions, top_p_sampler
 
 SPEC_BENCH = Path(__file__).resolve().parents[1] / "spec_bench" / "question.jsonl"
 SPAN = 8  # the evaluation's overlap rule: no 8-word span in common with a Spec-Bench prompt
@@ -406,8 +409,6 @@ def chunk_plan(seed: int, chunk: int, size: int, kinds: Sequence[str]):
 
 
 def _continuations(model, tokenizer, texts: List[str], openings: List[str], max_tokens, temperature, batch_size):
-    from .generation import generate_completions, top_p_sampler
-
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sampler = top_p_sampler(temperature, TOP_P)
     outs = generate_completions(model, tokenizer, prompts, max_tokens, sampler=sampler, batch_size=batch_size)
@@ -417,8 +418,6 @@ def _continuations(model, tokenizer, texts: List[str], openings: List[str], max_
 def write_chunk(model, tokenizer, settings: Settings, chunk: int):
     """Candidates of one chunk: a list of (kind, text, finished) and the
     number of tokens generated."""
-    import mlx.core as mx
-
     plan = chunk_plan(settings.seed, chunk, settings.chunk, settings.kinds)
     prefix = user_turn_prefix(tokenizer)
     mx.random.seed(settings.seed * 1_000_003 + chunk)
@@ -675,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -691,20 +691,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise DataError(f"unknown kind(s) {', '.join(unknown) or '(none)'}; known: {', '.join(KINDS)}")
         if args.num < 1 or args.chunk < 1 or args.batch_size < 1:
             raise DataError("--num, --chunk and --batch-size must be positive")
-        from ..loading import default_model_path, load_base
-
         model_name = args.model or default_model_path()
         settings = Settings(args.model or "default", args.seed, args.num, args.chunk, args.batch_size, kinds)
         model, tokenizer = load_base(model_name)
         progress = write_prompts(
             model, tokenizer, settings, args.out, log=lambda m: print(m, file=sys.stderr, flush=True)
         )
-    except MTPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"Interrupted; run the same command again to resume ({args.out}).", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     print(
         f"{progress.rows} prompts in {args.out} ({progress.chunks} chunks, {sum(progress.rejected.values())} rejected)"
     )
