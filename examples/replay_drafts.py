@@ -119,8 +119,8 @@ def replay(args):
     if args.costs == "cached" or not args.no_datastore:
         from mlx_mtp import load
 
-        model, _ = load(args.model)
-        datastore = model.datastore
+        model, _, state = load(args.model, return_state=True)
+        datastore = state.datastore
         costs = cost_model(model).costs if args.costs == "cached" else quiet_costs()
     else:
         costs = quiet_costs()

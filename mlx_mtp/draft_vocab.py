@@ -53,7 +53,7 @@ def main(argv=None):
     from .loading import edit_adapter
     from .training.data import response_tokens
 
-    def edit(model, tokenizer, recipe):
+    def edit(model, tokenizer, recipe, state):
         if args.size <= 0:
             model.set_draft_vocab(None)
             recipe.pop("draft_vocab_size", None)

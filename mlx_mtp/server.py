@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -48,6 +48,8 @@ from .api import (
 )
 from .arguments import add_decoding_args, add_model_args, decoding_settings
 from .decoding.decode import context_limit
+from .decoding.settings import DecodeSettings, check_max_tokens
+from .decoding.state import DecodingState
 from .errors import USER_ERROR_EXIT
 
 DEFAULT_MAX_TOKENS = 512  # mlx_lm.server's default
@@ -62,11 +64,9 @@ class ServerConfig:
 
     model_id: str = "default_model"
     max_tokens: int = DEFAULT_MAX_TOKENS  # when a request gives none
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    # decoding settings (mlx_mtp.api.make_decoder; all None: the per-step policy)
-    decoding: Dict[str, Any] = field(default_factory=dict)
+    # decoding settings; temp/top_p/top_k: when a request gives none (default: the per-step policy, greedy)
+    decoding: DecodeSettings = field(default_factory=DecodeSettings)
+    state: Optional[DecodingState] = None  # the model's (None: the one the loader kept)
     cache_count: int = 8  # conversations whose caches are kept
     cache_bytes: int = 2 << 30  # their total size
     max_queue: int = 32  # requests waiting or running; more get a 503
@@ -205,9 +205,9 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         raise RequestError(400, f"{name} must be an integer, got {type(max_tokens).__name__}", name)
     elif not 1 <= max_tokens <= limit:
         raise RequestError(400, f"{name} must be in [1, {limit}] (the model's context), got {max_tokens}", name)
-    temp = _get(body, "temperature", (int, float), config.temp)
-    top_p = _get(body, "top_p", (int, float), config.top_p)
-    top_k = _get(body, "top_k", int, config.top_k)
+    temp = _get(body, "temperature", (int, float), config.decoding.temp)
+    top_p = _get(body, "top_p", (int, float), config.decoding.top_p)
+    top_k = _get(body, "top_k", int, config.decoding.top_k)
     try:
         check_generation_args(max_tokens, temp, top_p, top_k)
     except (TypeError, ValueError) as e:
@@ -419,6 +419,8 @@ class Worker:
         if job.seed is not None:
             mx.random.seed(job.seed)
         try:
+            # the request's sampling over the server's decoding settings
+            sampling = {**dict(temp=0.0, top_p=1.0, top_k=0, sampler=None, logits_processors=()), **job.sampling}
             responses = self.generate(
                 self.model,
                 self.tokenizer,
@@ -427,8 +429,8 @@ class Worker:
                 stop=job.stop or None,
                 prompt_cache=entry.cache,
                 context=job.prompt[:reused],
-                **self.config.decoding,
-                **job.sampling,
+                settings=replace(self.config.decoding, **sampling),
+                state=self.config.state,
             )
         except (TypeError, ValueError) as e:  # the request's arguments (checked before anything runs)
             self.caches.put(entry)
@@ -720,14 +722,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import uvicorn
         except ImportError:
             raise ValueError('the server needs its extra: pip install -e ".[server]" (starlette, uvicorn)') from None
-        check_generation_args(args.max_tokens, args.temp, args.top_p, args.top_k)
+        check_max_tokens(args.max_tokens)
+        settings = decoding_settings(args)
         for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue"):
             if getattr(args, name) < (0 if name == "port" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}")
         from .loading import load
 
-        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-        make_decoder(model, **decoding_settings(args))  # checks the settings; calibrates once for the policy
+        model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
+        make_decoder(model, settings, state)  # the settings against the model; calibrates once for the policy
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -740,10 +743,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = ServerConfig(
         model_id=args.model or "default_model",
         max_tokens=args.max_tokens,
-        temp=args.temp,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        decoding=decoding_settings(args),
+        decoding=settings,
+        state=state,
         cache_count=args.prompt_cache_size,
         cache_bytes=args.prompt_cache_bytes,
         max_queue=args.max_queue,

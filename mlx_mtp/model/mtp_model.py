@@ -211,10 +211,6 @@ class MTPModel(nn.Module):
         self._gate = Gate()
         self._draft_vocab: Optional[mx.array] = None
         self._draft_head = None
-        # responses for datastore drafts (mlx_mtp.datastore), set by the adapter
-        self.datastore = None
-        # the per-step policy's prior acceptance (decoding.policy.Priors), set by the adapter
-        self.policy_priors = None
         self.config = config
         self.masks: Optional[MaskEmbeddings] = None
         self.sampler: Optional[SamplerHead] = None
