@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlx_mtp  # noqa: F401, I001  (first: a fast BLAS before MLX is imported)
-from mlx_mtp.calibrate import CostModel, cost_model
+from mlx_mtp.calibration import CostModel, cost_model
 from mlx_mtp.decoding.drafts import DATASTORE_TOKENS, MAX_NGRAM
 from mlx_mtp.decoding.lookup import Match, NGramLookup
 from mlx_mtp.decoding.policy import CopyDraft, Policy, StepDrafts

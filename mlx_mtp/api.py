@@ -20,6 +20,8 @@ from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .blas import describe
+from .calibration import cost_model, feeds_masks
 from .decoding.decode import SpeculativeDecoder
 from .decoding.drafts import DraftFn
 from .decoding.fallback import plain_fallback
@@ -208,13 +210,10 @@ def _stop_strings(stop) -> List[str]:
 
 
 def calibrate_state(model: MTPModel, state: DecodingState) -> DecodingState:
-    """Give ``state`` the model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`,
+    """Give ``state`` the model's calibrated costs (:func:`mlx_mtp.calibration.cost_model`,
     measured once per machine and cached on disk), where it has none: the
     gated path's too only where the policy may feed masks here
     (``default_num_masks`` > 0)."""
-    # lazy: the calibration's measuring code is needed only where the policy decodes
-    from .calibrate import cost_model, feeds_masks
-
     gated = feeds_masks(model)
     if state.costs is None or (gated and state.costs.table.gated is None):
         state.costs = cost_model(model, gated=gated).costs
@@ -233,15 +232,25 @@ def make_decoder(
 
     With the policy (:meth:`DecodeSettings.resolve
     <mlx_mtp.decoding.settings.DecodeSettings.resolve>`), it chooses each
-    step's plan from this machine's calibrated costs (:mod:`mlx_mtp.calibrate`,
+    step's plan from this machine's calibrated costs (:mod:`mlx_mtp.calibration`,
     measured once and cached, kept in the state) and the steps' measured times.
     """
     model = _as_mtp(model)
-    settings = (settings or DecodeSettings()).resolve(model)
     state = state_for(model, state)
+    return SpeculativeDecoder(model, prepare_decoding(model, settings, state), state, draft_fn)
+
+
+def prepare_decoding(
+    model: MTPModel, settings: Optional[DecodeSettings] = None, state: Optional[DecodingState] = None
+) -> DecodeSettings:
+    """``settings`` resolved for ``model`` (ValueError where they do not fit
+    it) and, where the policy decodes, ``state`` (None: the model's) given
+    the calibrated costs: what a decoder needs, done before the first
+    generation (the server does it at start)."""
+    settings = (settings or DecodeSettings()).resolve(model)
     if settings.policy and plain_fallback(model) is None:
-        calibrate_state(model, state)
-    return SpeculativeDecoder(model, settings, state, draft_fn)
+        calibrate_state(model, state_for(model, state))
+    return settings
 
 
 def _settings(settings: Optional[DecodeSettings], **given) -> DecodeSettings:
@@ -480,8 +489,6 @@ def generate(
             f"({_decoding(response)})"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
-        from .blas import describe
-
         print(f"BLAS: {describe()}")
     return text
 

@@ -36,13 +36,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from mlx_lm.generate import stream_generate as lm_stream_generate
+
+from .api import stream_generate
 from .arguments import add_decoding_args, add_model_args, positive_int
 from .blas import blas_info, measure_gflops
-from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
+from .calibration import CostModel, cost_model
+from .calibration.store import weights_dtype
 from .decoding.drafts import DEFAULT_LOOKUP
 from .decoding.settings import DecodeSettings
 from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
 from .files import read_jsonl
+from .loading import load
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
 
@@ -173,7 +178,7 @@ def print_table(rows: List[Row]):
 
 
 def plot(rows: List[Row], path: str):
-    try:
+    try:  # matplotlib is optional: only --plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -196,8 +201,6 @@ def plot(rows: List[Row], path: str):
 def run(args) -> int:
     """The benchmark: load, calibrate, decode every prompt with the baseline
     and each configuration, report (and write ``--json``, ``--plot``)."""
-    from . import load
-
     prompts = _prompts(args)
     model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
     if model.num_masks == 0:
@@ -262,10 +265,6 @@ def _costs(model, configs: List["Config"]):
 
 
 def _warm_up(model, tokenizer, state, configs: List["Config"]):
-    from mlx_lm.generate import stream_generate as lm_stream_generate
-
-    from .api import stream_generate
-
     hello = chat_prompt(tokenizer, "Hello")
     for _ in lm_stream_generate(model.model, tokenizer, hello, max_tokens=8):
         pass
@@ -278,10 +277,8 @@ def _decode_prompts(args, model, tokenizer, state, configs: List["Config"], prom
     """Each prompt decoded by mlx-lm, then by each configuration: the records
     per configuration and category (a prompt counts once every configuration
     has run it; Ctrl-C keeps those done)."""
-    from mlx_lm.generate import stream_generate as lm_stream_generate
-
     records = {config.name: defaultdict(list) for config in configs}
-    try:
+    try:  # a progress bar where tqdm (optional) is installed
         from tqdm import tqdm
 
         bar = tqdm(prompts, desc="prompts", unit="prompt")
@@ -307,8 +304,6 @@ def _decode_prompts(args, model, tokenizer, state, configs: List["Config"], prom
 
 def _decode(model, tokenizer, state, config: "Config", prompt: str, max_tokens: int, base_tokens, base_tps) -> dict:
     """One prompt decoded with one configuration: its record."""
-    from .api import stream_generate
-
     ours, flags, sources, resp = [], [], [], None
     for resp in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, settings=config.decoding, state=state):
         ours.append(resp.token)

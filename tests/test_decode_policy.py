@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_mtp.calibrate import CostModel
+from mlx_mtp.calibration import CostModel
 from mlx_mtp.decoding.policy import Policy, StepDrafts
 
 from conftest import (

@@ -16,7 +16,7 @@ from mlx_lm import stream_generate as lm_stream_generate
 import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError
-from mlx_mtp.calibrate import CostModel
+from mlx_mtp.calibration import CostModel
 from mlx_mtp.generate import main
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from mlx_mtp.model.mtp_model import MTPConfig

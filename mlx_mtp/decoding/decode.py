@@ -53,13 +53,15 @@ has no such match, an adapter's datastore (:mod:`mlx_mtp.decoding.datastore`: th
 responses it was trained on) drafts the most common continuation of the last
 tokens in the same way.
 
-With ``costs`` (a calibrated :class:`~mlx_mtp.calibrate.CostModel`), a
+With the policy on (``settings.policy``; the calibrated
+:class:`~mlx_mtp.calibration.costs.CostModel` in the decoding state), a
 :class:`~mlx_mtp.decoding.policy.Policy` chooses each step's plan instead of
 fixed settings: plain, masks only, a copy, the chain to some depth, branches,
 or a copy beside the chain as one tree, each with 0..k masks per masked token
 (:class:`~mlx_mtp.decoding.policy.Choice`). The sampler head's probability of
 each chain token travels to the host in the step's packed array, for the
-policy to read; after each step it learns how far each branch was right.
+policy to read; after each step it learns how far each branch was right
+(:class:`~mlx_mtp.decoding.observer.PolicyObserver`, which the loop calls).
 
 Only the accepted regular tokens are committed to the KV cache (their entries
 equal the base model's); masks and rejected tokens are dropped.
@@ -83,6 +85,15 @@ will be followed by another whatever its token (plain decoding, or the
 policy's call), the next one is launched before the current one is read, fed
 its token still on the device, as mlx-lm's loop does. The prompt is
 prefilled in chunks through the plain causal forward.
+
+The loop (:meth:`SpeculativeDecoder.steps`) names its parts: *plan*
+(:meth:`~SpeculativeDecoder._plan`: the policy's choice or the fixed
+settings', a :class:`~mlx_mtp.decoding.steps.Plan`), *launch*
+(:meth:`~SpeculativeDecoder._launch`, and :meth:`~SpeculativeDecoder._ahead`
+for a plain step launched before the current one is read), *verify and
+commit* (:meth:`~SpeculativeDecoder._sync`: the one sync), *cut* at EOS or the
+budget, *next* (plan and launch the following step while the host still
+holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
 """
 
 import time

@@ -33,7 +33,7 @@ class DecodingState:
 
     datastore: Optional[Datastore] = None  # the adapter's responses, for drafts where the text has none
     priors: Optional[Priors] = None  # the policy's prior acceptance (the adapter's recipe)
-    costs: Optional[Costs] = None  # calibrated seconds per forward (mlx_mtp.calibrate), once measured
+    costs: Optional[Costs] = None  # calibrated seconds per forward (mlx_mtp.calibration), once measured
     times: StepTimes = field(default_factory=StepTimes)  # what the policy's steps measured, across generations
 
     @classmethod
