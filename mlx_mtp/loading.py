@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.nn as nn
+import mlx_lm
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .adapter import CONFIG_FILE, AdapterData, load_adapter_with_data, read_adapter_config, update_adapter
 from .decoding.state import DecodingState, keep_state
+from .default_model import ensure_default_model
 from .errors import AdapterError, DataError, ModelLoadError
 from .model.mtp_model import MTPModel, base_model_identity
 
@@ -19,8 +22,6 @@ ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 def default_model_path() -> str:
     """The default model (SmolLM2-135M-Instruct converted for mlx-lm), made
     available on first use by :func:`mlx_mtp.default_model.ensure_default_model`."""
-    from .default_model import ensure_default_model
-
     try:
         return str(ensure_default_model())
     except Exception as e:  # network, disk, conversion
@@ -30,8 +31,6 @@ def default_model_path() -> str:
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` can be a Hugging Face repo id (``org/name`` or
     ``name``, by the hub's own rule); anything else is a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -60,8 +59,6 @@ def find_shipped_adapter(model: nn.Module, adapters_dir: Union[str, Path, None] 
 def load_base(path_or_repo: str):
     """``mlx_lm.load`` of a local directory or a hub id, with one clear error
     for a model that cannot be had: the one loader of every CLI."""
-    import mlx_lm
-
     path = os.path.expanduser(path_or_repo)
     if not Path(path).exists() and not is_hub_id(path_or_repo):
         raise ModelLoadError(f"no model at '{path_or_repo}': the directory does not exist")
