@@ -14,7 +14,8 @@ import argparse
 
 from mlx_mtp.benchmark import step_shapes
 from mlx_mtp.blas import blas_info
-from mlx_mtp.calibrate import fill_cache, forward_cost, weights_dtype
+from mlx_mtp.calibration.measure import fill_cache, forward_cost
+from mlx_mtp.calibration.store import weights_dtype
 from mlx_mtp.loading import default_model_path, load_base
 from mlx_mtp.model.gated_lora import LoRAConfig
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlx_mtp  # noqa: F401, I001  (first: a fast BLAS before MLX is imported)
-from mlx_mtp.calibrate import CostModel, cost_model
+from mlx_mtp.calibration import CostModel, cost_model
 from mlx_mtp.decoding.drafts import DATASTORE_TOKENS, MAX_NGRAM
 from mlx_mtp.decoding.lookup import Match, NGramLookup
 from mlx_mtp.decoding.policy import CopyDraft, Policy, StepDrafts
@@ -119,8 +119,8 @@ def replay(args):
     if args.costs == "cached" or not args.no_datastore:
         from mlx_mtp import load
 
-        model, _ = load(args.model)
-        datastore = model.datastore
+        model, _, state = load(args.model, return_state=True)
+        datastore = state.datastore
         costs = cost_model(model).costs if args.costs == "cached" else quiet_costs()
     else:
         costs = quiet_costs()

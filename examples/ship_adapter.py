@@ -27,13 +27,14 @@ def main():
         help="default k per device type, e.g. 'cpu=2' (from the benchmark's projection)",
     )
     args = p.parse_args()
-    model, _ = load(args.model, adapter_path=args.adapter_path)
+    model, _, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
     if args.decode_num_masks:
         pairs = dict(item.split("=") for item in args.decode_num_masks.split(","))
         model.config = replace(model.config, decode_num_masks={d: int(k) for d, k in pairs.items()})
     recipe = read_adapter_config(args.adapter_path).get("recipe", {})
     recipe.update(json.loads(args.recipe))
-    save_adapter(model, args.out, recipe=recipe, dtype=getattr(mx, args.dtype))
+    datastore = None if state.datastore is None else state.datastore.storage()
+    save_adapter(model, args.out, recipe=recipe, dtype=getattr(mx, args.dtype), datastore=datastore)
     print(f"wrote {args.out} ({args.dtype})")
 
 

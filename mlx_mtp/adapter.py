@@ -11,14 +11,12 @@ trusts them, and names what is wrong in one line.
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .decoding.datastore import Datastore
-from .decoding.policy import Priors
 from .errors import AdapterError
 from .files import atomic_write, read_safetensors, read_safetensors_header
 from .model.architectures import require_supported
@@ -34,15 +32,26 @@ DRAFT_VOCAB = "draft_vocab"  # optional int32 ids: the sampler head drafts among
 DATASTORE = "datastore"  # optional: responses for datastore drafts (mlx_mtp.datastore)
 
 
+class AdapterData(NamedTuple):
+    """What an adapter carries for decoding besides its weights, as stored
+    (:class:`mlx_mtp.decoding.state.DecodingState` turns it into objects)."""
+
+    datastore: Optional[np.ndarray] = None  # the packed token ids of its datastore
+    policy_priors: Optional[Dict[str, Any]] = None  # ``recipe["policy_priors"]``
+
+
 def save_adapter(
     model: MTPModel,
     path: Union[str, Path],
     recipe: Optional[Dict[str, Any]] = None,
     weights: Optional[Dict[str, mx.array]] = None,
     dtype: Optional[mx.Dtype] = None,
+    datastore: Optional[np.ndarray] = None,
 ):
     """Write the adapter of ``model`` to the directory ``path`` atomically
-    (each file goes to a temporary name, then is renamed into place)."""
+    (each file goes to a temporary name, then is renamed into place), with
+    ``datastore`` (packed token ids, :meth:`Datastore.storage
+    <mlx_mtp.decoding.datastore.Datastore.storage>`) where given."""
     if model.config is None:
         raise AdapterError("the model has no adapter to save")
     path = Path(path)
@@ -52,8 +61,8 @@ def save_adapter(
         weights = {k: v.astype(dtype) for k, v in weights.items()}
     if model.draft_vocab is not None:
         weights[DRAFT_VOCAB] = model.draft_vocab
-    if model.datastore is not None:
-        weights[DATASTORE] = mx.array(model.datastore.storage())
+    if datastore is not None:
+        weights[DATASTORE] = mx.array(datastore)
     config = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model_identity(model.model),
@@ -72,13 +81,16 @@ def save_adapter(
     atomic_write(path / CONFIG_FILE, write_config)
 
 
-def update_adapter(model: MTPModel, path: Union[str, Path], recipe: Dict[str, Any]):
-    """Rewrite the adapter at ``path`` from ``model`` (e.g. after adding a draft
-    vocabulary or a datastore) in the dtype its weights are stored in."""
+def update_adapter(
+    model: MTPModel, path: Union[str, Path], recipe: Dict[str, Any], datastore: Optional[np.ndarray] = None
+):
+    """Rewrite the adapter at ``path`` from ``model`` and ``datastore`` (e.g.
+    after adding a draft vocabulary or a datastore) in the dtype its weights
+    are stored in."""
     infos, _ = read_safetensors_header(Path(path) / WEIGHTS_FILE, AdapterError)
     stored = infos.get("masks.weight")
     dtype = {"F16": mx.float16, "BF16": mx.bfloat16}.get(stored.dtype if stored else "F32", mx.float32)
-    save_adapter(model, path, recipe=recipe, dtype=dtype)
+    save_adapter(model, path, recipe=recipe, dtype=dtype, datastore=datastore)
 
 
 def read_adapter_config(path: Union[str, Path]) -> Dict[str, Any]:
@@ -216,6 +228,15 @@ def load_adapter(
 ) -> MTPModel:
     """Attach the adapter at ``path`` to an mlx-lm model (or a bare
     :class:`MTPModel`) and return the :class:`MTPModel`."""
+    return load_adapter_with_data(model, path, num_masks)[0]
+
+
+def load_adapter_with_data(
+    model: Union[nn.Module, MTPModel],
+    path: Union[str, Path],
+    num_masks: Optional[int] = None,
+) -> Tuple[MTPModel, AdapterData]:
+    """:func:`load_adapter`, and what the adapter carries for decoding."""
     path = Path(path)
     config = read_adapter_config(path)
     base = model.model if isinstance(model, MTPModel) else model
@@ -259,10 +280,8 @@ def load_adapter(
         packed = np.array(datastore)
         if packed.min(initial=0) < 0 or packed.max(initial=0) > mtp.vocab_size:
             raise AdapterError(f"adapter '{path}': its datastore holds token ids outside the vocabulary")
-        mtp.datastore = Datastore(packed)
-    try:
-        mtp.policy_priors = Priors.from_dict(config.get("recipe", {}).get("policy_priors"))
-    except (TypeError, ValueError, AttributeError) as e:
-        raise AdapterError(f"{path / CONFIG_FILE}: recipe: {e}") from None
+    else:
+        packed = None
+    recipe = config.get("recipe", {})
     mx.eval(mtp.parameters())
-    return mtp
+    return mtp, AdapterData(packed, recipe.get("policy_priors"))

@@ -1,5 +1,5 @@
 """The Python API, compatible with mlx-lm's: ``stream_generate``,
-``generate``, ``propose``, prompt caches and argument checks.
+``generate``, ``propose``, ``make_decoder`` and prompt caches.
 
     from mlx_mtp import load, generate, stream_generate
     model, tokenizer = load()
@@ -10,7 +10,6 @@ temperature > 0 speculative sampling keeps the base model's distribution.
 The command line is :mod:`mlx_mtp.generate`, the server :mod:`mlx_mtp.server`.
 """
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Generator, List, Optional, Sequence, Union
@@ -21,10 +20,18 @@ from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .blas import describe
+from .calibration import cost_model, feeds_masks
 from .decoding.decode import SpeculativeDecoder
-from .decoding.drafts import DEFAULT_LOOKUP, POLICY_MAX_COPY, POLICY_MIN_NGRAM, DraftFn
+from .decoding.drafts import DraftFn
 from .decoding.fallback import plain_fallback
-from .decoding.policy import KINDS, MAX_BRANCHES, StepTimes
+from .decoding.policy import KINDS
+from .decoding.settings import (
+    DecodeSettings,
+    check_generation_args,  # noqa: F401  (the API's argument check, re-exported)
+    check_max_tokens,
+)
+from .decoding.state import DecodingState, state_for
 from .model.cache import SpecCache, as_spec_cache, write_back
 from .model.mtp_model import MTPModel
 
@@ -52,34 +59,6 @@ class MTPGenerationResponse(GenerationResponse):
 
 
 # --- arguments ----------------------------------------------------------------------------
-
-
-def check_generation_args(max_tokens: Any = -1, temp: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0):
-    """Raise TypeError/ValueError, with the message the CLIs and the server
-    print, for arguments outside their ranges: ``max_tokens`` -1 (no limit)
-    or >= 1; ``temp`` finite, >= 0; ``top_p`` in [0, 1] (0 and 1: off);
-    ``top_k`` >= 0 (0: off)."""
-
-    def number(name, value, integer):
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            what = "an integer" if integer else "a number"
-            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-        if not integer and not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-
-    number("max_tokens", max_tokens, True)
-    if max_tokens == 0 or max_tokens < -1:
-        raise ValueError(f"max_tokens must be non-zero: a number of tokens >= 1, or -1 for no limit (got {max_tokens})")
-    number("temp", temp, False)
-    if temp < 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
-    number("top_p", top_p, False)
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1] (0 or 1: off), got {top_p}")
-    number("top_k", top_k, True)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
 
 
 def check_text(text: str, what: str = "the prompt") -> str:
@@ -230,102 +209,62 @@ def _stop_strings(stop) -> List[str]:
     return stops
 
 
-def _costs(model: MTPModel):
-    """The model's calibrated costs (:func:`mlx_mtp.calibrate.cost_model`),
-    kept on the model after the first call: the gated path's only where the
-    policy may feed masks here (``default_num_masks`` > 0)."""
-    from .calibrate import cost_model, feeds_masks
-
+def calibrate_state(model: MTPModel, state: DecodingState) -> DecodingState:
+    """Give ``state`` the model's calibrated costs (:func:`mlx_mtp.calibration.cost_model`,
+    measured once per machine and cached on disk), where it has none: the
+    gated path's too only where the policy may feed masks here
+    (``default_num_masks`` > 0)."""
     gated = feeds_masks(model)
-    costs = getattr(model, "_policy_costs", None)
-    if costs is None or (gated and costs.table.gated is None):
-        costs = model._policy_costs = cost_model(model, gated=gated).costs
-    return costs
-
-
-def _times(model: MTPModel) -> StepTimes:
-    """What the policy's steps have measured against the model's calibrated
-    costs, kept on the model so that each generation starts from the last."""
-    times = getattr(model, "_policy_times", None)
-    if times is None:
-        times = model._policy_times = StepTimes()
-    return times
+    if state.costs is None or (gated and state.costs.table.gated is None):
+        state.costs = cost_model(model, gated=gated).costs
+    return state
 
 
 def make_decoder(
     model: nn.Module,
-    num_masks: Optional[int] = None,
-    mode: Optional[str] = None,
-    lookup: Optional[int] = None,
-    branches: Optional[int] = None,
-    policy: Optional[bool] = None,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    use_datastore: bool = True,
-    sampler=None,
-    logits_processors=None,
+    settings: Optional[DecodeSettings] = None,
+    state: Optional[DecodingState] = None,
     draft_fn: Optional[DraftFn] = None,
-    prefill_step_size: int = 2048,
 ) -> SpeculativeDecoder:
-    """The decoder for these settings, the one place their defaults are decided.
+    """The decoder of ``settings`` (None: the defaults, the per-step policy)
+    for ``model`` with its decoding ``state`` (None: the one :func:`mlx_mtp.load`
+    returned with the model, :func:`~mlx_mtp.decoding.state.state_for`).
 
-    With none of ``num_masks``, ``mode``, ``lookup`` and ``branches`` given
-    (or ``policy=True``), the per-step policy chooses each step's plan from
-    this machine's calibrated costs (:mod:`mlx_mtp.calibrate`, measured once
-    and cached) and the steps' measured times: up to the adapter's masks for
-    this device (``decode_num_masks``, else its trained k), copies of up to
-    ``POLICY_MAX_COPY`` tokens, and (greedy, no sampler or processors)
-    ``MAX_BRANCHES`` branches. Any of them given (or ``policy=False``) fixes
-    the setting, the others taking their defaults: mode quadratic, lookup
-    ``DEFAULT_LOOKUP``, one branch, and the adapter's k for this device.
+    With the policy (:meth:`DecodeSettings.resolve
+    <mlx_mtp.decoding.settings.DecodeSettings.resolve>`), it chooses each
+    step's plan from this machine's calibrated costs (:mod:`mlx_mtp.calibration`,
+    measured once and cached, kept in the state) and the steps' measured times.
     """
     model = _as_mtp(model)
-    fixed = [
-        name
-        for name, v in (("num_masks", num_masks), ("mode", mode), ("lookup", lookup), ("branches", branches))
-        if v is not None
-    ]
-    if policy is None:
-        policy = not fixed
-    if policy and fixed:
-        raise ValueError(
-            f"the policy chooses the masks, copies and branches itself: pass either policy=True "
-            f"or {', '.join(fixed)}, not both"
-        )
-    common = dict(
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        draft_fn=draft_fn,
-        prefill_step_size=prefill_step_size,
-        use_datastore=use_datastore,
-        sampler=sampler,
-        logits_processors=logits_processors,
-    )
-    if not policy:
-        return SpeculativeDecoder(
-            model,
-            num_masks=num_masks,
-            mode=mode or "quadratic",
-            lookup=DEFAULT_LOOKUP if lookup is None else lookup,
-            branches=1 if branches is None else branches,
-            **common,
-        )
-    # the adapter's masks for this device (decode_num_masks: where it was measured that they do not pay, none)
-    k = model.default_num_masks
-    trees = temp == 0 and sampler is None and not logits_processors and k > 0
-    return SpeculativeDecoder(
-        model,
-        num_masks=k,
-        lookup=POLICY_MAX_COPY,
-        lookup_ngram=POLICY_MIN_NGRAM,
-        branches=MAX_BRANCHES if trees else 1,
-        costs=None if plain_fallback(model) is not None else _costs(model),
-        priors=getattr(model, "policy_priors", None),
-        times=_times(model),
-        **common,
-    )
+    state = state_for(model, state)
+    return SpeculativeDecoder(model, prepare_decoding(model, settings, state), state, draft_fn)
+
+
+def prepare_decoding(
+    model: MTPModel, settings: Optional[DecodeSettings] = None, state: Optional[DecodingState] = None
+) -> DecodeSettings:
+    """``settings`` resolved for ``model`` (ValueError where they do not fit
+    it) and, where the policy decodes, ``state`` (None: the model's) given
+    the calibrated costs: what a decoder needs, done before the first
+    generation (the server does it at start)."""
+    settings = (settings or DecodeSettings()).resolve(model)
+    if settings.policy and plain_fallback(model) is None:
+        calibrate_state(model, state_for(model, state))
+    return settings
+
+
+def _settings(settings: Optional[DecodeSettings], **given) -> DecodeSettings:
+    """``settings``, or the settings of the API's keyword arguments (one of the two)."""
+    unknown = sorted(set(given) - set(DecodeSettings.names()))
+    if unknown:
+        raise TypeError(f"stream_generate() got an unexpected keyword argument '{unknown[0]}'")
+    if settings is None:
+        return DecodeSettings(**given)
+    defaults = DecodeSettings()
+    clash = [k for k, v in given.items() if v != getattr(defaults, k) and not (v is None and k == "logits_processors")]
+    if clash:
+        raise ValueError(f"pass either settings or {', '.join(clash)}, not both")
+    return settings
 
 
 def stream_generate(
@@ -349,6 +288,9 @@ def stream_generate(
     logits_processors=None,
     context: Sequence[int] = (),
     policy: Optional[bool] = None,
+    settings: Optional[DecodeSettings] = None,
+    state: Optional[DecodingState] = None,
+    **options,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
     last one with ``finish_reason`` "stop" (EOS, whose token it carries, or a
@@ -383,27 +325,35 @@ def stream_generate(
         context: the tokens in ``prompt_cache``, where known (prompt lookup
             drafts from them too; speed only).
         policy: None: on unless a setting above is given; True/False: on/off.
+        settings: all the decoding settings at once
+            (:class:`~mlx_mtp.decoding.settings.DecodeSettings`), instead of
+            the keyword arguments of the same names.
+        options: any other field of :class:`~mlx_mtp.decoding.settings.DecodeSettings`
+            (``lookup_ngram``, ...).
+        state: the model's decoding state (``load(..., return_state=True)``;
+            None: the one the loader kept for the model).
         draft_fn: replaces the sampler head (tests and inspection).
     """
-    check_generation_args(max_tokens, temp, top_p, top_k)
-    tokenizer = _wrap_tokenizer(tokenizer)
-    model = _as_mtp(model)
-    decoder = make_decoder(
-        model,
+    check_max_tokens(max_tokens)
+    settings = _settings(
+        settings,
         num_masks=num_masks,
         mode=mode,
         lookup=lookup,
         branches=branches,
         policy=policy,
+        use_datastore=use_datastore,
         temp=temp,
         top_p=top_p,
         top_k=top_k,
-        use_datastore=use_datastore,
         sampler=sampler,
         logits_processors=logits_processors,
-        draft_fn=draft_fn,
         prefill_step_size=prefill_step_size,
+        **options,
     )
+    tokenizer = _wrap_tokenizer(tokenizer)
+    model = _as_mtp(model)
+    decoder = make_decoder(model, settings, state, draft_fn)
     ids = encode_prompt(tokenizer, prompt, model.vocab_size)
     spec = None if prompt_cache is None else as_spec_cache(prompt_cache, len(model.layers))
     cached = 0 if spec is None else spec[0].committed
@@ -539,8 +489,6 @@ def generate(
             f"({_decoding(response)})"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
-        from .blas import describe
-
         print(f"BLAS: {describe()}")
     return text
 
@@ -555,5 +503,5 @@ def propose(
     from one pass over the prompt (greedy through the sampler head)."""
     tokenizer = _wrap_tokenizer(tokenizer)
     model = _as_mtp(model)
-    decoder = SpeculativeDecoder(model, num_masks=num_masks)
+    decoder = SpeculativeDecoder(model, DecodeSettings(num_masks=num_masks, lookup=0))
     return decoder.propose(encode_prompt(tokenizer, prompt, model.vocab_size))

@@ -6,6 +6,10 @@ import argparse
 import math
 from typing import Callable, Optional
 
+from .decoding.drafts import DEFAULT_LOOKUP
+from .decoding.settings import MODES, DecodeSettings
+from .model.masks import MAX_MASKS
+
 
 def int_range(lo: int, hi: Optional[int] = None, also: Optional[int] = None) -> Callable[[str], int]:
     """An argparse type: an integer in ``lo..hi`` (no upper bound if None),
@@ -60,11 +64,7 @@ def add_decoding_args(parser: argparse.ArgumentParser):
     """The flags that fix a decoding setting instead of the per-step policy
     (``--num-masks``, ``--mode``, ``--lookup``, ``--branches``,
     ``--no-policy``) and ``--no-datastore``, as generate and the server take
-    them; :func:`decoding_settings` turns them into the API's arguments."""
-    from .decoding.decode import MODES
-    from .decoding.drafts import DEFAULT_LOOKUP
-    from .model.masks import MAX_MASKS
-
+    them; :func:`decoding_settings` turns them into the settings."""
     parser.add_argument(
         "--num-masks",
         type=int_range(0, MAX_MASKS),
@@ -110,14 +110,17 @@ def add_decoding_args(parser: argparse.ArgumentParser):
     parser.add_argument("--no-datastore", action="store_true", help="no drafts from the adapter's datastore")
 
 
-def decoding_settings(args: argparse.Namespace) -> dict:
-    """The API's decoding arguments (:func:`mlx_mtp.api.make_decoder`) from
-    :func:`add_decoding_args`'s flags."""
-    return dict(
+def decoding_settings(args: argparse.Namespace) -> DecodeSettings:
+    """The :class:`~mlx_mtp.decoding.settings.DecodeSettings` of
+    :func:`add_decoding_args`'s flags, and of ``--temp``/``--top-p``/``--top-k``
+    where the command has them (TypeError/ValueError: the message to print)."""
+    sampling = {name: getattr(args, name) for name in ("temp", "top_p", "top_k") if hasattr(args, name)}
+    return DecodeSettings(
         num_masks=args.num_masks,
         mode=args.mode,
         lookup=args.lookup,
         branches=args.branches,
         policy=False if args.no_policy else None,
         use_datastore=not args.no_datastore,
+        **sampling,
     )

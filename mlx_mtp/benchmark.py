@@ -36,13 +36,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .api import make_decoder
+from mlx_lm.generate import stream_generate as lm_stream_generate
+
+from .api import stream_generate
 from .arguments import add_decoding_args, add_model_args, positive_int
 from .blas import blas_info, measure_gflops
-from .calibrate import CostModel, cost_model, weights_dtype  # noqa: F401 (weights_dtype: re-exported)
+from .calibration import CostModel, cost_model
+from .calibration.store import weights_dtype
 from .decoding.drafts import DEFAULT_LOOKUP
+from .decoding.settings import DecodeSettings
 from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
 from .files import read_jsonl
+from .loading import load
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "spec_bench" / "question.jsonl"  # Spec-Bench, Apache-2.0
 
@@ -173,7 +178,7 @@ def print_table(rows: List[Row]):
 
 
 def plot(rows: List[Row], path: str):
-    try:
+    try:  # matplotlib is optional: only --plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -194,10 +199,43 @@ def plot(rows: List[Row], path: str):
 
 
 def run(args) -> int:
-    from mlx_lm.generate import stream_generate as lm_stream_generate
+    """The benchmark: load, calibrate, decode every prompt with the baseline
+    and each configuration, report (and write ``--json``, ``--plot``)."""
+    prompts = _prompts(args)
+    model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
+    if model.num_masks == 0:
+        raise ValueError("the model has no MTP adapter: pass --adapter-path")
+    # every configuration checked against the model before anything is timed
+    configs = parse_configs(args, model)
+    main = configs[0]
+    use_datastore = state.datastore is not None and not args.no_datastore and main.lookup > 0
+    print(
+        f"platform: {platform.platform()}, weights: {weights_dtype(model.model)}, "
+        f"configurations: {', '.join(c.name for c in configs)}; "
+        f"{main.name}: k={main.num_masks}, mode={main.mode}, branches={main.branches}, lookup={main.lookup}, "
+        f"datastore={use_datastore}"
+    )
+    print(f"BLAS: {blas_info().describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
+    calibration, costs = _costs(model, configs)
+    _warm_up(model, tokenizer, state, configs)
+    records = _decode_prompts(args, model, tokenizer, state, configs, prompts)
+    if not records[main.name]:
+        return 1
+    chain = calibration.costs.table.sampler_call
+    reports = [report(config, records[config.name], costs, chain) for config in configs]
+    if len(configs) > 1:
+        print_comparison(reports)
+    if args.json:
+        result = _result(args, model, main, use_datastore, calibration, costs, reports)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        first = reports[0]
+        plot([Row(**r) for r in first["results"]] + [Row(**first["overall"])], args.plot)
+    return 0
 
-    from . import load, stream_generate
 
+def _prompts(args) -> List[Tuple[str, str]]:
+    """The (category, text) prompts selected by ``--prompts``, ``--categories``, ``--num-prompts``."""
     prompts_file = Path(args.prompts) if args.prompts else default_prompts_file()
     if prompts_file is None or not prompts_file.exists():
         raise ValueError("no prompts file: pass --prompts (Spec-Bench's question.jsonl by default)")
@@ -205,51 +243,42 @@ def run(args) -> int:
     prompts = read_prompts(prompts_file, categories, args.num_prompts)
     if not prompts:
         raise ValueError(f"no prompts selected from {prompts_file}")
+    return prompts
 
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    if model.num_masks == 0:
-        raise ValueError("the model has no MTP adapter: pass --adapter-path")
-    configs = parse_configs(args, model)
-    # the decoder's own checks (k, mode, branches), before anything is timed
-    for config in configs:
-        make_decoder(model, **config.settings)
-    main = configs[0]
-    k = main.num_masks
-    base_model = model.model
-    dtype = weights_dtype(base_model)
-    blas_now = blas_info()
-    blas = blas_now.name
-    use_datastore = model.datastore is not None and not args.no_datastore and main.lookup > 0
-    print(
-        f"platform: {platform.platform()}, weights: {dtype}, configurations: {', '.join(c.name for c in configs)}; "
-        f"{main.name}: k={k}, mode={main.mode}, branches={main.branches}, lookup={main.lookup}, "
-        f"datastore={use_datastore}"
-    )
-    print(f"BLAS: {blas_now.describe()}; a 256x256 fp32 matmul runs at {measure_gflops():.0f} GFLOP/s")
 
+def _costs(model, configs: List["Config"]):
+    """The calibration (printed) and the forward costs of the widths the
+    projections need: the first configuration's, and those of every fixed
+    one (each projects its own k and branches)."""
     calibration = cost_model(model)
     source = f"cached in {calibration.path}" if calibration.cached else "measured now"
     print(f"calibrated costs ({source}), seconds per forward over T new tokens after C cached ones:")
     print(calibration.costs.describe())
-    # the first configuration's widths, and those of every fixed one: each projects its own k and branches
-    projected = [main] + [c for c in configs[1:] if not c.policy]
+    projected = [configs[0]] + [c for c in configs[1:] if not c.policy]
     shapes = [s for c in projected for s in step_shapes(c.num_masks, c.branches)]
     costs = forward_costs(model, shapes, calibration.costs)
-    chain = calibration.costs.table.sampler_call
     print(
         "costs used (300 cached), relative to T=1: "
         + ", ".join(f"T={T}: {c * 1e3:.1f} ms ({c / costs[1]:.2f}x)" for T, c in costs.items())
     )
+    return calibration, costs
 
-    # warm-up
-    for _ in lm_stream_generate(base_model, tokenizer, chat_prompt(tokenizer, "Hello"), max_tokens=8):
+
+def _warm_up(model, tokenizer, state, configs: List["Config"]):
+    hello = chat_prompt(tokenizer, "Hello")
+    for _ in lm_stream_generate(model.model, tokenizer, hello, max_tokens=8):
         pass
     for config in configs:
-        for _ in stream_generate(model, tokenizer, chat_prompt(tokenizer, "Hello"), max_tokens=8, **config.settings):
+        for _ in stream_generate(model, tokenizer, hello, max_tokens=8, settings=config.decoding, state=state):
             pass
 
+
+def _decode_prompts(args, model, tokenizer, state, configs: List["Config"], prompts) -> Dict[str, Dict[str, list]]:
+    """Each prompt decoded by mlx-lm, then by each configuration: the records
+    per configuration and category (a prompt counts once every configuration
+    has run it; Ctrl-C keeps those done)."""
     records = {config.name: defaultdict(list) for config in configs}
-    try:
+    try:  # a progress bar where tqdm (optional) is installed
         from tqdm import tqdm
 
         bar = tqdm(prompts, desc="prompts", unit="prompt")
@@ -259,67 +288,62 @@ def run(args) -> int:
         for cat, text in bar:
             prompt = chat_prompt(tokenizer, text)
             base_tokens, base_tps = [], 0.0
-            for resp in lm_stream_generate(base_model, tokenizer, prompt, max_tokens=args.max_tokens):
+            for resp in lm_stream_generate(model.model, tokenizer, prompt, max_tokens=args.max_tokens):
                 base_tokens.append(resp.token)
                 base_tps = resp.generation_tps
-            done = []
-            for config in configs:
-                ours, flags, sources, resp = [], [], [], None
-                for resp in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, **config.settings):
-                    ours.append(resp.token)
-                    flags.append(resp.from_draft)
-                    # steps that verified no draft ("plain", "masks") count for no source
-                    sources.append("none" if resp.choice in ("plain", "masks") else resp.draft_source)
-                done.append(
-                    (
-                        config.name,
-                        {
-                            "baseline_tps": base_tps,
-                            "mtp_tps": resp.generation_tps,
-                            "steps": resp.steps,
-                            "tokens": len(ours),
-                            "identical": int(ours == base_tokens),
-                            "choices": resp.choices or {},
-                            # the first step has nothing to verify; the last may be cut short
-                            "accepted": accepted_per_step(flags, sources)[1:],
-                        },
-                    )
-                )
-            for name, record in done:  # a prompt counts once every configuration has run it
+            done = [
+                (config.name, _decode(model, tokenizer, state, config, prompt, args.max_tokens, base_tokens, base_tps))
+                for config in configs
+            ]
+            for name, record in done:
                 records[name][cat].append(record)
     except KeyboardInterrupt:
         print("\ninterrupted: partial results")
-    if not records[main.name]:
-        return 1
+    return records
 
-    reports = [report(config, records[config.name], costs, chain) for config in configs]
-    if len(configs) > 1:
-        print_comparison(reports)
+
+def _decode(model, tokenizer, state, config: "Config", prompt: str, max_tokens: int, base_tokens, base_tps) -> dict:
+    """One prompt decoded with one configuration: its record."""
+    ours, flags, sources, resp = [], [], [], None
+    for resp in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, settings=config.decoding, state=state):
+        ours.append(resp.token)
+        flags.append(resp.from_draft)
+        # steps that verified no draft ("plain", "masks") count for no source
+        sources.append("none" if resp.choice in ("plain", "masks") else resp.draft_source)
+    return {
+        "baseline_tps": base_tps,
+        "mtp_tps": resp.generation_tps,
+        "steps": resp.steps,
+        "tokens": len(ours),
+        "identical": int(ours == base_tokens),
+        "choices": resp.choices or {},
+        # the first step has nothing to verify; the last may be cut short
+        "accepted": accepted_per_step(flags, sources)[1:],
+    }
+
+
+def _result(args, model, main: "Config", use_datastore: bool, calibration, costs, reports: List[dict]) -> dict:
+    """The ``--json`` file's contents."""
     first = reports[0]
-    if args.json:
-        result = {
-            "model": args.model or "default",
-            "adapter": args.adapter_path or "shipped",
-            "dtype": dtype,
-            "blas": blas,
-            "platform": platform.platform(),
-            "num_masks": k,
-            "mode": main.mode,
-            "branches": main.branches,
-            "lookup": main.lookup,
-            "policy": main.policy,
-            "datastore": use_datastore,
-            "max_tokens": args.max_tokens,
-            "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
-            "sampler_call_ms": chain * 1e3,
-            "calibration": asdict(calibration.costs.table),
-            **{key: first[key] for key in REPORT_KEYS},
-            "configs": reports,
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.plot:
-        plot([Row(**r) for r in first["results"]] + [Row(**first["overall"])], args.plot)
-    return 0
+    return {
+        "model": args.model or "default",
+        "adapter": args.adapter_path or "shipped",
+        "dtype": weights_dtype(model.model),
+        "blas": blas_info().name,
+        "platform": platform.platform(),
+        "num_masks": main.num_masks,
+        "mode": main.mode,
+        "branches": main.branches,
+        "lookup": main.lookup,
+        "policy": main.policy,
+        "datastore": use_datastore,
+        "max_tokens": args.max_tokens,
+        "forward_cost_ms": {str(T): c * 1e3 for T, c in costs.items()},
+        "sampler_call_ms": calibration.costs.table.sampler_call * 1e3,
+        "calibration": asdict(calibration.costs.table),
+        **{key: first[key] for key in REPORT_KEYS},
+        "configs": reports,
+    }
 
 
 @dataclass
@@ -327,18 +351,35 @@ class Config:
     """One configuration the benchmark decodes with."""
 
     name: str  # "policy" or "k=N"
-    settings: dict  # make_decoder's / stream_generate's arguments
-    num_masks: int  # the most masks a step may feed
-    mode: str
-    lookup: int  # the longest copy a step may verify
-    branches: int
-    policy: bool
+    settings: dict  # the settings given (stream_generate's arguments), as the report shows them
+    decoding: DecodeSettings  # resolved for the model
+
+    @property
+    def num_masks(self) -> int:  # the most masks a step may feed
+        return self.decoding.num_masks
+
+    @property
+    def mode(self) -> str:
+        return self.decoding.mode
+
+    @property
+    def lookup(self) -> int:  # the longest copy a step may verify
+        return self.decoding.lookup
+
+    @property
+    def branches(self) -> int:
+        return self.decoding.branches
+
+    @property
+    def policy(self) -> bool:
+        return self.decoding.policy
 
 
 def parse_configs(args, model) -> List[Config]:
-    """The configurations to run: ``--configs`` (``policy`` or ``k=N``), else
-    the policy unless a setting is fixed (``--num-masks``, ``--mode``,
-    ``--lookup``, ``--branches``, ``--no-policy``), then that one."""
+    """The configurations to run, each checked against the model:
+    ``--configs`` (``policy`` or ``k=N``), else the policy unless a setting
+    is fixed (``--num-masks``, ``--mode``, ``--lookup``, ``--branches``,
+    ``--no-policy``), then that one."""
     fixed = dict(mode=args.mode, lookup=args.lookup, branches=args.branches)
     fixed_given = any(v is not None for v in fixed.values()) or args.num_masks is not None or args.no_policy
     names = args.configs.split(",") if args.configs else (["fixed"] if fixed_given else ["policy"])
@@ -347,8 +388,7 @@ def parse_configs(args, model) -> List[Config]:
         name = name.strip()
         common = dict(use_datastore=not args.no_datastore)
         if name == "policy":
-            decoder = make_decoder(model, **common)
-            configs.append(Config(name, common, decoder.k, decoder.mode, decoder.lookup, decoder.branches, True))
+            configs.append(Config(name, common, DecodeSettings(**common).resolve(model)))
             continue
         if name == "fixed":
             num_masks = args.num_masks
@@ -364,17 +404,7 @@ def parse_configs(args, model) -> List[Config]:
             **common,
         )
         label = f"k={settings['num_masks']}" if name == "fixed" else name
-        configs.append(
-            Config(
-                label,
-                settings,
-                settings["num_masks"],
-                settings["mode"],
-                settings["lookup"],
-                settings["branches"],
-                False,
-            )
-        )
+        configs.append(Config(label, settings, DecodeSettings(**settings).resolve(model)))
     if len({c.name for c in configs}) < len(configs):
         raise ValueError(f"--configs names a configuration twice: {args.configs}")
     return configs

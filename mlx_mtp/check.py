@@ -26,6 +26,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_load_model
 
 from .decoding.decode import SpeculativeDecoder
+from .decoding.settings import DecodeSettings
 from .errors import ModelLoadError, MTPError, cli_main, one_line
 from .loading import default_model_path, load_base
 from .model.architectures import Support, language_model, supports
@@ -131,7 +132,8 @@ def self_test(model: nn.Module, k: int = 4, num_tokens: int = SELF_TEST_TOKENS) 
     ref = [int(t) for t, _ in generate_step(mx.array(prompt), mtp.model, max_tokens=num_tokens + k + 1)]
     for mode in ("quadratic", "linear"):
         for rate, label in ((1.0, "all drafts right"), (0.5, "half the drafts right")):
-            decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, draft_fn=_forced_draft(mtp, prompt + ref, rate))
+            settings = DecodeSettings(num_masks=k, mode=mode, lookup=0)
+            decoder = SpeculativeDecoder(mtp, settings, draft_fn=_forced_draft(mtp, prompt + ref, rate))
             got = [t for s in decoder.steps(prompt, max_tokens=num_tokens) for t in s.tokens]
             result.greedy[f"{mode}, {label}"] = got == ref[:num_tokens]
     return result

@@ -50,13 +50,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.remove and args.data is None:
         p.error("--data is required (or --remove)")
 
-    def edit(model, tokenizer, recipe):
+    def edit(model, tokenizer, recipe, state):
         if args.remove:
-            model.datastore = None
+            state.datastore = None
             recipe.pop("datastore_tokens", None)
             return
         store = Datastore.from_documents(response_documents(Path(args.data), tokenizer, "train"))
-        model.datastore = store
+        state.datastore = store
         recipe["datastore_tokens"] = store.num_tokens
         msg = f"datastore: {store.num_tokens} tokens"
         if (Path(args.data) / "valid.jsonl").exists():

@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--size", type=non_negative_int, default=8192, help="draft vocabulary size (0 removes it)")
     args = p.parse_args(argv)
 
-    def edit(model, tokenizer, recipe):
+    def edit(model, tokenizer, recipe, state):
         if args.size <= 0:
             model.set_draft_vocab(None)
             recipe.pop("draft_vocab_size", None)

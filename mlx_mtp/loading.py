@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.nn as nn
+import mlx_lm
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .adapter import CONFIG_FILE, load_adapter, read_adapter_config, update_adapter
+from .adapter import CONFIG_FILE, AdapterData, load_adapter_with_data, read_adapter_config, update_adapter
+from .decoding.state import DecodingState, keep_state
+from .default_model import ensure_default_model
 from .errors import AdapterError, DataError, ModelLoadError
 from .model.mtp_model import MTPModel, base_model_identity
 
@@ -18,8 +22,6 @@ ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 def default_model_path() -> str:
     """The default model (SmolLM2-135M-Instruct converted for mlx-lm), made
     available on first use by :func:`mlx_mtp.default_model.ensure_default_model`."""
-    from .default_model import ensure_default_model
-
     try:
         return str(ensure_default_model())
     except Exception as e:  # network, disk, conversion
@@ -29,8 +31,6 @@ def default_model_path() -> str:
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` can be a Hugging Face repo id (``org/name`` or
     ``name``, by the hub's own rule); anything else is a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -59,8 +59,6 @@ def find_shipped_adapter(model: nn.Module, adapters_dir: Union[str, Path, None] 
 def load_base(path_or_repo: str):
     """``mlx_lm.load`` of a local directory or a hub id, with one clear error
     for a model that cannot be had: the one loader of every CLI."""
-    import mlx_lm
-
     path = os.path.expanduser(path_or_repo)
     if not Path(path).exists() and not is_hub_id(path_or_repo):
         raise ModelLoadError(f"no model at '{path_or_repo}': the directory does not exist")
@@ -76,45 +74,62 @@ def load_base(path_or_repo: str):
 def load(
     path_or_repo: Optional[str] = None,
     adapter_path: Union[str, Path, None, bool] = None,
-) -> Tuple[MTPModel, "object"]:
+    return_state: bool = False,
+) -> Union[Tuple[MTPModel, Any], Tuple[MTPModel, Any, DecodingState]]:
     """Load an mlx-lm model (local directory or hub id; None: the default
     model) and its MTP adapter: ``adapter_path`` or, if None, the adapter
     shipped for that model if there is one (else none: plain decoding);
     ``False``: no adapter.
 
     Returns ``(model, tokenizer)``; ``model`` is an :class:`MTPModel` whose
-    ``.model`` is the unmodified mlx-lm model.
+    ``.model`` is the unmodified mlx-lm model. With ``return_state``,
+    ``(model, tokenizer, state)``: the model's
+    :class:`~mlx_mtp.decoding.state.DecodingState` (the adapter's datastore
+    and priors), to pass to the API; without, the API finds it by the model
+    (:func:`mlx_mtp.decoding.state.state_for`).
     """
     if path_or_repo is None:
         path_or_repo = default_model_path()
     base, tokenizer = load_base(str(path_or_repo))
-    if adapter_path is False:
-        return MTPModel(base), tokenizer
     if adapter_path is None:
         adapter_path = find_shipped_adapter(base)
-    if adapter_path is None:
-        return MTPModel(base), tokenizer
-    if not Path(adapter_path).exists():
-        raise AdapterError(f"no adapter at '{adapter_path}': the directory does not exist")
-    return load_adapter(base, adapter_path), tokenizer
+    if adapter_path is None or adapter_path is False:
+        model, data = MTPModel(base), AdapterData()
+    else:
+        if not Path(adapter_path).exists():
+            raise AdapterError(f"no adapter at '{adapter_path}': the directory does not exist")
+        model, data = load_adapter_with_data(base, adapter_path)
+    state = keep_state(model, adapter_state(data, adapter_path))
+    return (model, tokenizer, state) if return_state else (model, tokenizer)
+
+
+def adapter_state(data: AdapterData, adapter_path=None) -> DecodingState:
+    """The decoding state of an adapter's data; :class:`AdapterError` naming
+    its config where the priors are not well formed."""
+    try:
+        return DecodingState.from_adapter(data.datastore, data.policy_priors)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{Path(adapter_path or '.') / CONFIG_FILE}: recipe: {e}") from None
 
 
 def edit_adapter(
     model_path: Optional[str],
     adapter_path: str,
-    edit: Callable[[MTPModel, Any, Dict[str, Any]], None],
+    edit: Callable[[MTPModel, Any, Dict[str, Any], DecodingState], None],
 ):
     """Load the adapter at ``adapter_path`` over its base model, let
-    ``edit(model, tokenizer, recipe)`` change the model and the recipe, and
-    rewrite the adapter in place (the draft_vocab and datastore CLIs). A user
-    error ends in one line on stderr and exit status 2, with nothing written."""
+    ``edit(model, tokenizer, recipe, state)`` change the model, the recipe
+    and the decoding state (its datastore), and rewrite the adapter in place
+    (the draft_vocab and datastore CLIs). A user error ends in one line on
+    stderr and exit status 2, with nothing written."""
     try:
-        model, tokenizer = load(model_path, adapter_path=adapter_path)
+        model, tokenizer, state = load(model_path, adapter_path=adapter_path, return_state=True)
         if model.num_masks == 0:
             raise AdapterError(f"no adapter at '{adapter_path}'")
         recipe = read_adapter_config(adapter_path).get("recipe", {})
-        edit(model, tokenizer, recipe)
-        update_adapter(model, adapter_path, recipe)
+        edit(model, tokenizer, recipe, state)
+        datastore = None if state.datastore is None else state.datastore.storage()
+        update_adapter(model, adapter_path, recipe, datastore=datastore)
     except (AdapterError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

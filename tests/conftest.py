@@ -143,12 +143,26 @@ def oracle_draft(mtp, sequence, rate: float, seed: int = 0):
     return draft
 
 
-def run(mtp, prompt, max_tokens, **kwargs):
-    """The decoder's tokens and its steps."""
+def decoder_for(mtp, costs=None, times=None, datastore=None, draft_fn=None, **settings):
+    """A decoder with ``settings`` taken as they are given: fixed settings
+    (quadratic, no lookup, one branch, the adapter's k unless given), or with
+    ``costs`` the policy with those limits; ``datastore``, ``times``: the
+    decoding state's."""
     from mlx_mtp.decoding.decode import SpeculativeDecoder
+    from mlx_mtp.decoding.policy import StepTimes
+    from mlx_mtp.decoding.settings import DecodeSettings
+    from mlx_mtp.decoding.state import DecodingState
 
+    k = getattr(mtp, "default_num_masks", 0)
+    given = {**dict(num_masks=k, mode="quadratic", lookup=0, branches=1, lookup_ngram=3), **settings}
+    state = DecodingState(datastore=datastore, costs=costs, times=times or StepTimes())
+    return SpeculativeDecoder(mtp, DecodeSettings(**given, policy=costs is not None), state, draft_fn)
+
+
+def run(mtp, prompt, max_tokens, **kwargs):
+    """The decoder's tokens and its steps (:func:`decoder_for`'s arguments)."""
     eos = kwargs.pop("eos", ())
-    decoder = SpeculativeDecoder(mtp, **kwargs)
+    decoder = decoder_for(mtp, **kwargs)
     steps = list(decoder.steps(prompt, max_tokens=max_tokens, eos_token_ids=eos))
     return [t for s in steps for t in s.tokens], steps
 

@@ -22,7 +22,6 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes
 
 from mlx_mtp.adapter import load_adapter, save_adapter
-from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.errors import MTPError
 from mlx_mtp.model.architectures import UnsupportedModelError, supports
 from mlx_mtp.model.cache import commit
@@ -30,6 +29,8 @@ from mlx_mtp.model.layouts import quadratic_layout
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 from mlx_mtp.training.data import Dataset, build_example
 from mlx_mtp.training.trainer import TrainArgs, Trainer
+
+from conftest import decoder_for
 
 V = 128
 WINDOW = 8
@@ -304,7 +305,7 @@ def oracle_draft(mtp: MTPModel, sequence, rate: float, seed: int = 0):
 
 
 def decode(mtp, prompt, n, **kwargs):
-    steps = list(SpeculativeDecoder(mtp, **kwargs).steps(prompt, max_tokens=n))
+    steps = list(decoder_for(mtp, **kwargs).steps(prompt, max_tokens=n))
     return [t for s in steps for t in s.tokens], steps
 
 

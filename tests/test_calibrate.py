@@ -1,4 +1,4 @@
-"""Calibration (mlx_mtp.calibrate): the cost table, its interpolation, and
+"""Calibration (mlx_mtp.calibration, its CLI mlx_mtp.calibrate): the cost table, its interpolation, and
 its cache on disk (corrupt or stale files are measured again, a read-only
 directory never fails a run)."""
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mlx_mtp import calibrate as cal
-from mlx_mtp.calibrate import CostModel, CostTable
+from mlx_mtp import calibration
+from mlx_mtp.calibration import CostModel, CostTable, measure, store
 
 from tiny import tiny_model, tiny_mtp
 
@@ -66,7 +67,7 @@ def test_malformed_tables_are_refused(bad):
 
 def test_calibrate_measures_every_width_and_path():
     model = tiny_mtp(num_masks=3)
-    t = cal.calibrate(model, widths=[1, 2, 4, 8], contexts=[8, 40], repeats=1)
+    t = measure.calibrate(model, widths=[1, 2, 4, 8], contexts=[8, 40], repeats=1)
     assert t.widths == [1, 2, 4, 8] and t.contexts == [8, 40]
     assert len(t.plain) == len(t.gated) == 2 and all(len(r) == 4 for r in t.plain + t.gated)
     for row in t.plain + t.gated:
@@ -85,7 +86,7 @@ def test_calibrating_leaves_the_seeded_random_stream_alone():
     mx.random.seed(7)
     expected = mx.random.uniform(shape=(4,)).tolist()
     mx.random.seed(7)
-    cal.calibrate(model, widths=[1, 2], contexts=[8], repeats=1)
+    measure.calibrate(model, widths=[1, 2], contexts=[8], repeats=1)
     assert mx.random.uniform(shape=(4,)).tolist() == expected
 
 
@@ -100,8 +101,8 @@ def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypat
         cost = {k: (k[2] + (3.0 if k[1] else 0.0) + k[0] * 0.5 * k[2]) for k in runs if k != "sampler"}
         return {**cost, "sampler": 0.4}, 17
 
-    monkeypatch.setattr(cal, "time_round_robin", fake)
-    t = cal.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4], contexts=[8, 40], repeats=3)
+    monkeypatch.setattr(measure, "time_round_robin", fake)
+    t = measure.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4], contexts=[8, 40], repeats=3)
     shapes = {(0, g, w) for g in (False, True) for w in (1, 2, 4)} | {(1, False, 1), (1, False, 4)}
     assert seen == {"runs": shapes | {"sampler"}, "repeats": 3}
     assert t.plain == [[1.0, 2.0, 4.0], [1.5, 3.0, 6.0]]
@@ -124,8 +125,8 @@ def test_wide_forwards_extrapolated_where_the_cost_is_linear_in_width(monkeypatc
         rounds.append(set(runs))
         return {k: (0.4 if k == "sampler" else cost(k)) for k in runs}, len(runs)
 
-    monkeypatch.setattr(cal, "time_round_robin", fake)
-    t = cal.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8, 40], repeats=2)
+    monkeypatch.setattr(measure, "time_round_robin", fake)
+    t = measure.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8, 40], repeats=2)
     narrow = {(0, g, w) for g in (False, True) for w in (1, 2, 4, 8)} | {(1, False, 1), "sampler"}
     assert rounds[0] == narrow
     if compute_bound:
@@ -158,38 +159,38 @@ def test_round_robin_stops_where_two_timings_agree(monkeypatch, scripted, repeat
         it = iter(scripted[key])
         return lambda: order.append(key) or next(it)
 
-    monkeypatch.setattr(cal, "time_call", timed)
-    result = cal.time_round_robin({k: run(k) for k in scripted}, repeats, agree=0.05)
+    monkeypatch.setattr(measure, "time_call", timed)
+    result = measure.time_round_robin({k: run(k) for k in scripted}, repeats, agree=0.05)
     assert result == (best, count)
     keys = list(scripted)
     assert order[: len(keys)] == keys  # round robin: every run once before any twice
 
 
 def test_widths_double_to_the_bend_then_grow_fourfold():
-    assert cal.widths_up_to(32) == [1, 2, 4, 8, 32]
-    assert cal.widths_up_to(64) == [1, 2, 4, 8, 32, 64]
-    assert cal.widths_up_to(25) == [1, 2, 4, 8, 25]
-    assert cal.widths_up_to(6) == [1, 2, 4, 6]
-    assert cal.widths_up_to(2) == [1, 2]
+    assert measure.widths_up_to(32) == [1, 2, 4, 8, 32]
+    assert measure.widths_up_to(64) == [1, 2, 4, 8, 32, 64]
+    assert measure.widths_up_to(25) == [1, 2, 4, 8, 25]
+    assert measure.widths_up_to(6) == [1, 2, 4, 6]
+    assert measure.widths_up_to(2) == [1, 2]
 
 
 def test_calibrate_without_adapter_has_no_gated_costs():
-    t = cal.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
+    t = measure.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
     assert t.gated is None and t.sampler_call == 0.0 and t.identity["adapter"] is None
 
 
 def test_identity_tells_formats_apart():
-    assert cal.identity(tiny_mtp(num_masks=3)) != cal.identity(tiny_mtp(num_masks=3, bits=4))
-    assert cal.identity(tiny_mtp(num_masks=3)) != cal.identity(tiny_mtp(num_masks=2))
-    assert cal.identity(tiny_mtp(num_masks=3)) == cal.identity(tiny_mtp(num_masks=3, seed=5))
+    assert store.identity(tiny_mtp(num_masks=3)) != store.identity(tiny_mtp(num_masks=3, bits=4))
+    assert store.identity(tiny_mtp(num_masks=3)) != store.identity(tiny_mtp(num_masks=2))
+    assert store.identity(tiny_mtp(num_masks=3)) == store.identity(tiny_mtp(num_masks=3, seed=5))
 
 
 @pytest.fixture
 def quick(monkeypatch):
     """Calibration over few widths and contexts (the cache logic is what is tested)."""
-    real = cal.calibrate
+    real = measure.calibrate
     monkeypatch.setattr(
-        cal,
+        calibration,
         "calibrate",
         lambda model, widths=None, gated=True: real(model, widths=[1, 2], contexts=[8], repeats=1, gated=gated),
     )
@@ -197,13 +198,13 @@ def quick(monkeypatch):
 
 def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
     model = tiny_mtp(num_masks=2)
-    first = cal.cost_model(model, directory=tmp_path)
+    first = calibration.cost_model(model, directory=tmp_path)
     assert not first.cached and first.written and first.path.parent == tmp_path
-    assert json.loads(first.path.read_text())["identity"] == cal.identity(model)
-    again = cal.cost_model(model, directory=tmp_path)
+    assert json.loads(first.path.read_text())["identity"] == store.identity(model)
+    again = calibration.cost_model(model, directory=tmp_path)
     assert again.cached and not again.written
     assert again.costs.table.plain == first.costs.table.plain
-    refreshed = cal.cost_model(model, refresh=True, directory=tmp_path)
+    refreshed = calibration.cost_model(model, refresh=True, directory=tmp_path)
     assert not refreshed.cached and refreshed.written
 
 
@@ -212,13 +213,13 @@ def test_plain_path_only_where_no_masks_are_fed_and_a_cached_table_serves_what_i
     path only; that table serves later plain-only calls, and a call that
     needs the gated path measures both and replaces it."""
     model = tiny_mtp(num_masks=2)
-    plain = cal.cost_model(model, directory=tmp_path, gated=False)
+    plain = calibration.cost_model(model, directory=tmp_path, gated=False)
     assert not plain.cached and plain.costs.table.gated is None and plain.costs.table.sampler_call == 0.0
     assert plain.costs.table.timings == 2  # widths 1 and 2, one context, one timing each
-    assert cal.cost_model(model, directory=tmp_path, gated=False).cached
-    full = cal.cost_model(model, directory=tmp_path)
+    assert calibration.cost_model(model, directory=tmp_path, gated=False).cached
+    full = calibration.cost_model(model, directory=tmp_path)
     assert not full.cached and full.costs.table.gated is not None and full.costs.table.sampler_call > 0
-    again = cal.cost_model(model, directory=tmp_path, gated=False)
+    again = calibration.cost_model(model, directory=tmp_path, gated=False)
     assert again.cached and again.costs.table.gated == full.costs.table.gated
 
 
@@ -236,26 +237,26 @@ def test_plain_path_only_where_no_masks_are_fed_and_a_cached_table_serves_what_i
         lambda d: "[" * 100_000,  # nested past the parser's recursion limit
         lambda d: json.dumps({**d, "widths": "12"}),
         lambda d: json.dumps({**d, "identity": {**d["identity"], "mlx": "0.0.1"}}),  # stale: another MLX
-        lambda d: json.dumps({**d, "identity": {**d["identity"], "format": cal.FORMAT - 1}}),
-        lambda d: json.dumps({**d, "identity": cal.identity(tiny_mtp(num_masks=3))}),  # another adapter
+        lambda d: json.dumps({**d, "identity": {**d["identity"], "format": store.FORMAT - 1}}),
+        lambda d: json.dumps({**d, "identity": store.identity(tiny_mtp(num_masks=3))}),  # another adapter
         lambda d: json.dumps({k: v for k, v in d.items() if k != "identity"}),  # no identity
         lambda d: json.dumps([1, 2]),
     ],
 )
 def test_corrupt_or_stale_cache_is_measured_again_and_rewritten(tmp_path, quick, corrupt):
     model = tiny_mtp(num_masks=2)
-    good = cal.cost_model(model, directory=tmp_path)
+    good = calibration.cost_model(model, directory=tmp_path)
     bad = corrupt(json.loads(good.path.read_text()))
     good.path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
-    result = cal.cost_model(model, directory=tmp_path)
+    result = calibration.cost_model(model, directory=tmp_path)
     assert not result.cached and result.written
-    assert cal.read_cached(result.path, cal.identity(model)) is not None
+    assert store.read_cached(result.path, store.identity(model)) is not None
 
 
 def test_unwritable_cache_never_fails_a_run(tmp_path, quick):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = cal.cost_model(tiny_mtp(num_masks=2), directory=blocker / "calibration")
+    result = calibration.cost_model(tiny_mtp(num_masks=2), directory=blocker / "calibration")
     assert not result.cached and not result.written
     assert result.costs.cost(2, 8, gated=True) > 0
     assert blocker.read_text() == ""
@@ -267,14 +268,14 @@ def test_read_only_directory_never_fails_a_run(tmp_path, quick, monkeypatch, fai
     modes, so the call a read-only directory makes fail fails here."""
     model = tiny_mtp(num_masks=2)
     directory = tmp_path / "new" if fails.endswith("mkdir") else tmp_path
-    stale = cal.cache_path(cal.identity(model), tmp_path)
+    stale = store.cache_path(store.identity(model), tmp_path)
     stale.write_text("{not json")
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(directory))
 
     monkeypatch.setattr(fails, refuse)
-    result = cal.cost_model(model, directory=directory)
+    result = calibration.cost_model(model, directory=directory)
     monkeypatch.undo()
     assert not result.cached and not result.written
     assert result.costs.cost(2, 8, gated=True) > 0
@@ -310,4 +311,4 @@ def test_cli_on_the_default_model_prints_and_caches(default_model_path, tmp_path
     assert len(files) == 1
     t = CostTable.from_dict(json.loads(files[0].read_text()))
     assert (t.gated is not None) == feeds_masks
-    assert t.widths == cal.widths_up_to(cal.MAX_WIDTH) and t.contexts == list(cal.CONTEXTS)
+    assert t.widths == measure.widths_up_to(measure.MAX_WIDTH) and t.contexts == list(measure.CONTEXTS)

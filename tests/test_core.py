@@ -18,6 +18,7 @@ from mlx_mtp.model.gated_lora import GatedLoRALinear, LoRAConfig
 from mlx_mtp.model.layouts import linear_layout, quadratic_layout, training_layout
 from mlx_mtp.model.mtp_model import MTPConfig, MTPModel
 
+from conftest import decoder_for
 from tiny import MODEL_TYPES, randomize_adapter, tiny_model, tiny_mtp
 
 PROMPT = [3, 17, 42, 99, 5, 64, 7, 120, 33]
@@ -304,8 +305,6 @@ def test_draft_vocab_restricts_sampler_and_round_trips(tmp_path, bits):
 def test_adapter_decode_num_masks_default(tmp_path):
     from dataclasses import replace
 
-    from mlx_mtp.decoding.decode import SpeculativeDecoder
-
     mtp = tiny_mtp("llama", num_masks=4)
     assert mtp.default_num_masks == 4  # nothing recorded: the trained k
     mtp.config = replace(mtp.config, decode_num_masks={"cpu": 2, "gpu": 3})
@@ -315,8 +314,8 @@ def test_adapter_decode_num_masks_default(tmp_path):
     loaded = load_adapter(tiny_model("llama"), tmp_path / "ad")
     expected = 3 if mx.default_device().type == mx.DeviceType.gpu else 2
     assert loaded.default_num_masks == expected
-    assert SpeculativeDecoder(loaded).k == expected
-    assert SpeculativeDecoder(loaded, num_masks=4).k == 4  # asking still wins
+    assert decoder_for(loaded).k == expected
+    assert decoder_for(loaded, num_masks=4).k == 4  # asking still wins
     config["decode_num_masks"] = {"cpu": 5}
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="decode_num_masks"):

@@ -9,12 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mtp.adapter import load_adapter, save_adapter
+from mlx_mtp.adapter import load_adapter_with_data, save_adapter
 from mlx_mtp.datastore import Datastore, hit_rate, main
-from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.decoding.state import DecodingState
 from mlx_mtp.model.mtp_model import MTPModel
 
-from conftest import make_prompt, mtp_for, reference, run
+from conftest import decoder_for, make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 
 
@@ -90,15 +90,15 @@ def test_hit_rate_counts_leading_right_tokens():
 def test_adapter_round_trip(tmp_path):
     mtp = mtp_for("llama")
     docs = [make_prompt(50, seed=s) for s in range(3)]
-    mtp.datastore = Datastore.from_documents(docs)
-    save_adapter(mtp, tmp_path / "a", dtype=mx.float16)
-    loaded = load_adapter(tiny_model("llama"), tmp_path / "a")
-    np.testing.assert_array_equal(loaded.datastore.packed, mtp.datastore.packed)
-    assert loaded.datastore.num_tokens == 150
-    assert loaded.datastore.draft(docs[1][:20], 4) == mtp.datastore.draft(docs[1][:20], 4) != []
-    mtp.datastore = None
+    store = Datastore.from_documents(docs)
+    save_adapter(mtp, tmp_path / "a", dtype=mx.float16, datastore=store.storage())
+    _, data = load_adapter_with_data(tiny_model("llama"), tmp_path / "a")
+    loaded = DecodingState.from_adapter(data.datastore, data.policy_priors).datastore
+    np.testing.assert_array_equal(loaded.packed, store.packed)
+    assert loaded.num_tokens == 150
+    assert loaded.draft(docs[1][:20], 4) == store.draft(docs[1][:20], 4) != []
     save_adapter(mtp, tmp_path / "b")
-    assert load_adapter(tiny_model("llama"), tmp_path / "b").datastore is None
+    assert load_adapter_with_data(tiny_model("llama"), tmp_path / "b")[1].datastore is None
 
 
 @pytest.mark.parametrize("mode", ["quadratic", "linear"])
@@ -115,10 +115,10 @@ def test_greedy_with_datastore_equals_mlx_lm(mode, k):
     for i in range(0, 60, 7):
         noisy[i] = (noisy[i] + 1) % 128
     others = make_prompt(8, seed=9) + prompt[-4:]
-    mtp.datastore = Datastore.from_documents([noisy, reference(mtp.model, others, 30)])
+    store = Datastore.from_documents([noisy, reference(mtp.model, others, 30)])
     stats = Counter()
     for max_tokens in (60, 23):
-        got, steps = run(mtp, prompt, max_tokens, num_masks=k, mode=mode, lookup=4, lookup_ngram=6)
+        got, steps = run(mtp, prompt, max_tokens, num_masks=k, mode=mode, lookup=4, lookup_ngram=6, datastore=store)
         assert got == ref[:max_tokens]
         for s in steps:
             stats[s.source] += 1
@@ -136,18 +136,18 @@ def test_greedy_with_datastore_equals_mlx_lm(mode, k):
         )
     assert stats["datastore"] >= 5 and stats["datastore_accepted"] >= 5 and stats["after_miss"] >= 1
     # off: the same text without datastore steps
-    got, steps = run(mtp, prompt, 60, num_masks=k, mode=mode, lookup=4, lookup_ngram=6, use_datastore=False)
+    got, steps = run(
+        mtp, prompt, 60, num_masks=k, mode=mode, lookup=4, lookup_ngram=6, use_datastore=False, datastore=store
+    )
     assert got == ref and not any(s.source == "datastore" for s in steps)
-    mtp.datastore = None
 
 
 def test_datastore_without_lookup_is_unused():
     mtp = mtp_for("llama")
-    mtp.datastore = Datastore.from_documents([make_prompt(40)])
-    assert SpeculativeDecoder(mtp, lookup=0).datastore is None
-    assert SpeculativeDecoder(mtp, lookup=2).datastore is mtp.datastore
-    assert SpeculativeDecoder(MTPModel(tiny_model("llama")), lookup=2).datastore is None
-    mtp.datastore = None
+    store = Datastore.from_documents([make_prompt(40)])
+    assert decoder_for(mtp, lookup=0, datastore=store).datastore is None
+    assert decoder_for(mtp, lookup=2, datastore=store).datastore is store
+    assert decoder_for(MTPModel(tiny_model("llama")), lookup=2).datastore is None
 
 
 def test_bad_arguments():
@@ -172,12 +172,12 @@ def test_cli_stores_the_training_responses(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("datastore: ") and "leading tokens right per draft" in out
     config = json.loads((ad / "adapter_config.json").read_text())
-    loaded, _ = load(str(model_dir()), adapter_path=ad)
+    _, _, loaded = load(str(model_dir()), adapter_path=ad, return_state=True)
     assert config["recipe"]["note"] == "kept"
     assert config["recipe"]["datastore_tokens"] == loaded.datastore.num_tokens > 0
     # --remove, and errors: one line, exit status 2
     main(["--model", str(model_dir()), "--adapter-path", str(ad), "--remove"])
-    assert load(str(model_dir()), adapter_path=ad)[0].datastore is None
+    assert load(str(model_dir()), adapter_path=ad, return_state=True)[2].datastore is None
     with pytest.raises(SystemExit) as e:
         main(["--model", str(model_dir()), "--adapter-path", str(ad), "--data", str(tmp_path / "none")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")

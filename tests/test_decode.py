@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mlx_mtp.decoding.decode import SpeculativeDecoder, resolve_num_masks
 from mlx_mtp.model.mtp_model import MTPModel
 
-from conftest import MODEL_TYPES, make_prompt, mtp_for, oracle_draft, reference, run
+from conftest import MODEL_TYPES, decoder_for, make_prompt, mtp_for, oracle_draft, reference, run
 from tiny import tiny_model, tiny_mtp
 
 
@@ -108,7 +108,7 @@ def test_context_limit_stops_cleanly():
     got, steps = run(mtp, prompt, 100, num_masks=4, draft_fn=draft)
     assert got == ref  # 25 + 7 = 32 tokens: the context is full
     assert len(got) == 7
-    decoder = SpeculativeDecoder(mtp, num_masks=4, draft_fn=draft)
+    decoder = decoder_for(mtp, num_masks=4, draft_fn=draft)
     list(decoder.steps(prompt, max_tokens=100))
     assert decoder.cache[0].committed <= 32  # only accepted tokens, within the context
     with pytest.raises(ValueError, match="context of 32 tokens"):
@@ -155,7 +155,7 @@ def test_propose_is_next_token_and_sampler_chain():
     k = 4
     mtp = mtp_for("llama")
     prompt = make_prompt(8, seed=9)
-    proposal = SpeculativeDecoder(mtp, num_masks=k).propose(prompt)
+    proposal = decoder_for(mtp, num_masks=k).propose(prompt)
     assert len(proposal) == k + 1
     assert proposal[0] == reference(mtp.model, prompt, 1)[0]
     # by hand: prompt + m_1..m_k causally, LoRA on the masks, then the chain
@@ -171,11 +171,11 @@ def test_propose_is_next_token_and_sampler_chain():
 def test_bad_arguments():
     mtp = mtp_for("llama")
     with pytest.raises(ValueError, match="more than the adapter was trained with"):
-        SpeculativeDecoder(mtp, num_masks=9)
+        decoder_for(mtp, num_masks=9)
     with pytest.raises(ValueError, match="no MTP adapter"):
-        SpeculativeDecoder(MTPModel(tiny_model("llama")), num_masks=2)
+        decoder_for(MTPModel(tiny_model("llama")), num_masks=2)
     with pytest.raises(ValueError, match="unknown mode"):
-        SpeculativeDecoder(mtp, mode="cubic")
+        decoder_for(mtp, mode="cubic")
     with pytest.raises(ValueError, match="empty"):
         run(mtp, [], 5)
     assert resolve_num_masks(mtp, None, "quadratic") == 8
@@ -256,13 +256,13 @@ def test_branches_take_the_draft_second_choice(k, branches):
 def test_branches_bad_arguments():
     mtp = mtp_for("llama")
     with pytest.raises(ValueError, match="branches must be >= 1"):
-        SpeculativeDecoder(mtp, num_masks=2, branches=0)
+        decoder_for(mtp, num_masks=2, branches=0)
     with pytest.raises(ValueError, match="num_masks >= 1"):
-        SpeculativeDecoder(mtp, num_masks=0, lookup=4, branches=2)
+        decoder_for(mtp, num_masks=0, lookup=4, branches=2)
     with pytest.raises(ValueError, match="mode 'quadratic'"):
-        SpeculativeDecoder(mtp, num_masks=2, mode="linear", branches=2)
+        decoder_for(mtp, num_masks=2, mode="linear", branches=2)
     with pytest.raises(ValueError, match="greedy"):
-        SpeculativeDecoder(mtp, num_masks=2, temp=0.7, branches=2)
+        decoder_for(mtp, num_masks=2, temp=0.7, branches=2)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -339,7 +339,7 @@ def test_one_wait_per_step_and_next_step_in_flight_before_tokens_are_handed_out(
     events = record_events(monkeypatch)
     mtp = mtp_for("qwen2")
     prompt = make_prompt(11, seed=1)
-    decoder = SpeculativeDecoder(mtp, num_masks=3, prefill_step_size=4)
+    decoder = decoder_for(mtp, num_masks=3, prefill_step_size=4)
     steps = 0
     for _ in decoder.steps(prompt, max_tokens=12):
         events.append("tokens")
@@ -358,7 +358,7 @@ def test_plain_decoding_launches_each_step_before_reading_the_last(monkeypatch):
     mtp = mtp_for("llama")
     prompt = make_prompt(9, seed=3)
     got = []
-    for step in SpeculativeDecoder(mtp, mode="off").steps(prompt, max_tokens=8):
+    for step in decoder_for(mtp, mode="off").steps(prompt, max_tokens=8):
         events.append("tokens")
         got += step.tokens
     assert got == reference(mtp.model, prompt, 8)
@@ -374,14 +374,14 @@ def test_plain_steps_launched_ahead_leave_the_cache_of_the_text(model_type):
     prompt = make_prompt(7, seed=4)
     ref = reference(mtp.model, prompt, 30)
     e = next(i for i in range(2, 30) if ref.index(ref[i]) == i)
-    decoder = SpeculativeDecoder(mtp, mode="off")
+    decoder = decoder_for(mtp, mode="off")
     cache = mtp.make_cache()
     got = [t for s in decoder.steps(prompt, max_tokens=30, eos_token_ids=[ref[e]], cache=cache) for t in s.tokens]
     assert got == ref[: e + 1]
     assert cache[0].committed == len(prompt) + e
     text = prompt + got
     decoder.settle(0, text)
-    fresh = SpeculativeDecoder(mtp, mode="off")
+    fresh = decoder_for(mtp, mode="off")
     fresh.prefill(text)
     assert cache[0].committed == fresh.cache[0].committed == len(text)
     for mine, theirs in zip(cache, fresh.cache):

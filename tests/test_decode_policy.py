@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_mtp.calibrate import CostModel
-from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.calibration import CostModel
 from mlx_mtp.decoding.policy import Policy, StepDrafts
 
 from conftest import (
     chi_square_pvalue,
+    decoder_for,
     exact_joint,
     make_prompt,
     mtp_for,
@@ -82,9 +82,9 @@ def random_policy(decoder, monkeypatch, seed=0):
             RandomPolicy(
                 decoder.costs,
                 max_masks=decoder.k,
-                max_branches=decoder.branches if decoder.trees else 1,
+                max_branches=decoder.branches if decoder.settings.trees else 1,
                 max_copy=decoder.lookup,
-                greedy=decoder.trees,
+                greedy=decoder.settings.trees,
                 seed=seed + len(made),
             )
         )
@@ -113,9 +113,7 @@ def test_greedy_equals_mlx_lm_whatever_the_policy_chooses(model_type, k, branche
     mtp = mtp_for(model_type)
     prompt, ref = repetitive_prompt(mtp, seed)
     draft = oracle_draft(mtp, prompt + ref, rate=0.7, seed=seed)
-    decoder = SpeculativeDecoder(
-        mtp, num_masks=k, lookup=5, lookup_ngram=1, branches=branches, draft_fn=draft, costs=FLAT
-    )
+    decoder = decoder_for(mtp, num_masks=k, lookup=5, lookup_ngram=1, branches=branches, draft_fn=draft, costs=FLAT)
     made = random_policy(decoder, monkeypatch, seed)
     steps = list(decoder.steps(prompt, max_tokens=80))
     assert [t for s in steps for t in s.tokens] == ref
@@ -133,12 +131,12 @@ def test_policy_stops_at_max_tokens_and_eos(monkeypatch):
     prompt, ref = repetitive_prompt(mtp, 3)
     draft = oracle_draft(mtp, prompt + ref, rate=0.9, seed=3)
     for max_tokens in (1, 2, 7, 23):
-        decoder = SpeculativeDecoder(mtp, num_masks=4, lookup=6, branches=2, draft_fn=draft, costs=FLAT)
+        decoder = decoder_for(mtp, num_masks=4, lookup=6, branches=2, draft_fn=draft, costs=FLAT)
         random_policy(decoder, monkeypatch, max_tokens)
         got, _ = [t for s in decoder.steps(prompt, max_tokens) for t in s.tokens], None
         assert got == ref[:max_tokens]
     eos = ref[12]
-    decoder = SpeculativeDecoder(mtp, num_masks=4, lookup=6, draft_fn=draft, costs=FLAT)
+    decoder = decoder_for(mtp, num_masks=4, lookup=6, draft_fn=draft, costs=FLAT)
     got = [t for s in decoder.steps(prompt, 80, eos_token_ids=[eos]) for t in s.tokens]
     assert got == ref[: ref.index(eos) + 1]
 
@@ -196,7 +194,7 @@ def test_no_adapter_policy_copies_or_decodes_plainly(untimed):
 
 def test_policy_refuses_linear_mode():
     with pytest.raises(ValueError, match="quadratic"):
-        SpeculativeDecoder(mtp_for("llama"), num_masks=2, mode="linear", costs=FLAT)
+        decoder_for(mtp_for("llama"), num_masks=2, mode="linear", costs=FLAT)
 
 
 @pytest.mark.parametrize("use_sampler, seed", [(False, 0), (True, 1)])
@@ -210,7 +208,7 @@ def test_sampling_exact_whatever_the_policy_chooses(use_sampler, seed, monkeypat
     prompt = [3, 1, 4, 0, 2, 1]
     joint = exact_joint(mtp, prompt, 1.0, 1.0, 0, 3)
     kwargs = dict(sampler=make_sampler(temp=1.0)) if use_sampler else dict(temp=1.0)
-    decoder = SpeculativeDecoder(mtp, num_masks=3, lookup=2, lookup_ngram=1, costs=FLAT, **kwargs)
+    decoder = decoder_for(mtp, num_masks=3, lookup=2, lookup_ngram=1, costs=FLAT, **kwargs)
     made = random_policy(decoder, monkeypatch, seed)
     counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
     kinds = sum((p.kinds for p in made), Counter())
@@ -228,16 +226,16 @@ def test_greedy_generations_share_measured_step_times_and_sampling_never_reads_t
     mtp = mtp_for("llama")
     prompt, ref = repetitive_prompt(mtp, 2)
     times = StepTimes()
-    greedy = SpeculativeDecoder(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
+    greedy = decoder_for(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
     assert [t for s in greedy.steps(prompt, 30) for t in s.tokens] == ref[:30]
     assert greedy.policy.times is times and times.scale[False] != 1.0  # the tiny model runs far under 10 ms
     measured = (dict(times.scale), dict(times.band_scale))
-    again = SpeculativeDecoder(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
+    again = decoder_for(mtp, num_masks=2, lookup=6, costs=CPU_FP32, times=times)
     start = again._make_policy()
     assert start.times is times and start.seconds(1, 0, 100) == pytest.approx(
         CPU_FP32.cost(1, 100, False) * times.band_scale.get((False, 1), times.scale[False])
     )
-    sampled = SpeculativeDecoder(mtp, num_masks=2, lookup=6, temp=1.0, costs=CPU_FP32, times=times)
+    sampled = decoder_for(mtp, num_masks=2, lookup=6, temp=1.0, costs=CPU_FP32, times=times)
     list(sampled.steps(prompt, 20))
     assert sampled.policy.times is not times and sampled.policy.scale == {False: 1.0, True: 1.0}
     assert (dict(times.scale), dict(times.band_scale)) == measured

@@ -15,10 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.verify import speculative_accept
 
-from conftest import chi2_sf, chi_square_pvalue, exact_joint, sample_first_tokens
+from conftest import chi2_sf, chi_square_pvalue, decoder_for, exact_joint, sample_first_tokens
 from tiny import tiny_mtp
 
 ALPHA = 1e-3
@@ -77,7 +76,7 @@ def test_sampled_tokens_follow_base_distribution(mode, k, temp, top_p, top_k, se
     mtp = tiny_mtp("qwen3", num_masks=k, seed=10 + seed, vocab_size=V, tie_word_embeddings=False)
     prompt = [3]
     joint = exact_joint(mtp, prompt, temp, top_p, top_k, 3)
-    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=temp, top_p=top_p, top_k=top_k)
+    decoder = decoder_for(mtp, num_masks=k, mode=mode, temp=temp, top_p=top_p, top_k=top_k)
     counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
     # both paths are exercised: some drafts accepted, some rejected
     assert 0.1 * proposed < accepted < 0.9 * proposed
@@ -103,7 +102,7 @@ def test_sampling_with_copied_drafts_follows_base_distribution(mode, k, seed):
     mtp = tiny_mtp("qwen3", num_masks=k, seed=20 + seed, vocab_size=V, tie_word_embeddings=False)
     prompt = [3, 1, 4, 0, 2, 1]
     joint = exact_joint(mtp, prompt, 1.0, 1.0, 0, 3)
-    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, temp=1.0, lookup=2, lookup_ngram=1)
+    decoder = decoder_for(mtp, num_masks=k, mode=mode, temp=1.0, lookup=2, lookup_ngram=1)
     counts, copied, accepted = sample_first_tokens(decoder, prompt, N, seed, source="lookup")
     assert 0.1 * copied < accepted < 0.9 * copied
     assert chi_square_pvalue(counts, joint) > ALPHA
@@ -120,7 +119,7 @@ def test_mlx_lm_sampler_verified_by_matching_follows_base_distribution(mode, k, 
     mtp = tiny_mtp("qwen3", num_masks=k, seed=30 + seed, vocab_size=V, tie_word_embeddings=False)
     prompt = [3]
     joint = exact_joint(mtp, prompt, 1.0, 1.0, 3, 3)
-    decoder = SpeculativeDecoder(mtp, num_masks=k, mode=mode, sampler=make_sampler(temp=1.0, top_k=3))
+    decoder = decoder_for(mtp, num_masks=k, mode=mode, sampler=make_sampler(temp=1.0, top_k=3))
     counts, proposed, accepted = sample_first_tokens(decoder, prompt, N, seed)
     assert 0.05 * proposed < accepted < 0.95 * proposed
     assert chi_square_pvalue(counts, joint) > ALPHA

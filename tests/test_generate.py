@@ -16,7 +16,7 @@ from mlx_lm import stream_generate as lm_stream_generate
 import mlx_mtp
 from mlx_mtp import MTPModel, generate, load, propose, stream_generate
 from mlx_mtp.adapter import AdapterError
-from mlx_mtp.calibrate import CostModel
+from mlx_mtp.calibration import CostModel
 from mlx_mtp.generate import main
 from mlx_mtp.loading import ModelLoadError, find_shipped_adapter
 from mlx_mtp.model.mtp_model import MTPConfig
@@ -138,6 +138,8 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
     steps per choice; policy=True with a fixed setting is refused."""
     from mlx_mtp.api import make_decoder
     from mlx_mtp.decoding.policy import KINDS
+    from mlx_mtp.decoding.settings import DecodeSettings
+    from mlx_mtp.decoding.state import state_for
 
     model, tokenizer = loaded
     ids = tokenizer.encode(PROMPT)
@@ -149,14 +151,14 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
     assert rs[0].choices == {rs[0].choice: 1}
     assert make_decoder(model).costs is not None
     # the step times measured against the costs carry over between decoders of the model
-    assert make_decoder(model).times is make_decoder(model).times is model._policy_times
+    assert make_decoder(model).times is make_decoder(model).times is state_for(model).times
     for fixed in (dict(num_masks=1), dict(mode="quadratic"), dict(lookup=3), dict(branches=1), dict(policy=False)):
-        assert make_decoder(model, **fixed).costs is None, fixed
+        assert make_decoder(model, DecodeSettings(**fixed)).costs is None, fixed
         assert not any(r.policy for r in our_responses(model, tokenizer, ids, 5, **fixed)[1])
     with pytest.raises(ValueError, match="pass either policy=True or num_masks, lookup, not both"):
-        make_decoder(model, num_masks=2, lookup=3, policy=True)
+        make_decoder(model, DecodeSettings(num_masks=2, lookup=3, policy=True))
     # sampling: no branches or trees for the policy
-    assert make_decoder(model, temp=0.5).branches == 1 and make_decoder(model).branches == 3
+    assert make_decoder(model, DecodeSettings(temp=0.5)).branches == 1 and make_decoder(model).branches == 3
     # the policy feeds at most the adapter's masks for this device (none: copies only)
     saved = dict(model.config.decode_num_masks)
     try:
@@ -164,7 +166,7 @@ def test_policy_by_default_fixed_settings_on_request(loaded):
         decoder = make_decoder(model)
         assert decoder.costs is not None and decoder.k == 0 and decoder.branches == 1
         # costs kept from a policy without masks (the plain path only) ...
-        model._policy_costs = CostModel(dataclasses.replace(decoder.costs.table, gated=None))
+        state_for(model).costs = CostModel(dataclasses.replace(decoder.costs.table, gated=None))
         model.config.decode_num_masks = {"cpu": 2, "gpu": 2}
         decoder = make_decoder(model)  # ... are read again with the gated path for one with them
         assert decoder.k == 2 and decoder.costs.table.gated is not None

@@ -3,11 +3,10 @@ against mlx-lm's own greedy decoding, token for token, on tiny random models."""
 
 import pytest
 
-from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.lookup import NGramLookup
 from mlx_mtp.model.mtp_model import MTPModel
 
-from conftest import MODEL_TYPES, make_prompt, mtp_for, reference, run
+from conftest import MODEL_TYPES, decoder_for, make_prompt, mtp_for, reference, run
 from tiny import tiny_model
 
 
@@ -48,7 +47,7 @@ def test_bad_ngram_sizes():
     with pytest.raises(ValueError, match="min_n <= max_n"):
         NGramLookup(4, 3)
     with pytest.raises(ValueError, match="lookup must be >= 0"):
-        SpeculativeDecoder(mtp_for("llama"), lookup=-1)
+        decoder_for(mtp_for("llama"), lookup=-1)
 
 
 @pytest.mark.parametrize("mode", ["quadratic", "linear"])
@@ -83,7 +82,7 @@ def test_k0_with_an_adapter_verifies_copied_drafts_only(mode):
     mtp = mtp_for("llama")
     prompt = make_prompt(9, seed=1)
     ref = reference(mtp.model, prompt, 80)
-    dec = SpeculativeDecoder(mtp, num_masks=0, mode=mode, lookup=4, lookup_ngram=2)
+    dec = decoder_for(mtp, num_masks=0, mode=mode, lookup=4, lookup_ngram=2)
     assert dec.k == 0 and dec.mode == mode and dec.lookup == 4
     got, steps = run(mtp, prompt + ref[:40], 40, num_masks=0, mode=mode, lookup=4, lookup_ngram=2)
     assert got == ref[40:80]

@@ -3,7 +3,7 @@ and acceptance histories: its choices are the expected ones."""
 
 import pytest
 
-from mlx_mtp.calibrate import CostModel
+from mlx_mtp.calibration import CostModel
 from mlx_mtp.decoding.policy import (
     AcceptanceEstimator,
     CopyDraft,

@@ -30,12 +30,12 @@ def test_shipped_adapter_files():
 
 @pytest.mark.real_model
 def test_default_load_uses_shipped_adapter_and_stays_identical(default_model_path):
-    model, tokenizer = load(str(default_model_path))
+    model, tokenizer, state = load(str(default_model_path), return_state=True)
     config = json.loads((SHIPPED / "adapter_config.json").read_text())
     assert find_shipped_adapter(model.model) == SHIPPED
     assert model.num_masks == config["num_masks"]
     assert model.draft_vocab is not None
-    assert model.datastore is not None and model.datastore.num_tokens == config["recipe"]["datastore_tokens"]
+    assert state.datastore is not None and state.datastore.num_tokens == config["recipe"]["datastore_tokens"]
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     assert model.default_num_masks == config.get("decode_num_masks", {}).get(device, config["num_masks"])
     for k in sorted({model.default_num_masks, model.num_masks}):

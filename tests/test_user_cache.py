@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_mtp import calibrate as cal
 from mlx_mtp import default_model as dm
+from mlx_mtp.calibration import store as cal
 from mlx_mtp.user_cache import cache_root
 
 

@@ -53,13 +53,15 @@ has no such match, an adapter's datastore (:mod:`mlx_mtp.decoding.datastore`: th
 responses it was trained on) drafts the most common continuation of the last
 tokens in the same way.
 
-With ``costs`` (a calibrated :class:`~mlx_mtp.calibrate.CostModel`), a
+With the policy on (``settings.policy``; the calibrated
+:class:`~mlx_mtp.calibration.costs.CostModel` in the decoding state), a
 :class:`~mlx_mtp.decoding.policy.Policy` chooses each step's plan instead of
 fixed settings: plain, masks only, a copy, the chain to some depth, branches,
 or a copy beside the chain as one tree, each with 0..k masks per masked token
 (:class:`~mlx_mtp.decoding.policy.Choice`). The sampler head's probability of
 each chain token travels to the host in the step's packed array, for the
-policy to read; after each step it learns how far each branch was right.
+policy to read; after each step it learns how far each branch was right
+(:class:`~mlx_mtp.decoding.observer.PolicyObserver`, which the loop calls).
 
 Only the accepted regular tokens are committed to the KV cache (their entries
 equal the base model's); masks and rejected tokens are dropped.
@@ -83,11 +85,20 @@ will be followed by another whatever its token (plain decoding, or the
 policy's call), the next one is launched before the current one is read, fed
 its token still on the device, as mlx-lm's loop does. The prompt is
 prefilled in chunks through the plain causal forward.
+
+The loop (:meth:`SpeculativeDecoder.steps`) names its parts: *plan*
+(:meth:`~SpeculativeDecoder._plan`: the policy's choice or the fixed
+settings', a :class:`~mlx_mtp.decoding.steps.Plan`), *launch*
+(:meth:`~SpeculativeDecoder._launch`, and :meth:`~SpeculativeDecoder._ahead`
+for a plain step launched before the current one is read), *verify and
+commit* (:meth:`~SpeculativeDecoder._sync`: the one sync), *cut* at EOS or the
+budget, *next* (plan and launch the following step while the host still
+holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
 """
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import mlx.core as mx
 
@@ -97,7 +108,11 @@ from ..model.mtp_model import MTPModel
 from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
-from .policy import Choice, CopyDraft, Costs, Policy, Priors, StepDrafts, StepTimes
+from .observer import PolicyObserver
+from .policy import Choice, CopyDraft, Policy, StepDrafts
+from .settings import MODES, DecodeSettings, resolve_num_masks
+from .state import DecodingState
+from .steps import NO_CHAIN, PROB_SCALE, Chain, Finished, Launched, Plan, Step
 from .verify import (
     Verdict,
     accepted_path,
@@ -120,12 +135,6 @@ __all__ = [
     "resolve_num_masks",
 ]
 
-MODES = ("quadratic", "linear", "off")
-
-# mlx-lm's sampler: logprobs (1, V) -> token (1,); logits processor: (tokens, logits (1, V)) -> logits
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
 
 def context_limit(model: MTPModel) -> Optional[int]:
     """The model's context length (``max_position_embeddings``), if it has one."""
@@ -134,198 +143,54 @@ def context_limit(model: MTPModel) -> Optional[int]:
     return int(limit) if limit else None
 
 
-def resolve_num_masks(model: MTPModel, num_masks: Optional[int], mode: str) -> int:
-    """The k to decode with: 0 in mode ``off`` or without an adapter; by
-    default the adapter's choice for this device (:attr:`MTPModel.default_num_masks`)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}': expected one of {', '.join(MODES)}")
-    trained = model.num_masks
-    if num_masks is not None:
-        if num_masks < 0:
-            raise ValueError(f"num_masks must be >= 0, got {num_masks}")
-        if num_masks > trained:
-            if trained == 0:
-                raise ValueError(f"num_masks={num_masks}, but the model has no MTP adapter (no mask tokens)")
-            raise ValueError(f"num_masks={num_masks} is more than the adapter was trained with ({trained})")
-    if mode == "off":
-        return 0
-    return model.default_num_masks if num_masks is None else num_masks
-
-
 @dataclass
-class Step:
-    """What one step emitted."""
+class _Run:
+    """One generation's state between steps (:meth:`SpeculativeDecoder.steps`)."""
 
-    tokens: List[int]  # accepted speculations, then the base model's token
-    proposed: int  # speculations fed (verified) in this step
-    accepted: int  # of which accepted
-    source: str = "mtp"  # where the accepted speculations came from: "mtp", "lookup" or "datastore"
-    logprobs: List[mx.array] = field(default_factory=list)  # (V,) per token, lazy
-    choice: str = "plain"  # what the step fed (:class:`~mlx_mtp.decoding.policy.Choice` kinds)
-
-
-# probabilities travel to the host in the step's int32 array, in units of 1/PROB_SCALE
-PROB_SCALE = 1 << 20
-
-
-class _Chain(NamedTuple):
-    """The masks' speculations at hand for the next step, read on the host."""
-
-    specs: List[List[int]]  # one list per branch
-    q: Optional[mx.array] = None  # their draft distributions (sampling)
-    probs: List[List[float]] = []  # the sampler head's probability of each token, per branch
-    first: List[float] = []  # of each branch's first token
-
-
-_NO_CHAIN = _Chain([])
-
-
-@dataclass
-class _Plan:
-    """What a step feeds: a tree (or chain) of tokens after the pending one."""
-
-    fed: List  # the pending token (an int, or a lazy (1,) array), then the speculations branch by branch
-    parents: Tuple[int, ...]  # of each fed token
-    masked: Tuple[bool, ...]  # which fed tokens get masks after them
-    masks: int  # masks after each masked token (0: the plain causal forward)
-    branches: List[Tuple[str, int, int]]  # (source, first node, length) of each branch
-    q: Optional[mx.array] = None  # draft distributions of a chain (sampling)
-    kind: str = "plain"
-    choice: Optional[Choice] = None  # the policy's, if it chose
-    chain_probs: Tuple[float, ...] = ()  # of the chain's tokens fed (first branch)
+    budget: int  # tokens it may generate (< 0: no limit)
+    eos: Set[int]
+    lookup: Optional[NGramLookup]  # prompt lookup over the text so far
+    seen: Optional[List[int]]  # the tokens before the pending one (for logits processors)
+    observer: PolicyObserver
+    generated: int = 0
 
     @property
-    def tree(self) -> bool:
-        return len(self.branches) > 1
-
-
-@dataclass
-class _Launched:
-    """A step in flight (everything lazy until the host syncs)."""
-
-    plan: _Plan
-    regular: Tuple[int, ...]  # layout index of each fed token
-    packed: mx.array  # [accepted, best, targets (n), next speculations, their probabilities], int32
-    q_rows: Optional[mx.array]  # (k, V) draft distributions of the chain (sampling only)
-    logprobs: mx.array  # (n, V)
-    submitted: float = 0.0  # perf_counter() when its graph went to the device
-    committed: bool = False  # its fed token is in the cache already (a plain step launched ahead)
-
-
-class _Finished(NamedTuple):
-    """A step read on the host."""
-
-    emitted: List[int]  # accepted speculations, then the base model's token
-    accepted: int
-    best: int  # the accepted node furthest from the root
-    targets: List[int]  # the base model's token after each fed node
-    chain: _Chain  # the masks' next speculations
-    keep: List[int]  # layout indices of the fed tokens to commit
-    rows: List[int]  # the logprobs row of each emitted token
-
-
-def _source(plan: _Plan, best: int) -> str:
-    """Where the step's accepted speculations came from (the branch of node
-    ``best``; "mtp" where none was fed)."""
-    for source, start, length in plan.branches:
-        if start <= best < start + length:
-            return source
-    return plan.branches[0][0] if plan.branches else "mtp"
-
-
-def _run(plan: _Plan, start: int, length: int, targets: List[int]) -> int:
-    """How many leading tokens of a branch equal the base model's tokens."""
-    run = 0
-    for i in range(start, start + length):
-        if plan.fed[i] != targets[plan.parents[i]]:
-            break
-        run += 1
-    return run
+    def room(self) -> int:
+        """Tokens it may still generate (< 0: no limit)."""
+        return self.budget - self.generated if self.budget >= 0 else -1
 
 
 class SpeculativeDecoder:
     """Decodes with an :class:`MTPModel`; see the module docstring.
 
-    ``draft_fn`` replaces the sampler head (for tests and inspection); it is
-    called with the previous tokens, the mask hidden states and the absolute
-    positions of the tokens to predict. ``sampler`` and ``logits_processors``
-    are mlx-lm's (``make_sampler``, ``make_logits_processors``); a sampler
-    replaces ``temp``/``top_p``/``top_k``.
-
-    With ``costs`` (:func:`mlx_mtp.calibrate.cost_model`), a
-    :class:`~mlx_mtp.decoding.policy.Policy` chooses each step's plan (mode
-    quadratic): ``num_masks``, ``lookup`` and ``branches`` are then the most
-    it may feed, and ``priors`` its prior acceptance. Without, every step
-    feeds what those settings fix.
+    Args:
+        settings: how to decode (:class:`~mlx_mtp.decoding.settings.DecodeSettings`,
+            resolved for the model here). With the policy on, ``num_masks``,
+            ``lookup`` and ``branches`` are the most it may feed.
+        state: the model's decoding state (the adapter's datastore and
+            priors; the calibrated costs the policy needs, and the step
+            times it carries across generations). None: an empty one.
+        draft_fn: replaces the sampler head (for tests and inspection); it is
+            called with the previous tokens, the mask hidden states and the
+            absolute positions of the tokens to predict.
     """
 
     def __init__(
         self,
         model: MTPModel,
-        num_masks: Optional[int] = None,
-        mode: str = "quadratic",
-        temp: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        settings: Optional[DecodeSettings] = None,
+        state: Optional[DecodingState] = None,
         draft_fn: Optional[DraftFn] = None,
-        prefill_step_size: int = 2048,
-        lookup: int = 0,
-        lookup_ngram: int = 3,
-        use_datastore: bool = True,
-        branches: int = 1,
-        sampler: Optional[Sampler] = None,
-        logits_processors: Optional[Sequence[LogitsProcessor]] = None,
-        costs: Optional[Costs] = None,
-        priors: Optional[Priors] = None,
-        times: Optional[StepTimes] = None,
     ):
         if not isinstance(model, MTPModel):
             model = MTPModel(model)
-        if temp < 0:
-            raise ValueError(f"temp must be >= 0, got {temp}")
-        if lookup < 0:
-            raise ValueError(f"lookup must be >= 0, got {lookup}")
-        if lookup_ngram < 1:
-            raise ValueError(f"lookup_ngram must be >= 1, got {lookup_ngram}")
-        if prefill_step_size < 1:
-            raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-        if sampler is not None:
-            if not callable(sampler):
-                raise TypeError(f"sampler must be callable (mlx-lm's make_sampler), got {type(sampler).__name__}")
-            if temp != 0 or top_p != 1.0 or top_k != 0:
-                raise ValueError("pass either a sampler or temp/top_p/top_k, not both")
-        processors = list(logits_processors or [])
-        if not all(callable(p) for p in processors):
-            raise TypeError("logits_processors must be a list of callables (mlx-lm's make_logits_processors)")
         self.model = model
-        self.k = resolve_num_masks(model, num_masks, mode)
-        if branches < 1:
-            raise ValueError(f"branches must be >= 1, got {branches}")
-        if branches > 1:
-            if self.k == 0:
-                raise ValueError(
-                    "branches > 1 needs the masks' speculations: pass num_masks >= 1 "
-                    "(k is 0 here: no adapter, or the adapter's choice for this device)"
-                )
-            if mode != "quadratic":
-                raise ValueError("branches > 1 needs mode 'quadratic'")
-            if temp != 0 or sampler is not None:
-                raise ValueError("branches > 1 needs greedy decoding (temp 0, no sampler)")
-            if processors:
-                raise ValueError("branches > 1 cannot apply logits_processors (use branches=1)")
-        self.branches = branches
-        self.lookup = lookup if mode != "off" else 0
-        # k = 0 with lookup: copied drafts only (see the module docstring)
-        self.mode = mode if (self.k or self.lookup) else "off"
-        self.temp = float(temp)
-        self.top_p = top_p
-        self.top_k = top_k
-        self.sampler = sampler
-        self.logits_processors = processors
-        self.prefill_step_size = prefill_step_size
-        self.lookup_ngram = lookup_ngram
+        self.settings = s = (settings or DecodeSettings()).resolve(model)
+        self.state = state if state is not None else DecodingState()
+        self.k, self.mode, self.lookup, self.branches = s.num_masks, s.mode, s.lookup, s.branches
+        self.logits_processors = list(s.logits_processors)
         # drafts from the adapter's datastore where prompt lookup finds none
-        self.datastore = getattr(model, "datastore", None) if (use_datastore and self.lookup) else None
+        self.datastore = self.state.datastore if (s.use_datastore and self.lookup) else None
         if draft_fn is None and self.k:
             draft_fn = lambda prev, z, pos: model.sampler_logits(prev, z)  # noqa: E731
         self.draft_fn = draft_fn
@@ -336,39 +201,45 @@ class SpeculativeDecoder:
         if self.fallback is not None:
             self.k, self.lookup, self.mode = 0, 0, "off"
             self.datastore = None
-        if costs is not None and self.mode == "linear":
-            raise ValueError("the policy decodes in mode 'quadratic' (pass costs=None for mode 'linear')")
-        self.costs = costs if self.fallback is None else None
-        self.priors = priors
-        # measured step times the policy starts from and updates, across generations (greedy only)
-        self.times = times if times is not None else StepTimes()
-        self.policy: Optional[Policy] = None  # the current generation's (with costs)
-        # trees (branches, a copy beside the chain) need greedy verification without processors
-        self.trees = self.greedy and sampler is None and not processors
+        self.policy: Optional[Policy] = None  # the current generation's (policy on)
+        if s.policy and self.fallback is None and self.state.costs is None:
+            raise ValueError("the policy needs calibrated costs: pass a state with costs (mlx_mtp.api.make_decoder)")
+
+    @property
+    def costs(self):
+        """The calibrated costs the policy chooses from; None with fixed settings."""
+        return self.state.costs if (self.settings.policy and self.fallback is None) else None
+
+    @property
+    def times(self):
+        """The step times the policy measured, across generations (the state's)."""
+        return self.state.times
 
     @property
     def _timed(self) -> bool:
         """Whether measured step times steer the policy: greedy decoding only
         (sampled output must follow the seed, so its choices may not depend
         on timing)."""
-        return self.temp == 0 and self.sampler is None
+        return self.settings.temp == 0 and self.settings.sampler is None
 
     @property
     def greedy(self) -> bool:
         """Drafts are the sampler head's argmax (greedy decoding, or a caller's sampler)."""
-        return self.temp == 0
+        return self.settings.greedy
 
     # --- pieces ------------------------------------------------------------------
     def _probs(self, logits: mx.array) -> mx.array:
-        return sampling_probs(logits, self.temp, self.top_p, self.top_k)
+        s = self.settings
+        return sampling_probs(logits, s.temp, s.top_p, s.top_k)
 
     def prefill(self, tokens: Sequence[int], cache: Optional[List[SpecCache]] = None):
         """Feed ``tokens`` (all of them) in chunks into ``cache`` (None: a
         fresh one), which becomes the decoder's cache."""
         self.cache = self.model.make_cache() if cache is None else cache
         ids = mx.array(list(tokens), dtype=mx.int32)
-        for start in range(0, len(tokens), self.prefill_step_size):
-            chunk = ids[start : start + self.prefill_step_size]
+        size = self.settings.prefill_step_size
+        for start in range(0, len(tokens), size):
+            chunk = ids[start : start + size]
             self.model(chunk[None], self.cache)
             commit(self.cache)
             mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
@@ -387,39 +258,41 @@ class SpeculativeDecoder:
         return mx.concatenate(rows, axis=0)
 
     def _verify(self, tokens: mx.array, logits: mx.array, logprobs: mx.array, parents, q_prev) -> Verdict:
-        if self.sampler is not None:
-            return verify_matching(tokens, sampler_targets(self.sampler, logprobs), parents)
+        sampler = self.settings.sampler
+        if sampler is not None:
+            return verify_matching(tokens, sampler_targets(sampler, logprobs), parents)
         if self.greedy:
             return verify_greedy(tokens, logits, parents)
         return verify_sampled(tokens, self._probs(logits), q_prev)
 
-    def _launch(self, plan: _Plan, seen: Optional[List[int]] = None) -> _Launched:
+    def _forward(self, plan: Plan, tokens: mx.array):
+        """The step's forward: hidden states at the fed tokens (n, d), the
+        masks' (blocks with masks, j, d) and the layout (None: plain causal)."""
+        model, cache, j = self.model, self.cache, plan.masks
+        if j == 0:
+            return model(tokens[None], cache)[0], None, None
+        if not plan.tree and not any(plan.masked[:-1]):  # masks after the last token only: plain causal attention
+            layout = linear_layout(tokens, j)
+            h = model(layout.tokens[None], cache, gate=layout.gate)[0]
+        else:
+            layout = block_layout(tokens, j, plan.masked, plan.parents if plan.tree else None)
+            h = model.forward_layout(layout, cache)[0]
+        Z = h[layout.masks].reshape(-1, j, h.shape[-1])
+        return h[mx.array(layout.regular)], Z, layout
+
+    def _launch(self, plan: Plan, seen: Optional[List[int]] = None) -> Launched:
         """Build one step's graph and start computing it. ``seen``: the
         tokens before the pending one (for logits processors)."""
-        model, cache, j = self.model, self.cache, plan.masks
-        C = cache[0].committed
-        fed, parents, masked = plan.fed, plan.parents, plan.masked
-        n = len(fed)
+        C, fed, j = self.cache[0].committed, plan.fed, plan.masks
         tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
-        if j == 0:
-            h = model(tokens[None], cache)[0]
-            regular, layout = h, None
-        else:
-            if not plan.tree and not any(masked[:-1]):  # masks after the last token only: plain causal attention
-                layout = linear_layout(tokens, j)
-                h = model(layout.tokens[None], cache, gate=layout.gate)[0]
-            else:
-                layout = block_layout(tokens, j, masked, parents if plan.tree else None)
-                h = model.forward_layout(layout, cache)[0]
-            regular = h[mx.array(layout.regular)]  # (n, d)
-            Z = h[layout.masks].reshape(-1, j, h.shape[-1])  # (blocks with masks, j, d)
-        logits = model.lm_head(regular)  # (n, V), at the regular positions only
+        regular, Z, layout = self._forward(plan, tokens)
+        logits = self.model.lm_head(regular)  # (n, V), at the regular positions only
         if self.logits_processors:
-            logits = self._process(logits, fed, parents, seen or [])
+            logits = self._process(logits, fed, plan.parents, seen or [])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
         # on the device: the sampler chain runs from node best, picked before the host waits
-        verdict = self._verify(tokens, logits, logprobs, parents if plan.tree else None, plan.q)
+        verdict = self._verify(tokens, logits, logprobs, plan.parents if plan.tree else None, plan.q)
         head = [verdict.accepted, verdict.best, verdict.targets]
         q_rows = None
         if j:
@@ -441,10 +314,10 @@ class SpeculativeDecoder:
         packed = mx.concatenate(head)
         submitted = time.perf_counter()
         mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
-        regular_index = tuple(range(n)) if layout is None else layout.regular
-        return _Launched(plan, regular_index, packed, q_rows, logprobs, submitted)
+        regular_index = tuple(range(len(fed))) if layout is None else layout.regular
+        return Launched(plan, regular_index, packed, q_rows, logprobs, submitted)
 
-    def _finish(self, step: _Launched) -> _Finished:
+    def _finish(self, step: Launched) -> Finished:
         """Wait for a step (the one sync) and read it."""
         vals = step.packed.tolist()
         plan = step.plan
@@ -454,23 +327,23 @@ class SpeculativeDecoder:
         emitted = [plan.fed[i] for i in path] + [targets[best]]
         # the chain ran from node best: its speculations are fresh only if
         # that node had masks
-        chain = _NO_CHAIN
+        chain = NO_CHAIN
         if j and plan.masked[best]:
             b = self.branches
             tokens = vals[n + 2 : n + 2 + b * j]
             specs = [tokens[i : i + j] for i in range(0, b * j, j)]
             if self.costs is not None:
                 probs = [p / PROB_SCALE for p in vals[n + 2 + b * j :]]
-                chain = _Chain(specs, step.q_rows, [probs[i : i + j] for i in range(0, b * j, j)], probs[b * j :])
+                chain = Chain(specs, step.q_rows, [probs[i : i + j] for i in range(0, b * j, j)], probs[b * j :])
             else:
-                chain = _Chain(specs, step.q_rows)
+                chain = Chain(specs, step.q_rows)
         keep = [step.regular[0]] + [step.regular[i] for i in path]
         # the base model's distribution for each emitted token is the row of
         # the node before it on the accepted path (fed order differs in a tree)
         rows = [0] + path
-        return _Finished(emitted, a, best, targets, chain, keep, rows)
+        return Finished(emitted, a, best, targets, chain, keep, rows)
 
-    def _ahead(self, step: _Launched, generated: int, budget: int) -> Optional[_Launched]:
+    def _ahead(self, step: Launched, run: _Run) -> Optional[Launched]:
         """The step after ``step``, launched before ``step`` is read (as
         mlx-lm does), where both are plain steps: its token is ``step``'s,
         still on the device, and ``step``'s cache entry is committed now.
@@ -480,8 +353,8 @@ class SpeculativeDecoder:
         plan = step.plan
         if plan.kind != "plain" or plan.masks or self.logits_processors:
             return None
-        room = budget - generated - 1 if budget >= 0 else -1  # after step's token
-        if budget >= 0 and room < 1:
+        room = run.budget - run.generated - 1 if run.budget >= 0 else -1  # after step's token
+        if run.budget >= 0 and room < 1:
             return None
         choice = None
         if self.policy is not None:
@@ -493,7 +366,7 @@ class SpeculativeDecoder:
         commit(self.cache, [0])
         step.committed = True
         token = step.packed[2:3]  # the base model's token after the pending one, on the device
-        return self._launch(_Plan([token], (), (False,), 0, [], kind="plain", choice=choice))
+        return self._launch(Plan([token], (), (False,), 0, [], kind="plain", choice=choice))
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Fixed settings: which of the n fed tokens get k masks after them:
@@ -512,7 +385,7 @@ class SpeculativeDecoder:
     def _copied(self, lookup: Optional[NGramLookup]) -> Drafts:
         return copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else Drafts([], "mtp")
 
-    def _plan(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
+    def _plan(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
         """The next step's plan: the policy's choice, or the fixed settings'
         (copied drafts where there are any, else the masks' speculations),
         with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
@@ -537,9 +410,9 @@ class SpeculativeDecoder:
         else:
             kind = "copy" if source != "mtp" else ("branches" if len(specs) > 1 else "chain")
         parents = tree_parents([len(branch) for branch in specs])
-        return _Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
+        return Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
 
-    def _choose(self, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> Tuple[Choice, Drafts]:
+    def _choose(self, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Tuple[Choice, Drafts]:
         """The policy's choice for the next step, and the copy it was offered."""
         copied = self._copied(lookup)
         offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
@@ -552,7 +425,7 @@ class SpeculativeDecoder:
         )
         return self.policy.choose(drafts), copied
 
-    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: _Chain, room: int) -> _Plan:
+    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
         choice, copied = self._choose(lookup, chain, room)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
@@ -579,22 +452,7 @@ class SpeculativeDecoder:
         q = None
         if not self.greedy and branches:
             q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
-        return _Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
-
-    def _observe(self, plan: _Plan, done: _Finished, seconds: Optional[float]):
-        """Tell the policy how far each branch of the step's drafts was right
-        and how long the step took (since the previous step's sync)."""
-        if plan.choice is None:
-            return
-        copy_right, chain_right, source = 0, [], "lookup"
-        for branch_source, start, length in plan.branches:
-            # greedy: every branch's run from the targets; sampling: the accepted run (one branch)
-            run = _run(plan, start, length, done.targets) if self.greedy else done.accepted
-            if branch_source == "mtp":
-                chain_right.append(run)
-            else:
-                copy_right, source = run, branch_source
-        self.policy.observe(plan.choice, copy_right, chain_right, plan.chain_probs, source, seconds)
+        return Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
 
     # --- the loop ------------------------------------------------------------------
     def budget(self, prompt_len: int, max_tokens: int, cached: int = 0) -> int:
@@ -632,6 +490,12 @@ class SpeculativeDecoder:
         verification pass. Stops after the first EOS token (which is emitted),
         after ``max_tokens`` tokens, or at the context limit.
 
+        Each pass: launch the next plain step ahead where it will be plain
+        anyway (:meth:`_ahead`), wait for this one and commit what it
+        accepted (:meth:`_sync`), cut at EOS or the budget (:meth:`_cut`),
+        plan and launch the next one (:meth:`_next`) while the host hands
+        these tokens out (:meth:`_emit`).
+
         Args:
             cache: a prompt cache holding text before ``prompt`` (None: a
                 fresh one); afterwards it holds at least the prompt and every
@@ -654,81 +518,89 @@ class SpeculativeDecoder:
         budget = self.budget(len(prompt), max_tokens, cached)
         if budget == 0:
             return
+        run = self._start(prompt, cache, context, budget, eos)
+        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget), run.seen)
+        while True:
+            ahead = self._ahead(step, run)
+            done = self._sync(step, run)
+            emitted, stop = self._cut(done.emitted, run)
+            nxt = None if stop else self._next(step, done, emitted, ahead, run)
+            yield self._emit(step, done, emitted)
+            if stop:
+                return
+            step = nxt
+            if run.generated % 256 < len(emitted):
+                mx.clear_cache()
+
+    def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int]) -> _Run:
+        """Prefill all but the prompt's last token; this generation's lookup and policy."""
         self.prefill(prompt[:-1], cache)
-        lookup = NGramLookup(self.lookup_ngram, max(self.lookup_ngram, MAX_NGRAM)) if self.lookup else None
+        ngram = self.settings.lookup_ngram
+        lookup = NGramLookup(ngram, max(ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
             lookup.extend(list(context) + prompt)
         # the policy's estimates are this generation's
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
-        timed = self._timed
-        synced = time.perf_counter()
-        inflight = self._launch(self._plan(prompt[-1], lookup, _NO_CHAIN, budget), seen)
-        ahead: Optional[_Launched] = None  # the next step, launched before inflight is read
-        generated = 0
-        while True:
-            serial = ahead is None  # inflight was not launched ahead
-            if serial:
-                ahead = self._ahead(inflight, generated, budget)
-            waiting = time.perf_counter()
-            done_step = self._finish(inflight)
-            plan = inflight.plan
-            # a step takes from the previous sync to its own: planning, launching, computing
-            now = time.perf_counter()
-            self._observe(plan, done_step, now - synced if timed else None)
-            synced = now
-            emitted = done_step.emitted
-            if not inflight.committed:
-                commit(self.cache, done_step.keep)
-            logprobs = inflight.logprobs
-            if seen is not None:
-                seen = seen + [plan.fed[0]] + emitted[:-1]
-            done = False
-            for i, t in enumerate(emitted):
-                if t in eos or (budget >= 0 and generated + i + 1 >= budget):
-                    emitted, done = emitted[: i + 1], True
-                    break
-            generated += len(emitted)
-            if not done:
-                if lookup is not None:
-                    lookup.extend(emitted)
-                # the next step is in flight before the host hands over these tokens
-                room = budget - generated if budget >= 0 else -1
-                if ahead is not None:
-                    if self.policy is not None:  # what the step would have been, launched now
-                        self.policy.after_plain(self._choose(lookup, done_step.chain, room)[0])
-                    inflight, ahead = ahead, None
-                else:
-                    next_plan = self._plan(emitted[-1], lookup, done_step.chain, room)
-                    inflight = self._launch(next_plan, seen)
-                    if self.policy is not None and plan.kind == "plain":
-                        self.policy.after_plain(next_plan.choice)
-                        if timed and serial and next_plan.kind == "plain":
-                            # the host's work before this launch, which launching it ahead
-                            # could hide behind at most the time the host waited for the last
-                            self.policy.observe_host(min(inflight.submitted - now, now - waiting))
-            yield Step(
-                tokens=emitted,
-                proposed=len(plan.fed) - 1,
-                accepted=min(done_step.accepted, len(emitted)),
-                logprobs=[logprobs[done_step.rows[i]] for i in range(len(emitted))],
-                source=_source(plan, done_step.best),
-                choice=plan.kind,
-            )
-            if done:
-                return
-            if generated % 256 < len(emitted):
-                mx.clear_cache()
+        return _Run(budget, eos, lookup, seen, PolicyObserver(self.policy, self._timed, self.greedy))
+
+    def _sync(self, step: Launched, run: _Run) -> Finished:
+        """Wait for ``step`` (the one sync), tell the policy, commit what it accepted."""
+        run.observer.waiting()
+        done = self._finish(step)
+        run.observer.synced(step.plan, done)
+        if not step.committed:
+            commit(self.cache, done.keep)
+        if run.seen is not None:
+            run.seen = run.seen + [step.plan.fed[0]] + done.emitted[:-1]
+        return done
+
+    @staticmethod
+    def _cut(emitted: List[int], run: _Run) -> Tuple[List[int], bool]:
+        """The tokens to hand out, up to the first EOS or the budget, and whether the generation ends."""
+        stop = False
+        for i, t in enumerate(emitted):
+            if t in run.eos or (run.budget >= 0 and run.generated + i + 1 >= run.budget):
+                emitted, stop = emitted[: i + 1], True
+                break
+        run.generated += len(emitted)
+        return emitted, stop
+
+    def _next(self, step: Launched, done: Finished, emitted: List[int], ahead, run: _Run) -> Launched:
+        """The next step in flight (before the host hands over ``emitted``):
+        the one launched ahead, or planned and launched now."""
+        if run.lookup is not None:
+            run.lookup.extend(emitted)
+        if ahead is not None:
+            if self.policy is not None:  # what the step would have been, launched now
+                run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
+            return ahead
+        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room), run.seen)
+        run.observer.launched(step.plan, launched)
+        return launched
+
+    @staticmethod
+    def _emit(step: Launched, done: Finished, emitted: List[int]) -> Step:
+        """What the caller gets of a step."""
+        return Step(
+            tokens=emitted,
+            proposed=len(step.plan.fed) - 1,
+            accepted=min(done.accepted, len(emitted)),
+            logprobs=[step.logprobs[done.rows[i]] for i in range(len(emitted))],
+            source=step.plan.source(done.best),
+            choice=step.plan.kind,
+        )
 
     def _make_policy(self) -> Policy:
+        trees = self.settings.trees
         return Policy(
             self.costs,
             max_masks=self.k,
-            max_branches=self.branches if self.trees else 1,
+            max_branches=self.branches if trees else 1,
             max_copy=self.lookup,
-            greedy=self.trees,
-            priors=self.priors,
+            greedy=trees,
+            priors=self.state.priors,
             # sampled output must follow the seed: its choices never depend on timing
             times=self.times if self._timed else None,
         )
@@ -755,5 +627,5 @@ class SpeculativeDecoder:
         self.check_prompt(prompt)
         self.prefill(prompt[:-1])
         self.policy = None
-        step = self._finish(self._launch(self._plan(prompt[-1], None, _NO_CHAIN, -1)))
+        step = self._finish(self._launch(self._plan(prompt[-1], None, NO_CHAIN, -1)))
         return step.emitted + (step.chain.specs[0] if step.chain.specs else [])

@@ -16,6 +16,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from .steps import Step
+
 _NOTIFIED = set()  # ids of the models whose notice was printed
 
 
@@ -38,24 +40,23 @@ def plain_fallback(model) -> Optional[Callable]:
 
 def plain_steps(decoder, prompt: Sequence[int], max_tokens: int, eos_token_ids: Iterable[int]) -> Iterator:
     """``decoder.steps`` through mlx-lm's ``generate_step``: one
-    :class:`~mlx_mtp.decoding.decode.Step` per token, with the decoder's
+    :class:`~mlx_mtp.decoding.steps.Step` per token, with the decoder's
     sampling settings, budget (``max_tokens``, context limit) and EOS rule."""
-    from .decode import Step
-
     eos = set(int(t) for t in eos_token_ids)
     budget = decoder.budget(len(prompt), max_tokens)
     if budget == 0:
         return
-    sampler = decoder.sampler
-    if sampler is None and not decoder.greedy:
-        sampler = make_sampler(decoder.temp, decoder.top_p, top_k=decoder.top_k)
+    settings = decoder.settings
+    sampler = settings.sampler
+    if sampler is None and not settings.greedy:
+        sampler = make_sampler(settings.temp, settings.top_p, top_k=settings.top_k)
     steps = generate_step(
         mx.array(list(prompt), dtype=mx.int32),
         decoder.model.model,
         max_tokens=budget,
         sampler=sampler,
-        logits_processors=decoder.logits_processors or None,
-        prefill_step_size=decoder.prefill_step_size,
+        logits_processors=list(settings.logits_processors) or None,
+        prefill_step_size=settings.prefill_step_size,
     )
     for token, logprobs in steps:
         token = int(token)

@@ -8,7 +8,7 @@ tokens, which cost width now and give the next step a chain to verify.
 
 The policy scores every such plan with what it expects: tokens (from the
 acceptance estimates, :class:`AcceptanceEstimator`) and seconds (from the
-calibrated :class:`~mlx_mtp.calibrate.CostModel`). Plans that feed masks are
+calibrated :class:`~mlx_mtp.calibration.costs.CostModel`). Plans that feed masks are
 also worth what a chain will be worth next step. It is an average-reward
 problem over two kinds of state (a chain of depth j at hand, or none); with
 ``rho`` the best long-run rate (tokens per second) the estimates allow, the
@@ -51,7 +51,7 @@ GAIN_PRIOR_STEPS = 4.0
 
 
 class Costs(Protocol):
-    """What the policy needs of a cost model (:class:`mlx_mtp.calibrate.CostModel`)."""
+    """What the policy needs of a cost model (:class:`mlx_mtp.calibration.costs.CostModel`)."""
 
     def cost(self, width: int, context: int, gated: bool = False) -> float: ...
 
@@ -319,7 +319,7 @@ class Policy:
     """Chooses each step's plan (see the module docstring).
 
     Args:
-        costs: seconds per forward (:class:`mlx_mtp.calibrate.CostModel`).
+        costs: seconds per forward (:class:`mlx_mtp.calibration.costs.CostModel`).
         max_masks: the most mask tokens the adapter was trained with (0: none).
         max_branches: the most branches of the chain to verify at once.
         max_copy: the longest copied draft to verify.

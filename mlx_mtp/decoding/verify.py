@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from ..model.layouts import tree_structure
 
@@ -60,8 +61,6 @@ def tree_arrays(parents: Tuple[int, ...]) -> TreeArrays:
 
 def apply_filters(logprobs: mx.array, top_p: float, top_k: int) -> mx.array:
     """mlx-lm's top-p then top-k filters (same order as ``make_sampler``)."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
-
     if 0 < top_p < 1.0:
         logprobs = apply_top_p(logprobs, top_p)
     if 0 < top_k < logprobs.shape[-1]:

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from ..errors import MTPError
+from .rope import PositionalRoPE
 
 # attention whose scores are laid out (B, kv heads, repeats, L, S): a mask
 # with a batch axis > 1 would broadcast against the kv heads, so batched
@@ -96,8 +97,6 @@ def _recurrent(cache) -> bool:
 
 def supports(model: nn.Module) -> Support:
     """Check the seams the adapter needs on a loaded mlx-lm model."""
-    from .mtp_model import PositionalRoPE
-
     mtype = model_type(model)
     try:
         caches = make_prompt_cache(model)

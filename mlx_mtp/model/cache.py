@@ -10,14 +10,16 @@ The cache speaks mlx-lm's cache protocol (``offset``, ``update_and_fetch``,
 ``make_mask``, ``state`` get and set, ``meta_state``, ``trim``, ``from_state``),
 so mlx-lm's ``save_prompt_cache`` / ``load_prompt_cache`` /
 ``trim_prompt_cache`` work on a list of them: while a step is set, ``offset`` is the (B, L) array of
-positions, which :class:`mlx_mtp.model.PositionalRoPE` applies per token.
+positions, which :class:`mlx_mtp.model.rope.PositionalRoPE` applies per token.
 """
 
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx_lm.models.cache as _lm_cache
-from mlx_lm.models.cache import create_attention_mask
+from mlx_lm.models.cache import KVCache, create_attention_mask
+
+from .gated_lora import model_layers
 
 
 class SpecCache:
@@ -164,8 +166,6 @@ setattr(_lm_cache, SpecCache.__name__, SpecCache)
 
 def make_spec_cache(model) -> List[SpecCache]:
     """One :class:`SpecCache` per transformer block of an mlx-lm model."""
-    from .gated_lora import model_layers
-
     return [SpecCache() for _ in model_layers(model)]
 
 
@@ -185,8 +185,6 @@ def as_spec_cache(cache: Sequence, num_layers: int) -> List[SpecCache]:
     no copy; :func:`write_back` hands the result back). Other caches
     (rotating, quantized, ...) cannot drop rejected speculations exactly and
     are refused."""
-    from mlx_lm.models.cache import KVCache
-
     if not isinstance(cache, (list, tuple)):
         kind = type(cache).__name__
         raise TypeError(f"prompt_cache must be a list of per-layer caches (make_prompt_cache), got {kind}")

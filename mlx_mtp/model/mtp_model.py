@@ -7,13 +7,14 @@ the seams it offers, the same for every family:
 - the token embedding: its instance becomes a subclass whose ``__call__``
   embeds masks (negative ids) from the adapter's mask table and regular tokens
   through the model's own embedding, so whatever the model does after
-  embedding (Gemma's and Granite's scaling) applies to both;
+  embedding (Gemma's and Granite's scaling) applies to both
+  (:mod:`mlx_mtp.model.embedding`);
 - the linear layers: gated LoRA, switched on per token by a shared gate;
 - each attention's ``rope``: wrapped so that per-token positions (an array
   ``offset`` of shape (B, L), supplied by :class:`~mlx_mtp.cache.SpecCache`)
   go through the model's own RoPE variant, by folding the sequence axis into
   the batch axis (mlx RoPE takes one offset per batch row); a layer without
-  RoPE (SmolLM3's, Cohere2's global layers) ignores it;
+  RoPE (SmolLM3's, Cohere2's global layers) ignores it (:mod:`mlx_mtp.model.rope`);
 - the cache: :class:`~mlx_mtp.cache.SpecCache` supplies the attention mask
   (restricted to the window on sliding-window layers) and commits only
   accepted tokens;
@@ -26,83 +27,20 @@ without the seams can be wrapped only without an adapter (plain decoding).
 """
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .architectures import UnsupportedModelError, language_model, supports
+from .architectures import UnsupportedModelError, language_model, model_type, supports
 from .cache import SpecCache, make_spec_cache, set_step
+from .embedding import install_mask_embedding
 from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers, resolve_keys
 from .layouts import Layout
 from .masks import MaskEmbeddings
+from .rope import PositionalRoPE, install_positional_rope  # noqa: F401  (PositionalRoPE: re-exported)
 from .sampler import SamplerConfig, SamplerHead
-
-
-class PositionalRoPE(nn.Module):
-    """Applies a model's own RoPE module at per-token positions.
-
-    An ``offset`` of shape (B, L) gives the position of every token; any other
-    offset (int, or (B,) per row) goes to the wrapped module unchanged.
-    """
-
-    def __init__(self, rope: nn.Module):
-        super().__init__()
-        self.rope = rope
-
-    def __call__(self, x: mx.array, offset: Union[int, mx.array] = 0) -> mx.array:
-        if isinstance(offset, mx.array) and offset.ndim == 2:
-            B, H, L, D = x.shape
-            y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-            y = self.rope(y, offset=offset.reshape(-1))
-            return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
-        return self.rope(x, offset=offset)
-
-
-def _install_positional_rope(model: nn.Module):
-    """Wrap every attention's ``rope`` (once)."""
-    for _, module in model.named_modules():
-        rope = getattr(module, "rope", None)
-        if isinstance(rope, nn.Module) and not isinstance(module, PositionalRoPE):
-            if not isinstance(rope, PositionalRoPE):
-                module.rope = PositionalRoPE(rope)
-
-
-class MaskSlot:
-    """The mask table of the forward in flight (None: none), shared by a base
-    model's embedding and every :class:`MTPModel` over it (a plain object, so
-    not part of the module tree)."""
-
-    def __init__(self):
-        self.masks: Optional[MaskEmbeddings] = None
-
-
-_MASK_AWARE: Dict[type, type] = {}
-
-
-def _install_mask_embedding(embed: nn.Module) -> MaskSlot:
-    """Make ``embed`` embed masks (negative ids) from its slot's mask table.
-
-    The instance's class becomes a subclass with that ``__call__`` (names,
-    parameters, ``as_linear`` and quantization unchanged), so the model's own
-    forward, scaling included, runs on masks as on regular tokens."""
-    cls = type(embed)
-    if not getattr(cls, "_mtp_mask_aware", False):
-        sub = _MASK_AWARE.get(cls)
-        if sub is None:
-            base_call = cls.__call__
-
-            def __call__(self, x, _base=base_call):
-                masks = self._mtp_slot.masks
-                if masks is None:
-                    return _base(self, x)
-                return masks(x, lambda ids: _base(self, ids))
-
-            sub = _MASK_AWARE[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_mtp_mask_aware": True})
-        embed.__class__ = sub
-        embed._mtp_slot = MaskSlot()
-    return embed._mtp_slot
 
 
 class _Returns:
@@ -172,8 +110,6 @@ def base_model_identity(model: nn.Module) -> Dict[str, Any]:
     (None where a model without the adapter's seams has no such thing)."""
     lm = language_model(model)
     if lm is None:
-        from .architectures import model_type
-
         return {"model_type": model_type(model), "hidden_size": None, "num_layers": None, "vocab_size": None}
     vocab, dims = _embedding_shape(lm.model.embed_tokens)
     return {
@@ -204,17 +140,13 @@ class MTPModel(nn.Module):
         object.__setattr__(self, "support", support)
         if support.supported:
             model = language_model(model)
-            _install_positional_rope(model)
-            self._slot = _install_mask_embedding(model.model.embed_tokens)
+            install_positional_rope(model)
+            self._slot = install_mask_embedding(model.model.embed_tokens)
         self.model = model
         self.model.freeze()
         self._gate = Gate()
         self._draft_vocab: Optional[mx.array] = None
         self._draft_head = None
-        # responses for datastore drafts (mlx_mtp.datastore), set by the adapter
-        self.datastore = None
-        # the per-step policy's prior acceptance (decoding.policy.Priors), set by the adapter
-        self.policy_priors = None
         self.config = config
         self.masks: Optional[MaskEmbeddings] = None
         self.sampler: Optional[SamplerHead] = None
