@@ -31,7 +31,7 @@ from mlx_mtp.errors import ConversionError, MTPError, cli_main
 from mlx_mtp.files import atomic_dir
 from mlx_mtp.model.gated_lora import LoRAConfig, model_layers, submodule
 from mlx_mtp.model.masks import MAX_MASKS
-from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, _embedding_shape
+from mlx_mtp.model.mtp_model import MTPConfig, MTPModel, embedding_shape
 
 from .checkpoint import Imported
 from .mtp_glora import read_glora, resolve_glora_step
@@ -241,7 +241,7 @@ def convert_loaded(
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "embed_tokens"):
         raise ConversionError("the model is not an mlx-lm model with model.embed_tokens")
-    dims = int(_embedding_shape(inner.embed_tokens)[1])
+    dims = int(embedding_shape(inner.embed_tokens)[1])
     eps = _model_eps(model)
     if fmt == "peft":
         imp = read_peft(checkpoint, dims, eps)

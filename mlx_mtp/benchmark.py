@@ -45,7 +45,7 @@ from .calibration import CostModel, cost_model
 from .calibration.store import weights_dtype
 from .decoding.drafts import DEFAULT_LOOKUP
 from .decoding.settings import DecodeSettings
-from .errors import USER_ERROR_EXIT, DataError, MTPError, one_line
+from .errors import DataError, cli_main
 from .files import read_jsonl
 from .loading import load
 
@@ -519,14 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        sys.exit(run(args))
-    except (MTPError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+@cli_main(user_errors=(ValueError, OSError))  # MTPError is a ValueError
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 from .arguments import add_model_args
 from .blas import describe
 from .calibration import MAX_WIDTH, cost_model, feeds_masks
-from .errors import USER_ERROR_EXIT, MTPError
+from .errors import cli_main
 from .loading import load
 
 
@@ -35,15 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main(user_errors=(ValueError, OSError))  # MTPError is a ValueError
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.max_width < 2:
-            raise ValueError(f"--max-width must be >= 2, got {args.max_width}")
-        model, _ = load(args.model, adapter_path=args.adapter_path)
-    except (MTPError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    if args.max_width < 2:
+        raise ValueError(f"--max-width must be >= 2, got {args.max_width}")
+    model, _ = load(args.model, adapter_path=args.adapter_path)
     result = cost_model(model, refresh=True, max_width=args.max_width, gated=args.gated or feeds_masks(model))
     table = result.costs.table
     print(f"BLAS: {describe()}")

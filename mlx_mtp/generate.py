@@ -28,7 +28,7 @@ from .api import (  # noqa: F401  (re-exported for code that imported the API fr
 )
 from .arguments import add_decoding_args, add_model_args, decoding_settings
 from .decoding.settings import check_max_tokens
-from .errors import USER_ERROR_EXIT
+from .errors import cli_main
 from .loading import load
 
 DEFAULT_PROMPT = "hello"
@@ -87,36 +87,33 @@ def _read_prompt(arg: str) -> str:
     return prompt
 
 
+@cli_main(user_errors=(ValueError, TypeError, OSError))  # MTPError (AdapterError, ModelLoadError) is a ValueError
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    try:
-        check_max_tokens(args.max_tokens)
-        settings = decoding_settings(args)
-        prompt = _read_prompt(args.prompt)
-        if args.system_prompt is not None:
-            check_text(args.system_prompt, "the system prompt")
-        model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
-        use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
-        if use_chat_template:
-            messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
-            messages.append({"role": "user", "content": prompt})
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
-        # every check (settings against the model, the prompt) runs before any output
-        text = generate(
-            model,
-            tokenizer,
-            ids,
-            max_tokens=args.max_tokens,
-            verbose=args.verbose,
-            settings=settings,
-            state=state,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as e:  # MTPError (AdapterError, ModelLoadError) is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    check_max_tokens(args.max_tokens)
+    settings = decoding_settings(args)
+    prompt = _read_prompt(args.prompt)
+    if args.system_prompt is not None:
+        check_text(args.system_prompt, "the system prompt")
+    model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
+    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    # every check (settings against the model, the prompt) runs before any output
+    text = generate(
+        model,
+        tokenizer,
+        ids,
+        max_tokens=args.max_tokens,
+        verbose=args.verbose,
+        settings=settings,
+        state=state,
+    )
     if not args.verbose:
         print(text)
     return 0

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from .api import prepare_decoding
 from .arguments import add_decoding_args, add_model_args, decoding_settings
 from .decoding.settings import check_max_tokens
-from .errors import USER_ERROR_EXIT
+from .errors import cli_main
 from .loading import load
 from .serving.app import make_app
 from .serving.config import DEFAULT_MAX_TOKENS, RequestError, ServerConfig
@@ -67,29 +67,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main(user_errors=(ValueError, TypeError, OSError))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
-        try:
-            import uvicorn
-        except ImportError:
-            raise ValueError('the server needs its extra: pip install -e ".[server]" (starlette, uvicorn)') from None
-        check_max_tokens(args.max_tokens)
-        settings = decoding_settings(args)
-        for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue"):
-            if getattr(args, name) < (0 if name == "port" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}")
-        model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
-        prepare_decoding(model, settings, state)  # the settings against the model; calibrates once for the policy
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((args.host, args.port))
-        except OSError as e:
-            raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        import uvicorn
+    except ImportError:
+        raise ValueError('the server needs its extra: pip install -e ".[server]" (starlette, uvicorn)') from None
+    check_max_tokens(args.max_tokens)
+    settings = decoding_settings(args)
+    for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}")
+    model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
+    prepare_decoding(model, settings, state)  # the settings against the model; calibrates once for the policy
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     config = ServerConfig(
         model_id=args.model or "default_model",
         max_tokens=args.max_tokens,

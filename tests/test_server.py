@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+from conftest import need
+
+openai = need("openai", "pip install -e '.[test,server]'")
+uvicorn = need("uvicorn", "pip install -e '.[server]'")
 
 from mlx_mtp import generate, load, stream_generate  # noqa: E402
 from mlx_mtp.server import ServerConfig, make_app  # noqa: E402

@@ -111,7 +111,7 @@ def base_model_identity(model: nn.Module) -> Dict[str, Any]:
     lm = language_model(model)
     if lm is None:
         return {"model_type": model_type(model), "hidden_size": None, "num_layers": None, "vocab_size": None}
-    vocab, dims = _embedding_shape(lm.model.embed_tokens)
+    vocab, dims = embedding_shape(lm.model.embed_tokens)
     return {
         "model_type": getattr(lm, "model_type", getattr(getattr(lm, "args", None), "model_type", None)),
         "hidden_size": dims,
@@ -120,7 +120,8 @@ def base_model_identity(model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def _embedding_shape(embed: nn.Module):
+def embedding_shape(embed: nn.Module):
+    """(vocabulary, width) of an embedding, plain or quantized."""
     vocab, dims = embed.weight.shape
     if isinstance(embed, nn.QuantizedEmbedding):
         dims = dims * 32 // embed.bits
@@ -169,11 +170,11 @@ class MTPModel(nn.Module):
     # --- properties ------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return _embedding_shape(self.model.model.embed_tokens)[1]
+        return embedding_shape(self.model.model.embed_tokens)[1]
 
     @property
     def vocab_size(self) -> int:
-        return _embedding_shape(self.model.model.embed_tokens)[0]
+        return embedding_shape(self.model.model.embed_tokens)[0]
 
     @property
     def num_masks(self) -> int:
