@@ -516,3 +516,24 @@ def test_gemma_logits_match_transformers(gemma, transformers_reference):
         h = model.model.embed_tokens(mx.array([ids])) * exact
         scaled = np.array(model.model.embed_tokens.as_linear(model.model(None, input_embeddings=h))[0])
         assert np.abs(scaled - theirs).max() < EXACT_SCALE_TOL, text
+
+
+def test_known_model_by_short_name(gemma_file, tmp_path, monkeypatch):
+    """``--model gemma-3-270m`` / ``load_base("gemma-3-270m")``: the cached
+    GGUF file (a stand-in here, so nothing is downloaded) converted once into
+    the cache; a local directory of that name would win."""
+    import shutil
+
+    from mlx_mtp.loading import load_base
+
+    monkeypatch.setenv("MLX_MTP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    shutil.copy(gemma_file, km.gguf_path(km.GEMMA3_270M))
+    model, tokenizer = load_base("gemma-3-270m")
+    assert km.model_path(km.GEMMA3_270M) == tmp_path / "cache" / "gemma-3-270m-float32"
+    assert model.args.sliding_window == WINDOW and tokenizer.bos_token == "<bos>"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "cache" / "gemma-3-270m-float32", tmp_path / "gemma-3-270m")
+    (tmp_path / "gemma-3-270m" / "config.json").write_text("{}")
+    with pytest.raises(MTPError, match="cannot load model 'gemma-3-270m'"):
+        load_base("gemma-3-270m")  # the local directory, not the known model
