@@ -12,6 +12,7 @@ and compare it against ``sentencepiece`` and transformers' GGUF loader; the
 figures are in docs/formats.md.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,7 @@ def write_gemma_gguf(path: Path, arch: str = "gemma3", tokenizer_model: str = "l
     gguf = need("gguf")
     stored, _ = gemma_tensors(**kwargs)
     w = gguf.GGUFWriter(str(path), arch)
+    w.add_license("gemma")
     w.add_block_count(LAYERS)
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
@@ -288,6 +290,7 @@ def test_tiny_gemma3_converts(gemma_file, tmp_path, dtype):
     assert config["model_type"] == "gemma3_text" and "quantization" not in config
     assert (config["sliding_window"], config["sliding_window_pattern"], config["query_pre_attn_scalar"]) == (8, 6, 64)
     assert (config["head_dim"], config["rope_local_base_freq"], config["rope_theta"]) == (64, 1e4, 1e6)
+    assert json.loads((out / "conversion.json").read_text())["license"] == "gemma"
     assert model.tie_word_embeddings and all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()))
     reference = gemma_reference(gemma_tensors()[1])
     tokens = mx.array(np.random.default_rng(3).integers(0, len(SPM_TOKENS), (1, 20)))

@@ -394,6 +394,8 @@ def convert_gguf(
         "converter": "mlx_mtp.gguf",
         "converter_version": CONVERTER_VERSION,
     }
+    if isinstance(license_ := _value(converted.metadata, "general.license"), str):
+        provenance["license"] = license_  # the model's terms travel with it (e.g. "gemma")
     with atomic_dir(out) as tmp:
         write_model_dir(tmp, *converted, provenance)
     return out
