@@ -494,8 +494,8 @@ def test_gemma_tokens_match_transformers(gemma, transformers_reference):
     )
 
 
-LOGIT_TOL = 0.2  # mlx-lm's bfloat16 embedding scale: 3x the measured 0.063 (docs/formats.md)
-EXACT_SCALE_TOL = 1e-3  # the same scale on both sides: 10x the measured 1.0e-4
+LOGIT_TOL = 0.5  # mlx-lm's bfloat16 embedding scale: 3.7x the measured 0.133 (docs/formats.md)
+EXACT_SCALE_TOL = 1e-3  # the same scale on both sides: 7x the measured 1.4e-4
 
 
 @pytest.mark.real_model
