@@ -83,6 +83,16 @@ def test_dequantize_random_blocks_like_gguf(name):
     assert np.array_equal(quants.dequantize(raw.reshape(-1), type_id(name), expected.shape), expected)
 
 
+def test_dequantize_float_types():
+    x = np.array([[1.5, -2.25, 3.0e-3, 65504.0]], np.float32)
+    assert np.array_equal(quants.dequantize(x.view(np.uint8).ravel(), type_id("F32"), (1, 4)), x)
+    assert quants.dequantize(x.astype(np.float16).view(np.uint8).ravel(), type_id("F16"), (1, 4)).dtype == np.float16
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)  # the top half of each float32: truncation
+    ours = quants.dequantize(bf16.view(np.uint8).ravel(), type_id("BF16"), (1, 4))
+    assert np.array_equal(ours, (bf16.astype(np.uint32) << 16).view(np.float32))
+    assert ours[0, 0] == 1.5 and ours[0, 1] == -2.25 and abs(ours[0, 2] - 3.0e-3) < 2e-5
+
+
 def pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Eight 6-bit scales and mins in Q4_K/Q5_K's 12 bytes."""
     s = np.zeros(12, np.uint8)
