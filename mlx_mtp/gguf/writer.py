@@ -1,13 +1,20 @@
 """Writing a GGUF model as an mlx-lm model directory.
 
-The weights come from ``mx.load``, which reads Q4_0, Q4_1 and Q8_0 tensors as
-MLX affine quantized triples (``weight``, ``scales``, ``biases``; group size
-32). ``dtype="keep"`` leaves them quantized (and F16/F32 tensors as they
-are); ``float16``/``float32`` dequantize everything. llama.cpp stores a llama
+The weights come from :func:`.reader.read_gguf`: from ``mx.load``, which reads
+Q4_0, Q4_1 and Q8_0 tensors as MLX affine quantized triples (``weight``,
+``scales``, ``biases``; group size 32), when every tensor is of a type it
+reads; else dequantized to float32 (K-quants, Q5_0, Q5_1, BF16).
+``dtype="keep"`` leaves them as read (quantized triples stay quantized);
+``float16``/``float32`` dequantize everything.
+
+Each architecture has a :class:`Layout`: the mlx-lm model, the per-block
+tensor names and what llama.cpp changed on the way in. It stores a llama
 model's Q and K projections permuted for interleaved RoPE, so the config sets
-``rope_traditional: true`` instead of permuting them back. The config is
-built from the metadata and checked against the tensors before a model is
-built, so a hostile file cannot ask for a huge one.
+``rope_traditional: true`` instead of permuting them back; it stores Gemma's
+RMSNorm weights as ``1 + w`` (the scale Gemma applies), while mlx-lm's Gemma
+models add the 1 themselves, so it is taken off again. The config is built
+from the metadata and checked against the tensors before a model is built, so
+a hostile file cannot ask for a huge one.
 """
 
 import importlib
@@ -32,7 +39,7 @@ GROUP_SIZE = 32
 CONVERTER_VERSION = 1
 
 # GGUF tensor name (per block, or global) -> mlx-lm name.
-BLOCK_NAMES = {
+LLAMA_BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -43,20 +50,43 @@ BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3: norms before and after both attention and the MLP, and on Q and K.
+GEMMA3_BLOCK_NAMES = {
+    **LLAMA_BLOCK_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-NORMS = ("attn_norm", "ffn_norm", "output_norm")
 SUFFIXES = ("weight", "scales", "biases", "bias")
 
-# Architectures and what differs between them. llama.cpp permutes Q/K of
-# llama models only (interleaved RoPE); qwen2 keeps the HF layout.
+
+class Layout(NamedTuple):
+    """What one GGUF architecture becomes in mlx-lm."""
+
+    model_type: str  # the mlx-lm model module
+    block_names: Dict[str, str]
+    norm_offset: float  # llama.cpp stored every norm weight plus this
+    config: Dict[str, Any]  # fixed config entries
+
+
+# llama.cpp permutes Q/K of llama models only (interleaved RoPE); qwen2 and
+# gemma3 keep the HF layout (NeoX RoPE).
 ARCHITECTURES = {
-    "llama": {"rope_traditional": True, "attention_bias": False},
-    "qwen2": {"rope_traditional": False, "attention_bias": True},
+    "llama": Layout("llama", LLAMA_BLOCK_NAMES, 0.0, {"rope_traditional": True, "attention_bias": False}),
+    "qwen2": Layout("qwen2", LLAMA_BLOCK_NAMES, 0.0, {"rope_traditional": False, "attention_bias": True}),
+    "gemma3": Layout("gemma3_text", GEMMA3_BLOCK_NAMES, 1.0, {}),
 }
+# Gemma 3 settings a GGUF does not carry: llama.cpp's own values for them
+# (every 6th layer global, local RoPE base 10,000).
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_ROPE_LOCAL_BASE = 10000.0
 
 
 def architecture(metadata: dict) -> str:
@@ -66,6 +96,9 @@ def architecture(metadata: dict) -> str:
         raise ConversionError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
     if _value(metadata, f"{arch}.expert_count", 0):
         raise ConversionError(f"mixture-of-experts {arch} models are not supported")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if _value(metadata, f"{arch}.{key}"):
+            raise ConversionError(f"{arch} with {key} is not supported (mlx-lm's {arch} has none)")
     return arch
 
 
@@ -91,6 +124,23 @@ def _float(metadata: dict, key: str, default: Any = None) -> float:
     if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
         raise ConversionError(f"GGUF metadata {key} is {v!r}, not a positive number")
     return float(v)
+
+
+def _sliding_window_pattern(metadata: dict, key: str, layers: int) -> int:
+    """Every how many layers one is global: an integer, or one boolean per
+    layer (true: sliding) that repeats with that period, as mlx-lm's
+    gemma3_text builds it (layer i global when (i + 1) % pattern == 0)."""
+    v = _value(metadata, key, GEMMA3_SLIDING_WINDOW_PATTERN)
+    if type(v) is int and v >= 1:
+        return v
+    if isinstance(v, list) and len(v) == layers and all(type(b) is bool for b in v) and False in v:
+        pattern = v.index(False) + 1
+        if v == [(i + 1) % pattern != 0 for i in range(layers)]:
+            return pattern
+    raise ConversionError(
+        f"GGUF metadata {key} is {str(v)[:80]}, not a sliding-window pattern mlx-lm's gemma3_text can build "
+        "(every n-th layer global)"
+    )
 
 
 def check_config(config: dict, header: GGUFHeader) -> None:
@@ -129,10 +179,12 @@ def check_config(config: dict, header: GGUFHeader) -> None:
 def build_config(metadata: dict, weights: Dict[str, mx.array]) -> dict:
     """An mlx-lm config.json from the GGUF metadata."""
     arch = architecture(metadata)
+    layout = ARCHITECTURES[arch]
     p = f"{arch}."
     hidden = _int(metadata, p + "embedding_length")
     heads = _int(metadata, p + "attention.head_count")
     head_dim = _int(metadata, p + "attention.key_length", max(hidden // heads, 1))
+    layers = _int(metadata, p + "block_count")
     if arch == "qwen2" and head_dim != hidden // heads:
         raise ConversionError("qwen2 with head_dim != hidden_size / heads")
     vocab = _value(metadata, p + "vocab_size") or len(_require_value(metadata, "tokenizer.ggml.tokens"))
@@ -145,9 +197,9 @@ def build_config(metadata: dict, weights: Dict[str, mx.array]) -> dict:
             raise ConversionError(f"GGUF metadata tokenizer.ggml.{key} is {v!r}, not a token id below {vocab}")
         special[key] = v
     config = {
-        "model_type": arch,
+        "model_type": layout.model_type,
         "hidden_size": hidden,
-        "num_hidden_layers": _int(metadata, p + "block_count"),
+        "num_hidden_layers": layers,
         "intermediate_size": _int(metadata, p + "feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": _int(metadata, p + "attention.head_count_kv", heads),
@@ -159,26 +211,36 @@ def build_config(metadata: dict, weights: Dict[str, mx.array]) -> dict:
         "vocab_size": vocab,
         "tie_word_embeddings": "lm_head.weight" not in weights,
         **special,
-        **ARCHITECTURES[arch],
+        **layout.config,
     }
     if arch == "qwen2":
         config.pop("head_dim")
         config.pop("attention_bias")
+    if arch == "gemma3":
+        config.update(
+            sliding_window=_int(metadata, p + "attention.sliding_window"),
+            sliding_window_pattern=_sliding_window_pattern(metadata, p + "attention.sliding_window_pattern", layers),
+            rope_local_base_freq=_float(metadata, p + "rope.freq_base_swa", GEMMA3_ROPE_LOCAL_BASE),
+            # llama.cpp's rule: queries scaled by 1/sqrt(head size), except
+            # Gemma 3 27B (62 layers), scaled by 1/sqrt(hidden / heads)
+            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+        )
     return {k: v for k, v in config.items() if v is not None}
 
 
 # -------------------------------------------------------------------- weights
 
 
-def mlx_name(name: str) -> str:
+def mlx_name(name: str, arch: str = "llama") -> str:
     """The mlx-lm name of a GGUF tensor (or of one part of a quantized one)."""
     parts = name.split(".")
+    block_names = ARCHITECTURES[arch].block_names
     if parts[-1] in SUFFIXES:
-        if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
-            return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in block_names:
+            return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{parts[3]}"
         if len(parts) == 2 and parts[0] in GLOBAL_NAMES:
             return f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    raise ConversionError(f"unknown GGUF tensor {name!r} (not a llama-family layout)")
+    raise ConversionError(f"unknown GGUF tensor {name!r} (not a {arch} layout)")
 
 
 def _packed_bits(weights: Dict[str, mx.array], stem: str) -> int:
@@ -224,9 +286,15 @@ def quantization_config(weights: Dict[str, mx.array]) -> Optional[dict]:
     return config
 
 
-def convert_weights(raw: Dict[str, mx.array], dtype: str) -> Dict[str, mx.array]:
-    """GGUF tensors renamed for mlx-lm, in the requested dtype."""
-    weights = {mlx_name(k): v for k, v in raw.items()}
+def convert_weights(raw: Dict[str, mx.array], dtype: str, arch: str = "llama") -> Dict[str, mx.array]:
+    """GGUF tensors renamed for mlx-lm, norms as mlx-lm's model takes them, in
+    the requested dtype."""
+    offset = ARCHITECTURES[arch].norm_offset
+    weights = {}
+    for name, w in raw.items():
+        if offset and name.endswith("norm.weight"):
+            w = w.astype(mx.float32) - offset
+        weights[mlx_name(name, arch)] = w
     if dtype == "keep":
         return weights
     return dequantize_weights(weights, getattr(mx, dtype))
@@ -252,6 +320,8 @@ def build_model(config: dict, weights: Dict[str, mx.array]) -> nn.Module:
 
     try:
         model = model_class(args_class.from_dict(config))
+        if hasattr(model, "sanitize"):  # e.g. drops the untied head of a tied model
+            weights = model.sanitize(dict(weights))
         if quant is not None:
             nn.quantize(model, GROUP_SIZE, quant["bits"], class_predicate=predicate)
         model.load_weights(list(weights.items()), strict=True)
@@ -290,9 +360,9 @@ def read_model(path: Union[str, Path], dtype: str = "keep") -> Converted:
     check of the conversion, nothing written. Raises :class:`ConversionError`."""
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    header, raw, metadata = read_gguf(path)
-    architecture(metadata)
-    weights = convert_weights(raw, dtype)
+    header, raw = read_gguf(path)
+    metadata = header.metadata
+    weights = convert_weights(raw, dtype, architecture(metadata))
     config = build_config(metadata, weights)
     check_config(config, header)
     tokenizer = build_tokenizer(metadata)
@@ -323,6 +393,8 @@ def convert_gguf(
         "converter": "mlx_mtp.gguf",
         "converter_version": CONVERTER_VERSION,
     }
+    if isinstance(license_ := _value(converted.metadata, "general.license"), str):
+        provenance["license"] = license_  # the model's terms travel with it (e.g. "gemma")
     with atomic_dir(out) as tmp:
         write_model_dir(tmp, *converted, provenance)
     return out
