@@ -307,13 +307,11 @@ class Backend:
     def draft_masks(self, m, draft, bufs) -> int:
         """Masks at the current position and after each accepted draft token
         into bufs[0..]; state unchanged. Returns the accepted count."""
-        n = 0
+        n = self.validate(m, draft)  # never advance on an unchecked token: llguidance would stay in error
         self.mask_into(m, bufs[0:1])
-        for t in draft:
-            if not self.advance(m, t):
-                break
-            n += 1
-            self.mask_into(m, bufs[n : n + 1])
+        for i, t in enumerate(draft[:n]):
+            self.advance(m, t)
+            self.mask_into(m, bufs[i + 1 : i + 2])
         self.rollback(m, n)
         return n
 
