@@ -239,7 +239,7 @@ SCHEMAS = [
 DECODE = [
     ("flat", "Give the name and age of a famous scientist."),
     ("tool_call", "Call the weather tool for Lyon in celsius for 3 days."),
-    ("nested", "Give a user with an id, an email and a postal address in Paris."),
+    ("enum_bool_num", "Describe an account that is pending, not verified, with a score of 0.5."),
 ]
 
 # schema features a library may refuse, enforce or silently ignore:
@@ -480,13 +480,19 @@ def walk(backend, schema, ids, width, draft_len):
     buf = np.zeros((1, width), np.int32)
     bufs = np.zeros((draft_len + 1, width), np.int32)
     rows = {"mask": [], "advance": [], "forced": [], "validate": [], "draft_masks": [], "rollback": []}
-    hits = forced_tokens = 0
+    hits = 0
+    forcing = {"ff_positions": 0, "ff_certain": 0, "one_token": 0}
     for i, token in enumerate(ids):
         us, _ = timed(backend.mask_into, m, buf)
         rows["mask"].append(us)
         us, ff = timed(backend.forced, m)
         rows["forced"].append(us)
-        forced_tokens += len(ff)
+        allowed = np.flatnonzero(np.unpackbits(buf.view(np.uint8), bitorder="little"))
+        forcing["one_token"] += len(allowed) == 1
+        if ff:
+            # certain: the mask allows the first forced token alone, so any logits pick it
+            forcing["ff_positions"] += 1
+            forcing["ff_certain"] += len(allowed) == 1 and allowed[0] == ff[0]
         hits += next((j for j, (a, b) in enumerate(zip(ff, ids[i:])) if a != b), min(len(ff), len(ids) - i))
         draft = list(ids[i : i + draft_len])
         if len(draft) == draft_len:
@@ -504,7 +510,7 @@ def walk(backend, schema, ids, width, draft_len):
             rows["rollback"].append(us)
             for t in ids[i - 3 : i + 1]:
                 backend.advance(m, t)
-    return compile_us, rows, hits, forced_tokens
+    return compile_us, rows, hits, forcing
 
 
 def wrong_token(width, token):
@@ -516,7 +522,7 @@ def wrong_token(width, token):
 def measure(backend, schema, ids, width, draft_len, passes):
     """Minimum over fresh passes at each position, then mean/p95 over positions."""
     runs = [walk(backend, schema, ids, width, draft_len) for _ in range(passes)]
-    out = {"compile_ms": min(r[0] for r in runs) / 1e3, "hits": runs[0][2], "forced": runs[0][3]}
+    out = {"compile_ms": min(r[0] for r in runs) / 1e3, "hits": runs[0][2], **runs[0][3]}
     for key in runs[0][1]:
         per_pos = [min(vals) for vals in zip(*(r[1][key] for r in runs))]
         out[key] = (statistics.fmean(per_pos) if per_pos else float("nan"), p95(per_pos))
@@ -721,7 +727,8 @@ def main(argv=None):
 
     print(f"\nsummary over the schemas each library accepted (one step = {step / 1e3:.1f} ms):")
     print(
-        "lib            schemas  compile_ms  mask_mean  mask_p95(max)  mask+advance  share  draft_check  share  forced"
+        "lib            schemas  compile_ms  mask_mean  mask_p95(max)  mask+advance  share  draft_check  share"
+        "  forced: hits positions certain one-token-masks"
     )
     for b in backends:
         rs = totals[b.name]
@@ -732,10 +739,11 @@ def main(argv=None):
         adv = statistics.fmean(r["advance"][0] for r in rs)
         # a speculative step: the draft checked, then the masks at its positions
         draft = statistics.fmean(r["validate"][0] + r["draft_masks"][0] for r in rs)
-        hits = sum(r["hits"] for r in rs)
+        f = {k: sum(r[k] for r in rs) for k in ("hits", "ff_positions", "ff_certain", "one_token")}
         print(
             f"{b.name:14s} {len(rs):7d} {statistics.fmean(r['compile_ms'] for r in rs):11.1f} {mask:10.1f} "
-            f"{worst:14.1f} {mask + adv:13.1f} {(mask + adv) / step:6.3%} {draft:12.1f} {draft / step:6.3%} {hits:7d}"
+            f"{worst:14.1f} {mask + adv:13.1f} {(mask + adv) / step:6.3%} {draft:12.1f} {draft / step:6.3%} "
+            f"{f['hits']:14d} {f['ff_positions']:9d} {f['ff_certain']:7d} {f['one_token']:16d}"
             + (f"   refused: {', '.join(refused[b.name])}" if refused[b.name] else "")
         )
 
@@ -754,7 +762,7 @@ def main(argv=None):
             except Exception as e:  # reported, the other libraries still run
                 print(f"  {b.name:14s} failed: {type(e).__name__}: {e}")
                 continue
-            print(f"  {b.name:14s} {n:3d} tokens, {verdict}: {text}")
+            print(f"  {b.name:14s} {n:3d} tokens, {verdict}: {text!r}")
 
 
 if __name__ == "__main__":
