@@ -329,7 +329,7 @@ class LLGuidance(Backend):
 
     def matcher(self, schema):
         M = self.llg.LLMatcher
-        grammar = M.grammar_from_json_schema(schema, defaults={"whitespace_pattern": "[ ]?"})
+        grammar = M.grammar_from_json_schema(schema, overrides={"whitespace_pattern": "[ ]?"})
         error = M.validate_grammar(grammar, self.tok)
         if error:
             raise ValueError(error)
