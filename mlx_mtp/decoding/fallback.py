@@ -10,6 +10,7 @@ stderr.
 """
 
 import sys
+import weakref
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -18,7 +19,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from .steps import Step
 
-_NOTIFIED = set()  # ids of the models whose notice was printed
+# the models whose notice was printed, by id; the weak reference tells a model
+# from a later one that reuses a collected model's id
+_NOTIFIED: dict = {}
 
 
 def notice(model) -> str:
@@ -32,8 +35,9 @@ def plain_fallback(model) -> Optional[Callable]:
     (printing the notice once per model), None for one with them."""
     if model.support.supported:
         return None
-    if id(model) not in _NOTIFIED:
-        _NOTIFIED.add(id(model))
+    seen = _NOTIFIED.get(id(model))
+    if seen is None or seen() is not model:
+        _NOTIFIED[id(model)] = weakref.ref(model)
         print(notice(model), file=sys.stderr)
     return plain_steps
 
