@@ -23,25 +23,24 @@ def run_benchmark(dirs, tmp_path, *args) -> dict:
     prompts = tmp_path / "q.jsonl"
     write_prompts(prompts)
     out = tmp_path / "bench.json"
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(
-            [
-                "--model",
-                str(model_dir),
-                "--adapter-path",
-                str(adapter_dir),
-                "--prompts",
-                str(prompts),
-                "--num-prompts",
-                "2",
-                "--max-tokens",
-                "6",
-                "--json",
-                str(out),
-                *args,
-            ]
-        )
-    assert e.value.code == 0
+    code = benchmark.main(
+        [
+            "--model",
+            str(model_dir),
+            "--adapter-path",
+            str(adapter_dir),
+            "--prompts",
+            str(prompts),
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "6",
+            "--json",
+            str(out),
+            *args,
+        ]
+    )
+    assert code == 0
     return json.loads(out.read_text())
 
 
@@ -101,12 +100,11 @@ def test_benchmark_policy_by_default(dirs, tmp_path, capsys):  # noqa: F811
     assert "(the per-step policy)" in capsys.readouterr().out
     model_dir, adapter_dir, _ = dirs
     for bad, message in (("k=x", "'k=x' is not 'policy' or 'k=N'"), ("policy,policy", "twice")):
-        with pytest.raises(SystemExit) as e:
-            benchmark.main(
-                ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "q.jsonl")]
-                + ["--configs", bad]
-            )
-        assert e.value.code == 2 and message in capsys.readouterr().err
+        code = benchmark.main(
+            ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "q.jsonl")]
+            + ["--configs", bad]
+        )
+        assert code == 2 and message in capsys.readouterr().err
 
 
 def test_benchmark_configs_in_rising_k_each_project_their_own(dirs, tmp_path):  # noqa: F811
@@ -143,22 +141,21 @@ def test_benchmark_branches(dirs, tmp_path, capsys):  # noqa: F811
     assert result["overall"]["identical"] == 2
     assert "branches=3" in capsys.readouterr().out
     model_dir, adapter_dir, _ = dirs
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(
-            [
-                "--model",
-                str(model_dir),
-                "--adapter-path",
-                str(adapter_dir),
-                "--prompts",
-                str(tmp_path / "q.jsonl"),
-                "--branches",
-                "2",
-                "--num-masks",
-                "0",
-            ]
-        )
-    assert e.value.code == 2
+    code = benchmark.main(
+        [
+            "--model",
+            str(model_dir),
+            "--adapter-path",
+            str(adapter_dir),
+            "--prompts",
+            str(tmp_path / "q.jsonl"),
+            "--branches",
+            "2",
+            "--num-masks",
+            "0",
+        ]
+    )
+    assert code == 2
     captured = capsys.readouterr()
     assert "num_masks >= 1" in captured.err and "relative to T=1" not in captured.out
 
@@ -192,17 +189,15 @@ def test_projection_arithmetic():
 
 def test_benchmark_errors(dirs, tmp_path, capsys):  # noqa: F811
     model_dir, adapter_dir, _ = dirs
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(
-            ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "none.jsonl")]
-        )
-    assert e.value.code == 2
+    code = benchmark.main(
+        ["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(tmp_path / "none.jsonl")]
+    )
+    assert code == 2
     assert "error:" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "qa", "turns": ["w1"]}\n{not json\n')
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(bad)])
-    assert e.value.code == 2
+    code = benchmark.main(["--model", str(model_dir), "--adapter-path", str(adapter_dir), "--prompts", str(bad)])
+    assert code == 2
     assert f"{bad}:2" in capsys.readouterr().err
 
 
