@@ -4,6 +4,8 @@ mlx-lm model, locally, with one command:
     python -m mlx_mtp.lora --model MODEL --train --data DIR [--iters N] ...
     python -m mlx_mtp.lora -c config.yaml
 
+Without ``--data``, ``--train`` makes a complete adapter from nothing but the
+model (its own data, training, packaging; :mod:`mlx_mtp.make_adapter`).
 ``DIR`` holds ``train.jsonl`` and ``valid.jsonl`` in mlx-lm's formats
 (``messages``, ``prompt``/``completion``, ``text``); ``python -m
 mlx_mtp.distill`` writes them from the base model's own responses. Flags follow
@@ -35,6 +37,7 @@ from .model.mtp_model import MTPConfig
 from .model.sampler import MAX_LAYERS as MAX_SAMPLER_LAYERS
 from .model.sampler import SamplerConfig
 from .training.args import MASK_INITS, TrainArgs, train_arg_defaults, train_arg_help
+from .training.pipeline import PIPELINE_OPTIONS
 
 
 class UsageError(MTPError):
@@ -57,7 +60,7 @@ OPTIONS = [
     ("model", None, "mlx-lm model: local directory or Hugging Face repo", {}),
     ("train", False, "train an adapter", _FLAG),
     ("test", False, "evaluate the adapter at --adapter-path on test.jsonl (valid.jsonl if absent)", _FLAG),
-    ("data", "data", "directory with train.jsonl and valid.jsonl", {}),
+    ("data", None, "directory with train.jsonl and valid.jsonl (--train without it: make them too)", {}),
     ("num_masks", MTPConfig.num_masks, "number of mask tokens k", {"type": int}),
     ("rank", LoRAConfig.rank, "LoRA rank", {"type": int}),
     ("scale", None, f"LoRA scale (default: {_LORA_SCALE:g}, i.e. alpha = {_LORA_SCALE:g} * rank)", {"type": float}),
@@ -121,6 +124,7 @@ OPTIONS = [
     _train_option("distill_logits", **_FLAG),
     _train_option("distill_loss_weight", type=float),
     _train_option("progress", action=argparse.BooleanOptionalAction, default=None),
+    *PIPELINE_OPTIONS,
 ]
 CONFIG_DEFAULTS: Dict[str, Any] = {name: default for name, default, _, _ in OPTIONS}
 
@@ -235,6 +239,8 @@ def _check(args):
         raise UsageError("--model is required")
     if not args.train and not args.test:
         raise UsageError("nothing to do: give --train (and/or --test)")
+    if args.test and not args.train and args.data is None:
+        raise UsageError("--test needs --data")
     positive = ["num_masks", "rank", "iters", "batch_size", "max_seq_length", "steps_per_report", "sampler_layers"]
     for key in positive:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
@@ -422,6 +428,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     and :data:`~mlx_mtp.errors.USER_ERROR_EXIT`."""
     try:
         args = resolve_args(argv)
+        if args.train and args.data is None:  # the one-command adapter: data, training, packaging
+            from .make_adapter import make_adapter
+
+            return make_adapter(args, argv)
         return run(args)
     except MTPError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
