@@ -113,8 +113,6 @@ class Pipeline:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.base()[1], "chat_template", None))
 
-    def _writer_kwargs(self) -> dict:
-        return {} if self.reject is None else {"reject": self.reject}
 
     # --- the run ----------------------------------------------------------------------
     def run(self) -> pl.State:
@@ -209,7 +207,7 @@ class Pipeline:
             bar.update(min(_count_lines(path), num) - bar.n)
 
         try:
-            return pw.write_prompts(model, tokenizer, settings, path, log=log, write=write, **self._writer_kwargs())
+            return pw.write_prompts(model, tokenizer, settings, path, log, self.reject or pw.reject_reason, write)
         finally:
             bar.close()
 
