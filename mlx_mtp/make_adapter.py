@@ -113,7 +113,6 @@ class Pipeline:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.base()[1], "chat_template", None))
 
-
     # --- the run ----------------------------------------------------------------------
     def run(self) -> pl.State:
         """Run the stages not done yet; returns the final state."""
@@ -161,7 +160,7 @@ class Pipeline:
         if self.num_prompts is not None or self.iters is not None:  # a count given beside the budget wins
             p = self.num_prompts if self.num_prompts is not None else pl.prompts_for(self.iters, self.batch_size)
             i = self.iters if self.iters is not None else pl.iters_for(p, self.batch_size)
-            plan = pl.Plan(p, i, pl.estimate(p, i, rates, self.options["val_batches"]))
+            plan = pl.Plan(p, i, pl.estimate(p, i, rates, self.options["val_batches"], self.batch_size))
         state.rates = vars(rates)
         state.plan = vars(plan)
         _say(

@@ -259,16 +259,17 @@ def test_budget_plan_measures_rates_then_sizes_the_run(tmp_path, capsys):
 
 def test_plan_arithmetic_with_known_rates():
     rates = pl.Rates(write=2.0, distill=3.0, train=4.0)
-    # fixed: validation 2 x 16 batches x 4 s + 4 measured prompts x 3 s = 140 s;
-    # a prompt: 2 + 3 + 0.95 / 2 x 4 = 6.9 s; (3600 - 140) / 6.9 = 501.4
+    # fixed, at most: validation 2 x 16 batches x 4 s + 4 measured prompts x 3 s = 140 s;
+    # a prompt: 2 + 3 + 0.95 / 2 x 4 = 6.9 s; (3600 - 140) / 6.9 = 501.4; then
+    # validation takes 2 x 13 batches (the 26 held-out rows)
     plan = pl.plan_counts(3600, rates, batch_size=2, val_batches=16)
     assert (plan.prompts, plan.iters) == (501, 238)  # 501 - 26 held out = 475 train rows, 237.5 steps
-    assert plan.estimate == {"write": 1002.0, "distill": 1503.0, "train": 1080.0, "measure": 12.0, "total": 3597.0}
+    assert plan.estimate == {"write": 1002.0, "distill": 1503.0, "train": 1056.0, "measure": 12.0, "total": 3573.0}
     assert pl.plan_counts(60, rates, 2, 16).prompts == pl.MIN_PROMPTS  # below the smallest run: the smallest
     assert pl.iters_for(8200, 2) == 3895 and pl.prompts_for(3895, 2) == 8200  # the shipped run's size
     assert pl.schedule(4000, 20) == {"decay_steps": 1250, "warmup": 20}
     assert pl.schedule(30, 20) == {"decay_steps": 9, "warmup": 3}
-    assert "estimated write 0.28 h, distill 0.42 h, train 0.30 h, measure 12.0 s: 1.00 h in all" in pl.describe(plan, 2)
+    assert "estimated write 0.28 h, distill 0.42 h, train 0.29 h, measure 12.0 s: 0.99 h in all" in pl.describe(plan, 2)
 
 
 def test_recipe_is_the_shipped_adapters():

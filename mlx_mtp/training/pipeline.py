@@ -99,15 +99,20 @@ def schedule(iters: int, warmup: int) -> Dict[str, int]:
     return {"decay_steps": round(iters * DECAY_FRACTION), "warmup": min(warmup, max(1, iters // 10))}
 
 
-def estimate(prompts: int, iters: int, rates: Rates, val_batches: int) -> Dict[str, float]:
+def held_out(prompts: int) -> int:
+    return prompts - train_rows(prompts)
+
+
+def estimate(prompts: int, iters: int, rates: Rates, val_batches: int, batch_size: int) -> Dict[str, float]:
     """Seconds per stage: the rates times the counts; validation (before and
     after training) at a step's time per batch, the measurement at a
     response's time per prompt."""
+    batches = min(val_batches, math.ceil(held_out(prompts) / batch_size))
     out = {
         "write": prompts * rates.write,
         "distill": prompts * rates.distill,
-        "train": (iters + 2 * val_batches) * rates.train,
-        "measure": MEASURE_PROMPTS * rates.distill,
+        "train": (iters + 2 * batches) * rates.train,
+        "measure": min(MEASURE_PROMPTS, held_out(prompts)) * rates.distill,
     }
     out["total"] = sum(out.values())
     return out
@@ -116,11 +121,11 @@ def estimate(prompts: int, iters: int, rates: Rates, val_batches: int) -> Dict[s
 def plan_counts(seconds: float, rates: Rates, batch_size: int, val_batches: int) -> Plan:
     """The most prompts (and their steps) whose stages fit in ``seconds``:
     each prompt costs its writing, its response and its share of steps."""
-    fixed = estimate(0, 0, rates, val_batches)["total"]
-    per_prompt = rates.write + rates.distill + train_rows(1000) / 1000 * EPOCHS / batch_size * rates.train
+    fixed = 2 * val_batches * rates.train + MEASURE_PROMPTS * rates.distill  # at most
+    per_prompt = rates.write + rates.distill + (1 - VALID_FRACTION) * EPOCHS / batch_size * rates.train
     prompts = max(MIN_PROMPTS, int((seconds - fixed) / per_prompt))
     iters = iters_for(prompts, batch_size)
-    return Plan(prompts, iters, estimate(prompts, iters, rates, val_batches))
+    return Plan(prompts, iters, estimate(prompts, iters, rates, val_batches, batch_size))
 
 
 def hours(seconds: float) -> str:
