@@ -84,6 +84,7 @@ OPTIONS = [
     _train_option("mask_positions", type=float),
     _train_option("mask_init", choices=list(MASK_INITS)),
     _train_option("mask_chunk", type=int),
+    _train_option("train_vocab", type=int),
     _train_option("adapter_path"),
     (
         "resume_adapter_file",
@@ -245,7 +246,7 @@ def _check(args):
     for key in positive:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)!r}")
-    for key in ["warmup", "decay_steps", "save_every", "keep_every", "steps_per_eval", "mask_chunk"]:
+    for key in ["warmup", "decay_steps", "save_every", "keep_every", "steps_per_eval", "mask_chunk", "train_vocab"]:
         if not isinstance(getattr(args, key), int) or getattr(args, key) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= 0")
     if args.decay_steps > args.iters:

@@ -9,6 +9,8 @@ adapter's ``recipe.train_args``.
 
 from typing import Any, Dict
 
+from ..draft_vocab import DEFAULT_SIZE
+
 # mlx_mtp.lora's options (underscored names) as the shipped adapter was trained;
 # the step counts (iters, decay_steps) follow the data instead (see below)
 TRAIN_OPTIONS: Dict[str, Any] = {
@@ -29,6 +31,9 @@ TRAIN_OPTIONS: Dict[str, Any] = {
     "steps_per_report": 5,
     "val_batches": 16,
     "seed": 0,
+    # the one setting the shipped run did not have: the mask losses over the draft vocabulary's
+    # tokens, for every model (a large vocabulary's output layer outweighs the layers; docs/own_adapter.md)
+    "train_vocab": DEFAULT_SIZE,
 }
 # the shipped run decayed the learning rate over its last 1,250 of 4,000 steps
 DECAY_FRACTION = 1250 / 4000
