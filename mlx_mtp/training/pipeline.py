@@ -40,7 +40,7 @@ PIPELINE_OPTIONS = [
         "hours",
         None,
         "--train without --data: time budget of the whole run in hours; the data and the steps are sized "
-        f"to it from rates measured first (default: {DEFAULT_HOURS:g} unless --num-prompts and --iters are given)",
+        f"to it from rates measured first (default: {DEFAULT_HOURS:g} when neither --num-prompts nor --iters is given)",
         {"type": float},
     ),
     (
