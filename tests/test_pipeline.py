@@ -328,3 +328,31 @@ def test_other_settings_or_a_foreign_directory_are_refused(reference, tmp_path, 
 def test_generation_is_the_one_the_stages_call():
     # the interruption tests above wrap this function: the stages must reach it through its module
     assert sys.modules["mlx_mtp.training.generation"].generate_completions is generate_completions
+
+
+def test_processes_train_through_the_launcher_with_one_blas_thread_each(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ma.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    pipeline = ma.Pipeline("m", tmp_path, dict(TRAIN_OPTIONS), num_prompts=24, processes=2, progress=False)
+    argv = pipeline._train_argv(tmp_path / "data", tmp_path / "ckpt", 12, resume=True)
+    pipeline._lora(argv)
+    ((cmd, env),) = calls
+    assert cmd[:8] == [sys.executable, "-m", "mlx_mtp.launch", "-n", "2", "--", "-m", "mlx_mtp.lora"]
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+    rest = cmd[8:]
+    assert rest[:8] == [
+        "--model",
+        "m",
+        "--train",
+        "--data",
+        str(tmp_path / "data"),
+        "--adapter-path",
+        str(tmp_path / "ckpt"),
+        "--iters",
+    ]
+    flags = " ".join(rest)
+    assert "--decay-steps 4 --warmup 1" in flags and "--mask-init tokens" in flags and "--sampler-skip" in flags
+    assert "--train-vocab 8192" in flags and "--resume-adapter-file" not in flags  # no checkpoint yet
+    monkeypatch.setattr(ma.subprocess, "call", lambda cmd, env: 3)
+    with pytest.raises(pl.PipelineError, match="exit status 3"):
+        pipeline._lora(argv)
