@@ -144,24 +144,31 @@ class Pipeline:
         then choose the counts that fit the budget."""
         t_start = time.perf_counter()
         probe = self.work / "probe"
-        prompts = self._write(probe / "prompts.jsonl", PROBE_PROMPTS, desc="plan: write")
-        t0 = time.perf_counter()
-        self._distill(probe / "prompts.jsonl", probe / "responses", PROBE_PROMPTS, desc="plan: distill")
-        distill_s = (time.perf_counter() - t0) / PROBE_PROMPTS
-        rows = (probe / "responses" / "train.jsonl").read_text().splitlines()
-        data = probe / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        (data / "train.jsonl").write_text("".join(r + "\n" for r in rows))
-        steps = self._probe_training(data, probe / "train")
-        rates = pl.Rates(write=prompts.seconds / max(prompts.rows, 1), distill=distill_s, train=steps)
-        spent = time.perf_counter() - t_start
+        measured = state.rates = dict(state.rates or {})  # each rate saved once measured (a resumed plan keeps it)
+        written = self._write(probe / "prompts.jsonl", PROBE_PROMPTS, desc="plan: write")
+        measured["write"] = written.seconds / max(written.rows, 1)
+        if "distill" not in measured:
+            t0 = time.perf_counter()
+            self._distill(probe / "prompts.jsonl", probe / "responses", PROBE_PROMPTS, desc="plan: distill")
+            measured["distill"] = (time.perf_counter() - t0) / PROBE_PROMPTS
+            pl.save_state(self.out, state)
+        if "train" not in measured:
+            rows = (probe / "responses" / "train.jsonl").read_text().splitlines()
+            data = probe / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            (data / "train.jsonl").write_text("".join(r + "\n" for r in rows))
+            measured["train"] = self._probe_training(data, probe / "train")
+            pl.save_state(self.out, state)
+        rates = pl.Rates(**measured)
+        # the measuring's time, also where an earlier run of this stage measured a part
+        probes = written.seconds + PROBE_PROMPTS * rates.distill + PROBE_STEPS * rates.train
+        spent = max(time.perf_counter() - t_start, probes)
         budget = self.hours * 3600 - spent
         plan = pl.plan_counts(budget, rates, self.batch_size, self.options["val_batches"])
         if self.num_prompts is not None or self.iters is not None:  # a count given beside the budget wins
             p = self.num_prompts if self.num_prompts is not None else pl.prompts_for(self.iters, self.batch_size)
             i = self.iters if self.iters is not None else pl.iters_for(p, self.batch_size)
             plan = pl.Plan(p, i, pl.estimate(p, i, rates, self.options["val_batches"], self.batch_size))
-        state.rates = vars(rates)
         state.plan = vars(plan)
         _say(
             f"[plan] measured here: {rates.write:.2f} s per prompt written, {rates.distill:.2f} s per response, "

@@ -251,11 +251,19 @@ def test_text_plan_is_a_function_of_seed_and_chunk():
     assert all(o in tw.OPENINGS[k] for k, o in tw.text_plan(1, 0, 64, kinds))
 
 
-def test_budget_plan_measures_rates_then_sizes_the_run(tmp_path, capsys):
+def test_budget_plan_measures_rates_then_sizes_the_run(reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    # counts given beside the budget: measured, estimated, and the counts kept
+    # counts given beside the budget: measured, estimated, and the counts kept; the plan is
+    # interrupted in its training probe, and resumes with the rates it had measured
+    with monkeypatch.context() as m:
+        _fail_on_call(m, Trainer, "train_step", 2, False)
+        with pytest.raises(Killed):
+            lora_main(_argv(out, None, "--hours", "0.5"))
+    before = json.loads((out / pl.STATE_FILE).read_text())
+    assert "plan" not in before["done"] and set(before["rates"]) == {"write", "distill"}
     assert lora_main(_argv(out, None, "--hours", "0.5")) == 0
     state = json.loads((out / pl.STATE_FILE).read_text())
+    assert {k: state["rates"][k] for k in ("write", "distill")} == before["rates"]
     assert state["done"]["plan"]["measured"] is True
     assert set(state["rates"]) == {"write", "distill", "train"} and all(v > 0 for v in state["rates"].values())
     assert (state["plan"]["prompts"], state["plan"]["iters"]) == (24, 6)
@@ -265,6 +273,11 @@ def test_budget_plan_measures_rates_then_sizes_the_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[plan] measured here:" in printed and "plan: 24 prompts and their responses, 6 training steps" in printed
     assert (out / ma.WORK / "probe" / "prompts.jsonl").exists()
+    # the same data and adapter as the run without a budget (whose plan measured nothing)
+    after, ref = _files(out), {**reference[1], "figures": dict(reference[1]["figures"])}
+    for files in (after, ref):
+        files["figures"].pop("plan")
+    _same(after, ref)
 
 
 def test_plan_arithmetic_with_known_rates():
