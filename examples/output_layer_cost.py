@@ -65,7 +65,11 @@ def macs(c: dict) -> dict:
     return {"layers": c["num_hidden_layers"] * (attention + mlp), "output": d * c["vocab_size"]}
 
 
-def step_time(config: dict, train_vocab: int, steps: int) -> float:
+def step_times(config: dict, vocabularies, steps: int) -> list:
+    """Median seconds per training step over the whole vocabulary (0) and
+    over each size in ``vocabularies``, the steps of the runs interleaved so
+    that a changing load weighs on each alike (one model; the first step of
+    each run compiles and is left out)."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
@@ -73,20 +77,23 @@ def step_time(config: dict, train_vocab: int, steps: int) -> float:
     rng = np.random.default_rng(0)
     # responses drawn from 20,000 ids: a language's frequent tokens, so the training vocabulary is full
     examples = [build_example(rng.integers(0, 20000, 64 + 256), 64, 4, 1024) for _ in range(4)]
-    args = TrainArgs(
-        batch_size=2,
-        mask_positions=TRAIN_OPTIONS["mask_positions"],
-        mask_chunk=TRAIN_OPTIONS["mask_chunk"],
-        train_vocab=train_vocab,
-        progress=False,
-    )
-    trainer = Trainer(mtp, Dataset(examples), None, args)
-    times = []
+    trainers = []
+    for size in vocabularies:
+        args = TrainArgs(
+            batch_size=2,
+            mask_positions=TRAIN_OPTIONS["mask_positions"],
+            mask_chunk=TRAIN_OPTIONS["mask_chunk"],
+            train_vocab=size,
+            progress=False,
+        )
+        trainers.append(Trainer(mtp, Dataset(examples), None, args))
+    times = [[] for _ in trainers]
     for step in range(steps):
-        tic = time.perf_counter()
-        trainer.train_step(step)
-        times.append(time.perf_counter() - tic)
-    return float(np.median(times[1:]))  # the first step compiles
+        for trainer, t in zip(trainers, times):
+            tic = time.perf_counter()
+            trainer.train_step(step)
+            t.append(time.perf_counter() - tic)
+    return [float(np.median(t[1:])) for t in times]
 
 
 def main():
@@ -105,7 +112,7 @@ def main():
             f"layer; at a mask position the two output layers are {share:.0%} of the forward, "
             f"{sub / (m['layers'] + sub):.0%} over {DEFAULT_SIZE} tokens"
         )
-        full, restricted = step_time(c, 0, args.steps), step_time(c, DEFAULT_SIZE, args.steps)
+        full, restricted = step_times(c, [0, DEFAULT_SIZE], args.steps)
         print(
             f"{name}: training step {full:.2f} s over the whole vocabulary, {restricted:.2f} s with "
             f"--train-vocab {DEFAULT_SIZE} ({full / restricted:.2f}x)",

@@ -60,7 +60,7 @@ def test_a_subset_gives_the_cross_entropy_over_its_rows_and_drops_labels_outside
         assert abs(out[name].item() - want) < 1e-5, name
 
 
-def test_training_vocab_is_the_most_frequent_response_tokens_and_validation_maps_predictions_back():
+def test_training_vocab_is_the_most_frequent_response_tokens_and_validation_maps_predictions_back(tmp_path):
     tok = make_tokenizer()
     mtp = randomize_adapter(MTPModel(scaled_tiny_model(0), MTPConfig(num_masks=2)), std=0.02)
     data = load_data(distilled_dir(), tok, 2, 256)
@@ -74,6 +74,7 @@ def test_training_vocab_is_the_most_frequent_response_tokens_and_validation_maps
     # validation counts predictions as token ids: over every token in reverse order (positions
     # that are not ids), the same accuracies as over the whole vocabulary
     fast = {"train_vocab": 0, "iters": 20, "learning_rate": 1e-2, "warmup": 0, "steps_per_eval": 0}
+    fast["adapter_path"] = str(tmp_path)
     plain = Trainer(mtp, data["train"], data["valid"], TrainArgs(**{**vars(args), **fast}))
     plain.train(TrainingCallback())  # some right predictions to compare
     trainer.vocab = make_vocab(mtp, np.arange(255, -1, -1))
