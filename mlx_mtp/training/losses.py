@@ -109,15 +109,19 @@ def mask_losses(
     """
     out: Dict[str, mx.array] = {}
     base_logits = sampler_logits = teacher = None
-    head = mtp.lm_head
+    head, sampler = mtp.lm_head, mtp.sampler_logits
     if vocab is not None:
         head, labels = vocab.head, vocab.index[labels]
         ce_weight = mx.where(labels >= 0, ce_weight, 0.0)
         labels = mx.maximum(labels, 0)
+
+        def sampler(prev, z):
+            return head(mtp.sampler_hidden(prev, z))
+
     if "base" in terms or distill:
         base_logits = head(z)
     if "sampler" in terms or distill:
-        sampler_logits = head(mtp.sampler_hidden(prev, z))
+        sampler_logits = sampler(prev, z)
     if logits_out is not None:
         logits_out["base"], logits_out["sampler"] = base_logits, sampler_logits
     if "base" in terms:
