@@ -324,16 +324,19 @@ class MTPModel(nn.Module):
         With a draft vocabulary (:meth:`set_draft_vocab`) only its rows of the
         output projection are computed; other tokens get -inf.
         """
-        if self.sampler is None:
-            raise ValueError("this model has no adapter (no sampler head)")
-        prev = self.model.model.embed_tokens(prev_tokens)
-        h = self.sampler(prev, z)
+        h = self.sampler_hidden(prev_tokens, z)
         if self._draft_vocab is None:
             return self.lm_head(h)
         sub = self._draft_head(h)
         full = mx.full((*sub.shape[:-1], self.vocab_size), -mx.inf, dtype=sub.dtype)
         full[..., self._draft_vocab] = sub
         return full
+
+    def sampler_hidden(self, prev_tokens: mx.array, z: mx.array) -> mx.array:
+        """The sampler head's hidden state (what the LM head turns into its logits)."""
+        if self.sampler is None:
+            raise ValueError("this model has no adapter (no sampler head)")
+        return self.sampler(self.model.model.embed_tokens(prev_tokens), z)
 
     @property
     def draft_vocab(self) -> Optional[mx.array]:
@@ -350,6 +353,12 @@ class MTPModel(nn.Module):
             self._draft_vocab = self._draft_head = None
             return
         ids = mx.array(ids).astype(mx.int32).reshape(-1)
+        self._draft_vocab, self._draft_head = ids, self.vocab_head(ids)
+
+    def vocab_head(self, ids: mx.array):
+        """The output projection's rows ``ids`` as a function of final hidden
+        states: ``h -> logits[..., ids]`` for a model whose output is a plain
+        projection (tied or not, quantized or not), at the cost of those rows."""
         if ids.size and (ids.min().item() < 0 or ids.max().item() >= self.vocab_size):
             raise ValueError(f"draft vocabulary ids must be in [0, {self.vocab_size})")
         src = self.model.lm_head if hasattr(self.model, "lm_head") else self.model.model.embed_tokens
@@ -370,4 +379,4 @@ class MTPModel(nn.Module):
                 return h @ w.astype(h.dtype).T
 
         mx.eval(w)
-        self._draft_vocab, self._draft_head = ids, head
+        return head

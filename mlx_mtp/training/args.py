@@ -55,6 +55,12 @@ class TrainArgs:
         "of the model's token embeddings)",
     )
     mask_chunk: int = _arg(256, "mask tokens per forward/backward chunk, whole batch (0: no chunking)")
+    train_vocab: int = _arg(
+        0,
+        "compute the mask positions' losses over the N most frequent response tokens of the training data "
+        "(a draft vocabulary: the output layers cost N rows instead of the vocabulary's; labels outside it "
+        "carry no loss); 0: the whole vocabulary",
+    )
     loss_weights: LossWeights = field(
         default_factory=LossWeights, metadata={"help": "weights of the loss terms (--<term>-loss-weight)"}
     )

@@ -9,7 +9,7 @@ import mlx.core as mx
 from ..model.cache import SpecCache, commit
 from ..model.mtp_model import MTPModel
 from .batching import Chunk
-from .losses import TERMS, mask_losses
+from .losses import TERMS, Vocab, mask_losses
 
 
 def regular_forward(mtp: MTPModel, tokens: mx.array):
@@ -45,8 +45,9 @@ def chunk_terms(
     distill: bool,
     terms=TERMS,
     logits_out: Optional[dict] = None,
+    vocab: Optional[Vocab] = None,
 ) -> Dict[str, mx.array]:
-    """Weighted loss sums of one chunk of masks."""
+    """Weighted loss sums of one chunk of masks (over ``vocab`` if given)."""
     C = cache[0].committed
     z = mtp(chunk.tokens, fork_cache(cache), chunk.positions - C, chunk.mask, chunk.gate)
     d = z.shape[-1]
@@ -55,4 +56,4 @@ def chunk_terms(
     n = zv.shape[0]
     ce_w = mx.full((n,), ce_scale, dtype=mx.float32)
     lcm_w = mx.array(chunk.lcm_factor * lcm_scale, dtype=mx.float32)
-    return mask_losses(mtp, zv, target, chunk.labels, chunk.prev, ce_w, lcm_w, distill, terms, logits_out)
+    return mask_losses(mtp, zv, target, chunk.labels, chunk.prev, ce_w, lcm_w, distill, terms, logits_out, vocab)

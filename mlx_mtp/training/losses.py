@@ -19,10 +19,15 @@ batch split into chunks (or over processes) adds up to the same total:
 
 Hidden states are the ones after the model's final norm (what the LM head
 reads).
+
+With a training vocabulary (:class:`Vocab`, ``--train-vocab``) both heads'
+logits are computed over its tokens only, and a label outside it carries no
+cross-entropy: the output layer, the largest cost at a mask position when the
+vocabulary is large, then costs N rows instead of V.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import mlx.core as mx
 
@@ -38,6 +43,22 @@ class LossWeights:
 
     def get(self, name: str) -> float:
         return getattr(self, name)
+
+
+class Vocab(NamedTuple):
+    """The tokens the mask losses are computed over."""
+
+    ids: mx.array  # (N,) token ids
+    index: mx.array  # (V,) each token's position in ids, -1 outside
+    head: Callable[[mx.array], mx.array]  # final hidden states -> logits over ids
+
+
+def make_vocab(mtp, ids) -> Vocab:
+    """The :class:`Vocab` of the token ids ``ids`` for ``mtp``'s output layer."""
+    ids = mx.array(ids).astype(mx.int32).reshape(-1)
+    index = mx.full((mtp.vocab_size,), -1, dtype=mx.int32)
+    index[ids] = mx.arange(ids.size, dtype=mx.int32)
+    return Vocab(ids, index, mtp.vocab_head(ids))
 
 
 def cross_entropy(logits: mx.array, labels: mx.array) -> mx.array:
@@ -73,6 +94,7 @@ def mask_losses(
     distill: bool = False,
     terms=TERMS,
     logits_out: Optional[dict] = None,
+    vocab: Optional[Vocab] = None,
 ) -> Dict[str, mx.array]:
     """Weighted sums of the loss terms over N counted mask positions.
 
@@ -82,14 +104,24 @@ def mask_losses(
     ``ce_weight``, ``lcm_weight`` (N,): per-row weights (1/N for a mean, and
     1/(|S(t)| T) for the consistency loss's mean of means).
     Terms not in ``terms`` are not computed (their logits cost memory).
-    ``logits_out``, if given, receives the ``base`` and ``sampler`` logits.
+    ``logits_out``, if given, receives the ``base`` and ``sampler`` logits
+    (over ``vocab.ids`` with a ``vocab``).
     """
     out: Dict[str, mx.array] = {}
     base_logits = sampler_logits = teacher = None
+    head, sampler = mtp.lm_head, mtp.sampler_logits
+    if vocab is not None:
+        head, labels = vocab.head, vocab.index[labels]
+        ce_weight = mx.where(labels >= 0, ce_weight, 0.0)
+        labels = mx.maximum(labels, 0)
+
+        def sampler(prev, z):
+            return head(mtp.sampler_hidden(prev, z))
+
     if "base" in terms or distill:
-        base_logits = mtp.lm_head(z)
+        base_logits = head(z)
     if "sampler" in terms or distill:
-        sampler_logits = mtp.sampler_logits(prev, z)
+        sampler_logits = sampler(prev, z)
     if logits_out is not None:
         logits_out["base"], logits_out["sampler"] = base_logits, sampler_logits
     if "base" in terms:
@@ -99,7 +131,7 @@ def mask_losses(
     if "consistency" in terms:
         out["consistency"] = (lcm_weight * consistency(z, target)).sum()
     if distill:
-        teacher = mx.stop_gradient(mtp.lm_head(mx.stop_gradient(target)))
+        teacher = mx.stop_gradient(head(mx.stop_gradient(target)))
         soft = 0.5 * (soft_cross_entropy(base_logits, teacher) + soft_cross_entropy(sampler_logits, teacher))
         out["distill"] = (ce_weight * soft).sum()
     return out

@@ -541,7 +541,9 @@ def open_output(out: Path, settings: Settings):
 NO_PROGRESS_CHUNKS = 8  # a model that writes nothing usable in this many chunks never will
 
 
-def write_prompts(model, tokenizer, settings: Settings, out, log=None, reject=reject_reason) -> Progress:
+def write_prompts(
+    model, tokenizer, settings: Settings, out, log=None, reject=reject_reason, write=write_chunk
+) -> Progress:
     """Append kept prompts to ``out`` (jsonl: ``prompt``, ``kind``) chunk by
     chunk until it holds ``settings.num``; resumes an interrupted run.
 
@@ -549,6 +551,9 @@ def write_prompts(model, tokenizer, settings: Settings, out, log=None, reject=re
         log: called with a line of progress after each chunk.
         reject: ``reject(text, spec_bench_spans, finished)``, the reason a
             candidate is not kept or None (default: :func:`reject_reason`).
+        write: ``write(model, tokenizer, settings, chunk)``, a chunk's
+            candidates and tokens generated (default: :func:`write_chunk`,
+            requests in a user turn; :mod:`.text_writer`: a base model's text).
     """
     out = Path(out)
     spans = load_spec_bench_spans()
@@ -560,7 +565,7 @@ def write_prompts(model, tokenizer, settings: Settings, out, log=None, reject=re
                 f"see the rejections in {_state_path(out)}"
             )
         t0 = time.perf_counter()
-        candidates, tokens = write_chunk(model, tokenizer, settings, progress.chunks)
+        candidates, tokens = write(model, tokenizer, settings, progress.chunks)
         kept, rejected = Counter(progress.kept), Counter(progress.rejected)
         lines = []
         for kind, text, finished in candidates:

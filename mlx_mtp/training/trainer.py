@@ -55,7 +55,7 @@ from .checkpoint import (
 from .data import Dataset
 from .forward import chunk_terms, regular_forward
 from .grad_checkpoint import enable_grad_checkpoint
-from .losses import TERMS, total_loss
+from .losses import TERMS, Vocab, make_vocab, total_loss
 from .metrics import EvalTotals, decoding_walk, expected_tokens_per_step, leading_correct
 
 
@@ -108,6 +108,21 @@ class _Window:
             self.terms[t] += v
 
 
+def training_vocab(mtp: MTPModel, dataset: Dataset, size: int) -> Optional[Vocab]:
+    """The ``size`` most frequent response tokens of ``dataset`` (as cut for
+    training) as a :class:`~.losses.Vocab`; None where the model's output is
+    not a plain projection of the final hidden states (its rows alone would
+    not give its logits: scaled or soft-capped outputs)."""
+    from ..draft_vocab import frequent_tokens
+
+    ids = frequent_tokens((e.tokens[e.owner[0] + 1 :] for e in dataset.examples), size)
+    vocab = make_vocab(mtp, ids)
+    h = mx.random.normal((2, mtp.hidden_size), key=mx.random.key(0)).astype(mtp.masks.weight.dtype)
+    if not mx.allclose(vocab.head(h), mtp.lm_head(h)[:, vocab.ids], rtol=1e-3, atol=1e-3).item():
+        return None
+    return vocab
+
+
 class Trainer:
     def __init__(
         self,
@@ -140,6 +155,11 @@ class Trainer:
             else None
         )
         self.step = 0
+        self.vocab: Optional[Vocab] = None
+        if args.train_vocab > 0 and train_set is not None:
+            self.vocab = training_vocab(mtp, train_set, args.train_vocab)
+            if self.vocab is None:
+                self.recipe["train_vocab"] = "the whole vocabulary: the model's output is not a plain projection"
 
         def schedule(lr):
             return learning_rate_schedule(lr, args.warmup, args.decay_steps, args.iters)
@@ -175,7 +195,9 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------
     def _loss(self, chunk, h_reg, cache, ce_scale, lcm_scale):
-        terms = chunk_terms(self.mtp, chunk, h_reg, cache, ce_scale, lcm_scale, self.args.distill_logits, self.terms)
+        terms = chunk_terms(
+            self.mtp, chunk, h_reg, cache, ce_scale, lcm_scale, self.args.distill_logits, self.terms, vocab=self.vocab
+        )
         return total_loss(terms, self.args.loss_weights), terms
 
     def _all_sum(self, x):
@@ -262,9 +284,11 @@ class Trainer:
                     continue
                 logits: dict = {}
                 terms = chunk_terms(
-                    self.mtp, chunk, h_reg, cache, 1.0, 1.0, self.args.distill_logits, terms_all, logits
+                    self.mtp, chunk, h_reg, cache, 1.0, 1.0, self.args.distill_logits, terms_all, logits, self.vocab
                 )
                 pred = mx.stack([logits["sampler"].argmax(-1), logits["base"].argmax(-1)])
+                if self.vocab is not None:
+                    pred = self.vocab.ids[pred]
                 mx.eval(terms, pred)
                 ok = np.array(pred) == np.array(chunk.labels)[None]
                 for h in range(2):
