@@ -48,7 +48,7 @@ from .errors import INTERRUPTED_EXIT, DataError, cli_main
 from .files import atomic_write, read_text
 from .files import read_jsonl as jsonl_lines
 from .loading import default_model_path, load_base
-from .training.generation import generate_completions
+from .training import generation
 
 STATE_FILE = ".distill_state.json"
 SPLITS = ("train", "valid")
@@ -248,7 +248,8 @@ def generate_batch(
     model, tokenizer, prompts: List[List[int]], max_tokens: int, batch_size: int = BATCH_SIZE
 ) -> List[str]:
     """Greedy responses to ``prompts`` (token ids), ``batch_size`` decoded together."""
-    return [c.text for c in generate_completions(model, tokenizer, prompts, max_tokens, batch_size=batch_size)]
+    outs = generation.generate_completions(model, tokenizer, prompts, max_tokens, batch_size=batch_size)
+    return [c.text for c in outs]
 
 
 def distill(

@@ -336,7 +336,7 @@ class Pipeline:
         train = response_tokens(data / "train.jsonl", tokenizer)
         ids = frequent_tokens(train, DEFAULT_SIZE, always=tokenizer.eos_token_ids)
         model.set_draft_vocab(ids)
-        model.datastore = Datastore.from_documents(response_documents(data, tokenizer, "train"))
+        datastore = Datastore.from_documents(response_documents(data, tokenizer, "train"))
         recipe = read_adapter_config(checkpoints).get("recipe", {})
         recipe.update(
             {
@@ -346,16 +346,16 @@ class Pipeline:
                 f"{state.done['split']['train']} train / {state.done['split']['valid']} valid",
                 "pipeline": {"plan": state.plan, "rates": state.rates},
                 "draft_vocab_size": DEFAULT_SIZE,
-                "datastore_tokens": model.datastore.num_tokens,
+                "datastore_tokens": datastore.num_tokens,
             }
         )
-        save_adapter(model, self.out, recipe=recipe, dtype=mx.float16)
+        save_adapter(model, self.out, recipe=recipe, dtype=mx.float16, datastore=datastore.storage())
         share = coverage(response_tokens(data / "valid.jsonl", tokenizer), ids)
         _say(
             f"[package] {self.out}: draft vocabulary {len(ids)} of {model.vocab_size} tokens "
-            f"({share:.1%} of held-out response tokens), datastore {model.datastore.num_tokens} tokens"
+            f"({share:.1%} of held-out response tokens), datastore {datastore.num_tokens} tokens"
         )
-        return {"draft_vocab": len(ids), "datastore_tokens": model.datastore.num_tokens}
+        return {"draft_vocab": len(ids), "datastore_tokens": datastore.num_tokens}
 
     def stage_measure(self, state: pl.State) -> dict:
         """Masks-only tokens/step (no prompt lookup, no datastore, the trained

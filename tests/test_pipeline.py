@@ -138,9 +138,9 @@ def test_one_command_makes_every_stage_and_a_complete_adapter(reference, capsys)
     assert (train_args["decay_steps"], train_args["warmup"]) == (round(6 * DECAY_FRACTION), 1)
     assert train_args["train_vocab"] == 8192  # more than the tiny model's 256 tokens: every response token
     assert cfg["recipe"]["datastore_tokens"] == state["done"]["package"]["datastore_tokens"] > 0
-    model, tokenizer = ma_load(out)
+    model, tokenizer, decoding = ma_load(out)
     assert model.draft_vocab is not None and model.draft_vocab.size == state["done"]["package"]["draft_vocab"]
-    assert model.datastore is not None and model.datastore.num_tokens == cfg["recipe"]["datastore_tokens"]
+    assert decoding.datastore is not None and decoding.datastore.num_tokens == cfg["recipe"]["datastore_tokens"]
     measured = state["done"]["measure"]
     assert measured["prompts"] == 1 and measured["tokens"] == pl.MEASURE_TOKENS
     assert 1.0 <= measured["tokens_per_step"] == round(measured["tokens"] / measured["steps"], 4) <= 3.0
@@ -154,7 +154,7 @@ def test_one_command_makes_every_stage_and_a_complete_adapter(reference, capsys)
 def ma_load(out):
     from mlx_mtp.loading import load
 
-    return load(str(model_dir()), adapter_path=out)
+    return load(str(model_dir()), adapter_path=out, return_state=True)
 
 
 class Killed(BaseException):

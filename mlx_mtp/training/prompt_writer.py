@@ -43,7 +43,8 @@ import numpy as np
 from ..errors import INTERRUPTED_EXIT, DataError, cli_main
 from ..files import atomic_write
 from ..loading import default_model_path, load_base
-from .generation import generate_completions, top_p_sampler
+from . import generation
+from .generation import top_p_sampler
 
 SPEC_BENCH = Path(__file__).resolve().parents[1] / "spec_bench" / "question.jsonl"
 SPAN = 8  # the evaluation's overlap rule: no 8-word span in common with a Spec-Bench prompt
@@ -411,7 +412,9 @@ def chunk_plan(seed: int, chunk: int, size: int, kinds: Sequence[str]):
 def _continuations(model, tokenizer, texts: List[str], openings: List[str], max_tokens, temperature, batch_size):
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sampler = top_p_sampler(temperature, TOP_P)
-    outs = generate_completions(model, tokenizer, prompts, max_tokens, sampler=sampler, batch_size=batch_size)
+    outs = generation.generate_completions(
+        model, tokenizer, prompts, max_tokens, sampler=sampler, batch_size=batch_size
+    )
     return [((o + c.text).strip(), c.finished, len(c.tokens)) for o, c in zip(openings, outs)]
 
 

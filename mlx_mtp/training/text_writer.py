@@ -14,8 +14,11 @@ requests. Chunks, filters, deduplication and resume are the prompt writer's
 
 from typing import Dict, List
 
+import mlx.core as mx
 import numpy as np
 
+from . import generation
+from .generation import top_p_sampler
 from .prompt_writer import TEMPERATURE, TOP_P, Settings
 
 TEXT_TOKENS = 64  # a prompt's length: long enough to set a topic and a register, short beside a response
@@ -58,14 +61,10 @@ def write_text_chunk(model, tokenizer, settings: Settings, chunk: int):
     """Candidates of one chunk: a list of (kind, text, finished) and the
     number of tokens generated. A text cut at :data:`TEXT_TOKENS` is kept
     (finished): it is a prompt to be continued."""
-    import mlx.core as mx
-
-    from .generation import generate_completions, top_p_sampler
-
     plan = text_plan(settings.seed, chunk, settings.chunk, settings.kinds)
     mx.random.seed(settings.seed * 1_000_003 + chunk)
     prompts = [list(tokenizer.encode(opening)) for _, opening in plan]  # as the distillation encodes a prompt
-    outs = generate_completions(
+    outs = generation.generate_completions(
         model,
         tokenizer,
         prompts,
