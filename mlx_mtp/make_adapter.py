@@ -25,11 +25,26 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import mlx.core as mx
+import yaml
+from tqdm import tqdm
+
+from . import adapter, api
+from . import distill as distillation
+from .datastore import response_documents
+from .decoding.datastore import Datastore
+from .draft_vocab import DEFAULT_SIZE, coverage, frequent_tokens
 from .errors import MTPError
-from .files import atomic_write
+from .files import atomic_write, read_jsonl
+from .loading import load, load_base
 from .train_adapter import CONFIG_DEFAULTS, OPTIONS, UsageError, build_parser
 from .train_adapter import main as train_main
+from .training import callbacks
 from .training import pipeline as pl
+from .training import prompt_writer as pw
+from .training import text_writer as tw
+from .training.callbacks import LOG_FILE, train_reports
+from .training.data import response_tokens
 from .training.recipe import RESPONSE_TOKENS, TRAIN_OPTIONS, VALID_FRACTION
 
 WORK = "work"
@@ -107,8 +122,6 @@ class Pipeline:
     def base(self):
         """The base model and tokenizer, loaded once."""
         if self._loaded is None:
-            from .loading import load_base
-
             self._loaded = load_base(self.model_name)
         return self._loaded
 
@@ -183,28 +196,20 @@ class Pipeline:
 
     def _probe_training(self, data: Path, path: Path) -> float:
         """Seconds per training step: the median of the steps after the first."""
-        from .training.callbacks import LOG_FILE, read_log, train_reports
-
         argv = self._train_argv(data, path, PROBE_STEPS, resume=False)
         argv += ["--steps-per-report", "1", "--save-every", "0", "--steps-per-eval", "0"]
         log = path / LOG_FILE
         if log.exists():
             log.unlink()
         self._lora(argv)
-        times = sorted(1 / r["steps_per_sec"] for r in train_reports(read_log(log))[1:])
+        times = sorted(1 / r["steps_per_sec"] for r in train_reports(callbacks.read_log(log))[1:])
         return times[len(times) // 2]
 
     # --- data -------------------------------------------------------------------------
     def _write(self, path: Path, num: int, desc: str):
-        from tqdm import tqdm
-
-        from .distill import BATCH_SIZE
-        from .training import prompt_writer as pw
-        from .training import text_writer as tw
-
         model, tokenizer = self.base()
         chunk = min(pw.Settings.chunk, max(8, num))
-        batch = min(BATCH_SIZE, chunk)
+        batch = min(distillation.BATCH_SIZE, chunk)
         if self.has_chat_template():
             settings, write = pw.Settings(self.model_name, self.seed, num, chunk, batch), pw.write_chunk
         else:
@@ -220,23 +225,22 @@ class Pipeline:
             bar.close()
 
     def _distill(self, prompts_path: Path, out: Path, num: int, desc: str):
-        from .distill import BATCH_SIZE, CHUNK, distill, read_prompts
-
         model, tokenizer = self.base()
-        prompts = read_prompts(prompts_path)[:num]
-        settings = {"model": self.model_name, "max_tokens": RESPONSE_TOKENS, "batch_size": BATCH_SIZE, "chunk": CHUNK}
+        prompts = distillation.read_prompts(prompts_path)[:num]
+        batch, chunk = distillation.BATCH_SIZE, distillation.CHUNK
+        settings = {"model": self.model_name, "max_tokens": RESPONSE_TOKENS, "batch_size": batch, "chunk": chunk}
         settings["valid_fraction"] = 0.0
-        return distill(
+        return distillation.distill(
             model,
             tokenizer,
             prompts,
             out,
             settings,
             max_tokens=RESPONSE_TOKENS,
-            batch_size=BATCH_SIZE,
+            batch_size=batch,
             valid_fraction=0.0,
             progress=self.progress,
-            chunk=CHUNK,
+            chunk=chunk,
         )
 
     def stage_write(self, state: pl.State) -> dict:
@@ -251,10 +255,8 @@ class Pipeline:
         """``work/data/{train,valid}.jsonl``: an evenly spread
         :data:`~mlx_mtp.training.recipe.VALID_FRACTION` of the responses held
         out (at least one)."""
-        from .distill import is_valid_row
-
         rows = (self.work / "responses" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-        held = [i for i in range(len(rows)) if is_valid_row(i, VALID_FRACTION)] or [len(rows) - 1]
+        held = [i for i in range(len(rows)) if distillation.is_valid_row(i, VALID_FRACTION)] or [len(rows) - 1]
         if len(rows) - len(held) < self.batch_size:
             raise pl.PipelineError(
                 f"only {len(rows)} responses were written, too few for a batch of {self.batch_size} and a held-out one"
@@ -302,14 +304,12 @@ class Pipeline:
             raise pl.PipelineError(f"training stopped (exit status {rc}); run the same command again to resume")
 
     def stage_train(self, state: pl.State) -> dict:
-        from .training.callbacks import LOG_FILE, read_log
-
         path = self.work / "checkpoints"
         iters = state.plan["iters"]
         argv = self._train_argv(self.work / "data", path, iters, resume=True)
         argv += ["--steps-per-eval", str(iters)]  # validation before and after
         self._lora(argv)
-        vals = [r for r in read_log(path / LOG_FILE) if r.get("type") == "val"]
+        vals = [r for r in callbacks.read_log(path / LOG_FILE) if r.get("type") == "val"]
         last = vals[-1] if vals else {}
         return {
             "iters": iters,
@@ -322,22 +322,13 @@ class Pipeline:
         """The adapter as the shipped one is packaged: fp16, a draft
         vocabulary of the most frequent response tokens, the responses as a
         datastore, and the recipe."""
-        import mlx.core as mx
-
-        from .adapter import read_adapter_config, save_adapter
-        from .datastore import response_documents
-        from .decoding.datastore import Datastore
-        from .draft_vocab import DEFAULT_SIZE, coverage, frequent_tokens
-        from .loading import load
-        from .training.data import response_tokens
-
         checkpoints, data = self.work / "checkpoints", self.work / "data"
         model, tokenizer = load(self.model_name, adapter_path=checkpoints)
         train = response_tokens(data / "train.jsonl", tokenizer)
         ids = frequent_tokens(train, DEFAULT_SIZE, always=tokenizer.eos_token_ids)
         model.set_draft_vocab(ids)
         datastore = Datastore.from_documents(response_documents(data, tokenizer, "train"))
-        recipe = read_adapter_config(checkpoints).get("recipe", {})
+        recipe = adapter.read_adapter_config(checkpoints).get("recipe", {})
         recipe.update(
             {
                 "script": "python -m mlx_mtp.lora --train (no --data: mlx_mtp.make_adapter)",
@@ -349,7 +340,7 @@ class Pipeline:
                 "datastore_tokens": datastore.num_tokens,
             }
         )
-        save_adapter(model, self.out, recipe=recipe, dtype=mx.float16, datastore=datastore.storage())
+        adapter.save_adapter(model, self.out, recipe=recipe, dtype=mx.float16, datastore=datastore.storage())
         share = coverage(response_tokens(data / "valid.jsonl", tokenizer), ids)
         _say(
             f"[package] {self.out}: draft vocabulary {len(ids)} of {model.vocab_size} tokens "
@@ -361,22 +352,15 @@ class Pipeline:
         """Masks-only tokens/step (no prompt lookup, no datastore, the trained
         k, greedy) on the first :data:`~mlx_mtp.training.pipeline.MEASURE_PROMPTS`
         held-out prompts, :data:`~mlx_mtp.training.pipeline.MEASURE_TOKENS` tokens each."""
-        from tqdm import tqdm
-
-        from .api import stream_generate
-        from .distill import prompt_tokens
-        from .files import read_jsonl
-        from .loading import load
-
         model, tokenizer = load(self.model_name, adapter_path=self.out)
         rows = [row for _, row in read_jsonl(self.work / "data" / "valid.jsonl")][: pl.MEASURE_PROMPTS]
         tokens = steps = 0
         for row in tqdm(rows, desc="measure", unit="prompt", disable=not self.progress):
             prompt = row["messages"][:-1] if "messages" in row else row["prompt"]
-            responses = stream_generate(
+            responses = api.stream_generate(
                 model,
                 tokenizer,
-                prompt_tokens(tokenizer, prompt),
+                distillation.prompt_tokens(tokenizer, prompt),
                 max_tokens=pl.MEASURE_TOKENS,
                 num_masks=model.num_masks,
                 lookup=0,
@@ -398,8 +382,6 @@ def given_options(argv: Optional[List[str]]) -> set:
     ns = build_parser().parse_args(argv)
     given = {k for k, v in vars(ns).items() if v is not None and k != "config"}
     if ns.config:
-        import yaml
-
         with open(ns.config) as f:
             given |= set(yaml.safe_load(f) or {})
     return given
