@@ -41,7 +41,9 @@ __all__ = [
     "ConstraintError",
     "ConstraintMatcher",
     "ConstraintProcessor",
+    "allowed_tokens",
     "apply_bitmask",
+    "constraint_for",
 ]
 
 INSTALL_HINT = 'pip install "mlx-mtp[structured]"'
@@ -314,3 +316,18 @@ class ConstraintProcessor:
             self.matcher.consume(new)
         self.seen = tokens.size
         return apply_bitmask(logits, self.matcher.masks([[]]))
+
+
+def constraint_for(
+    tokenizer, vocab_size: int, response_format: Any = None, grammar: Any = None
+) -> Optional[Constraint]:
+    """The constraint of a request's ``response_format`` (OpenAI's) or
+    ``grammar`` (lark), at most one of them; None for neither (or
+    ``{"type": "text"}``). ConstraintError (a ValueError) saying why otherwise."""
+    if response_format is not None and grammar is not None:
+        raise ConstraintError("pass either response_format or grammar, not both")
+    if grammar is not None:
+        return Constraint.from_lark(grammar, tokenizer, vocab_size)
+    if response_format is not None:
+        return Constraint.from_response_format(response_format, tokenizer, vocab_size)
+    return None
