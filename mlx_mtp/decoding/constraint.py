@@ -108,12 +108,11 @@ def _grammar_tokenizer(tokenizer, vocab_size: int):
     return _TOKENIZERS[key]
 
 
-_SHIFTS = mx.arange(32, dtype=mx.uint32)
-
-
 @mx.compile
 def _bits(words: mx.array) -> mx.array:
-    return ((words[..., None] >> _SHIFTS) & 1).reshape(*words.shape[:-1], -1).astype(mx.bool_)
+    # the shifts are made here, not at import: an array belongs to the stream of the thread that made it
+    shifts = mx.arange(32, dtype=mx.uint32)
+    return ((words[..., None] >> shifts) & 1).reshape(*words.shape[:-1], -1).astype(mx.bool_)
 
 
 def apply_bitmask(logits: mx.array, bitmask: np.ndarray) -> mx.array:

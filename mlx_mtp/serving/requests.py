@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.server import convert_chat
 
 from ..api import check_text, encode_prompt
+from ..decoding.constraint import Constraint
 from ..decoding.decode import context_limit
 from ..decoding.settings import check_generation_args
 from .config import MAX_STOP_STRINGS, ROLES, RequestError, ServerConfig
@@ -37,6 +38,7 @@ class Job:
     seed: Optional[int]
     logprobs: bool
     top_logprobs: int
+    constraint: Optional[Constraint] = None  # response_format, compiled (None: free text)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -125,6 +127,7 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     sampling = _sampling(options, tokenizer)
+    constraint = _response_format(body, tokenizer, model)
     prompt = _prompt(body, kind, tokenizer, model, limit)
     return Job(
         kind=kind,
@@ -138,6 +141,7 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         seed=seed,
         logprobs=logprobs,
         top_logprobs=max(top_logprobs, 0),
+        constraint=constraint,
         id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
     )
 
@@ -235,6 +239,19 @@ def _sampling(o: Dict[str, Any], tokenizer) -> Dict[str, Any]:
             o["frequency_context_size"],
         )
     return sampling
+
+
+def _response_format(body: dict, tokenizer, model) -> Optional[Constraint]:
+    """``response_format`` as OpenAI reads it (``text``, ``json_object``,
+    ``json_schema``), compiled now: a 400 naming it, with the reason, for a
+    schema that cannot be enforced."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    try:
+        return Constraint.from_response_format(response_format, tokenizer, model.vocab_size)
+    except ValueError as e:
+        raise RequestError(400, str(e), "response_format") from None
 
 
 def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
