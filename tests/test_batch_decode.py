@@ -123,6 +123,7 @@ def test_seeded_sampling_rows_equal_their_solo_samples(model_type):
         Request("sampler", p[2], 16, fixed(num_masks=2, sampler=make_sampler(temp=1.0, top_k=5)), 1, seed=3),
         Request("processors", p[3], 16, fixed(num_masks=0, lookup=3, temp=0.7, logits_processors=penalty), 3, seed=4),
         Request("greedy", p[4], 20, fixed(num_masks=3), 2),
+        Request("plain", p[1], 12, fixed(mode="off", temp=0.9), 1, seed=6),  # plain steps planned ahead
     ]
     got, _ = assert_each_equals_solo(mtp, requests)
     # the batch did not make the samples the same: they follow each row's seed
@@ -225,7 +226,8 @@ def test_a_failing_row_ends_alone():
 def test_one_forward_per_step_for_every_row(monkeypatch):
     """Each step launches every active row's next step in one packed forward
     (the first step also its own), before it hands the events out; rows
-    that joined take part from the step after they were added."""
+    that joined are prefilled together in one forward and take part from
+    the step after they were added."""
     from mlx_mtp.model.mtp_model import MTPModel
 
     calls = []
@@ -248,9 +250,11 @@ def test_one_forward_per_step_for_every_row(monkeypatch):
         before = len(calls)
         events = batch.step()
         per_step.append((calls[before:], len(batch), {e.uid for e in events}))
-    assert per_step[0][0] == [2, 2]
-    for launched, active, _ in per_step[1:]:
-        assert launched == ([active] if active else [])
+    assert per_step[0][0] == [2, 2, 2]  # both prompts prefilled together, this step, the next
+    assert per_step[2][0] == [1, 3]  # c's prompt, then the three rows' next step
+    for i, (launched, active, _) in enumerate(per_step[1:], 1):
+        if i != 2:
+            assert launched == ([active] if active else [])
     assert "c" not in per_step[2][2] and "c" in per_step[3][2]
 
 
