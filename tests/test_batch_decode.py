@@ -290,3 +290,30 @@ def test_batch_generate_equals_generate_and_mlx_lm(loaded):
         assert got.stats.generation_steps >= max(max_tokens) / K
     with pytest.raises(ValueError, match="max_tokens has 2 entries for 4 prompts"):
         batch_generate(model, tokenizer, prompts, max_tokens=[3, 4])
+
+
+def test_rows_continue_their_prompt_caches():
+    """Rows whose prompt caches hold earlier text (of different lengths) and
+    a row without: each continues its text as mlx-lm does, and each cache
+    ends holding its text, the prompt and every token handed out."""
+    mtp = mtp_for("qwen3")
+    before = [make_prompt(n, seed=100 + n) for n in (10, 23)]
+    prompts = [make_prompt(n, seed=200 + n) for n in (5, 3, 8)]
+
+    def holding(text):
+        cache = mtp.make_cache()
+        SpeculativeDecoder(mtp, fixed()).prefill(text, cache)
+        return cache
+
+    caches = [holding(before[0]), holding(before[1]), None]
+    batch = BatchDecoder(mtp, fixed(num_masks=0, lookup=4, lookup_ngram=1))
+    for i, (prompt, cache) in enumerate(zip(prompts, caches)):
+        batch.add(i, prompt, 14, cache=cache)
+    got = {i: [] for i in range(3)}
+    while len(batch):
+        for event in batch.step():
+            got[event.uid] += event.step.tokens
+    texts = [before[0] + prompts[0], before[1] + prompts[1], prompts[2]]
+    assert [got[i] for i in range(3)] == [reference(mtp.model, text, 14) for text in texts]
+    for cache, text, i in zip(caches[:2], texts, range(2)):
+        assert cache[0].committed == len(text) + len(got[i])
