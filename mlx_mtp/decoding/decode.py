@@ -89,11 +89,15 @@ prefilled in chunks through the plain causal forward.
 The loop (:meth:`SpeculativeDecoder.steps`) names its parts: *plan*
 (:meth:`~SpeculativeDecoder._plan`: the policy's choice or the fixed
 settings', a :class:`~mlx_mtp.decoding.steps.Plan`), *launch*
-(:meth:`~SpeculativeDecoder._launch`, and :meth:`~SpeculativeDecoder._ahead`
+(:meth:`~SpeculativeDecoder._launch`: the forward over what the plan feeds,
+:meth:`~SpeculativeDecoder.feed`, then :meth:`~SpeculativeDecoder.conclude`
+and :meth:`~SpeculativeDecoder.submit`; and :meth:`~SpeculativeDecoder.ahead`
 for a plain step launched before the current one is read), *verify and
-commit* (:meth:`~SpeculativeDecoder._sync`: the one sync), *cut* at EOS or the
-budget, *next* (plan and launch the following step while the host still
-holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
+commit* (:meth:`~SpeculativeDecoder.read`: the one sync) with the *cut* at EOS or the
+budget, *next* (:meth:`~SpeculativeDecoder.next_plan`, launched while the
+host still holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
+Continuous batching (:mod:`mlx_mtp.decoding.batch`) runs the same parts for
+every row of a batch, the forwards of all rows in one.
 """
 
 import time
@@ -103,14 +107,16 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 import mlx.core as mx
 
 from ..model.cache import SpecCache, commit
-from ..model.layouts import block_layout, linear_layout, tree_parents
+from ..model.layouts import Layout, block_layout, linear_layout, tree_parents
 from ..model.mtp_model import MTPModel
+from ..model.rows import Feed
 from .constraint import ConstraintMatcher, allowed_tokens, apply_bitmask
 from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
 from .observer import PolicyObserver
 from .policy import Choice, CopyDraft, Policy, StepDrafts
+from .randomness import RandomStream
 from .settings import MODES, DecodeSettings, resolve_num_masks
 from .state import DecodingState
 from .steps import NO_CHAIN, PROB_SCALE, Chain, Finished, Launched, Plan, Step
@@ -154,6 +160,7 @@ class _Run:
     seen: Optional[List[int]]  # the tokens before the pending one (for logits processors)
     observer: PolicyObserver
     grammar: Optional[ConstraintMatcher] = None  # where the text stands in the settings' constraint
+    random: Optional[RandomStream] = None  # sampling: the generation's own random stream
     generated: int = 0
     grammar_seconds: float = 0.0  # the grammar's host time reported in steps so far
 
@@ -230,6 +237,11 @@ class SpeculativeDecoder:
         """Drafts are the sampler head's argmax (greedy decoding, or a caller's sampler)."""
         return self.settings.greedy
 
+    @property
+    def sampled(self) -> bool:
+        """Steps draw random numbers (temperature > 0, or a caller's sampler)."""
+        return not self.settings.greedy or self.settings.sampler is not None
+
     # --- pieces ------------------------------------------------------------------
     def _probs(self, logits: mx.array) -> mx.array:
         s = self.settings
@@ -268,30 +280,62 @@ class SpeculativeDecoder:
             return verify_greedy(tokens, logits, parents)
         return verify_sampled(tokens, self._probs(logits), q_prev)
 
-    def _forward(self, plan: Plan, tokens: mx.array):
-        """The step's forward: hidden states at the fed tokens (n, d), the
-        masks' (blocks with masks, j, d) and the layout (None: plain causal)."""
-        model, cache, j = self.model, self.cache, plan.masks
+    def feed(self, plan: Plan) -> Tuple[mx.array, Feed, Optional[Layout]]:
+        """What ``plan``'s forward feeds: the fed tokens (n,), the forward's
+        input (:class:`~mlx_mtp.model.rows.Feed`) and its layout (None:
+        plain causal)."""
+        fed, j = plan.fed, plan.masks
+        tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
         if j == 0:
-            return model(tokens[None], cache)[0], None, None
+            return tokens, Feed(tokens), None
         if not plan.tree and not any(plan.masked[:-1]):  # masks after the last token only: plain causal attention
             layout = linear_layout(tokens, j)
-            h = model(layout.tokens[None], cache, gate=layout.gate)[0]
-        else:
-            layout = block_layout(tokens, j, plan.masked, plan.parents if plan.tree else None)
-            h = model.forward_layout(layout, cache)[0]
-        Z = h[layout.masks].reshape(-1, j, h.shape[-1])
-        return h[mx.array(layout.regular)], Z, layout
+            return tokens, Feed(layout.tokens, gate=layout.gate), layout
+        layout = block_layout(tokens, j, plan.masked, plan.parents if plan.tree else None)
+        return tokens, Feed(layout.tokens, layout.positions, layout.mask, layout.gate), layout
 
-    def _launch(self, plan: Plan, seen: Optional[List[int]] = None) -> Launched:
-        """Build one step's graph and start computing it. ``seen``: the
-        tokens before the pending one (for logits processors)."""
+    @staticmethod
+    def split(h: mx.array, layout: Optional[Layout], j: int) -> Tuple[mx.array, Optional[mx.array]]:
+        """A step's hidden states (L, d) split: the fed tokens' (n, d) and
+        the masks' (blocks with masks, j, d; None without masks)."""
+        if layout is None:
+            return h, None
+        return h[mx.array(layout.regular)], h[layout.masks].reshape(-1, j, h.shape[-1])
+
+    def _launch(self, plan: Plan, run: Optional[_Run] = None) -> Launched:
+        """Build one step's graph and start computing it, for the
+        generation ``run`` (its tokens so far for logits processors, its
+        random stream)."""
+        tokens, feed, layout = self.feed(plan)
+        h = self.model(feed.tokens[None], self.cache, feed.positions, feed.mask, feed.gate)[0]
+        regular, Z = self.split(h, layout, plan.masks)
+        step = self.conclude(plan, run, tokens, self.model.lm_head(regular), Z, layout)
+        self.submit([step])
+        return step
+
+    @staticmethod
+    def submit(steps: List[Launched]):
+        """Start computing ``steps``' graphs (one launch for all)."""
+        outputs = []
+        for step in steps:
+            outputs += [step.packed, step.logprobs] + ([step.q_rows] if step.q_rows is not None else [])
+        submitted = time.perf_counter()
+        mx.async_eval(*outputs)
+        for step in steps:
+            step.submitted = submitted
+
+    def conclude(
+        self, plan: Plan, run: Optional[_Run], tokens: mx.array, logits: mx.array, Z: Optional[mx.array], layout
+    ) -> Launched:
+        """The rest of a step's graph after the forward: the caller's logits
+        processors, verification and the masks' next chain, packed for the
+        host (not launched yet). ``logits``: the base model's at the fed
+        tokens (n, V); ``Z``: the masks' hidden states."""
+        if run is not None and run.random is not None:
+            run.random.reseed()
         C, fed, j = self.cache[0].committed, plan.fed, plan.masks
-        tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
-        regular, Z, layout = self._forward(plan, tokens)
-        logits = self.model.lm_head(regular)  # (n, V), at the regular positions only
         if self.logits_processors:
-            logits = self._process(logits, fed, plan.parents, seen or [])
+            logits = self._process(logits, fed, plan.parents, (run.seen if run is not None else None) or [])
         q = plan.q
         if plan.allowed is not None:  # the grammar at each node, after the caller's processors (as mlx-lm's list)
             logits = apply_bitmask(logits, plan.allowed)
@@ -321,11 +365,8 @@ class SpeculativeDecoder:
             if self.costs is not None:  # the policy reads the head's probabilities
                 head.append(mx.round(mx.concatenate([chain.probs, chain.first]) * PROB_SCALE).astype(mx.int32))
             q_rows = chain.q
-        packed = mx.concatenate(head)
-        submitted = time.perf_counter()
-        mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(len(fed))) if layout is None else layout.regular
-        return Launched(plan, regular_index, packed, q_rows, logprobs, submitted)
+        return Launched(plan, regular_index, mx.concatenate(head), q_rows, logprobs)
 
     def _finish(self, step: Launched) -> Finished:
         """Wait for a step (the one sync) and read it."""
@@ -353,12 +394,13 @@ class SpeculativeDecoder:
         rows = [0] + path
         return Finished(emitted, a, best, targets, chain, keep, rows)
 
-    def _ahead(self, step: Launched, run: _Run) -> Optional[Launched]:
-        """The step after ``step``, launched before ``step`` is read (as
-        mlx-lm does), where both are plain steps: its token is ``step``'s,
-        still on the device, and ``step``'s cache entry is committed now.
-        Only where the next step would be plain whatever ``step`` emits:
-        plain decoding (no masks, no copies), or the policy's say
+    def ahead(self, step: Launched, run: _Run) -> Optional[Plan]:
+        """The plan of the step after ``step``, decided before ``step`` is
+        read, where both are plain steps: its token is ``step``'s, still on
+        the device, and ``step``'s cache entry is committed now (the loop
+        launches it before reading ``step``, as mlx-lm does). Only where the
+        next step would be plain whatever ``step`` emits: plain decoding (no
+        masks, no copies), or the policy's say
         (:meth:`~mlx_mtp.decoding.policy.Policy.pipelines`). None otherwise."""
         plan = step.plan
         if plan.kind != "plain" or plan.masks or self.logits_processors or self.settings.constraint is not None:
@@ -376,7 +418,7 @@ class SpeculativeDecoder:
         commit(self.cache, [0])
         step.committed = True
         token = step.packed[2:3]  # the base model's token after the pending one, on the device
-        return self._launch(Plan([token], (), (False,), 0, [], kind="plain", choice=choice))
+        return Plan([token], (), (False,), 0, [], kind="plain", choice=choice)
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Fixed settings: which of the n fed tokens get k masks after them:
@@ -579,16 +621,17 @@ class SpeculativeDecoder:
         eos_token_ids: Iterable[int] = (),
         cache: Optional[List[SpecCache]] = None,
         context: Sequence[int] = (),
+        random: Optional[RandomStream] = None,
     ) -> Iterator[Step]:
         """Generate from ``prompt`` (token ids), one :class:`Step` per
         verification pass. Stops after the first EOS token (which is emitted),
         after ``max_tokens`` tokens, or at the context limit.
 
         Each pass: launch the next plain step ahead where it will be plain
-        anyway (:meth:`_ahead`), wait for this one and commit what it
+        anyway (:meth:`ahead`), wait for this one and commit what it
         accepted (:meth:`_sync`), cut at EOS or the budget (:meth:`_cut`),
-        plan and launch the next one (:meth:`_next`) while the host hands
-        these tokens out (:meth:`_emit`).
+        plan and launch the next one (:meth:`next_plan`) while the host hands
+        these tokens out (:meth:`emit`).
 
         Args:
             cache: a prompt cache holding text before ``prompt`` (None: a
@@ -596,6 +639,9 @@ class SpeculativeDecoder:
                 token but the last of each step, see :meth:`settle`.
             context: the tokens in ``cache``, where known (prompt lookup
                 drafts from them too; speed only).
+            random: the generation's random stream where it samples
+                (:mod:`mlx_mtp.decoding.randomness`; None: drawn from mlx's
+                global random state when the generation starts).
         """
         prompt = [int(t) for t in prompt]
         cached = 0 if cache is None else cache[0].committed
@@ -612,23 +658,47 @@ class SpeculativeDecoder:
         budget = self.budget(len(prompt), max_tokens, cached)
         if budget == 0:
             return
-        run = self._start(prompt, cache, context, budget, eos)
-        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget, run.grammar), run.seen)
+        run, plan = self.begin(prompt, budget, eos, cache, context, random)
+        step = self._launch(plan, run)
         while True:
-            ahead = self._ahead(step, run)
-            done = self._sync(step, run)
-            emitted, stop = self._cut(done.emitted, run)
-            nxt = None if stop else self._next(step, done, emitted, ahead, run)
-            yield self._emit(step, done, emitted, run)
+            ahead = self.ahead(step, run)
+            nxt = None if ahead is None else self._launch(ahead, run)
+            done, emitted, stop = self.read(step, run)
+            if not stop:
+                plan = self.next_plan(done, emitted, ahead, run)
+                if nxt is None:
+                    nxt = self._launch(plan, run)
+                    run.observer.launched(step.plan, nxt)
+            yield self.emit(step, done, emitted, run)
             if stop:
                 return
             step = nxt
             if run.generated % 256 < len(emitted):
                 mx.clear_cache()
 
-    def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int]) -> _Run:
-        """Prefill all but the prompt's last token; this generation's lookup and policy."""
-        self.prefill(prompt[:-1], cache)
+    def begin(
+        self,
+        prompt: List[int],
+        budget: int,
+        eos: Set[int],
+        cache,
+        context: Sequence[int],
+        random,
+        prefilled: bool = False,
+    ):
+        """A generation's start (:meth:`steps`' arguments, its ``budget``
+        > 0): its state between steps (:meth:`_start`) and its first plan.
+        ``prefilled``: :attr:`cache` holds all but the prompt's last token already."""
+        run = self._start(prompt, cache, context, budget, eos, random, prefilled)
+        return run, self._plan(prompt[-1], run.lookup, NO_CHAIN, budget, run.grammar)
+
+    def _start(
+        self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int], random, prefilled=False
+    ) -> _Run:
+        """Prefill all but the prompt's last token (unless ``prefilled``);
+        this generation's lookup, policy and random stream."""
+        if not prefilled:
+            self.prefill(prompt[:-1], cache)
         ngram = self.settings.lookup_ngram
         lookup = NGramLookup(ngram, max(ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:
@@ -639,7 +709,17 @@ class SpeculativeDecoder:
         seen = prompt[:-1] if self.logits_processors else None
         constraint = self.settings.constraint
         grammar = constraint.matcher() if constraint is not None else None
-        return _Run(budget, eos, lookup, seen, PolicyObserver(self.policy, self._timed, self.greedy), grammar)
+        if self.sampled and random is None:
+            random = RandomStream.drawn()
+        observer = PolicyObserver(self.policy, self._timed, self.greedy)
+        return _Run(budget, eos, lookup, seen, observer, grammar, random if self.sampled else None)
+
+    def read(self, step: Launched, run: _Run) -> Tuple[Finished, List[int], bool]:
+        """Wait for ``step`` and commit what it accepted (:meth:`_sync`); the
+        tokens to hand out and whether the generation ends (:meth:`_cut`)."""
+        done = self._sync(step, run)
+        emitted, stop = self._cut(done.emitted, run)
+        return done, emitted, stop
 
     def _sync(self, step: Launched, run: _Run) -> Finished:
         """Wait for ``step`` (the one sync), tell the policy, commit what it accepted."""
@@ -665,21 +745,19 @@ class SpeculativeDecoder:
         run.generated += len(emitted)
         return emitted, stop
 
-    def _next(self, step: Launched, done: Finished, emitted: List[int], ahead, run: _Run) -> Launched:
-        """The next step in flight (before the host hands over ``emitted``):
-        the one launched ahead, or planned and launched now."""
+    def next_plan(self, done: Finished, emitted: List[int], ahead: Optional[Plan], run: _Run) -> Plan:
+        """The next step's plan (before the host hands over ``emitted``):
+        the one decided ahead (:meth:`ahead`), or planned now."""
         if run.lookup is not None:
             run.lookup.extend(emitted)
         if ahead is not None:
             if self.policy is not None:  # what the step would have been, launched now
                 run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
             return ahead
-        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room, run.grammar), run.seen)
-        run.observer.launched(step.plan, launched)
-        return launched
+        return self._plan(emitted[-1], run.lookup, done.chain, run.room, run.grammar)
 
     @staticmethod
-    def _emit(step: Launched, done: Finished, emitted: List[int], run: _Run) -> Step:
+    def emit(step: Launched, done: Finished, emitted: List[int], run: _Run) -> Step:
         """What the caller gets of a step."""
         seconds = 0.0
         if run.grammar is not None:

@@ -27,7 +27,7 @@ without the seams can be wrapped only without an adapter (plain decoding).
 """
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,6 +40,7 @@ from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers, resolv
 from .layouts import Layout
 from .masks import MaskEmbeddings
 from .rope import PositionalRoPE, install_positional_rope  # noqa: F401  (PositionalRoPE: re-exported)
+from .rows import Feed, RowsCache, install_row_attention
 from .sampler import SamplerConfig, SamplerHead
 
 
@@ -128,6 +129,17 @@ def embedding_shape(embed: nn.Module):
     return vocab, dims
 
 
+class _Rows(NamedTuple):
+    """Rows packed along the token axis, for one forward (:meth:`MTPModel.forward_rows`)."""
+
+    tokens: mx.array  # (1, sum L)
+    caches: List[List[SpecCache]]
+    lengths: List[int]
+    positions: mx.array  # (1, sum L): every token's absolute position
+    gates: List[Optional[mx.array]]  # each row's LoRA gate (1, L, 1), or None
+    steps: List[Optional[tuple]]  # each row's (positions, mask) of a masked forward, or None
+
+
 class MTPModel(nn.Module):
     """An mlx-lm model with (optionally) mask embeddings, gated LoRA and a
     sampler head. Only the adapter parts are trainable."""
@@ -139,10 +151,13 @@ class MTPModel(nn.Module):
             support.require()
         # not part of the module tree: a plain attribute
         object.__setattr__(self, "support", support)
+        # whether several sequences can share a forward (forward_rows)
+        self.packs_rows = False
         if support.supported:
             model = language_model(model)
             install_positional_rope(model)
             self._slot = install_mask_embedding(model.model.embed_tokens)
+            self.packs_rows = install_row_attention(model_layers(model))
         self.model = model
         self.model.freeze()
         self._gate = Gate()
@@ -251,35 +266,103 @@ class MTPModel(nn.Module):
         B, L = tokens.shape
         C = cache[0].committed
         if positions is not None or mask is not None:
-            if positions is None:
-                positions = mx.arange(L, dtype=mx.int32)
-            positions = mx.broadcast_to(positions.astype(mx.int32) + C, (B, L))
-            if mask is None:
-                mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
-            if mask.ndim == 2:
-                mask = mask[None]
-            if C and mask.shape[-1] == L:
-                seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
-                mask = mx.concatenate([seen, mask], axis=-1)
-            elif mask.shape[-1] != C + L:
-                raise ValueError(
-                    f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) or {C + L} (committed + new)"
-                )
+            positions, mask = self._step_arrays(B, L, C, positions, mask)
             if mask.shape[0] > 1 and not self.support.batched_masks:
                 return self._row_by_row(tokens, cache, positions, mask, gate)
             set_step(cache, positions, mask[:, None])
-        if gate is not None and self.masks is not None:
-            g = gate if gate.ndim == 2 else gate[None]
-            self._gate.value = g[..., None].astype(mx.float32)
-        else:
-            self._gate.value = None
+        self._gate.value = self._gate_value(gate)
+        return self._inner(tokens, cache, [cache])
+
+    @staticmethod
+    def _step_arrays(B: int, L: int, C: int, positions: Optional[mx.array], mask: Optional[mx.array]):
+        """Absolute positions (B, L) and the mask over committed + new
+        tokens (B or 1, L, C + L) of a masked forward (see :meth:`__call__`)."""
+        if positions is None:
+            positions = mx.arange(L, dtype=mx.int32)
+        positions = mx.broadcast_to(positions.astype(mx.int32) + C, (B, L))
+        if mask is None:
+            mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        if mask.ndim == 2:
+            mask = mask[None]
+        if C and mask.shape[-1] == L:
+            seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
+            mask = mx.concatenate([seen, mask], axis=-1)
+        elif mask.shape[-1] != C + L:
+            raise ValueError(
+                f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) or {C + L} (committed + new)"
+            )
+        return positions, mask
+
+    def _gate_value(self, gate: Optional[mx.array]) -> Optional[mx.array]:
+        """The LoRA gate of a forward, (B, L, 1) float32 (None: LoRA off)."""
+        if gate is None or self.masks is None:
+            return None
+        g = gate if gate.ndim == 2 else gate[None]
+        return g[..., None].astype(mx.float32)
+
+    def _inner(self, tokens: mx.array, layer_caches: list, row_caches: List[List[SpecCache]]) -> mx.array:
+        """The inner model over ``tokens`` with the gate set; every row's
+        step (positions, mask) and the gate cleared afterwards."""
         self._slot.masks = self.masks
         try:
-            h = self.model.model(tokens, cache)
+            return self.model.model(tokens, layer_caches)
         finally:
             self._gate.value = None
             self._slot.masks = None
-            set_step(cache, None, None)
+            for cache in row_caches:
+                set_step(cache, None, None)
+
+    def forward_rows(self, feeds: List[Feed], caches: List[List[SpecCache]]) -> List[mx.array]:
+        """Hidden states (L_r, d) of several rows in one forward, each row
+        ``feeds[r]`` over its own cache ``caches[r]``, packed along the token
+        axis with attention row by row (:mod:`mlx_mtp.model.rows`): each
+        row's attention is exactly its own forward's."""
+        self._require_seams()
+        if not self.packs_rows:
+            raise ValueError(f"model type '{self.support.model_type}' cannot pack rows: no attention module found")
+        lengths, gates, positions, steps = [], [], [], []
+        for feed, cache in zip(feeds, caches):
+            L, C = feed.tokens.shape[0], cache[0].committed
+            lengths.append(L)
+            step = None
+            if feed.positions is not None or feed.mask is not None:
+                step = self._step_arrays(1, L, C, feed.positions, feed.mask)
+            positions.append(mx.arange(C, C + L, dtype=mx.int32) if step is None else step[0][0])
+            steps.append(step)
+            gates.append(self._gate_value(feed.gate))
+        tokens = mx.concatenate([feed.tokens.astype(mx.int32) for feed in feeds])[None]
+        rows = _Rows(tokens, caches, lengths, mx.concatenate(positions)[None], gates, steps)
+        try:
+            h = self._packed(rows)
+        except (ValueError, TypeError, RuntimeError):
+            # an attention that uses the mask or the keys itself: run it whole, row by row, from now on
+            install_row_attention(model_layers(self.model), whole=True)
+            h = self._packed(rows)
+        bounds = [sum(lengths[: r + 1]) for r in range(len(lengths) - 1)]
+        return mx.split(h, bounds, axis=0) if bounds else [h]
+
+    def _packed(self, rows: "_Rows") -> mx.array:
+        """The inner model over rows packed along the token axis (:meth:`forward_rows`)."""
+        for cache, step in zip(rows.caches, rows.steps):
+            if step is not None:
+                set_step(cache, step[0], step[1][:, None])
+        self._gate.value = None
+        if any(g is not None for g in rows.gates):
+            # rows without masks: a zero gate adds exact zeros (gated_lora)
+            gates = [
+                mx.zeros((1, L, 1), dtype=mx.float32) if g is None else g for g, L in zip(rows.gates, rows.lengths)
+            ]
+            self._gate.value = mx.concatenate(gates, axis=1)
+        layers = [
+            RowsCache([c[i] for c in rows.caches], rows.lengths, rows.positions, rows.gates, self._gate)
+            for i in range(len(rows.caches[0]))
+        ]
+        h = self._inner(rows.tokens, layers, rows.caches)[0]
+        if any(layer.fetched is not None for layer in layers):  # keys written, but no attention read them
+            raise RuntimeError(
+                f"model type '{self.support.model_type}': its attention does not go through mlx-lm's "
+                "scaled_dot_product_attention"
+            )
         return h
 
     def _row_by_row(self, tokens, cache, positions, mask, gate) -> mx.array:
