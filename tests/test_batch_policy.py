@@ -1,0 +1,99 @@
+"""The per-step policy in a batch (mlx_mtp.decoding.policy.BatchLoad): a
+row's plan is priced in the batch's forward, so it drafts less as the batch
+fills where width costs (a CPU) and not where it is nearly free (a GPU);
+alone, nothing changes."""
+
+import pytest
+
+from mlx_mtp.calibration import CostModel
+from mlx_mtp.calibration.costs import interpolate
+from mlx_mtp.decoding.policy import ALONE, BatchLoad, CopyDraft, Policy, StepDrafts
+
+CONTEXT = 300
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# a forward over N tokens in all, in one-token forwards: the default model's
+# shape on this CPU (fp32, OpenBLAS; docs/calibration.md), any split into rows
+CPU_SHAPE = [1.0, 1.08, 1.23, 1.43, 1.85, 2.85, 4.64, 8.12, 15.1]
+
+
+def model(shape, gated: float, sampler: float) -> CostModel:
+    """Costs of a forward over N tokens, ``shape(N)`` x 10 ms (x ``gated``
+    on the gated path), a batch costing one row of its tokens."""
+
+    def cost(width, context, is_gated):
+        return 0.01 * shape(width) * (gated if is_gated else 1.0)
+
+    return CostModel.from_function(
+        cost, widths=TOKENS, sampler_call=sampler * 0.01, batch=lambda rows, width: cost(rows * width, 0, False)
+    )
+
+
+CPU = model(lambda n: interpolate(TOKENS, CPU_SHAPE, n), gated=1.6, sampler=0.03)
+# width nearly free up to 64 tokens in all (an assumed GPU)
+GPU = model(lambda n: 1.0 + min(n, 64) / 512 + max(n - 64, 0) / 64, gated=1.05, sampler=0.01)
+
+COPY = StepDrafts(CONTEXT, copy=CopyDraft(6, "lookup", ngram=3))
+CHAIN = StepDrafts(CONTEXT, chain_probs=(0.5, 0.5, 0.5, 0.5), branch_probs=(0.5,))
+
+
+def loaded(drafts: StepDrafts, others: int, each: int = 1) -> StepDrafts:
+    """``drafts`` beside ``others`` rows feeding ``each`` tokens."""
+    load = BatchLoad(others, others * each) if others else ALONE
+    return StepDrafts(drafts.context, drafts.copy, drafts.chain_probs, drafts.branch_probs, load=load)
+
+
+def widths(costs: CostModel, drafts: StepDrafts, max_masks: int = 0):
+    return [Policy(costs, max_masks=max_masks, max_copy=6).choose(loaded(drafts, n)).width for n in (0, 1, 3, 7)]
+
+
+def test_a_row_in_a_batch_pays_its_share_and_what_its_width_adds():
+    costs = model(lambda n: 1.0 + 0.1 * (n - 1), gated=2.0, sampler=0.0)
+    policy = Policy(costs, max_masks=2)
+    # 4 rows, the others feeding 5 tokens: 6 tokens without this row's drafts, 8 with 2 more
+    load = BatchLoad(3, 5)
+    assert policy.seconds(3, 0, CONTEXT, load) == pytest.approx(0.01 * (1.5 / 4 + 1.7 - 1.5))
+    # masks where the others feed none: the whole forward takes the gated path
+    assert policy.seconds(3, 1, CONTEXT, load) == pytest.approx(0.01 * (1.5 / 4 + 2 * 1.7 - 1.5))
+    assert policy.seconds(3, 1, CONTEXT, BatchLoad(3, 5, gated=True)) == pytest.approx(0.01 * 2 * (1.5 / 4 + 0.2))
+    # alone: the forward itself
+    assert policy.seconds(3, 0, CONTEXT) == policy.seconds(3, 0, CONTEXT, ALONE) == pytest.approx(0.01 * 1.2)
+
+
+def test_cpu_costs_draft_less_as_the_batch_fills():
+    assert widths(CPU, COPY) == [7, 7, 7, 4]
+    assert widths(CPU, CHAIN, max_masks=4) == [5, 4, 3, 2]
+    # beside rows that feed 8 tokens each the forward is past its bend (each
+    # token ~6% of a one-token forward, the row's share 0.53 of one): width pays again
+    wide = Policy(CPU, max_masks=0, max_copy=6).choose(loaded(COPY, 7, each=8))
+    assert wide.width == 7 and wide.load == BatchLoad(7, 56)
+
+
+def test_gpu_costs_keep_the_width():
+    assert widths(GPU, COPY) == [7, 7, 7, 7]
+    assert widths(GPU, StepDrafts(CONTEXT, copy=CopyDraft(4, "datastore", ngram=3))) == [5] * 4
+
+
+def test_the_long_run_rate_is_the_rows_share():
+    """rho in a batch of 8 one-token rows is a row's share of the batch's
+    plain rate; alone it is plain decoding's."""
+    policy = Policy(CPU, max_masks=0)
+    assert policy.regime(CONTEXT).rate == pytest.approx(1 / CPU.cost(1, CONTEXT))
+    assert policy.regime(CONTEXT, BatchLoad(7, 7)).rate == pytest.approx(8 / CPU.batch_cost(8, 8, CONTEXT))
+    assert policy.regime(CONTEXT).rate == pytest.approx(1 / CPU.cost(1, CONTEXT))  # each load its own
+
+
+def test_alone_is_unchanged_and_steps_in_a_batch_are_not_timed():
+    policy = Policy(CPU, max_masks=4, max_copy=6)
+    solo = policy.choose(COPY)
+    assert solo == policy.choose(loaded(COPY, 0)) and solo.load == ALONE
+    batch = policy.choose(loaded(COPY, 7))
+    policy.observe(batch, copy_right=3, seconds=10 * batch.seconds)  # the batch's whole forward
+    assert policy.scale == {False: 1.0, True: 1.0} and policy.band_scale == {}
+    policy.observe(solo, copy_right=3, seconds=2 * solo.seconds)
+    assert policy.scale[False] > 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(rows=-1), dict(rows=2, tokens=1), dict(tokens=3), dict(gated=True)])
+def test_impossible_loads_are_refused(bad):
+    with pytest.raises(ValueError):
+        BatchLoad(**bad)
