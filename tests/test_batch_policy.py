@@ -97,3 +97,20 @@ def test_alone_is_unchanged_and_steps_in_a_batch_are_not_timed():
 def test_impossible_loads_are_refused(bad):
     with pytest.raises(ValueError):
         BatchLoad(**bad)
+
+
+@pytest.mark.parametrize("settings, priced_in_batch", [({}, True), ({"temp": 1.0}, False)])
+def test_the_decoder_passes_the_load_under_greedy_decoding_only(settings, priced_in_batch):
+    """A sampled row chooses as it does alone (its choices decide how it
+    consumes the random stream), whatever the batch beside it."""
+    from mlx_mtp.decoding.steps import NO_CHAIN
+
+    from conftest import decoder_for, mtp_for
+
+    decoder = decoder_for(mtp_for("llama"), num_masks=2, lookup=4, costs=CPU, **settings)
+    decoder.prefill([1, 2, 3, 4])
+    decoder.policy = decoder._make_policy()
+    load = BatchLoad(7, 7)
+    choice, _ = decoder._choose(None, NO_CHAIN, -1, load)
+    assert choice.load == (load if priced_in_batch else ALONE)
+    assert decoder._choose(None, NO_CHAIN, -1)[0].load == ALONE

@@ -109,7 +109,7 @@ from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts
 from .fallback import plain_fallback
 from .lookup import NGramLookup
 from .observer import PolicyObserver
-from .policy import Choice, CopyDraft, Policy, StepDrafts
+from .policy import ALONE, BatchLoad, Choice, CopyDraft, Policy, StepDrafts
 from .settings import MODES, DecodeSettings, resolve_num_masks
 from .state import DecodingState
 from .steps import NO_CHAIN, PROB_SCALE, Chain, Finished, Launched, Plan, Step
@@ -385,12 +385,15 @@ class SpeculativeDecoder:
     def _copied(self, lookup: Optional[NGramLookup]) -> Drafts:
         return copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else Drafts([], "mtp")
 
-    def _plan(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
-        """The next step's plan: the policy's choice, or the fixed settings'
-        (copied drafts where there are any, else the masks' speculations),
-        with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
+    def _plan(
+        self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int, load: BatchLoad = ALONE
+    ) -> Plan:
+        """The next step's plan: the policy's choice (``load``: what the rest
+        of a batch feeds beside it), or the fixed settings' (copied drafts
+        where there are any, else the masks' speculations), with at most
+        ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
         if self.policy is not None:
-            return self._plan_policy(pending, lookup, chain, room)
+            return self._plan_policy(pending, lookup, chain, room, load)
         copied = self._copied(lookup)
         specs, q, source = chain.specs, chain.q, "mtp"
         if copied.tokens:
@@ -412,8 +415,14 @@ class SpeculativeDecoder:
         parents = tree_parents([len(branch) for branch in specs])
         return Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
 
-    def _choose(self, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Tuple[Choice, Drafts]:
-        """The policy's choice for the next step, and the copy it was offered."""
+    def _choose(
+        self, lookup: Optional[NGramLookup], chain: Chain, room: int, load: BatchLoad = ALONE
+    ) -> Tuple[Choice, Drafts]:
+        """The policy's choice for the next step, and the copy it was offered;
+        in a batch (``load``) priced in the batch's forward under greedy
+        decoding only: a sampled row's choices decide how it consumes the
+        random stream, so they must be those it makes alone (its output is
+        then the one it has alone, whichever requests share its steps)."""
         copied = self._copied(lookup)
         offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
         drafts = StepDrafts(
@@ -422,12 +431,15 @@ class SpeculativeDecoder:
             chain_probs=tuple(chain.probs[0]) if chain.specs else (),
             branch_probs=tuple(chain.first) if chain.specs else (),
             room=room,
+            load=load if self._timed else ALONE,
         )
         return self.policy.choose(drafts), copied
 
-    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
+    def _plan_policy(
+        self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int, load: BatchLoad = ALONE
+    ) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
-        choice, copied = self._choose(lookup, chain, room)
+        choice, copied = self._choose(lookup, chain, room, load)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
         branches: List[Tuple[str, List[int]]] = []
