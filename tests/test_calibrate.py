@@ -50,26 +50,25 @@ def test_no_gated_costs_without_an_adapter():
 
 
 def batched(**kw) -> CostTable:
-    """:func:`table` with batched forwards at context 64: 2 rows cost 1.1x
-    one row of the same tokens, 4 rows 1.2x (one row: 1, 2, 4, then 8 at
-    width 8 along the last slope)."""
+    """:func:`table` with batched forwards at context 64: 2 and 4 rows x 1
+    and 2 tokens each."""
     return table(batch_rows=[2, 4], batch_widths=[1, 2], batch_context=64, batch=[[2.2, 4.4], [4.8, 9.6]], **kw)
 
 
-def test_batch_cost_fits_the_batched_forwards():
+def test_batch_cost_interpolates_the_batched_forwards():
     cm = CostModel(batched())
     assert cm.batch_cost(2, 2, 64) == pytest.approx(2.2) and cm.batch_cost(4, 8, 64) == pytest.approx(9.6)
-    assert cm.excess(2, 4) == pytest.approx(1.1) and cm.excess(4, 4) == pytest.approx(1.2)
-    assert cm.batch_cost(3, 3, 64) == pytest.approx(3.0 * 1.15)  # between 2 and 4 rows
-    assert cm.batch_cost(8, 8, 64) == pytest.approx(8.0 * 1.4)  # past 4 rows: the last slope
-    assert cm.batch_cost(2, 10, 64) == pytest.approx(10.0 * 1.1)  # 5 per row: held at the widest measured
-    assert cm.batch_cost(2, 2, 1024) == pytest.approx(3.0 * 1.1)  # the one-row cost's context change
+    assert cm.batch_cost(3, 3, 64) == pytest.approx(3.5)  # between 2 and 4 rows
+    assert cm.batch_cost(8, 8, 64) == pytest.approx(10.0)  # past 4 rows: the last slope
+    assert cm.batch_cost(2, 10, 64) == pytest.approx(11.0)  # 5 tokens a row: the last slope
+    assert cm.batch_cost(4, 6, 64) == pytest.approx(7.2)  # 1.5 a row
+    assert cm.batch_cost(2, 2, 1024) == pytest.approx(3.2)  # + one row's change in context at 2 tokens
+    assert cm.batch_cost(2, 2, 64, gated=True) == pytest.approx(3.3)  # x one row's gated share at 2 tokens
     assert cm.batch_cost(1, 3, 64, gated=True) == cm.cost(3, 64, gated=True) == pytest.approx(4.5)
-    assert cm.batch_cost(2, 2, 64, gated=True) == pytest.approx(3.0 * 1.1)
     # without batched forwards (an older table): one row of the same tokens
     old = CostModel(table())
-    assert old.excess(4, 8) == 1.0 and old.batch_cost(4, 8, 64) == pytest.approx(8.0)
-    assert "not measured" in old.describe() and "1.10x" in cm.describe() and "T=2" in cm.describe_batch()
+    assert old.batch_cost(4, 8, 64) == pytest.approx(8.0) and old.batch_cost(2, 2, 64, gated=True) == 3.0
+    assert "not measured" in old.describe() and "9600.0ms" in cm.describe() and "4.80x" in cm.describe_batch()
 
 
 def test_batch_costs_round_trip_and_older_files_load(tmp_path):
@@ -230,6 +229,15 @@ def test_calibrate_measures_batched_forwards_with_a_progress_report():
     assert [done for done, _ in told] == list(range(1, t.timings + 1)) + [t.timings]
     assert all(done <= most for done, most in told) and told[-1] == (t.timings, t.timings)
     assert CostModel(t).batch_cost(4, 8, 256) > 0
+
+
+def test_batched_forwards_cost_no_less_with_more_rows_or_width(monkeypatch):
+    """A timing disturbed by other processes is capped by what a forward
+    it could be padded to cost: wider, or of more rows."""
+    noisy = {(2, 1): 3.0, (2, 2): 3.5, (4, 1): 2.5, (4, 2): 4.0}
+    monkeypatch.setattr(measure, "time_round_robin", lambda runs, repeats, tick=None: ({k: noisy[k] for k in runs}, 4))
+    grid, count = measure.calibrate_batch(tiny_mtp(num_masks=2), rows=(2, 4), widths=(1, 2), context=8)
+    assert grid == [[2.5, 3.5], [2.5, 4.0]] and count == 4
 
 
 def test_calibrate_without_adapter_has_no_gated_costs():

@@ -9,9 +9,8 @@ measured costs at a few widths and contexts; the model interpolates them
 
 A batch of R rows (requests) verified together is one forward over all their
 new tokens; the table also holds such batched forwards, measured at one
-context for a few row counts and widths per row, and the model prices a
-batch as one row of the same total tokens times what splitting them over R
-rows adds (:meth:`CostModel.batch_cost`).
+context for a few row counts and widths per row, which the model
+interpolates (:meth:`CostModel.batch_cost`).
 :mod:`mlx_mtp.calibration.measure` measures them, :mod:`mlx_mtp.calibration.store`
 caches them on disk.
 """
@@ -154,32 +153,24 @@ class CostModel:
 
     def batch_cost(self, rows: int, tokens: int, context: int, gated: bool = False) -> float:
         """Seconds for one batched forward of ``rows`` rows feeding ``tokens``
-        new tokens in all after ``context`` cached tokens each: a forward of
-        one row over the same tokens (:meth:`cost`: attention over the cache
-        costs the same, ~tokens x context) times what splitting them over
-        the rows adds (:meth:`excess`)."""
-        one = self.cost(tokens, context, gated)
-        return one if rows <= 1 else one * self.excess(rows, tokens)
-
-    def excess(self, rows: int, tokens: int) -> float:
-        """A batched forward of ``rows`` rows over ``tokens`` tokens in all,
-        over one row's forward of the same tokens, both at the batch's
-        context measured: from each measured row count, interpolated in the
-        width per row (held past the measured ones), then linearly in the
-        rows (1 at one row, extended past the most measured); 1 where the
-        table has no batched forwards (measured within a few percent of it
-        on a CPU, docs/calibration.md)."""
+        new tokens in all after ``context`` cached tokens each (one row:
+        :meth:`cost`). From the batched forwards measured at the batch's
+        context: piecewise linear in the tokens per row, then in the rows
+        (both extended linearly past the measured ones); then the change in
+        context and the gated path's share as one row's forward of the same
+        tokens has them (attention over the cache costs ~tokens x context
+        whatever the rows). Without batched forwards (a table of version 1):
+        one row's forward of the same tokens, within a few percent of the
+        measured on a CPU (docs/calibration.md)."""
         t = self.table
         if rows <= 1 or t.batch is None:
-            return 1.0
-        per_row = min(max(tokens / rows, t.batch_widths[0]), t.batch_widths[-1])
-        ys = [1.0]
-        for r, measured in zip(t.batch_rows, t.batch):
-            ratios = [s / self.cost(r * w, t.batch_context) for w, s in zip(t.batch_widths, measured)]
-            ys.append(interpolate(t.batch_widths, ratios, per_row))
-        # never below the least measured: a spike of load in the one-row
-        # forwards must not make a batch look free
-        return max(interpolate([1] + t.batch_rows, ys, rows), min(ys))
+            return self.cost(tokens, context, gated)
+        per_row = [interpolate(t.batch_widths, measured, tokens / rows) for measured in t.batch]
+        # never below the cheapest batch measured (a batch cannot cost less than fewer rows)
+        seconds = max(interpolate(t.batch_rows, per_row, rows), t.batch[0][0])
+        plain = self.cost(tokens, context)
+        seconds += plain - self.cost(tokens, t.batch_context)
+        return seconds * (self.cost(tokens, context, True) / plain if gated else 1.0)
 
     def chain(self, depth: int) -> float:
         """Seconds for a sampler-head chain of ``depth`` drafted tokens."""
@@ -237,15 +228,15 @@ class CostModel:
 
     def describe_batch(self) -> str:
         """The batched forwards as text: ms per forward by rows and width per
-        row, and over one row's forward of the same tokens (:meth:`excess`)."""
+        row, and relative to one row's one-token forward."""
         t = self.table
         if t.batch is None:
             return "batched forwards: not measured (priced as one row of the same tokens)"
         C = t.batch_context
+        one = self.cost(1, C)
         lines = [f"batched forwards over R rows x T new tokens each, {C} cached tokens per row:"]
         lines.append(f"{'rows':>8} {'':<6}" + "".join(f"{'T=' + str(w):>9}" for w in t.batch_widths))
         for r, measured in zip(t.batch_rows, t.batch):
             lines.append(f"{r:>8} {'':<6}" + "".join(f"{s * 1e3:>7.1f}ms" for s in measured))
-            rel = "".join(f"{s / self.cost(r * w, C):>8.2f}x" for w, s in zip(t.batch_widths, measured))
-            lines.append(f"{'':>8} {'':<6}{rel} (over one row of R x T tokens)")
+            lines.append(f"{'':>8} {'':<6}" + "".join(f"{s / one:>8.2f}x" for s in measured))
         return "\n".join(lines)

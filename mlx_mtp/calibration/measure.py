@@ -262,8 +262,9 @@ def calibrate_batch(
 ) -> Tuple[List[List[float]], int]:
     """Seconds of batched forwards (:func:`batch_fn`) of each of ``rows``
     rows x each of ``widths`` new tokens per row after ``context`` cached
-    tokens per row, round robin (:func:`time_round_robin`), each row made
-    non-decreasing in the width (:func:`_monotone`).
+    tokens per row, round robin (:func:`time_round_robin`), each made at
+    most what a wider forward of as many rows, or one of more rows as wide,
+    cost (:func:`_monotone`: either could be padded to it).
 
     Returns:
         ``[r][w]`` seconds, and the number of timings made.
@@ -277,7 +278,9 @@ def calibrate_batch(
     caches.clear()
     runs.clear()
     mx.clear_cache()
-    return [_monotone([best[(r, w)] for w in widths]) for r in rows], timings
+    grid = [_monotone([best[(r, w)] for w in widths]) for r in rows]
+    columns = [_monotone([row[i] for row in grid]) for i in range(len(widths))]
+    return [[column[j] for column in columns] for j in range(len(rows))], timings
 
 
 def add_batch(model, table: CostTable, repeats: int = REPEATS, progress: Optional[Progress] = None) -> CostTable:
