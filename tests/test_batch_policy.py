@@ -49,12 +49,13 @@ def widths(costs: CostModel, drafts: StepDrafts, max_masks: int = 0):
 def test_a_row_in_a_batch_pays_its_share_and_what_its_width_adds():
     costs = model(lambda n: 1.0 + 0.1 * (n - 1), gated=2.0, sampler=0.0)
     policy = Policy(costs, max_masks=2)
-    # 4 rows, the others feeding 5 tokens: 6 tokens without this row's drafts, 8 with 2 more
+    # 4 rows, the others feeding 5 tokens: a quarter of 4 tokens' forward, and
+    # 6 tokens without this row's drafts, 8 with 2 more
     load = BatchLoad(3, 5)
-    assert policy.seconds(3, 0, CONTEXT, load) == pytest.approx(0.01 * (1.5 / 4 + 1.7 - 1.5))
+    assert policy.seconds(3, 0, CONTEXT, load) == pytest.approx(0.01 * (1.3 / 4 + 1.7 - 1.5))
     # masks where the others feed none: the whole forward takes the gated path
-    assert policy.seconds(3, 1, CONTEXT, load) == pytest.approx(0.01 * (1.5 / 4 + 2 * 1.7 - 1.5))
-    assert policy.seconds(3, 1, CONTEXT, BatchLoad(3, 5, gated=True)) == pytest.approx(0.01 * 2 * (1.5 / 4 + 0.2))
+    assert policy.seconds(3, 1, CONTEXT, load) == pytest.approx(0.01 * (1.3 / 4 + 2 * 1.7 - 1.5))
+    assert policy.seconds(3, 1, CONTEXT, BatchLoad(3, 5, gated=True)) == pytest.approx(0.01 * (1.3 / 4 + 2 * 0.2))
     # alone: the forward itself
     assert policy.seconds(3, 0, CONTEXT) == policy.seconds(3, 0, CONTEXT, ALONE) == pytest.approx(0.01 * 1.2)
 
@@ -62,10 +63,10 @@ def test_a_row_in_a_batch_pays_its_share_and_what_its_width_adds():
 def test_cpu_costs_draft_less_as_the_batch_fills():
     assert widths(CPU, COPY) == [7, 7, 7, 4]
     assert widths(CPU, CHAIN, max_masks=4) == [5, 4, 3, 2]
-    # beside rows that feed 8 tokens each the forward is past its bend (each
-    # token ~6% of a one-token forward, the row's share 0.53 of one): width pays again
+    # beside rows that feed 8 tokens each, past the forward's bend: each token
+    # costs ~6% of a one-token forward against a share of 18%, still dear
     wide = Policy(CPU, max_masks=0, max_copy=6).choose(loaded(COPY, 7, each=8))
-    assert wide.width == 7 and wide.load == BatchLoad(7, 56)
+    assert wide.width == 4 and wide.load == BatchLoad(7, 56)
 
 
 def test_gpu_costs_keep_the_width():
@@ -74,12 +75,14 @@ def test_gpu_costs_keep_the_width():
 
 
 def test_the_long_run_rate_is_the_rows_share():
-    """rho in a batch of 8 one-token rows is a row's share of the batch's
-    plain rate; alone it is plain decoding's."""
+    """rho in a batch of 8 rows is a row's share of the batch's plain rate;
+    alone it is plain decoding's."""
     policy = Policy(CPU, max_masks=0)
     assert policy.regime(CONTEXT).rate == pytest.approx(1 / CPU.cost(1, CONTEXT))
     assert policy.regime(CONTEXT, BatchLoad(7, 7)).rate == pytest.approx(8 / CPU.batch_cost(8, 8, CONTEXT))
     assert policy.regime(CONTEXT).rate == pytest.approx(1 / CPU.cost(1, CONTEXT))  # each load its own
+    # the others' drafts are theirs to pay: the rate plain steps give is the same beside them
+    assert policy.regime(CONTEXT, BatchLoad(7, 56)).rate == pytest.approx(8 / CPU.batch_cost(8, 8, CONTEXT))
 
 
 def test_alone_is_unchanged_and_steps_in_a_batch_are_not_timed():
@@ -114,3 +117,34 @@ def test_the_decoder_passes_the_load_under_greedy_decoding_only(settings, priced
     choice, _ = decoder._choose(None, NO_CHAIN, -1, load)
     assert choice.load == (load if priced_in_batch else ALONE)
     assert decoder._choose(None, NO_CHAIN, -1)[0].load == ALONE
+
+
+def test_the_policy_by_batch_example_prints_each_batch_size(tmp_path):
+    """examples/policy_by_batch.py: per kind of draft and batch size, the
+    plan and its gain over plain batched decoding (1x where nothing is
+    drafted); with CPU-like costs copies shorten as the batch fills."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "policy_by_batch.py"
+    spec = importlib.util.spec_from_file_location("policy_by_batch", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = dict(example.table(CPU, 0, CONTEXT))
+    assert list(rows) == list(example.SCENARIOS) and all(len(r) == 4 for r in rows.values())
+    assert [(c.kind, g) for c, g in rows["nothing to draft"]] == [("plain", 1.0)] * 4
+    copies = [c.width for c, _ in rows["prompt-lookup copy of 8, 3-gram"]]
+    assert copies == sorted(copies, reverse=True) and copies[-1] < copies[0]
+    gpu = dict(example.table(example.gpu_like(), 4, CONTEXT))
+    assert [c.width for c, _ in gpu["prompt-lookup copy of 8, 6-gram"]] == [9] * 4
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(asdict(CPU.table)))
+    env = {"PYTHONPATH": str(root), "PATH": ""}
+    out = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("| B=1: plan, gain |") == 2 and "Assumed Apple-GPU-like" in out.stdout

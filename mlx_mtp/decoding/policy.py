@@ -23,8 +23,8 @@ chains and trees; where a forward over T tokens costs T times one (4-bit
 weights on a CPU) nothing but plain steps can pay, and it picks those.
 
 In a batch (several requests verified in one forward, each with its own
-policy), a step's seconds are the row's share of the batch's forward plus
-what its extra width adds to that forward, from the calibrated cost of
+policy), a step's seconds are the row's share of the batch's least forward
+plus what its drafts add to the forward, from the calibrated cost of
 batched forwards and what the other rows feed (:class:`BatchLoad`): as the
 batch fills, width stops being free where the device is busy, and the
 policy drafts less there (:meth:`Policy.seconds`).
@@ -417,16 +417,20 @@ class Policy:
         where none has run yet, the steps of the path (:meth:`observe`).
 
         In a batch (``load``: the other rows), the forward is the batch's,
-        over R rows and N tokens: the row's part of it is its share of the
-        forward the batch feeds without this row's drafts (its pending token,
-        N0 = others' + 1, on the others' path) plus what its own extra width
-        adds to the whole forward (and its masks, where the others feed none:
-        the whole forward takes the gated path),
+        over R rows and N tokens. Each row pays an even share of the least
+        forward the batch could feed (every row its pending token alone, R
+        tokens, plain) and what its own drafts add to the forward as the
+        others load it (N0 = the others' tokens + 1; and its masks, where
+        the others feed none: the whole forward takes the gated path):
 
-            cost(R, N0) / R + cost(R, N0 + width - 1) - cost(R, N0),
+            cost(R, R) / R + cost(R, N0 + width - 1) - cost(R, N0).
 
-        so that a plan is worth its width where the rows' tokens per second
-        together grow (alone, R = 1: the forward itself)."""
+        The rows' parts add up to the forward (where the extra costs add
+        up), and rho is then the batch's rate per row, so a plan is worth its
+        width where it raises the batch's tokens per second; charging the
+        share of the forward as loaded instead would make every row's width
+        look cheap once the others draft, a batch of rows that each copy
+        where none should (alone, R = 1: the forward itself)."""
         bucket = context // 64
         gated = masks > 0
         key = (width, gated, bucket, load)
@@ -436,9 +440,10 @@ class Policy:
             if load.rows == 0:
                 fwd = self.costs.cost(width, C, gated)
             else:
-                R, floor = load.rows + 1, load.tokens + 1
-                least = self.costs.batch_cost(R, floor, C, load.gated)
-                fwd = least / R + self.costs.batch_cost(R, floor + width - 1, C, gated or load.gated) - least
+                R, N0 = load.rows + 1, load.tokens + 1
+                loaded = self.costs.batch_cost(R, N0, C, load.gated)
+                extra = self.costs.batch_cost(R, N0 + width - 1, C, gated or load.gated) - loaded
+                fwd = self.costs.batch_cost(R, R, C) / R + extra
             self._seconds[key] = fwd
         return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.measured(width, masks)
 
