@@ -53,9 +53,12 @@ def test_a_row_in_a_batch_pays_its_share_and_what_its_width_adds():
     # 6 tokens without this row's drafts, 8 with 2 more
     load = BatchLoad(3, 5)
     assert policy.seconds(3, 0, CONTEXT, load) == pytest.approx(0.01 * (1.3 / 4 + 1.7 - 1.5))
-    # masks where the others feed none: the whole forward takes the gated path
-    assert policy.seconds(3, 1, CONTEXT, load) == pytest.approx(0.01 * (1.3 / 4 + 2 * 1.7 - 1.5))
-    assert policy.seconds(3, 1, CONTEXT, BatchLoad(3, 5, gated=True)) == pytest.approx(0.01 * (1.3 / 4 + 2 * 0.2))
+    # masks: a share of the gated path's least forward, its drafts on the gated path
+    gated = 0.01 * (2 * 1.3 / 4 + 2 * 0.2)
+    assert policy.seconds(3, 1, CONTEXT, load) == pytest.approx(gated)
+    assert policy.seconds(3, 1, CONTEXT, BatchLoad(3, 5, True)) == pytest.approx(gated)
+    # none beside rows that feed masks: its drafts on the gated path
+    assert policy.seconds(3, 0, CONTEXT, BatchLoad(3, 5, True)) == pytest.approx(0.01 * (1.3 / 4 + 2 * 0.2))
     # alone: the forward itself
     assert policy.seconds(3, 0, CONTEXT) == policy.seconds(3, 0, CONTEXT, ALONE) == pytest.approx(0.01 * 1.2)
 
@@ -121,8 +124,9 @@ def test_the_decoder_passes_the_load_under_greedy_decoding_only(settings, priced
 
 def test_the_policy_by_batch_example_prints_each_batch_size(tmp_path):
     """examples/policy_by_batch.py: per kind of draft and batch size, the
-    plan and its gain over plain batched decoding (1x where nothing is
-    drafted); with CPU-like costs copies shorten as the batch fills."""
+    plans and their gain over plain batched decoding (1x where nothing is
+    drafted); with CPU-like costs copies shorten as the batch fills, with
+    GPU-like ones they do not."""
     import importlib.util
     import json
     import subprocess
@@ -135,16 +139,19 @@ def test_the_policy_by_batch_example_prints_each_batch_size(tmp_path):
     spec = importlib.util.spec_from_file_location("policy_by_batch", script)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    rows = dict(example.table(CPU, 0, CONTEXT))
-    assert list(rows) == list(example.SCENARIOS) and all(len(r) == 4 for r in rows.values())
-    assert [(c.kind, g) for c, g in rows["nothing to draft"]] == [("plain", 1.0)] * 4
-    copies = [c.width for c, _ in rows["prompt-lookup copy of 8, 3-gram"]]
-    assert copies == sorted(copies, reverse=True) and copies[-1] < copies[0]
+    rows = dict(example.table(CPU, 0, CONTEXT))  # no masks: the scenarios with a copy
+    assert list(rows) == [name for name, (copy, _, _) in example.SCENARIOS.items() if copy is not None]
+    widths = [[c.width for c in plans] for plans, _ in rows["prompt-lookup copy of 8, 3-gram"]]
+    assert widths == [[9] * 8, [9] * 8, [6] * 8, [3] * 8]  # per batch size, the 8 steps counted
+    gains = [g for _, g in rows["prompt-lookup copy of 8, 3-gram"]]
+    assert gains == sorted(gains, reverse=True) and gains[-1] > 1.0
     gpu = dict(example.table(example.gpu_like(), 4, CONTEXT))
-    assert [c.width for c, _ in gpu["prompt-lookup copy of 8, 6-gram"]] == [9] * 4
+    assert [[c.width for c in plans] for plans, _ in gpu["prompt-lookup copy of 8, 6-gram"]] == [[9] * 8] * 4
+    # nothing to draft on the CPU and no masks: plain batched decoding, 1x
+    assert example.run_batch(CPU, (None, (), ()), 8, 0, CONTEXT)[1] == pytest.approx(1.0)
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(asdict(CPU.table)))
     env = {"PYTHONPATH": str(root), "PATH": ""}
     out = subprocess.run([sys.executable, str(script), "--table", str(path)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("| B=1: plan, gain |") == 2 and "Assumed Apple-GPU-like" in out.stdout
+    assert out.stdout.count("| drafts at hand | B=1 | B=2 | B=4 | B=8 |") == 2 and "Apple-GPU-like" in out.stdout

@@ -417,20 +417,22 @@ class Policy:
         where none has run yet, the steps of the path (:meth:`observe`).
 
         In a batch (``load``: the other rows), the forward is the batch's,
-        over R rows and N tokens. Each row pays an even share of the least
-        forward the batch could feed (every row its pending token alone, R
-        tokens, plain) and what its own drafts add to the forward as the
-        others load it (N0 = the others' tokens + 1; and its masks, where
-        the others feed none: the whole forward takes the gated path):
+        over R rows and N tokens, on the gated path where any row feeds
+        masks. Each row pays an even share of the least forward the batch
+        could feed (every row its pending token alone, R tokens, on the
+        row's own path) and what its own drafts add to the forward as the
+        others load it (N0 = the others' tokens + 1, on the batch's path):
 
             cost(R, R) / R + cost(R, N0 + width - 1) - cost(R, N0).
 
         The rows' parts add up to the forward (where the extra costs add
         up), and rho is then the batch's rate per row, so a plan is worth its
-        width where it raises the batch's tokens per second; charging the
-        share of the forward as loaded instead would make every row's width
-        look cheap once the others draft, a batch of rows that each copy
-        where none should (alone, R = 1: the forward itself)."""
+        width where it raises the batch's tokens per second. Charging a row
+        the share of the forward as loaded instead would make its width look
+        cheap once the others draft (a batch of rows that each copy where
+        none should), and charging the first row that feeds masks the whole
+        forward's gated path would keep every row from feeding them where
+        all should (alone, R = 1: the forward itself)."""
         bucket = context // 64
         gated = masks > 0
         key = (width, gated, bucket, load)
@@ -440,10 +442,9 @@ class Policy:
             if load.rows == 0:
                 fwd = self.costs.cost(width, C, gated)
             else:
-                R, N0 = load.rows + 1, load.tokens + 1
-                loaded = self.costs.batch_cost(R, N0, C, load.gated)
-                extra = self.costs.batch_cost(R, N0 + width - 1, C, gated or load.gated) - loaded
-                fwd = self.costs.batch_cost(R, R, C) / R + extra
+                R, N0, path = load.rows + 1, load.tokens + 1, gated or load.gated
+                extra = self.costs.batch_cost(R, N0 + width - 1, C, path) - self.costs.batch_cost(R, N0, C, path)
+                fwd = self.costs.batch_cost(R, R, C, gated) / R + extra
             self._seconds[key] = fwd
         return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.measured(width, masks)
 
