@@ -86,6 +86,9 @@ def test_the_long_run_rate_is_the_rows_share():
     assert policy.regime(CONTEXT).rate == pytest.approx(1 / CPU.cost(1, CONTEXT))  # each load its own
     # the others' drafts are theirs to pay: the rate plain steps give is the same beside them
     assert policy.regime(CONTEXT, BatchLoad(7, 56)).rate == pytest.approx(8 / CPU.batch_cost(8, 8, CONTEXT))
+    # one long-run view per power of two of the others' tokens per row (a few ms each)
+    assert policy.regime(CONTEXT, BatchLoad(7, 60)) is policy.regime(CONTEXT, BatchLoad(7, 56))
+    assert policy.regime(CONTEXT, BatchLoad(7, 14)) is not policy.regime(CONTEXT, BatchLoad(7, 56))
 
 
 def test_alone_is_unchanged_and_steps_in_a_batch_are_not_timed():

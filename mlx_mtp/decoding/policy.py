@@ -228,6 +228,16 @@ class BatchLoad:
 ALONE = BatchLoad()
 
 
+def _rounded(load: BatchLoad) -> BatchLoad:
+    """``load`` with the others' tokens per row rounded to a power of two:
+    the load the long-run view is computed at (a few ms each; the others'
+    widths change every step)."""
+    if not load.rows:
+        return load
+    per_row = 2 ** round(math.log2(load.tokens / load.rows))
+    return BatchLoad(load.rows, load.rows * per_row, load.gated)
+
+
 @dataclass(frozen=True)
 class StepDrafts:
     """What a step could verify.
@@ -387,7 +397,8 @@ class Policy:
         self._regimes: Dict[BatchLoad, Regime] = {}  # per batch load, computed at _regime_at
         self._regime_at: Tuple[int, int] = (-1, -1)  # (steps, context bucket) they were computed at
         self._steps = 0
-        self._seconds: Dict[Tuple[int, bool, int, BatchLoad], float] = {}
+        self._seconds: Dict[Tuple[int, bool, int], float] = {}  # alone
+        self._loaded: Dict[Tuple[int, bool, int, BatchLoad], float] = {}  # in a batch, cleared with _regimes
         self.times = times if times is not None else StepTimes()
         self._regime_scale = self._scales()  # the scales the long-run view was computed at
         # sum and count of the gain of the plans chosen right after plain steps (after_plain)
@@ -435,17 +446,19 @@ class Policy:
         all should (alone, R = 1: the forward itself)."""
         bucket = context // 64
         gated = masks > 0
-        key = (width, gated, bucket, load)
-        fwd = self._seconds.get(key)
-        if fwd is None:
-            C = bucket * 64
-            if load.rows == 0:
-                fwd = self.costs.cost(width, C, gated)
-            else:
+        C = bucket * 64
+        if load.rows == 0:
+            key = (width, gated, bucket)
+            fwd = self._seconds.get(key)
+            if fwd is None:
+                fwd = self._seconds[key] = self.costs.cost(width, C, gated)
+        else:
+            key = (width, gated, bucket, load)
+            fwd = self._loaded.get(key)
+            if fwd is None:
                 R, N0, path = load.rows + 1, load.tokens + 1, gated or load.gated
                 extra = self.costs.batch_cost(R, N0 + width - 1, C, path) - self.costs.batch_cost(R, N0, C, path)
-                fwd = self.costs.batch_cost(R, R, C, gated) / R + extra
-            self._seconds[key] = fwd
+                fwd = self._loaded[key] = self.costs.batch_cost(R, R, C, gated) / R + extra
         return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.measured(width, masks)
 
     def measured(self, width: int, masks: int) -> float:
@@ -463,13 +476,16 @@ class Policy:
         without any step's own signals, were the batch's ``load`` to last
         (recomputed every ``refresh`` steps, when the context has grown by
         64 tokens, or when the measured scale of a path's or a band's costs
-        has moved by 5% since; one per load met in between)."""
+        has moved by 5% since; one per load met in between, the others'
+        tokens per row rounded to a power of two)."""
         at = (self._steps // self.refresh, context // 64)
         scales = self._scales()
         moved = any(abs(math.log(v / self._regime_scale.get(key, 1.0))) > 0.05 for key, v in scales.items())
         if at != self._regime_at or moved:
             self._regimes.clear()
+            self._loaded.clear()
             self._regime_at, self._regime_scale = at, scales
+        load = _rounded(load)
         if load not in self._regimes:
             self._regimes[load] = self._long_run(context, load)
         return self._regimes[load]
