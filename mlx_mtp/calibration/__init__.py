@@ -54,8 +54,9 @@ def cost_model(
     is measured again, both paths); ``gated=False``: the plain path is
     enough (a decoder that feeds no masks here). ``batched``: with batched
     forwards (a decoder that verifies several requests in one forward); a
-    cached table without them (an older version's) gets them measured and
-    added, with a notice on stderr. ``progress``: told after each timing."""
+    cached table without them (an older version's, or one measured without
+    ``batched``) gets them measured and added, with a notice on stderr.
+    ``progress``: told after each timing."""
     if not isinstance(model, MTPModel):
         model = MTPModel(model)
     ident = identity(model)
@@ -65,7 +66,7 @@ def cost_model(
     if table is not None and (table.gated is not None or not gated):
         if table.batch is not None or not batched:
             return Calibration(CostModel(table), path, cached=True, written=False)
-        notice = f"calibration: {path} has no batched forwards (an older version's): measuring them now"
+        notice = f"calibration: {path} has no batched forwards yet: measuring them now (once)"
         print(notice, file=sys.stderr)
         add_batch(model, table, progress=progress)
         return Calibration(CostModel(table), path, cached=True, written=write_cached(path, table), notice=notice)
