@@ -1,11 +1,14 @@
 """Calibration's command line: measure what one forward costs on this
-machine for this model, print it and cache it (:mod:`mlx_mtp.calibration`)::
+machine for this model, alone and in batches of requests, print it and cache
+it (:mod:`mlx_mtp.calibration`), with a progress bar on stderr::
 
     python -m mlx_mtp.calibrate [--model M] [--adapter-path A] [--max-width T] [--gated]
 """
 
 import argparse
 import sys
+
+from tqdm import tqdm
 
 from .arguments import add_model_args
 from .blas import describe
@@ -17,7 +20,8 @@ from .loading import load
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_mtp.calibrate",
-        description="Measure the cost of a forward for this model on this machine, print it and cache it.",
+        description="Measure the cost of a forward for this model on this machine, alone and batched, "
+        "print it and cache it.",
     )
     add_model_args(p)
     p.add_argument(
@@ -41,7 +45,14 @@ def main(argv=None) -> int:
     if args.max_width < 2:
         raise ValueError(f"--max-width must be >= 2, got {args.max_width}")
     model, _ = load(args.model, adapter_path=args.adapter_path)
-    result = cost_model(model, refresh=True, max_width=args.max_width, gated=args.gated or feeds_masks(model))
+    with tqdm(desc="timings", unit="timing", total=0, dynamic_ncols=True, leave=False) as bar:
+
+        def progress(done: int, most: int):
+            bar.total = most
+            bar.update(done - bar.n)
+
+        gated = args.gated or feeds_masks(model)
+        result = cost_model(model, refresh=True, max_width=args.max_width, gated=gated, batched=True, progress=progress)
     table = result.costs.table
     print(f"BLAS: {describe()}")
     print(f"weights: {table.identity['dtype']}, device: {table.identity['device']}, MLX {table.identity['mlx']}")

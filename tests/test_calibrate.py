@@ -49,6 +49,46 @@ def test_no_gated_costs_without_an_adapter():
         cm.cost(2, 64, gated=True)
 
 
+def batched(**kw) -> CostTable:
+    """:func:`table` with batched forwards at context 64: 2 and 4 rows x 1
+    and 2 tokens each."""
+    return table(batch_rows=[2, 4], batch_widths=[1, 2], batch_context=64, batch=[[2.2, 4.4], [4.8, 9.6]], **kw)
+
+
+def test_batch_cost_interpolates_the_batched_forwards():
+    cm = CostModel(batched())
+    assert cm.batch_cost(2, 2, 64) == pytest.approx(2.2) and cm.batch_cost(4, 8, 64) == pytest.approx(9.6)
+    assert cm.batch_cost(3, 3, 64) == pytest.approx(3.5)  # between 2 and 4 rows
+    assert cm.batch_cost(8, 8, 64) == pytest.approx(10.0)  # past 4 rows: the last slope
+    assert cm.batch_cost(2, 10, 64) == pytest.approx(11.0)  # 5 tokens a row: the last slope
+    assert cm.batch_cost(4, 6, 64) == pytest.approx(7.2)  # 1.5 a row
+    assert cm.batch_cost(2, 2, 1024) == pytest.approx(3.2)  # + one row's change in context at 2 tokens
+    assert cm.batch_cost(2, 2, 64, gated=True) == pytest.approx(3.3)  # x one row's gated share at 2 tokens
+    assert cm.batch_cost(1, 3, 64, gated=True) == cm.cost(3, 64, gated=True) == pytest.approx(4.5)
+    # without batched forwards (an older table): one row of the same tokens
+    old = CostModel(table())
+    assert old.batch_cost(4, 8, 64) == pytest.approx(8.0) and old.batch_cost(2, 2, 64, gated=True) == 3.0
+    assert "not measured" in old.describe() and "9600.0ms" in cm.describe() and "4.80x" in cm.describe_batch()
+
+
+def test_batch_costs_round_trip_and_older_files_load(tmp_path):
+    path = tmp_path / "costs.json"
+    t = batched(identity={"model": "m"})
+    assert store.write_cached(path, t)
+    d = json.loads(path.read_text())
+    assert d["version"] == 2 and d["batch"] == [[2.2, 4.4], [4.8, 9.6]] and d["batch_rows"] == [2, 4]
+    assert store.read_cached(path, {"model": "m"}) == t
+    # version 1: no batched forwards (and no version); loads, priced as one row of the same tokens
+    old = {k: v for k, v in d.items() if not k.startswith("batch") and k != "version"}
+    path.write_text(json.dumps(old))
+    loaded = store.read_cached(path, {"model": "m"})
+    assert loaded is not None and loaded.batch is None and loaded.plain == t.plain
+    assert CostModel(loaded).batch_cost(4, 8, 64) == pytest.approx(8.0)
+    for bad in ({**d, "version": 3}, {**d, "batch_rows": [1, 4]}, {**d, "batch": [[2.2, -1.0], [4.8, 9.6]]}):
+        path.write_text(json.dumps(bad))
+        assert store.read_cached(path, {"model": "m"}) is None
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -96,7 +136,7 @@ def test_calibrate_times_each_shape_once_and_shares_the_context_change(monkeypat
     timed by one round robin; costs here are synthetic."""
     seen = {}
 
-    def fake(runs, repeats):
+    def fake(runs, repeats, tick=None):
         seen.update(runs=set(runs), repeats=repeats)
         cost = {k: (k[2] + (3.0 if k[1] else 0.0) + k[0] * 0.5 * k[2]) for k in runs if k != "sampler"}
         return {**cost, "sampler": 0.4}, 17
@@ -121,12 +161,16 @@ def test_wide_forwards_extrapolated_where_the_cost_is_linear_in_width(monkeypatc
         c, g, w = k
         return (w if compute_bound else 1 + 0.05 * w) * (1.5 if g else 1.0) + 0.1 * c * w
 
-    def fake(runs, repeats):
+    def fake(runs, repeats, tick=None):
         rounds.append(set(runs))
-        return {k: (0.4 if k == "sampler" else cost(k)) for k in runs}, len(runs)
+        return {k: (0.4 if k == "sampler" else cost(k) if len(k) == 3 else 0.1 * k[0] * k[1]) for k in runs}, len(runs)
 
     monkeypatch.setattr(measure, "time_round_robin", fake)
-    t = measure.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8, 40], repeats=2)
+    t = measure.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8, 40], repeats=2, batch=True)
+    # batched forwards last, widths per row up to 4 only where compute-bound
+    widths = [1, 2, 4] if compute_bound else [1, 2, 4, 8, 16]
+    assert rounds.pop() == {(r, w) for r in (2, 4, 8) for w in widths}
+    assert t.batch_widths == widths and t.batch == [[0.1 * r * w for w in widths] for r in (2, 4, 8)]
     narrow = {(0, g, w) for g in (False, True) for w in (1, 2, 4, 8)} | {(1, False, 1), "sampler"}
     assert rounds[0] == narrow
     if compute_bound:
@@ -137,7 +181,7 @@ def test_wide_forwards_extrapolated_where_the_cost_is_linear_in_width(monkeypatc
         assert rounds[1] == {(0, False, 32), (0, True, 32), (1, False, 32)}
         assert t.plain[0][-1] == pytest.approx(cost((0, False, 32)))
         assert t.plain[1][-1] == pytest.approx(cost((1, False, 32)))
-    assert t.timings == sum(map(len, rounds))
+    assert t.timings == sum(map(len, rounds)) + 3 * len(widths)
 
 
 @pytest.mark.parametrize(
@@ -174,6 +218,28 @@ def test_widths_double_to_the_bend_then_grow_fourfold():
     assert measure.widths_up_to(2) == [1, 2]
 
 
+def test_calibrate_measures_batched_forwards_with_a_progress_report():
+    told = []
+    t = measure.calibrate(
+        tiny_mtp(num_masks=2), widths=[1, 2], contexts=[8], repeats=1, batch=True, progress=lambda *a: told.append(a)
+    )
+    assert t.batch_rows == [2, 4, 8] and t.batch_context == measure.BATCH_CONTEXT
+    assert t.batch_widths in (measure.batch_widths(False), measure.batch_widths(True))
+    assert len(t.batch) == 3 and all(len(r) == len(t.batch_widths) and r == sorted(r) for r in t.batch)
+    assert [done for done, _ in told] == list(range(1, t.timings + 1)) + [t.timings]
+    assert all(done <= most for done, most in told) and told[-1] == (t.timings, t.timings)
+    assert CostModel(t).batch_cost(4, 8, 256) > 0
+
+
+def test_batched_forwards_cost_no_less_with_more_rows_or_width(monkeypatch):
+    """A timing disturbed by other processes is capped by what a forward
+    it could be padded to cost: wider, or of more rows."""
+    noisy = {(2, 1): 3.0, (2, 2): 3.5, (4, 1): 2.5, (4, 2): 4.0}
+    monkeypatch.setattr(measure, "time_round_robin", lambda runs, repeats, tick=None: ({k: noisy[k] for k in runs}, 4))
+    grid, count = measure.calibrate_batch(tiny_mtp(num_masks=2), rows=(2, 4), widths=(1, 2), context=8)
+    assert grid == [[2.5, 3.5], [2.5, 4.0]] and count == 4
+
+
 def test_calibrate_without_adapter_has_no_gated_costs():
     t = measure.calibrate(tiny_model(), widths=[1, 2], contexts=[8], repeats=1)
     assert t.gated is None and t.sampler_call == 0.0 and t.identity["adapter"] is None
@@ -192,8 +258,30 @@ def quick(monkeypatch):
     monkeypatch.setattr(
         calibration,
         "calibrate",
-        lambda model, widths=None, gated=True: real(model, widths=[1, 2], contexts=[8], repeats=1, gated=gated),
+        lambda model, widths=None, **kw: real(model, widths=[1, 2], contexts=[8], repeats=1, **kw),
     )
+
+
+def test_batched_forwards_are_measured_for_an_older_file_with_a_notice(tmp_path, quick, capsys):
+    """A cached table without batched forwards (an older version's) serves a
+    decoder of one request as it is; one that batches gets them measured,
+    added and written back, with a notice on stderr, once."""
+    model = tiny_mtp(num_masks=2)
+    first = calibration.cost_model(model, directory=tmp_path)
+    assert first.costs.table.batch is None  # a decoder of one request measures none
+    d = json.loads(first.path.read_text())
+    first.path.write_text(json.dumps({k: v for k, v in d.items() if not k.startswith("batch") and k != "version"}))
+    solo = calibration.cost_model(model, directory=tmp_path)
+    assert solo.cached and not solo.written and solo.notice == "" and capsys.readouterr().err == ""
+    batch = calibration.cost_model(model, directory=tmp_path, batched=True)
+    assert batch.cached and batch.written and batch.costs.table.plain == first.costs.table.plain
+    assert batch.costs.table.batch is not None and batch.costs.table.batch_rows == [2, 4, 8]
+    assert "no batched forwards" in batch.notice and batch.notice in capsys.readouterr().err
+    again = calibration.cost_model(model, directory=tmp_path, batched=True)
+    assert again.cached and not again.written and again.notice == "" and capsys.readouterr().err == ""
+    assert again.costs.table.batch == batch.costs.table.batch
+    fresh = calibration.cost_model(model, refresh=True, directory=tmp_path, batched=True)
+    assert not fresh.cached and fresh.costs.table.batch is not None
 
 
 def test_cost_model_is_measured_once_then_cached(tmp_path, quick):
@@ -307,8 +395,10 @@ def test_cli_on_the_default_model_prints_and_caches(default_model_path, tmp_path
 
     feeds_masks = load(str(default_model_path))[0].default_num_masks > 0  # the shipped adapter: none on a CPU
     assert "T=1" in out.stdout and "T=32" in out.stdout and ("gated" in out.stdout) == feeds_masks
+    assert "batched forwards over R rows" in out.stdout
     files = list((tmp_path / "calibration").glob("costs-*.json"))
     assert len(files) == 1
     t = CostTable.from_dict(json.loads(files[0].read_text()))
     assert (t.gated is not None) == feeds_masks
     assert t.widths == measure.widths_up_to(measure.MAX_WIDTH) and t.contexts == list(measure.CONTEXTS)
+    assert t.batch_rows == list(measure.BATCH_ROWS) and len(t.batch) == len(measure.BATCH_ROWS)

@@ -4,9 +4,10 @@ It times the plain path and (with an adapter) the gated path for T = 1, 2,
 4, 8, then 4x wider, up to the widest forward the decoder feeds, at a short
 context, the plain path's narrowest and widest at a long one (the KV cache is
 filled with zeros, not computed: attention costs the same), and the sampler
-head's call (one per drafted token). Timings go round robin over the shapes
-(a burst of load from other processes hits every shape alike), the fastest
-of each shape's counting.
+head's call (one per drafted token); with ``batch``, batched forwards of 2,
+4 and 8 rows x 1-16 tokens each at a context of 256 (:func:`calibrate_batch`).
+Timings go round robin over the shapes (a burst of load from other processes
+hits every shape alike), the fastest of each shape's counting.
 """
 
 import time
@@ -17,10 +18,25 @@ import mlx.core as mx
 from ..model.cache import commit
 from ..model.layouts import Layout
 from ..model.mtp_model import MTPModel
-from .costs import CostTable, interpolate
+from .costs import CostModel, CostTable, interpolate
 from .store import identity
 
-__all__ = ["CONTEXTS", "MAX_WIDTH", "calibrate", "fill_cache", "forward_cost", "time_round_robin", "widths_up_to"]
+__all__ = [
+    "BATCH_CONTEXT",
+    "BATCH_ROWS",
+    "BATCH_WIDTHS",
+    "CONTEXTS",
+    "MAX_WIDTH",
+    "Progress",
+    "add_batch",
+    "batch_widths",
+    "calibrate",
+    "calibrate_batch",
+    "fill_cache",
+    "forward_cost",
+    "time_round_robin",
+    "widths_up_to",
+]
 
 # contexts measured: a short prompt and a long answer; costs are linear in
 # between and beyond (attention over C cached tokens costs ~C)
@@ -37,6 +53,18 @@ BEND = 8
 LINEAR_SHARE = 0.5
 REPEATS = 2  # timings of a shape at most (the fastest counts); fewer where two agree within AGREE
 AGREE = 0.05  # two timings this close (relative) settle a shape
+# batched forwards: rows x new tokens per row, at a context of a short chat
+# (each row's cache this long); a cost there is ~ one row's forward over all
+# the rows' tokens (docs/calibration.md), so a few shapes settle it
+BATCH_ROWS = (2, 4, 8)
+BATCH_WIDTHS = (1, 2, 4, 8, 16)
+BATCH_CONTEXT = 256
+# where the forward is compute-bound, batched widths up to this only (the
+# policy feeds one token there; wider ones cost as many forwards as tokens)
+BATCH_WIDTH_COMPUTE_BOUND = 4
+
+# called after each timing with (timings made, the most there may be)
+Progress = Callable[[int, int], None]
 
 
 def widths_up_to(max_width: int) -> List[int]:
@@ -50,16 +78,17 @@ def widths_up_to(max_width: int) -> List[int]:
     return widths + [max_width]
 
 
-def fill_cache(model, context: int, room: int):
-    """A cache that holds ``context`` zero entries (timing only: attention
-    costs the same whatever the keys are), with room for ``room`` more."""
+def fill_cache(model, context: int, room: int, rows: int = 1):
+    """A cache of ``rows`` rows that each hold ``context`` zero entries
+    (timing only: attention costs the same whatever the keys are), with room
+    for ``room`` more."""
     cache = model.make_cache()
     model(mx.ones((1, 1), dtype=mx.int32), cache)  # learns the shapes and dtype
     for c in cache:
-        B, H, _, D = c.keys.shape
+        _, H, _, D = c.keys.shape
         size = context + room + 1
-        c.keys = mx.zeros((B, H, size, D), c.keys.dtype)
-        c.values = mx.zeros((B, H, size, c.values.shape[3]), c.values.dtype)
+        c.keys = mx.zeros((rows, H, size, D), c.keys.dtype)
+        c.values = mx.zeros((rows, H, size, c.values.shape[3]), c.values.dtype)
         c.committed = 0
     commit(cache, [])
     for c in cache:
@@ -116,6 +145,25 @@ def forward_fn(model, cache, width: int, gated: bool) -> Callable[[], mx.array]:
     return run
 
 
+def batch_fn(model, cache, rows: int, width: int) -> Callable[[], mx.array]:
+    """One batched forward: ``rows`` rows of ``width`` new tokens each after
+    the cache's committed tokens, with positions and an attention mask per
+    row (what rows of different lengths need), its new entries dropped after."""
+    C = cache[0].committed
+    tokens = mx.ones((rows, width), dtype=mx.int32)
+    positions = mx.broadcast_to(mx.arange(width, dtype=mx.int32), (rows, width))
+    new = mx.tril(mx.ones((width, width), dtype=mx.bool_))
+    mask = mx.broadcast_to(mx.concatenate([mx.ones((width, C), dtype=mx.bool_), new], axis=1), (rows, width, C + width))
+    mx.eval(tokens, positions, mask)
+
+    def run():
+        out = model.lm_head(model(tokens, cache, positions, mask))
+        commit(cache, [])
+        return out
+
+    return run
+
+
 def forward_cost(model, cache, width: int, gated: bool, repeats: int = REPEATS) -> float:
     """Seconds for one forward (:func:`forward_fn`), the fastest of ``repeats``."""
     return time_call(forward_fn(model, cache, width, gated), repeats)
@@ -145,13 +193,16 @@ def _settled(times: List[float], agree: float) -> bool:
 
 
 def time_round_robin(
-    runs: Dict[object, Callable[[], mx.array]], repeats: int = REPEATS, agree: float = AGREE
+    runs: Dict[object, Callable[[], mx.array]],
+    repeats: int = REPEATS,
+    agree: float = AGREE,
+    tick: Optional[Callable[[], None]] = None,
 ) -> Tuple[Dict[object, float], int]:
     """Seconds of each of ``runs``, the fastest of its timings (the least
     disturbed by other processes). They are timed in rounds, each round over
     the runs not yet settled (a burst of load from other processes hits every
     run alike); a run is settled when its two fastest timings agree within
-    ``agree``, or after ``repeats`` timings.
+    ``agree``, or after ``repeats`` timings. ``tick``: called after each timing.
 
     Returns:
         ``{key: seconds}`` and the number of timings made.
@@ -163,6 +214,8 @@ def time_round_robin(
             break
         for key in pending:
             times[key].append(time_call(runs[key], 1))
+            if tick is not None:
+                tick()
     return {key: min(t) for key, t in times.items()}, sum(map(len, times.values()))
 
 
@@ -175,17 +228,96 @@ def _monotone(row: List[float]) -> List[float]:
     return out
 
 
+class _Counter:
+    """Timings made against the most there may be, told to a :data:`Progress`."""
+
+    def __init__(self, progress: Optional[Progress], most: int):
+        self.progress, self.done, self.most = progress, 0, most
+
+    def __call__(self):
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, max(self.most, self.done))
+
+    def finish(self):
+        """No more timings: the most there may be is what was made."""
+        self.most = self.done
+        if self.progress is not None:
+            self.progress(self.done, self.done)
+
+
+def batch_widths(compute_bound: bool) -> List[int]:
+    """The widths per row of the batched forwards measured: up to
+    :data:`BATCH_WIDTH_COMPUTE_BOUND` only where the forward is compute-bound."""
+    return [w for w in BATCH_WIDTHS if not compute_bound or w <= BATCH_WIDTH_COMPUTE_BOUND]
+
+
+def calibrate_batch(
+    model,
+    rows: Sequence[int] = BATCH_ROWS,
+    widths: Sequence[int] = BATCH_WIDTHS,
+    context: int = BATCH_CONTEXT,
+    repeats: int = REPEATS,
+    tick: Optional[Callable[[], None]] = None,
+) -> Tuple[List[List[float]], int]:
+    """Seconds of batched forwards (:func:`batch_fn`) of each of ``rows``
+    rows x each of ``widths`` new tokens per row after ``context`` cached
+    tokens per row, round robin (:func:`time_round_robin`), each made at
+    most what a wider forward of as many rows, or one of more rows as wide,
+    cost (:func:`_monotone`: either could be padded to it).
+
+    Returns:
+        ``[r][w]`` seconds, and the number of timings made.
+    """
+    if not isinstance(model, MTPModel):
+        model = MTPModel(model)
+    caches = {r: fill_cache(model, context, widths[-1], rows=r) for r in rows}
+    runs = {(r, w): batch_fn(model, caches[r], r, w) for r in rows for w in widths}
+    mx.eval(runs[(rows[-1], widths[-1])]())  # one warm-up, the widest: its buffers serve the rest
+    best, timings = time_round_robin(runs, repeats, tick=tick)
+    caches.clear()
+    runs.clear()
+    mx.clear_cache()
+    grid = [_monotone([best[(r, w)] for w in widths]) for r in rows]
+    columns = [_monotone([row[i] for row in grid]) for i in range(len(widths))]
+    return [[column[j] for column in columns] for j in range(len(rows))], timings
+
+
+def add_batch(model, table: CostTable, repeats: int = REPEATS, progress: Optional[Progress] = None) -> CostTable:
+    """Measure the batched forwards of ``table`` (one without them: an older
+    version's), in place; compute-bound as :func:`calibrate` judges it from
+    the table's plain path."""
+    tic = time.perf_counter()
+    costs = CostModel(table)
+    c = table.contexts[0]
+    compute_bound = costs.cost(BEND, c) >= LINEAR_SHARE * BEND * costs.cost(1, c)
+    widths = batch_widths(compute_bound)
+    tick = _Counter(progress, len(BATCH_ROWS) * len(widths) * repeats)
+    table.batch, count = calibrate_batch(model, BATCH_ROWS, widths, BATCH_CONTEXT, repeats, tick)
+    tick.finish()
+    table.batch_rows, table.batch_widths, table.batch_context = list(BATCH_ROWS), widths, BATCH_CONTEXT
+    table.timings += count
+    table.seconds += time.perf_counter() - tic
+    table.validate()
+    return table
+
+
 def calibrate(
     model,
     widths: Optional[Sequence[int]] = None,
     contexts: Sequence[int] = CONTEXTS,
     repeats: int = REPEATS,
     gated: bool = True,
+    batch: bool = False,
+    progress: Optional[Progress] = None,
 ) -> CostTable:
     """Measure the cost table of ``model`` (an :class:`MTPModel`) here:
     the plain path, and the gated path and the sampler head where the model
     has an adapter and ``gated`` (False: a decoder that feeds no masks here
-    needs neither).
+    needs neither), and with ``batch`` batched forwards
+    (:func:`calibrate_batch`; widths per row up to
+    :data:`BATCH_WIDTH_COMPUTE_BOUND` where compute-bound). ``progress``:
+    told after each timing.
 
     Every width is measured on every path at the first context; at the
     others only the plain path's narrowest and widest. Where the forward
@@ -208,6 +340,10 @@ def calibrate(
     wide = [w for w in widths if w > BEND]
     if len(narrow) < 2:
         narrow, wide = widths, []
+    # the most timings there may be: every shape and the sampler chain, each timed ``repeats`` times
+    most = len(paths) * len(widths) + 2 * (len(contexts) - 1) + (True in paths)
+    most += len(BATCH_ROWS) * len(BATCH_WIDTHS) if batch else 0
+    tick = _Counter(progress, most * repeats)
 
     def runs_of(shapes) -> Dict[object, Callable[[], mx.array]]:
         return {s: forward_fn(model, caches[s[0]], s[2], s[1]) for s in shapes}
@@ -224,9 +360,10 @@ def calibrate(
         runs["sampler"] = sampler_fn(model, depth)
     # one warm-up, the widest of them on the last path: its buffers serve the narrower ones
     mx.eval(runs[shapes[len(narrow) * (len(paths) - 1)]]())
-    best, timings = time_round_robin(runs, repeats)
+    best, timings = time_round_robin(runs, repeats, tick=tick)
     b, then = narrow[-1], []
-    if wide and best[(0, False, b)] >= LINEAR_SHARE * b * best[(0, False, widths[0])]:
+    compute_bound = best[(0, False, b)] >= LINEAR_SHARE * b * best[(0, False, widths[0])]
+    if wide and compute_bound:
         # compute-bound: the wide widths along the last slope, the longer contexts' change at the bend
         for g in paths:
             slope = (best[(0, g, b)] - best[(0, g, narrow[-2])]) / (b - narrow[-2])
@@ -237,7 +374,7 @@ def calibrate(
     elif wide:
         then = [(0, g, w) for g in paths for w in reversed(wide)] + [(i, False, widths[-1]) for i in rest]
     if then:
-        more, count = time_round_robin(runs_of(then), repeats)
+        more, count = time_round_robin(runs_of(then), repeats, tick=tick)
         best.update(more)
         timings += count
     rows: Dict[bool, List[List[float]]] = {gated: [] for gated in paths}
@@ -251,13 +388,20 @@ def calibrate(
     caches.clear()
     runs.clear()
     mx.clear_cache()
-    return CostTable(
+    table = CostTable(
         widths=widths,
         contexts=list(contexts),
         plain=rows[False],
         gated=rows.get(True),
         sampler_call=best["sampler"] / depth if "sampler" in best else 0.0,
-        seconds=time.perf_counter() - tic,
         timings=timings,
         identity=identity(model),
     )
+    if batch:
+        table.batch_rows, table.batch_widths = list(BATCH_ROWS), batch_widths(compute_bound)
+        table.batch_context = BATCH_CONTEXT
+        table.batch, count = calibrate_batch(model, BATCH_ROWS, table.batch_widths, BATCH_CONTEXT, repeats, tick)
+        table.timings += count
+    tick.finish()
+    table.seconds = time.perf_counter() - tic
+    return table

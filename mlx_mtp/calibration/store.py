@@ -30,7 +30,10 @@ from .costs import CostTable
 
 __all__ = ["FORMAT", "cache_dir", "cache_path", "identity", "read_cached", "weights_dtype", "write_cached"]
 
-FORMAT = 1  # of the cache files; a file of another format is measured again
+# of the identity (part of the file's name, so a file of another format is
+# never read: measured again); the table's own layout has a version of its own
+# (costs.VERSION), so that a file without batched forwards still loads
+FORMAT = 1
 
 
 def weights_dtype(model) -> str:

@@ -115,7 +115,7 @@ from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts
 from .fallback import plain_fallback
 from .lookup import NGramLookup
 from .observer import PolicyObserver
-from .policy import Choice, CopyDraft, Policy, StepDrafts
+from .policy import ALONE, BatchLoad, Choice, CopyDraft, Policy, StepDrafts
 from .randomness import RandomStream
 from .settings import MODES, DecodeSettings, resolve_num_masks
 from .state import DecodingState
@@ -445,14 +445,16 @@ class SpeculativeDecoder:
         chain: Chain,
         room: int,
         grammar: Optional[ConstraintMatcher] = None,
+        load: BatchLoad = ALONE,
     ) -> Plan:
-        """The next step's plan: the policy's choice, or the fixed settings'
-        (copied drafts where there are any, else the masks' speculations),
-        with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit);
-        under a ``grammar``, its forced tokens first and every draft cut at
-        the first token it refuses (:meth:`_constrain`)."""
+        """The next step's plan: the policy's choice (``load``: what the rest
+        of a batch feeds beside it), or the fixed settings' (copied drafts
+        where there are any, else the masks' speculations), with at most
+        ``room`` - 1 drafts per branch (``room`` < 0: no limit); under a
+        ``grammar``, its forced tokens first and every draft cut at the first
+        token it refuses (:meth:`_constrain`)."""
         if self.policy is not None:
-            return self._plan_policy(pending, lookup, chain, room, grammar)
+            return self._plan_policy(pending, lookup, chain, room, grammar, load)
         limit = None if room < 0 else max(0, room - 1)
         forced = self._forced(grammar, limit)
         copied = self._copied(lookup, forced)
@@ -481,10 +483,19 @@ class SpeculativeDecoder:
         return self._allow(plan, grammar)
 
     def _choose(
-        self, lookup: Optional[NGramLookup], chain: Chain, room: int, forced: Sequence[int] = ()
+        self,
+        lookup: Optional[NGramLookup],
+        chain: Chain,
+        room: int,
+        forced: Sequence[int] = (),
+        load: BatchLoad = ALONE,
     ) -> Tuple[Choice, Drafts]:
         """The policy's choice for the next step, and the copy it was offered
-        (following ``forced``, a grammar's forced tokens)."""
+        (following ``forced``, a grammar's forced tokens); in a batch
+        (``load``) priced in the batch's forward under greedy decoding only:
+        a sampled row's choices decide how it consumes the random stream, so
+        they must be those it makes alone (its output is then the one it has
+        alone, whichever requests share its steps)."""
         copied = self._copied(lookup, forced)
         offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
         drafts = StepDrafts(
@@ -493,6 +504,7 @@ class SpeculativeDecoder:
             chain_probs=tuple(chain.probs[0]) if chain.specs else (),
             branch_probs=tuple(chain.first) if chain.specs else (),
             room=room,
+            load=load if self._timed else ALONE,
         )
         return self.policy.choose(drafts), copied
 
@@ -503,11 +515,12 @@ class SpeculativeDecoder:
         chain: Chain,
         room: int,
         grammar: Optional[ConstraintMatcher] = None,
+        load: BatchLoad = ALONE,
     ) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
         limit = None if room < 0 else max(0, room - 1)
         forced = self._forced(grammar, limit)
-        choice, copied = self._choose(lookup, chain, room, forced)
+        choice, copied = self._choose(lookup, chain, room, forced, load)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
         branches: List[Tuple[str, List[int]]] = []

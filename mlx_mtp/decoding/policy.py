@@ -22,6 +22,13 @@ wide forward costs about as much as a narrow one (GPUs) this picks long
 chains and trees; where a forward over T tokens costs T times one (4-bit
 weights on a CPU) nothing but plain steps can pay, and it picks those.
 
+In a batch (several requests verified in one forward, each with its own
+policy), a step's seconds are the row's share of the batch's least forward
+plus what its drafts add to the forward, from the calibrated cost of
+batched forwards and what the other rows feed (:class:`BatchLoad`): as the
+batch fills, width stops being free where the device is busy, and the
+policy drafts less there (:meth:`Policy.seconds`).
+
 Acceptance is estimated online, per source ("mtp", "lookup", "datastore")
 and depth, from this generation's steps (a Beta posterior around priors that
 an adapter can carry in its recipe, :class:`Priors`), and sharpened by the
@@ -56,6 +63,8 @@ class Costs(Protocol):
     def cost(self, width: int, context: int, gated: bool = False) -> float: ...
 
     def chain(self, depth: int) -> float: ...
+
+    def batch_cost(self, rows: int, tokens: int, context: int, gated: bool = False) -> float: ...
 
 
 # --- acceptance ------------------------------------------------------------------------------
@@ -198,13 +207,46 @@ class CopyDraft:
 
 
 @dataclass(frozen=True)
+class BatchLoad:
+    """What the rest of a batch feeds in the step being chosen: ``rows``
+    other rows (requests) and ``tokens`` new tokens in all (at least one
+    each), verified in the same forward as this row; ``gated``: some of them
+    feed masks (the forward takes the gated path whatever this row feeds)."""
+
+    rows: int = 0
+    tokens: int = 0
+    gated: bool = False
+
+    def __post_init__(self):
+        if self.rows < 0 or self.tokens < self.rows or (self.tokens and not self.rows):
+            raise ValueError(f"a batch's load needs rows >= 0 and tokens >= rows (0 without rows): {self}")
+        if self.gated and not self.rows:
+            raise ValueError("a batch's load without other rows feeds no masks")
+
+
+# a row decoded alone (no other rows in its forward)
+ALONE = BatchLoad()
+
+
+def _rounded(load: BatchLoad) -> BatchLoad:
+    """``load`` with the others' tokens per row rounded to a power of two:
+    the load the long-run view is computed at (a few ms each; the others'
+    widths change every step)."""
+    if not load.rows:
+        return load
+    per_row = 2 ** round(math.log2(load.tokens / load.rows))
+    return BatchLoad(load.rows, load.rows * per_row, load.gated)
+
+
+@dataclass(frozen=True)
 class StepDrafts:
     """What a step could verify.
 
     ``chain_probs``: the sampler head's probability of each token of the
     masks' chain from the last step (empty: no chain); ``branch_probs``: of
     the head's b most likely first tokens, best first (the first is the
-    chain's); ``room``: tokens that may still be generated (-1: no limit).
+    chain's); ``room``: tokens that may still be generated (-1: no limit);
+    ``load``: what the rest of the batch feeds in the same forward.
     """
 
     context: int
@@ -212,6 +254,7 @@ class StepDrafts:
     chain_probs: Tuple[float, ...] = ()
     branch_probs: Tuple[float, ...] = ()
     room: int = -1
+    load: BatchLoad = ALONE
 
 
 @dataclass(frozen=True)
@@ -237,6 +280,7 @@ class Choice:
     fresh: float = 0.0  # P(the next step has a chain to verify)
     gain: float = 0.0  # its score over a plain step's, in tokens (Policy.choose)
     scaled: float = 1.0  # measured over calibrated seconds that ``seconds`` includes (Policy.measured)
+    load: BatchLoad = ALONE  # what the rest of the batch fed beside it (``seconds``: the row's part)
 
     @property
     def rate(self) -> float:
@@ -350,10 +394,11 @@ class Policy:
         self.greedy = greedy
         self.estimator = AcceptanceEstimator(priors)
         self.refresh = refresh
-        self._regime: Optional[Regime] = None
-        self._regime_at: Tuple[int, int] = (-1, -1)  # (steps, context bucket) it was computed at
+        self._regimes: Dict[BatchLoad, Regime] = {}  # per batch load, computed at _regime_at
+        self._regime_at: Tuple[int, int] = (-1, -1)  # (steps, context bucket) they were computed at
         self._steps = 0
-        self._seconds: Dict[Tuple[int, bool, int], float] = {}
+        self._seconds: Dict[Tuple[int, bool, int], float] = {}  # alone
+        self._loaded: Dict[Tuple[int, bool, int, BatchLoad], float] = {}  # in a batch, cleared with _regimes
         self.times = times if times is not None else StepTimes()
         self._regime_scale = self._scales()  # the scales the long-run view was computed at
         # sum and count of the gain of the plans chosen right after plain steps (after_plain)
@@ -375,18 +420,45 @@ class Policy:
         """Host seconds that launching a plain step ahead hides (:class:`StepTimes`)."""
         return self.times.host_seconds
 
-    def seconds(self, width: int, masks: int, context: int) -> float:
+    def seconds(self, width: int, masks: int, context: int, load: BatchLoad = ALONE) -> float:
         """A plan's seconds: its forward (looked up once per 64 tokens of
         context), plus the sampler chain of ``masks`` calls where it feeds
         masks, times what the steps of its band of widths (1, 2-3, 4-7,
         8-15, ...) on its path have measured against their prediction, or
-        where none has run yet, the steps of the path (:meth:`observe`)."""
+        where none has run yet, the steps of the path (:meth:`observe`).
+
+        In a batch (``load``: the other rows), the forward is the batch's,
+        over R rows and N tokens, on the gated path where any row feeds
+        masks. Each row pays an even share of the least forward the batch
+        could feed (every row its pending token alone, R tokens, on the
+        row's own path) and what its own drafts add to the forward as the
+        others load it (N0 = the others' tokens + 1, on the batch's path):
+
+            cost(R, R) / R + cost(R, N0 + width - 1) - cost(R, N0).
+
+        The rows' parts add up to the forward (where the extra costs add
+        up), and rho is then the batch's rate per row, so a plan is worth its
+        width where it raises the batch's tokens per second. Charging a row
+        the share of the forward as loaded instead would make its width look
+        cheap once the others draft (a batch of rows that each copy where
+        none should), and charging the first row that feeds masks the whole
+        forward's gated path would keep every row from feeding them where
+        all should (alone, R = 1: the forward itself)."""
         bucket = context // 64
         gated = masks > 0
-        key = (width, gated, bucket)
-        fwd = self._seconds.get(key)
-        if fwd is None:
-            fwd = self._seconds[key] = self.costs.cost(width, bucket * 64, gated)
+        C = bucket * 64
+        if load.rows == 0:
+            key = (width, gated, bucket)
+            fwd = self._seconds.get(key)
+            if fwd is None:
+                fwd = self._seconds[key] = self.costs.cost(width, C, gated)
+        else:
+            key = (width, gated, bucket, load)
+            fwd = self._loaded.get(key)
+            if fwd is None:
+                R, N0, path = load.rows + 1, load.tokens + 1, gated or load.gated
+                extra = self.costs.batch_cost(R, N0 + width - 1, C, path) - self.costs.batch_cost(R, N0, C, path)
+                fwd = self._loaded[key] = self.costs.batch_cost(R, R, C, gated) / R + extra
         return (fwd + (self.costs.chain(masks) if masks else 0.0)) * self.measured(width, masks)
 
     def measured(self, width: int, masks: int) -> float:
@@ -399,17 +471,27 @@ class Policy:
         return {**self.scale, **self.band_scale}
 
     # --- the long-run view -----------------------------------------------------------------
-    def regime(self, context: int) -> Regime:
+    def regime(self, context: int, load: BatchLoad = ALONE) -> Regime:
         """rho and the value of a chain of each depth, from the estimates
-        without any step's own signals (recomputed every ``refresh`` steps,
-        when the context has grown by 64 tokens, or when the measured scale
-        of a path's or a band's costs has moved by 5% since)."""
+        without any step's own signals, were the batch's ``load`` to last
+        (recomputed every ``refresh`` steps, when the context has grown by
+        64 tokens, or when the measured scale of a path's or a band's costs
+        has moved by 5% since; one per load met in between, the others'
+        tokens per row rounded to a power of two)."""
         at = (self._steps // self.refresh, context // 64)
         scales = self._scales()
         moved = any(abs(math.log(v / self._regime_scale.get(key, 1.0))) > 0.05 for key, v in scales.items())
-        if self._regime is not None and at == self._regime_at and not moved:
-            return self._regime
-        self._regime_scale = scales
+        if at != self._regime_at or moved:
+            self._regimes.clear()
+            self._loaded.clear()
+            self._regime_at, self._regime_scale = at, scales
+        load = _rounded(load)
+        if load not in self._regimes:
+            self._regimes[load] = self._long_run(context, load)
+        return self._regimes[load]
+
+    def _long_run(self, context: int, load: BatchLoad) -> Regime:
+        """:meth:`regime`, computed."""
         k, B = self.max_masks, self.max_branches
         est = self.estimator
         reach = [0.0] + est.reach("mtp", k)  # [m] = P(first m of a chain right)
@@ -426,15 +508,18 @@ class Policy:
             return 1.0 + hit * (1.0 + sum(reach[i] / first for i in range(2, m + 1)))
 
         # actions from "a chain of depth j at hand" (j = 0: none): (tokens, seconds, next j)
+        def seconds(width: int, masks: int) -> float:
+            return self.seconds(width, masks, context, load)
+
         def actions(j: int):
-            out = [(1.0, self.seconds(1, 0, context), 0)]
+            out = [(1.0, seconds(1, 0), 0)]
             for jn in range(1, k + 1):
-                out.append((1.0, self.seconds(1 + jn, jn, context), jn))  # masks only
+                out.append((1.0, seconds(1 + jn, jn), jn))  # masks only
             for m in range(1, j + 1):
-                out.append((expected(m, 1), self.seconds(1 + m, 0, context), 0))
+                out.append((expected(m, 1), seconds(1 + m, 0), 0))
                 for b in range(1, B + 1):
                     for jn in range(1, k + 1):
-                        out.append((expected(m, b), self.seconds(width_of(0, m, b, jn), jn, context), jn))
+                        out.append((expected(m, b), seconds(width_of(0, m, b, jn), jn), jn))
             return out
 
         acts = [actions(j) for j in range(k + 1)]
@@ -442,7 +527,7 @@ class Policy:
         # states and its long-run rate is the ratio of tokens to seconds around
         # it. Dinkelbach: from plain decoding's rate, while some cycle gains
         # tokens at rate rho (tokens - rho * seconds > 0), rho = its ratio.
-        rate = 1.0 / self.seconds(1, 0, context)
+        rate = 1.0 / seconds(1, 0)
         for _ in range(16):
             better = _positive_cycle_rate(acts, rate)
             if better is None or better <= rate * (1 + 1e-9):
@@ -463,8 +548,7 @@ class Policy:
                 step[i] = max(step[i], w + h[n])
             new = [0.5 * (h[j] + step[j]) for j in range(k + 1)]
             h = [v - new[0] for v in new]
-        self._regime, self._regime_at = Regime(rate, [max(0.0, v) for v in h]), at
-        return self._regime
+        return Regime(rate, [max(0.0, v) for v in h])
 
     # --- one step ----------------------------------------------------------------------------
     def _candidates(self, drafts: StepDrafts):
@@ -529,29 +613,32 @@ class Policy:
                     masks,
                     w,
                     1.0 + tokens,
-                    self.seconds(w, masks, drafts.context),
+                    self.seconds(w, masks, drafts.context, drafts.load),
                     fresh,
                     scaled=self.measured(w, masks),
+                    load=drafts.load,
                 )
             )
         return out
 
     def choose(self, drafts: StepDrafts) -> Choice:
-        """The plan to feed this step (see the module docstring); ties go to
-        the narrower forward."""
-        regime = self.regime(drafts.context)
+        """The plan to feed this step (see the module docstring), priced in
+        the batch's forward where ``drafts.load`` has other rows
+        (:meth:`seconds`); ties go to the narrower forward."""
+        load = drafts.load
+        regime = self.regime(drafts.context, load)
         rate, value, C = regime.rate, regime.chain_value, drafts.context
         best, best_score, best_width, plain = None, -math.inf, 0, -math.inf
         for cand in self._candidates(drafts):
             kind, copy, depth, branches, masks, tokens, fresh = cand
             w = width_of(copy, depth, branches, masks)
-            score = 1.0 + tokens + fresh * value[masks] - rate * self.seconds(w, masks, C)
+            score = 1.0 + tokens + fresh * value[masks] - rate * self.seconds(w, masks, C, load)
             if kind == "plain":
                 plain = score
             if score > best_score + 1e-9 or (score > best_score - 1e-9 and w < best_width):
                 best, best_score, best_width = cand, score, w
         kind, copy, depth, branches, masks, tokens, fresh = best
-        seconds = self.seconds(best_width, masks, C)
+        seconds = self.seconds(best_width, masks, C, load)
         gain = max(0.0, best_score - plain)
         return Choice(
             kind,
@@ -565,6 +652,7 @@ class Policy:
             fresh,
             gain,
             self.measured(best_width, masks),
+            load,
         )
 
     # --- launching plain steps ahead ---------------------------------------------------------
@@ -629,9 +717,12 @@ class Policy:
         and those of its band of widths by that band's own steps (so that
         wide steps that cost more than calibrated, or narrow ones whose
         host work weighs more, are priced as measured; a band not measured
-        yet takes the path's)."""
+        yet takes the path's). A step verified in a batch is not timed against
+        its price (its time is the whole batch's forward, its price a part
+        of it): ``seconds`` is ignored there."""
         self._steps += 1
-        if seconds is not None and seconds > 0 and choice.seconds > 0:
+        alone = choice.load.rows == 0
+        if seconds is not None and seconds > 0 and choice.seconds > 0 and alone:
             gated = choice.masks > 0
             band = (gated, choice.width.bit_length())
             # the calibrated seconds: the choice's, without the scale it was priced at
