@@ -120,7 +120,7 @@ def test_the_decoder_passes_the_load_under_greedy_decoding_only(settings, priced
     decoder.prefill([1, 2, 3, 4])
     decoder.policy = decoder._make_policy()
     load = BatchLoad(7, 7)
-    choice, _ = decoder._choose(None, NO_CHAIN, -1, load)
+    choice, _ = decoder._choose(None, NO_CHAIN, -1, load=load)
     assert choice.load == (load if priced_in_batch else ALONE)
     assert decoder._choose(None, NO_CHAIN, -1)[0].load == ALONE
 
