@@ -15,6 +15,7 @@ from mlx_mtp.calibration import CostModel
 from mlx_mtp.datastore import Datastore
 from mlx_mtp.decoding.batch import BatchDecoder
 from mlx_mtp.decoding.decode import SpeculativeDecoder
+from mlx_mtp.decoding.policy import ALONE
 from mlx_mtp.decoding.settings import DecodeSettings
 from mlx_mtp.decoding.state import DecodingState
 
@@ -317,3 +318,34 @@ def test_rows_continue_their_prompt_caches():
     assert [got[i] for i in range(3)] == [reference(mtp.model, text, 14) for text in texts]
     for cache, text, i in zip(caches[:2], texts, range(2)):
         assert cache[0].committed == len(text) + len(got[i])
+
+
+def test_each_row_plans_with_the_others_load(monkeypatch):
+    """A row's next plan is made with what the other rows feed (their count,
+    their widths: planned this step or still in flight), and policy rows
+    priced in the batch still equal their solo output."""
+    mtp = mtp_for("llama")
+    p = [make_prompt(n, seed=80 + n) for n in (9, 11, 7)]
+    state = DecodingState(costs=FLAT)
+    seen = []
+    original = SpeculativeDecoder.next_plan
+
+    def recording(self, done, emitted, ahead, run, load=ALONE):
+        plan = original(self, done, emitted, ahead, run, load)
+        seen.append((load, plan.width))
+        return plan
+
+    monkeypatch.setattr(SpeculativeDecoder, "next_plan", recording)
+    requests = [Request(i, q, 12, DecodeSettings(policy=True), 0) for i, q in enumerate(p)]
+    got, history = batched(mtp, requests, state)
+    monkeypatch.undo()
+    for r in requests:
+        assert got[r.uid] == solo(mtp, r, state), f"request {r.uid}"
+    # the first step's three rows plan in turn: the later ones see the earlier ones' new widths
+    first = seen[:3]
+    assert [load.rows for load, _ in first] == [2, 2, 2]
+    assert first[2][0].tokens == first[0][1] + first[1][1]
+    assert first[1][0].tokens > first[0][1]
+    assert all(load.tokens >= load.rows for load, _ in seen)
+    # the last plans: fewer rows beside once others finished, or the rows all ran to the end together
+    assert seen[-1][0].rows < 2 or all(len(events) == 3 for events in history)

@@ -46,6 +46,7 @@ from ..model.mtp_model import MTPModel
 from ..model.rows import Feed
 from .decode import SpeculativeDecoder
 from .drafts import DraftFn
+from .policy import ALONE, BatchLoad
 from .randomness import RandomStream
 from .settings import DecodeSettings
 from .state import DecodingState
@@ -185,6 +186,8 @@ class BatchDecoder:
     def _read(self) -> List[BatchEvent]:
         """Wait for the step in flight; each row's tokens, its next plan."""
         events = []
+        # what each row feeds: this step's width until its next plan replaces it
+        widths = {row.uid: row.step.plan.width for row in self.rows.values() if row.step is not None}
         for row in list(self.rows.values()):
             if row.step is None:
                 continue
@@ -193,8 +196,11 @@ class BatchDecoder:
                 ahead = decoder.ahead(step, run)
                 done, emitted, stop = decoder.read(step, run)
                 row.step = None
+                widths.pop(row.uid)
                 if not stop:
-                    row.plan, row.ahead = decoder.next_plan(done, emitted, ahead, run), ahead is not None
+                    load = self._load(widths)
+                    row.plan, row.ahead = decoder.next_plan(done, emitted, ahead, run, load), ahead is not None
+                    widths[row.uid] = row.plan.width
                 row.text += emitted
                 events.append(BatchEvent(row.uid, decoder.emit(step, done, emitted, run), stop))
                 self._generated += len(emitted)
@@ -206,6 +212,13 @@ class BatchDecoder:
             self._generated = 0
             mx.clear_cache()
         return events
+
+    def _load(self, widths: Dict) -> BatchLoad:
+        """What the other rows feed (``widths``: their tokens by uid), for a row's policy."""
+        if not widths:
+            return ALONE
+        gated = any(self.rows[uid].plan is not None and self.rows[uid].plan.masks for uid in widths)
+        return BatchLoad(len(widths), sum(widths.values()), gated)
 
     def _launch(self, events: List[BatchEvent]):
         """Launch every row's planned step in one forward (rows that joined:

@@ -758,16 +758,19 @@ class SpeculativeDecoder:
         run.generated += len(emitted)
         return emitted, stop
 
-    def next_plan(self, done: Finished, emitted: List[int], ahead: Optional[Plan], run: _Run) -> Plan:
+    def next_plan(
+        self, done: Finished, emitted: List[int], ahead: Optional[Plan], run: _Run, load: BatchLoad = ALONE
+    ) -> Plan:
         """The next step's plan (before the host hands over ``emitted``):
-        the one decided ahead (:meth:`ahead`), or planned now."""
+        the one decided ahead (:meth:`ahead`), or planned now (``load``: what
+        the rest of a batch feeds beside it)."""
         if run.lookup is not None:
             run.lookup.extend(emitted)
         if ahead is not None:
             if self.policy is not None:  # what the step would have been, launched now
                 run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
             return ahead
-        return self._plan(emitted[-1], run.lookup, done.chain, run.room, run.grammar)
+        return self._plan(emitted[-1], run.lookup, done.chain, run.room, run.grammar, load)
 
     @staticmethod
     def emit(step: Launched, done: Finished, emitted: List[int], run: _Run) -> Step:

@@ -67,6 +67,11 @@ class Plan:
     def tree(self) -> bool:
         return len(self.branches) > 1
 
+    @property
+    def width(self) -> int:
+        """Tokens in the step's forward: the fed tokens and their masks."""
+        return len(self.fed) + self.masks * sum(self.masked)
+
     def source(self, node: int) -> str:
         """Where the speculation at fed node ``node`` came from (its branch's
         source; "mtp" where none was fed; "forced" for the tokens a grammar forced)."""
