@@ -12,56 +12,20 @@ import time
 
 import pytest
 
+from conftest import RunningServer as Running
 from conftest import need
 
 openai = need("openai", "pip install -e '.[test,server]'")
 uvicorn = need("uvicorn", "pip install -e '.[server]'")
 
 from mlx_mtp import generate, load, stream_generate  # noqa: E402
-from mlx_mtp.server import ServerConfig, make_app  # noqa: E402
+from mlx_mtp.server import ServerConfig  # noqa: E402
 
 from tiny import save_tiny_model_dir  # noqa: E402
 
 CONTEXT = 4096
 MODEL_ID = "tiny"
 NO_EOS = {"127": -100}  # keeps a generation going (EOS is w127) until it is cancelled
-
-
-class Running:
-    """A server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, model, tokenizer, config):
-        self.app = make_app(model, tokenizer, config)
-        self.worker = self.app.state.worker
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.01)
-        assert self.server.started
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=120
-        )
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def request(self, method, path, body=None, raw=None, timeout=120):
-        """(status, parsed JSON or text) of a plain HTTP request."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        data = raw if raw is not None else (None if body is None else json.dumps(body))
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        text = resp.read().decode()
-        conn.close()
-        try:
-            return resp.status, json.loads(text)
-        except json.JSONDecodeError:
-            return resp.status, text
 
 
 @pytest.fixture(scope="module")

@@ -89,9 +89,10 @@ def write_word_tokenizer(path, vocab_size: int = 128):
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, chat_template=CHAT_TEMPLATE).save_pretrained(path)
 
 
-def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, **overrides):
+def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, write_tokenizer=None, **overrides):
     """A tiny model saved as an mlx-lm model directory with a word-level
-    tokenizer, and a random adapter for it: (model_dir, adapter_dir)."""
+    tokenizer (or what ``write_tokenizer(path)`` writes), and a random
+    adapter for it: (model_dir, adapter_dir)."""
     from pathlib import Path
 
     from mlx_lm.utils import save_config, save_model
@@ -102,7 +103,7 @@ def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, **o
     model_dir, adapter_dir = root / "model", root / "adapter"
     save_model(model_dir, tiny_model(model_type, seed=0, **overrides))
     save_config(tiny_config(model_type, **overrides), model_dir / "config.json")
-    write_word_tokenizer(model_dir)
+    (write_tokenizer or write_word_tokenizer)(model_dir)
     mtp = randomize_adapter(MTPModel(tiny_model(model_type, seed=0, **overrides), MTPConfig(num_masks=num_masks)))
     save_adapter(mtp, adapter_dir)
     return model_dir, adapter_dir

@@ -16,6 +16,7 @@ from ..api import check_text, encode_prompt
 from ..decoding.decode import context_limit
 from ..decoding.settings import check_generation_args
 from .config import MAX_STOP_STRINGS, ROLES, RequestError, ServerConfig
+from .tools import ToolRequest, parse_tools, tool_message_fields
 
 __all__ = ["DISCONNECT_POLL", "Job", "parse_request"]
 
@@ -37,6 +38,7 @@ class Job:
     seed: Optional[int]
     logprobs: bool
     top_logprobs: int
+    tools: Optional[ToolRequest] = None  # the request's tools (None: no tools, the text is all content)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -101,7 +103,8 @@ def _message_text(message: Any, i: int) -> dict:
         check_text(content, f"messages[{i}].content")
     except ValueError as e:
         raise RequestError(400, str(e), "messages") from None
-    return {**{k: v for k, v in message.items() if k != "content"}, "content": content}
+    rest = {k: v for k, v in message.items() if k != "content"}
+    return {**rest, "content": content, **tool_message_fields(message, i)}
 
 
 def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) -> Job:
@@ -125,7 +128,8 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     sampling = _sampling(options, tokenizer)
-    prompt = _prompt(body, kind, tokenizer, model, limit)
+    tools = parse_tools(body, kind, tokenizer)
+    prompt = _prompt(body, kind, tokenizer, model, limit, tools)
     return Job(
         kind=kind,
         prompt=prompt,
@@ -138,6 +142,7 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         seed=seed,
         logprobs=logprobs,
         top_logprobs=max(top_logprobs, 0),
+        tools=tools,
         id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
     )
 
@@ -237,7 +242,7 @@ def _sampling(o: Dict[str, Any], tokenizer) -> Dict[str, Any]:
     return sampling
 
 
-def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
+def _prompt(body: dict, kind: str, tokenizer, model, limit: int, tools: Optional[ToolRequest]) -> List[int]:
     """The prompt's token ids: the chat's messages through the template, or the text (or ids)."""
     try:
         if kind == "chat":
@@ -245,7 +250,7 @@ def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
             if not isinstance(messages, list) or not messages:
                 raise RequestError(400, "messages must be a non-empty array of messages", "messages")
             messages = [_message_text(m, i) for i, m in enumerate(messages)]
-            prompt = _chat_prompt(tokenizer, messages, body)
+            prompt = _chat_prompt(tokenizer, messages, body, tools.template_tools if tools else None)
         else:
             text = body.get("prompt")
             if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
@@ -265,16 +270,23 @@ def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
     return prompt
 
 
-def _chat_prompt(tokenizer, messages: List[dict], body: dict) -> List[int]:
+def _chat_prompt(tokenizer, messages: List[dict], body: dict, tools: Optional[List[dict]]) -> List[int]:
     """The chat's token ids: the tokenizer's chat template (or mlx-lm's
-    role mapping when it has none), as mlx_lm.server builds them."""
+    role mapping when it has none), as mlx_lm.server builds them; tools that
+    the template leaves out of the prompt get a 400."""
     if getattr(tokenizer, "has_chat_template", False):
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise RequestError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
-        tools = body.get("tools") or None
-        try:
-            return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs))
-        except Exception as e:  # a template error is the request's (a role it does not take, ...)
-            raise RequestError(400, f"the chat template cannot render these messages: {e}", "messages") from None
+        ids = _render(tokenizer, messages, tools, kwargs)
+        if tools and ids == _render(tokenizer, messages, None, kwargs):
+            raise RequestError(400, "tools are not supported by this model: its chat template ignores them", "tools")
+        return ids
     return list(tokenizer.encode(convert_chat(messages, body.get("role_mapping"))))
+
+
+def _render(tokenizer, messages: List[dict], tools: Optional[List[dict]], kwargs: dict) -> List[int]:
+    try:
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs))
+    except Exception as e:  # a template error is the request's (a role it does not take, ...)
+        raise RequestError(400, f"the chat template cannot render these messages: {e}", "messages") from None
