@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Tuple
 
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.server import ToolCallFormatter
+from mlx_lm.tool_parsers import json_tools
 
 from .config import RequestError
 
@@ -19,6 +20,10 @@ __all__ = ["TOOL_CHOICES", "ToolCallText", "ToolRequest", "parse_tools", "tool_c
 
 TOOL_CHOICES = ("none", "auto", "required")
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function without parameters
+# at most one space between JSON tokens, as in response_format's constraint
+# (a small model given free whitespace writes newlines until max_tokens)
+JSON_WHITESPACE = "[ ]?"
 
 
 @dataclass
@@ -222,3 +227,41 @@ def tool_call_text(tokenizer, request: Optional[ToolRequest], streaming: bool) -
     if request is None or request.choice == "none":
         return None
     return ToolCallText(tokenizer, request.tools, streaming)
+
+
+def _marker(tokenizer, text: str) -> str:
+    """A tool-call marker in llguidance's lark: the token itself where the
+    marker is one token (an added token, which llguidance never spells out
+    in bytes), else the text."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text)
+
+
+def forced_call_grammar(tokenizer, request: ToolRequest) -> str:
+    """The lark grammar (llguidance's) of exactly one call to one of the
+    request's forced functions, in the format of mlx-lm's ``json_tools``
+    parser (Hermes, Qwen): ``<tool_call>\n{"name": ..., "arguments":
+    {...}}\n</tool_call>``, the arguments fitting the function's
+    ``parameters``; a 400 for models whose calls have another format."""
+    if tokenizer.tool_parser is not json_tools.parse_tool_call:
+        raise _bad(
+            "tool_choice 'required' or a named function needs a model whose tool calls are JSON "
+            "(mlx-lm's json_tools parser: Hermes, Qwen); this model's are another format",
+            "tool_choice",
+        )
+    rules = []
+    for i, function in enumerate(request.forced_tools()):
+        schema = {
+            "type": "object",
+            "properties": {
+                "name": {"const": function["name"]},
+                "arguments": function.get("parameters") or NO_ARGUMENTS,
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+            "x-guidance": {"whitespace_pattern": JSON_WHITESPACE},
+        }
+        rules.append(f"call_{i}: %json {json.dumps(schema)}")
+    calls = " | ".join(f"call_{i}" for i in range(len(rules)))
+    start, end = _marker(tokenizer, tokenizer.tool_call_start), _marker(tokenizer, tokenizer.tool_call_end)
+    return "\n".join([f'start: {start} "\\n" ({calls}) "\\n" {end}', *rules]) + "\n"
