@@ -329,3 +329,22 @@ def test_a_template_without_tools_gets_one_400_naming_tools(tmp_path, template, 
         assert r.choices[0].finish_reason in ("length", "stop")
     finally:
         running.stop()
+
+
+@pytest.mark.real_model
+def test_real_model_without_tool_support_gets_the_400(default_model_path):
+    """SmolLM2-135M-Instruct's chat template has no tools (mlx-lm finds no
+    tool parser for it): tools get the one 400, tool_choice none is served."""
+    model, tokenizer = load(str(default_model_path))
+    assert not tokenizer.has_tool_calling
+    running = RunningServer(model, tokenizer, ServerConfig(model_id="smollm2"))
+    try:
+        with pytest.raises(openai.BadRequestError, match="tools are not supported by this model") as e:
+            running.client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS)
+        assert e.value.body["param"] == "tools"
+        r = running.client.chat.completions.create(
+            model="smollm2", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4
+        )
+        assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    finally:
+        running.stop()
