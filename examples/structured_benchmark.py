@@ -3,14 +3,18 @@
 constrained decoding without speculation writes, and how much faster.
 
     python examples/structured_benchmark.py [--model M] [--per-schema 10] [--pydantic-per-model 5]
-        [--max-tokens 256] [--plain-flags "--num-masks 0 --lookup 0 --no-policy"]
+        [--max-tokens 256] [--baseline mlx-lm|server] [--plain-flags "--num-masks 0 --lookup 0 --no-policy"]
         [--spec-url URL --plain-url URL] [--json-out FILE]
 
-Two servers on 127.0.0.1, each its own process: the default one (speculation
-on) and one started with ``--plain-flags`` (no drafts: constrained decoding
-one token per step); ``--spec-url``/``--plain-url`` use servers already
-running instead. Each request goes to both, one after the other (which one
-first alternates), so both see the same load.
+The server under test runs on 127.0.0.1 as its own process, speculation on
+(``--spec-url``: one already running). The baseline, constrained decoding
+without speculation, is either ``mlx-lm`` (the default): mlx-lm's own loop
+(``generate_step``) in this process with the same constraint as a logits
+processor, one token per step, the reference the issue's targets name; or
+``server``: a second server started with ``--plain-flags`` (no masks or
+copies; the grammar's forced tokens are still drafted for free, so it is
+not one token per step), or ``--plain-url``. Each request goes to both, one
+after the other (which one first alternates), so both see the same load.
 
 Requests: every schema of ``--schemas`` (examples/data/structured_schemas.json:
 nested objects, arrays, enums, numbers, required and optional fields, string
@@ -152,10 +156,29 @@ def response_format(case: Case) -> dict:
     return {"type": "json_schema", "json_schema": {"name": case.name, "schema": case.schema, "strict": True}}
 
 
-def ask(client, model: str, case: Case, max_tokens: int) -> Answer:
-    """One streamed ``json_schema`` request, checked against its schema."""
+def check(answer: Answer, schema: dict, pydantic_model=None) -> Answer:
+    """Whether the answer's text parses as JSON and fits its schema
+    (``jsonschema``, or the pydantic model itself)."""
     import jsonschema
 
+    try:
+        value = json.loads(answer.text)
+    except json.JSONDecodeError:
+        return answer
+    answer.parsed = True
+    if pydantic_model is None:
+        answer.valid = jsonschema.Draft202012Validator(schema).is_valid(value)
+    else:
+        try:
+            pydantic_model.model_validate(value)
+            answer.valid = True
+        except ValueError:
+            pass
+    return answer
+
+
+def ask(client, model: str, case: Case, max_tokens: int) -> Answer:
+    """One streamed ``json_schema`` request, checked against its schema."""
     start = time.perf_counter()
     first, text, answer = None, [], Answer(None)
     try:
@@ -185,35 +208,79 @@ def ask(client, model: str, case: Case, max_tokens: int) -> Answer:
         return answer
     end = time.perf_counter()
     answer.text, answer.seconds, answer.decode_seconds = "".join(text), end - start, end - (first or end)
-    try:
-        value = json.loads(answer.text)
-        answer.parsed = True
-        answer.valid = jsonschema.Draft202012Validator(case.schema).is_valid(value)
-    except json.JSONDecodeError:
-        pass
-    return answer
+    return check(answer, case.schema)
 
 
 def ask_parse(client, model: str, case: Case, pydantic_model, max_tokens: int) -> Answer:
-    """One ``client.beta.chat.completions.parse`` request: parsed and
-    validated by pydantic (the client raises where it cannot)."""
+    """One ``client.beta.chat.completions.parse`` request, checked by its
+    pydantic model (a response the client cannot parse is a failure)."""
+    import openai
+
     start = time.perf_counter()
     try:
         r = client.beta.chat.completions.parse(
             model=model, messages=case.messages, response_format=pydantic_model, max_tokens=max_tokens, temperature=0
         )
-    except Exception as e:  # noqa: BLE001  (pydantic's ValidationError, LengthFinishReasonError, HTTP errors)
+    except openai.LengthFinishReasonError as e:  # cut by max_tokens: its text still counts for the comparison
+        r = e.completion
+    except Exception as e:  # noqa: BLE001  (pydantic's ValidationError, HTTP errors)
         return Answer(None, error=f"{type(e).__name__}: {e}")
     message = r.choices[0].message
-    return Answer(
+    answer = Answer(
         message.content,
         completion_tokens=r.usage.completion_tokens,
         seconds=time.perf_counter() - start,
         finish_reason=r.choices[0].finish_reason,
         speculation=(r.model_extra or {}).get("speculation") or {},
-        parsed=message.parsed is not None,
-        valid=isinstance(message.parsed, pydantic_model),
     )
+    return check(answer, case.schema, pydantic_model)
+
+
+class MlxLmBaseline:
+    """Constrained decoding without speculation, in this process: mlx-lm's
+    ``generate_step`` over the base model, the request's constraint (made as
+    the server makes it) as a logits processor, greedy."""
+
+    def __init__(self, model: Optional[str], adapter: Optional[str]):
+        from mlx_mtp import load
+
+        self.model, self.tokenizer = load(model, adapter_path=adapter)
+
+    def __call__(self, case: Case, pydantic_model, max_tokens: int) -> Answer:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        from mlx_mtp.decoding.constraint import Constraint
+
+        if pydantic_model is None:
+            fmt = response_format(case)
+        else:  # what client.beta.chat.completions.parse sends for the model
+            from openai.lib._parsing._completions import type_to_response_format_param
+
+            fmt = type_to_response_format_param(pydantic_model)
+        constraint = Constraint.from_response_format(fmt, self.tokenizer, self.model.vocab_size)
+        ids = self.tokenizer.apply_chat_template(case.messages, add_generation_prompt=True)
+        eos, tokens, first = set(self.tokenizer.eos_token_ids), [], None
+        start = time.perf_counter()
+        steps = generate_step(
+            mx.array(ids), self.model.model, max_tokens=max_tokens, logits_processors=[constraint.logits_processor()]
+        )
+        for token, _ in steps:
+            first = first or time.perf_counter()
+            tokens.append(int(token))
+            if tokens[-1] in eos:
+                break
+        end = time.perf_counter()
+        stopped = bool(tokens) and tokens[-1] in eos
+        answer = Answer(
+            self.tokenizer.decode(tokens[:-1] if stopped else tokens),
+            completion_tokens=len(tokens),
+            seconds=end - start,
+            decode_seconds=end - (first or end),
+            finish_reason="stop" if stopped else "length",
+            speculation={"steps": len(tokens)},
+        )
+        return check(answer, case.schema, pydantic_model)
 
 
 # --------------------------------------------------------------------------- the report
@@ -240,9 +307,9 @@ def totals(answers: List[Answer]) -> Dict[str, float]:
     }
 
 
-def report(rows: List[dict]) -> dict:
+def report(rows: List[dict], baseline: str = "no speculation") -> dict:
     """Prints and returns the figures of ``rows`` (one per request: kind,
-    name, and the two servers' answers)."""
+    name, and the answers with speculation and of the baseline)."""
     summary = {}
     for kind in ("json_schema", "pydantic"):
         mine = [r for r in rows if r["kind"] == kind]
@@ -255,7 +322,7 @@ def report(rows: List[dict]) -> dict:
         decode_ratio = spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"] if plain["decode_tokens_per_s"] else 0
         what = "json_schema (streamed)" if kind == "json_schema" else "pydantic (client.beta.chat.completions.parse)"
         print(f"{what}: {len(mine)} requests over {names} {'schemas' if kind == 'json_schema' else 'models'}")
-        for label, t in (("speculation", spec), ("no speculation", plain)):
+        for label, t in (("speculation", spec), (baseline, plain)):
             forced = "n/a (not reported)" if t["forced_tokens"] is None else t["forced_tokens"]
             decode = f", decoding {t['decode_tokens_per_s']:.2f} tokens/s" if kind == "json_schema" else ""
             print(
@@ -263,7 +330,7 @@ def report(rows: List[dict]) -> dict:
                 f"{t['tokens_per_s']:.2f} tokens/s end to end{decode}; {t['tokens_per_step']:.3f} tokens/step; "
                 f"forced tokens {forced}"
             )
-        print(f"  identical to no speculation: {same}/{len(mine)}; speed-up {ratio:.3f}x end to end", end="")
+        print(f"  identical to the baseline: {same}/{len(mine)}; speed-up {ratio:.3f}x end to end", end="")
         print(f", {decode_ratio:.3f}x decoding" if kind == "json_schema" else "")
         for r in mine:
             if r["spec"].text != r["plain"].text or not r["spec"].valid:
@@ -289,19 +356,28 @@ def start_server(model: Optional[str], adapter: Optional[str], flags: List[str])
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def run(spec_client, plain_client, model: str, args) -> List[dict]:
-    """Every request to both servers; one row per request."""
+def server_side(client, model: str):
+    """A server's answer to a case (streamed json_schema, or ``parse``)."""
+
+    def answer(case: Case, pydantic_model, max_tokens: int) -> Answer:
+        if pydantic_model is None:
+            return ask(client, model, case, max_tokens)
+        return ask_parse(client, model, case, pydantic_model, max_tokens)
+
+    return answer
+
+
+def run(spec, baseline, args) -> List[dict]:
+    """Every request to both sides (``spec``, ``baseline``: callables of a
+    case, its pydantic model or None, and max_tokens); one row per request."""
     rows = []
     cases = [(c, None) for c in schema_cases(args.schemas, args.per_schema)]
     cases += pydantic_cases(args.pydantic_per_model)
     for i, (case, pydantic_model) in enumerate(cases):
         answers = {}
-        order = [("spec", spec_client), ("plain", plain_client)]
-        for label, client in order if i % 2 == 0 else order[::-1]:
-            if pydantic_model is None:
-                answers[label] = ask(client, model, case, args.max_tokens)
-            else:
-                answers[label] = ask_parse(client, model, case, pydantic_model, args.max_tokens)
+        order = [("spec", spec), ("plain", baseline)]
+        for label, side in order if i % 2 == 0 else order[::-1]:
+            answers[label] = side(case, pydantic_model, args.max_tokens)
         rows.append({"kind": case.kind, "name": case.name, **answers})
         if args.verbose:
             a = answers["spec"]
@@ -318,29 +394,40 @@ def main(argv=None) -> int:
     p.add_argument("--pydantic-per-model", type=int, default=5, help="parse requests per pydantic model")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument(
+        "--baseline",
+        choices=["mlx-lm", "server"],
+        default="mlx-lm",
+        help="without speculation: mlx-lm's loop in this process, or a second server (default: %(default)s)",
+    )
+    p.add_argument(
         "--plain-flags",
         default="--num-masks 0 --lookup 0 --no-policy",
         help="the server flags that turn speculation off (default: %(default)s)",
     )
     p.add_argument("--spec-url", help="a running server with speculation (instead of starting one)")
-    p.add_argument("--plain-url", help="a running server without speculation")
+    p.add_argument("--plain-url", help="a running server without speculation (--baseline server)")
     p.add_argument("--json-out", type=Path, help="write every answer and the summary here")
     p.add_argument("--verbose", action="store_true", help="a line per request")
     args = p.parse_args(argv)
     import openai
 
     procs, urls = [], {"spec": args.spec_url, "plain": args.plain_url}
+    wanted = [("spec", [])] + ([("plain", shlex.split(args.plain_flags))] if args.baseline == "server" else [])
     try:
-        for label, flags in (("spec", []), ("plain", shlex.split(args.plain_flags))):
+        for label, flags in wanted:
             if urls[label] is None:
                 proc, urls[label] = start_server(args.model, args.adapter_path, flags)
                 procs.append(proc)
-        clients = [openai.OpenAI(base_url=urls[k], api_key="unused", max_retries=0, timeout=3600) for k in urls]
-        model = clients[0].models.list().data[0].id
+        clients = {k: openai.OpenAI(base_url=urls[k], api_key="unused", max_retries=0, timeout=3600) for k, _ in wanted}
+        model = clients["spec"].models.list().data[0].id
+        if args.baseline == "server":
+            baseline, label = server_side(clients["plain"], model), "no speculation (server)"
+        else:
+            baseline, label = MlxLmBaseline(args.model, args.adapter_path), "no speculation (mlx-lm's loop)"
         start = time.perf_counter()
-        rows = run(*clients, model, args)
+        rows = run(server_side(clients["spec"], model), baseline, args)
         print(f"model {model}, greedy, max_tokens {args.max_tokens}, {time.perf_counter() - start:.0f} s in all")
-        summary = report(rows)
+        summary = report(rows, label)
     finally:
         for proc in procs:
             proc.terminate()

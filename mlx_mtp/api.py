@@ -11,7 +11,7 @@ The command line is :mod:`mlx_mtp.generate`, the server :mod:`mlx_mtp.server`.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .blas import describe
 from .calibration import cost_model, feeds_masks
+from .decoding.constraint import constraint_for
 from .decoding.decode import SpeculativeDecoder
 from .decoding.drafts import DraftFn
 from .decoding.fallback import plain_fallback
@@ -52,10 +53,12 @@ class MTPGenerationResponse(GenerationResponse):
     num_masks: int = 0
     mode: str = "off"
     branches: int = 1
-    draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup" or "datastore"
+    draft_source: str = "mtp"  # of the step that emitted this token: "mtp", "lookup", "datastore" or "forced"
     policy: bool = False  # the per-step policy chose (num_masks, branches: the most it could feed)
     choice: str = "plain"  # what the step that emitted this token fed (decoding.policy.KINDS)
     choices: Optional[Dict[str, int]] = None  # steps so far per choice
+    forced: int = 0  # tokens so far that a grammar constraint forced (drafted for free, always accepted)
+    constraint_seconds: float = 0.0  # host time the grammar constraint took so far
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -290,6 +293,8 @@ def stream_generate(
     policy: Optional[bool] = None,
     settings: Optional[DecodeSettings] = None,
     state: Optional[DecodingState] = None,
+    response_format: Optional[Dict[str, Any]] = None,
+    grammar: Optional[str] = None,
     **options,
 ) -> Generator[MTPGenerationResponse, None, None]:
     """Like ``mlx_lm.stream_generate``: one response per generated token, the
@@ -333,6 +338,17 @@ def stream_generate(
         state: the model's decoding state (``load(..., return_state=True)``;
             None: the one the loader kept for the model).
         draft_fn: replaces the sampler head (tests and inspection).
+        response_format: OpenAI's: ``{"type": "json_object"}`` or
+            ``{"type": "json_schema", "json_schema": {"schema": {...}}}``;
+            the output is JSON that fits it (``{"type": "text"}``: free text).
+        grammar: a lark grammar (llguidance's syntax; ``%json {...}`` embeds
+            a schema) the output must follow; at most one of the two. Under
+            either, every position is decoded as mlx-lm would with the
+            constraint as a logits processor, EOS once the grammar is
+            complete; speculation stays on (drafts are checked against the
+            grammar, and the tokens it forces are drafted for free).
+            ValueError (:class:`~mlx_mtp.decoding.constraint.ConstraintError`)
+            for a schema or grammar that cannot be enforced, before anything runs.
     """
     check_max_tokens(max_tokens)
     settings = _settings(
@@ -353,6 +369,11 @@ def stream_generate(
     )
     tokenizer = _wrap_tokenizer(tokenizer)
     model = _as_mtp(model)
+    constraint = constraint_for(tokenizer, model.vocab_size, response_format, grammar)
+    if constraint is not None:
+        if settings.constraint is not None:
+            raise ValueError("pass either settings with a constraint or response_format/grammar, not both")
+        settings = replace(settings, constraint=constraint)
     decoder = make_decoder(model, settings, state, draft_fn)
     ids = encode_prompt(tokenizer, prompt, model.vocab_size)
     spec = None if prompt_cache is None else as_spec_cache(prompt_cache, len(model.layers))
@@ -370,6 +391,7 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
     stopper = _StopText(tokenizer, stops) if any(stops) else None
     detokenizer = tokenizer.detokenizer
     source, choice = "mtp", "plain"
+    forced, constraint_seconds = 0, 0.0
     choices: Dict[str, int] = {}
     out: List[int] = []
 
@@ -394,6 +416,8 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
             policy=decoder.costs is not None,
             choice=choice,
             choices=dict(choices),
+            forced=forced,
+            constraint_seconds=constraint_seconds,
         )
 
     tic = time.perf_counter()
@@ -405,6 +429,8 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
             for step in decoder.steps(ids, max_tokens=limit, eos_token_ids=eos, cache=spec, context=context):
                 steps += 1
                 source, choice = step.source, step.choice
+                forced += step.forced
+                constraint_seconds += step.constraint_seconds
                 choices[choice] = choices.get(choice, 0) + 1
                 for i, token in enumerate(step.tokens):
                     if n == 0:

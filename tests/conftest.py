@@ -14,12 +14,13 @@ from here or from ``tiny.py``, never from each other).
   template, and a tiny self-distilled dataset written by ``mlx_mtp.distill``,
   for the training and data tests: :func:`model_dir`, :func:`distilled_dir`,
   :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`;
-- the server on loopback with an ``openai`` client: :class:`RunningServer`.
+- the server on loopback with an ``openai`` client: :class:`Running`.
 """
 
 import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
 
 import atexit
+import random
 from collections import Counter
 import functools
 import http.client
@@ -39,6 +40,8 @@ from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from mlx_mtp.calibration import CostModel
+from mlx_mtp.decoding.policy import Policy, StepDrafts
 from mlx_mtp.training.callbacks import TrainingCallback
 
 from tiny import randomize_adapter, tiny_config, tiny_model, tiny_mtp
@@ -422,12 +425,81 @@ class StopAt(TrainingCallback):
             trainer.request_stop()
 
 
-# ------------------------------------------------------------- the server on loopback (tests)
+# ------------------------------------------- the per-step policy on synthetic costs, choosing at random
 
 
-class RunningServer:
-    """``mlx_mtp.serving``'s app on 127.0.0.1 (a free port) in a background
-    thread, with an official ``openai`` client (``self.client``)."""
+def costs(per_token: float, gated: float = 1.0, fixed: float = 0.0, sampler: float = 0.0) -> CostModel:
+    """A forward over T tokens costs ``fixed + per_token * T`` (times
+    ``gated`` on the gated path), in units of a one-token plain forward."""
+    one = fixed + per_token
+    return CostModel.from_function(
+        lambda width, context, is_gated: (fixed + per_token * width) * (gated if is_gated else 1.0) / one * 0.01,
+        sampler_call=sampler * 0.01,
+    )
+
+
+LINEAR = costs(per_token=1.0, gated=1.3)  # a forward over T tokens costs T times one
+FLAT = costs(per_token=0.0002, fixed=1.0, gated=1.05, sampler=0.001)  # width nearly free
+CPU_FP32 = costs(per_token=0.1, fixed=0.9, gated=1.6, sampler=0.03)  # +10% per token, masks 1.6x
+
+
+class RandomPolicy(Policy):
+    """Picks a random kind of plan, then a random plan of that kind, among
+    all the policy could feed this step."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rng = random.Random(seed)
+        self.ahead = random.Random(seed + 100)
+        self.kinds = Counter()
+        self.pipelined = 0
+
+    def choose(self, drafts):
+        plans = self.plans(drafts)
+        kind = self.rng.choice(sorted({p.kind for p in plans}))
+        return self.rng.choice([p for p in plans if p.kind == kind])
+
+    def pipelines(self, context, room=-1):
+        """Half the plain steps launch the next one, a plain step, ahead."""
+        if self.ahead.random() < 0.5:
+            return None
+        self.pipelined += 1
+        return next(p for p in self.plans(StepDrafts(context=context, room=room)) if p.kind == "plain")
+
+    def after_plain(self, choice):
+        pass
+
+    def observe(self, choice, *args, **kwargs):
+        self.kinds[choice.kind] += 1  # the plans fed (choose also answers pipelines and after_plain)
+        super().observe(choice, *args, **kwargs)
+
+
+def random_policy(decoder, monkeypatch, seed=0):
+    """Make ``decoder`` choose at random; returns the policies it makes."""
+    made = []
+
+    def make():
+        made.append(
+            RandomPolicy(
+                decoder.costs,
+                max_masks=decoder.k,
+                max_branches=decoder.branches if decoder.settings.trees else 1,
+                max_copy=decoder.lookup,
+                greedy=decoder.settings.trees,
+                seed=seed + len(made),
+            )
+        )
+        return made[-1]
+
+    monkeypatch.setattr(decoder, "_make_policy", make)
+    return made
+
+
+# ------------------------------------------------------------- the server on loopback (test_server*.py)
+
+
+class Running:
+    """A server on 127.0.0.1 in a background thread."""
 
     def __init__(self, model, tokenizer, config):
         import openai

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from conftest import RunningServer as Running
 from conftest import need
 
 openai = need("openai", "pip install -e '.[test,server]'")
@@ -21,6 +20,7 @@ uvicorn = need("uvicorn", "pip install -e '.[server]'")
 from mlx_mtp import generate, load, stream_generate  # noqa: E402
 from mlx_mtp.server import ServerConfig  # noqa: E402
 
+from conftest import Running  # noqa: E402
 from tiny import save_tiny_model_dir  # noqa: E402
 
 CONTEXT = 4096

@@ -3,28 +3,33 @@
 streamed and not, each ``tool_choice``, streamed deltas that reassemble to
 the call, and the 400s (bad tool definitions, a template without tools).
 
-The model is a tiny random llama with a character-level tokenizer that has
-the ``<tool_call>`` / ``</tool_call>`` markers and a Hermes-style chat
-template (as Qwen's), so mlx-lm's loader picks its ``json_tools`` parser.
-A random model writes random text, so the tests that check parsing script
-the text: a logits processor leaves one token allowed per position (the
-script's, then EOS), and the server decodes it with speculation as usual."""
+The model is a tiny random llama with a byte-level tokenizer (llguidance
+reads it) that has the ``<tool_call>`` / ``</tool_call>`` markers and a
+Hermes-style chat template (as Qwen's), so mlx-lm's loader picks its
+``json_tools`` parser. A random model writes random text, so the tests that
+check parsing script the text: a logits processor leaves one token allowed
+per position (the script's, then EOS), and the server decodes it with
+speculation as usual. ``required`` and a named function are decoded under
+their grammar by the random model itself: equal to the API's constrained
+generation, and a call that fits the function's parameters."""
 
 import json
 from dataclasses import replace
 
+import jsonschema
 import mlx.core as mx
 import pytest
 
-from conftest import RunningServer, make_tokenizer, need
+from conftest import Running, need
 
 openai = need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
 
 from mlx_mtp import load, stream_generate  # noqa: E402
 from mlx_mtp.server import ServerConfig  # noqa: E402
+from mlx_mtp.serving.tools import ToolRequest, forced_call_grammar  # noqa: E402
 
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import json_tokenizer, save_tiny_model_dir  # noqa: E402
 
 MODEL_ID = "tiny-tools"
 TOOL_MARKERS = ["<tool_call>", "</tool_call>"]
@@ -44,6 +49,11 @@ TOOLS_TEMPLATE = (
 )
 # names tool calls (so mlx-lm finds a parser) but never renders the tools
 IGNORING_TEMPLATE = TOOLS_TEMPLATE.replace("{%- if tools %}", "{%- if false %}")
+# Mistral's call format ([TOOL_CALLS]name[ARGS]{...}): parsed under auto, not forced
+MISTRAL_TEMPLATE = (
+    "{#- calls: [TOOL_CALLS] -#}{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "{% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}"
+)
 PLAIN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 WEATHER = {
@@ -64,20 +74,12 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
 
 
-def tool_tokenizer_writer(template):
-    def write(path):
-        tok = make_tokenizer()
-        tok.add_tokens(TOOL_MARKERS)
-        tok.chat_template = template
-        tok.save_pretrained(str(path))
-
-    return write
-
-
 def loaded_with(root, template):
-    vocab = len(make_tokenizer()) + len(TOOL_MARKERS)
+    tokenizer = json_tokenizer()
+    tokenizer.add_tokens(TOOL_MARKERS)
+    tokenizer.chat_template = template
     dirs = save_tiny_model_dir(
-        root, "llama", write_tokenizer=tool_tokenizer_writer(template), vocab_size=vocab, max_position_embeddings=2048
+        root, "llama", tokenizer=tokenizer, vocab_size=len(tokenizer), max_position_embeddings=2048
     )
     return load(str(dirs[0]), adapter_path=str(dirs[1]))
 
@@ -89,7 +91,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    running = RunningServer(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=200))
+    running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=200))
     yield running
     running.stop()
 
@@ -241,11 +243,83 @@ def test_a_call_cut_by_max_tokens_is_content_with_finish_length(server, scripted
     assert r.choices[0].message.content == scripted.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_choice_is_refused_for_now(server, choice):
-    with pytest.raises(openai.BadRequestError, match="not supported yet") as e:
-        server.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=choice)
-    assert e.value.body["param"] == "tool_choice"
+# bounded arguments: a random model under the grammar finishes the call
+BOOK = {
+    "type": "function",
+    "function": {
+        "name": "book_room",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "nights": {"type": "integer", "minimum": 1, "maximum": 9},
+            },
+            "required": ["city", "nights"],
+            "additionalProperties": False,
+        },
+    },
+}
+CANCEL = {"type": "function", "function": {"name": "cancel"}}  # no parameters: its arguments are {}
+FORCED = [BOOK, CANCEL]
+
+
+@pytest.mark.parametrize("choice", ["required", "book_room", "cancel"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_choice_writes_one_call_under_its_grammar(server, loaded, choice, stream):
+    """``required`` or a named function: the random model's own greedy
+    output under the grammar, equal to the API's generation under the same
+    grammar, is one call that parses and fits the function's parameters."""
+    model, tokenizer = loaded
+    tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+    r = server.client.chat.completions.create(
+        model=MODEL_ID, messages=ASK, tools=FORCED, tool_choice=tool_choice, max_tokens=120, stream=stream
+    )
+    if stream:
+        chunks = list(r)
+        content, calls = reassemble(chunks)
+        names_args = [(c["name"], json.loads(c["arguments"])) for c in calls]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        spec = chunks[-1].model_extra["speculation"]
+    else:
+        message = r.choices[0].message
+        content, finish = message.content or "", [r.choices[0].finish_reason]
+        names_args = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+        spec = r.model_extra["speculation"]
+    assert content == "" and finish == ["tool_calls"] and len(names_args) == 1
+    name, arguments = names_args[0]
+    assert name == choice or (choice == "required" and name in ("book_room", "cancel"))
+    parameters = {t["function"]["name"]: t["function"].get("parameters", {"const": {}}) for t in FORCED}
+    jsonschema.validate(arguments, parameters[name])
+    assert spec["forced_tokens"] > 0  # the markers, the keys, the name at least
+    # the API with the same grammar writes the same text
+    request = ToolRequest(
+        FORCED, "required" if choice == "required" else "function", None if choice == "required" else choice
+    )
+    ids = list(tokenizer.apply_chat_template(ASK, tools=FORCED, add_generation_prompt=True))
+    out = list(stream_generate(model, tokenizer, ids, max_tokens=120, grammar=forced_call_grammar(tokenizer, request)))
+    want = "".join(r.text for r in out)
+    assert want.startswith("<tool_call>\n") and want.endswith("\n</tool_call>")
+    assert json.loads(want[len("<tool_call>\n") : -len("\n</tool_call>")]) == {"name": name, "arguments": arguments}
+    if not stream:
+        assert r.usage.completion_tokens == len(out) and out[-1].finish_reason == "stop"
+
+
+def test_forced_call_of_unenforceable_parameters_gets_a_400(server):
+    """A parameter schema llguidance cannot enforce: a 400 naming tools for a
+    forced call; under auto the same tools are taken (no grammar)."""
+    odd = {
+        "type": "function",
+        "function": {"name": "odd", "parameters": {"type": "object", "not": {"required": ["a"]}}},
+    }
+    with pytest.raises(openai.BadRequestError, match="Unimplemented keys") as e:
+        server.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[odd], tool_choice="required")
+    assert e.value.body["param"] == "tools"
+    r = server.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[odd], max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="response_format cannot be given with a forced tool_choice"):
+        server.client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=FORCED, tool_choice="required", response_format={"type": "json_object"}
+        )
 
 
 def fn(**function):
@@ -315,7 +389,7 @@ def test_tools_on_text_completions_get_a_400(server):
 )
 def test_a_template_without_tools_gets_one_400_naming_tools(tmp_path, template, message):
     model, tokenizer = loaded_with(tmp_path, template)
-    running = RunningServer(model, tokenizer, ServerConfig(model_id=MODEL_ID))
+    running = Running(model, tokenizer, ServerConfig(model_id=MODEL_ID))
     try:
         with pytest.raises(openai.BadRequestError, match="tools are not supported by this model") as e:
             running.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS)
@@ -337,7 +411,7 @@ def test_real_model_without_tool_support_gets_the_400(default_model_path):
     tool parser for it): tools get the one 400, tool_choice none is served."""
     model, tokenizer = load(str(default_model_path))
     assert not tokenizer.has_tool_calling
-    running = RunningServer(model, tokenizer, ServerConfig(model_id="smollm2"))
+    running = Running(model, tokenizer, ServerConfig(model_id="smollm2"))
     try:
         with pytest.raises(openai.BadRequestError, match="tools are not supported by this model") as e:
             running.client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS)
@@ -346,5 +420,19 @@ def test_real_model_without_tool_support_gets_the_400(default_model_path):
             model="smollm2", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4
         )
         assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    finally:
+        running.stop()
+
+
+def test_forced_call_for_a_model_whose_calls_are_not_json_gets_a_400(tmp_path):
+    model, tokenizer = loaded_with(tmp_path, MISTRAL_TEMPLATE)
+    assert tokenizer.has_tool_calling and tokenizer.tool_call_start == "[TOOL_CALLS]"
+    running = Running(model, tokenizer, ServerConfig(model_id=MODEL_ID))
+    try:
+        with pytest.raises(openai.BadRequestError, match="needs a model whose tool calls are JSON") as e:
+            running.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=FORCED, tool_choice="required")
+        assert e.value.body["param"] == "tool_choice"
+        r = running.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=FORCED, max_tokens=3)
+        assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
     finally:
         running.stop()

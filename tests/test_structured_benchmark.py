@@ -1,7 +1,10 @@
 """examples/structured_benchmark.py: its schemas (enough, varied, each with
-an example that fits it) and the harness end to end against two servers on
+an example that fits it); the harness end to end against two servers on
 127.0.0.1 whose generation is scripted (each answer is the schema's example,
-or a chosen wrong one), so that its counts can be checked exactly."""
+or a chosen wrong one, with the server's constraint left out), so that its
+counts can be checked exactly; and against two real servers (speculation on
+and off) on a tiny model under the constraint, where every answer fits and
+both agree."""
 
 import json
 import sys
@@ -11,16 +14,17 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from conftest import RunningServer, make_tokenizer, need
+from conftest import Running, need
 
 need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
 jsonschema = need("jsonschema", "pip install -e '.[test]'")
 
 from mlx_mtp import load, stream_generate  # noqa: E402
+from mlx_mtp.decoding.settings import DecodeSettings  # noqa: E402
 from mlx_mtp.server import ServerConfig  # noqa: E402
 
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import json_tokenizer, save_tiny_model_dir  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -73,7 +77,8 @@ def test_the_pydantic_answers_fit_their_models():
 class Answers:
     """The worker's generation replaced: the real ``stream_generate``, with a
     logits processor that allows only the scripted answer's next token (then
-    EOS); the answer is the example of the schema found in the prompt."""
+    EOS) and without the request's constraint (so that a wrong answer can be
+    written); the answer is the example of the schema found in the prompt."""
 
     def __init__(self, tokenizer, wrong=None):
         self.tokenizer, self.wrong = tokenizer, wrong or {}
@@ -96,33 +101,39 @@ class Answers:
             allowed = ids[min(tokens.size - fed, len(ids) - 1)]
             return mx.where(mx.arange(logits.shape[-1]) == allowed, logits, -mx.inf)
 
-        settings = replace(settings, logits_processors=(*settings.logits_processors, only_the_answer))
+        settings = replace(settings, constraint=None, logits_processors=(*settings.logits_processors, only_the_answer))
         return stream_generate(model, tokenizer, prompt, context=context, settings=settings, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    def write_tokenizer(path):
-        tok = make_tokenizer()
-        tok.chat_template = (
-            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        )
-        tok.save_pretrained(str(path))
-
-    dirs = save_tiny_model_dir(
+def bench_dirs(tmp_path_factory):
+    """A tiny model with a byte-level tokenizer (llguidance reads it): (model, adapter) directories."""
+    return save_tiny_model_dir(
         tmp_path_factory.mktemp("bench"),
         "llama",
-        write_tokenizer=write_tokenizer,
-        vocab_size=len(make_tokenizer()),
-        max_position_embeddings=4096,
+        tokenizer=json_tokenizer(),
+        vocab_size=len(json_tokenizer()),
+        max_position_embeddings=8192,
     )
-    model, tokenizer = load(str(dirs[0]), adapter_path=str(dirs[1]))
-    spec = RunningServer(model, tokenizer, ServerConfig(model_id="tiny"))
-    plain = RunningServer(model, tokenizer, ServerConfig(model_id="tiny"))
-    yield spec, plain, tokenizer
+
+
+@pytest.fixture(scope="module")
+def servers(bench_dirs):
+    """Speculation on (the default) and off (no masks, no copies, no policy)."""
+    loaded = load(str(bench_dirs[0]), adapter_path=str(bench_dirs[1]))
+    plain = DecodeSettings(num_masks=0, lookup=0, policy=False)
+    spec, plain = (
+        Running(*loaded, ServerConfig(model_id="tiny")),
+        Running(*loaded, ServerConfig("tiny", decoding=plain)),
+    )
+    yield spec, plain, loaded[1]
     spec.stop()
     plain.stop()
+
+
+def urls(spec, plain):
+    spec_url, plain_url = f"http://127.0.0.1:{spec.port}/v1", f"http://127.0.0.1:{plain.port}/v1"
+    return ["--spec-url", spec_url, "--baseline", "server", "--plain-url", plain_url]
 
 
 def test_the_harness_counts_what_parses_validates_and_agrees(servers, monkeypatch, capsys, tmp_path):
@@ -133,8 +144,7 @@ def test_the_harness_counts_what_parses_validates_and_agrees(servers, monkeypatc
     monkeypatch.setattr(spec.worker, "generate", Answers(tokenizer, wrong))
     monkeypatch.setattr(plain.worker, "generate", Answers(tokenizer))
     out = tmp_path / "answers.json"
-    argv = ["--spec-url", f"http://127.0.0.1:{spec.port}/v1", "--plain-url", f"http://127.0.0.1:{plain.port}/v1"]
-    argv += ["--per-schema", "1", "--pydantic-per-model", "1", "--json-out", str(out)]
+    argv = urls(spec, plain) + ["--per-schema", "1", "--pydantic-per-model", "1", "--json-out", str(out)]
     assert bench.main(argv) == 0
     summary = json.loads(out.read_text())["summary"]
     n = len(ENTRIES)
@@ -144,10 +154,59 @@ def test_the_harness_counts_what_parses_validates_and_agrees(servers, monkeypatc
     assert summary["json_schema"]["identical"] == n - 2
     tokens = sum(len(tokenizer.encode(json.dumps(e["example"]), add_special_tokens=False)) + 1 for e in ENTRIES)
     assert p["tokens"] == tokens and p["tokens_per_s"] > 0 and p["decode_tokens_per_s"] > 0
-    assert p["tokens_per_step"] > 0 and p["forced_tokens"] is None
+    assert p["tokens_per_step"] > 0 and p["forced_tokens"] == 0  # nothing constrained: nothing forced
     s, p = summary["pydantic"]["speculation"], summary["pydantic"]["plain"]
     assert (s["requests"], s["failed"], s["valid"]) == (4, 1, 3) and (p["failed"], p["valid"]) == (0, 4)
     assert summary["pydantic"]["identical"] == 3
     printed = capsys.readouterr().out
     assert f"json_schema (streamed): {n} requests over {n} schemas" in printed
-    assert f"identical to no speculation: {n - 2}/{n}" in printed and "- weather: valid False" in printed
+    assert f"identical to the baseline: {n - 2}/{n}" in printed and "- weather: valid False" in printed
+
+
+BOUNDED = [
+    {
+        "name": "pick",
+        "task": "Pick one.",
+        "subjects": ["a colour", "a size"],
+        "schema": {
+            "type": "object",
+            "properties": {
+                "choice": {"enum": ["red", "blue", "small", "large"]},
+                "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                "ok": {"type": "boolean"},
+                "code": {"type": "string", "pattern": "^[a-c]{2}-[0-9]$"},
+            },
+            "required": ["choice", "n", "ok", "code"],
+            "additionalProperties": False,
+        },
+        "example": {"choice": "red", "n": 3, "ok": True, "code": "ab-1"},
+    }
+]
+
+
+@pytest.mark.parametrize("baseline", ["server", "mlx-lm"])
+def test_the_harness_on_real_servers_under_the_constraint(servers, bench_dirs, tmp_path, baseline):
+    """The tiny random model's own greedy answers under the constraint: all
+    fit their schema, and the speculating server's equal the baseline's:
+    the server without speculation (which still drafts the forced tokens),
+    or mlx-lm's loop with the constraint as a logits processor (one token a
+    step)."""
+    spec, plain, _ = servers
+    schemas = tmp_path / "schemas.json"
+    schemas.write_text(json.dumps(BOUNDED))
+    out = tmp_path / "answers.json"
+    argv = urls(spec, plain) if baseline == "server" else ["--spec-url", f"http://127.0.0.1:{spec.port}/v1"]
+    argv += ["--baseline", baseline, "--model", str(bench_dirs[0]), "--adapter-path", str(bench_dirs[1])]
+    argv += ["--schemas", str(schemas), "--per-schema", "2", "--pydantic-per-model", "1", "--max-tokens", "64"]
+    assert bench.main(argv + ["--json-out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    both = summary["json_schema"]
+    assert (both["speculation"]["requests"], both["speculation"]["valid"]) == (2, 2)
+    assert (both["plain"]["requests"], both["plain"]["valid"]) == (2, 2) and both["identical"] == 2
+    assert both["speculation"]["forced_tokens"] > 0
+    if baseline == "mlx-lm":
+        assert both["plain"]["tokens_per_step"] == 1.0 and both["plain"]["tokens"] == both["speculation"]["tokens"]
+    else:
+        assert both["plain"]["forced_tokens"] > 0
+    # pydantic through parse: the tiny model's answers may run out of tokens; equal either way
+    assert summary["pydantic"]["identical"] == summary["pydantic"]["speculation"]["requests"] == 4

@@ -89,10 +89,10 @@ def write_word_tokenizer(path, vocab_size: int = 128):
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, chat_template=CHAT_TEMPLATE).save_pretrained(path)
 
 
-def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, write_tokenizer=None, **overrides):
+def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, tokenizer=None, **overrides):
     """A tiny model saved as an mlx-lm model directory with a word-level
-    tokenizer (or what ``write_tokenizer(path)`` writes), and a random
-    adapter for it: (model_dir, adapter_dir)."""
+    tokenizer (or ``tokenizer``, a Hugging Face one), and a random adapter
+    for it: (model_dir, adapter_dir)."""
     from pathlib import Path
 
     from mlx_lm.utils import save_config, save_model
@@ -103,7 +103,51 @@ def save_tiny_model_dir(root, model_type: str = "qwen3", num_masks: int = 4, wri
     model_dir, adapter_dir = root / "model", root / "adapter"
     save_model(model_dir, tiny_model(model_type, seed=0, **overrides))
     save_config(tiny_config(model_type, **overrides), model_dir / "config.json")
-    (write_tokenizer or write_word_tokenizer)(model_dir)
+    if tokenizer is None:
+        write_word_tokenizer(model_dir)
+    else:
+        tokenizer.save_pretrained(model_dir)
     mtp = randomize_adapter(MTPModel(tiny_model(model_type, seed=0, **overrides), MTPConfig(num_masks=num_masks)))
     save_adapter(mtp, adapter_dir)
     return model_dir, adapter_dir
+
+
+# byte-level BPE merges that JSON output uses (keys, quotes, literals), so
+# that drafts span several characters and grammars force multi-byte tokens
+JSON_MERGES = (
+    ("{", '"'), ('"', ":"), ('"', ","), ("Ġ", '"'), (",", "Ġ"), (":", "Ġ"), ("t", "r"), ("tr", "u"), ("tru", "e"),
+    ("f", "a"), ("fa", "l"), ("fal", "s"), ("fals", "e"), ("n", "u"), ("nu", "l"), ("nul", "l"), ("n", "a"),
+    ("na", "m"), ("nam", "e"), ("i", "d"), ("a", "g"), ("ag", "e"), ("t", "a"), ("ta", "g"), ("tag", "s"),
+    ("i", "t"), ("it", "e"), ("ite", "m"), ("item", "s"), ('"', "}"), ("]", "}"), ("[", '"'), ("0", "0"),
+)  # fmt: skip
+JSON_SPECIALS = ("<|im_start|>", "<|im_end|>")  # EOS: <|im_end|>
+
+
+def _byte_chars():
+    """GPT-2's byte -> printable character map (byte-level BPE's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def json_tokenizer():
+    """A byte-level BPE tokenizer (256 bytes, :data:`JSON_MERGES`, the
+    specials; 291 tokens) of the kind llguidance reads, with a chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _byte_chars()
+    vocab = {chars[b]: b for b in range(256)}
+    for a, b in JSON_MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(JSON_MERGES)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in JSON_SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=JSON_SPECIALS[1], chat_template=CHAT_TEMPLATE)

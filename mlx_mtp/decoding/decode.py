@@ -105,6 +105,7 @@ import mlx.core as mx
 from ..model.cache import SpecCache, commit
 from ..model.layouts import block_layout, linear_layout, tree_parents
 from ..model.mtp_model import MTPModel
+from .constraint import ConstraintMatcher, allowed_tokens, apply_bitmask
 from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
@@ -152,7 +153,9 @@ class _Run:
     lookup: Optional[NGramLookup]  # prompt lookup over the text so far
     seen: Optional[List[int]]  # the tokens before the pending one (for logits processors)
     observer: PolicyObserver
+    grammar: Optional[ConstraintMatcher] = None  # where the text stands in the settings' constraint
     generated: int = 0
+    grammar_seconds: float = 0.0  # the grammar's host time reported in steps so far
 
     @property
     def room(self) -> int:
@@ -289,10 +292,17 @@ class SpeculativeDecoder:
         logits = self.model.lm_head(regular)  # (n, V), at the regular positions only
         if self.logits_processors:
             logits = self._process(logits, fed, plan.parents, seen or [])
+        q = plan.q
+        if plan.allowed is not None:  # the grammar at each node, after the caller's processors (as mlx-lm's list)
+            logits = apply_bitmask(logits, plan.allowed)
+            if q is not None:
+                # the drafts fed are those the grammar allows: their distribution is q renormalised over them
+                q = q * allowed_tokens(plan.allowed[: q.shape[0]], q.shape[-1])
+                q = q / mx.maximum(q.sum(axis=-1, keepdims=True), 1e-30)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
         # on the device: the sampler chain runs from node best, picked before the host waits
-        verdict = self._verify(tokens, logits, logprobs, plan.parents if plan.tree else None, plan.q)
+        verdict = self._verify(tokens, logits, logprobs, plan.parents if plan.tree else None, q)
         head = [verdict.accepted, verdict.best, verdict.targets]
         q_rows = None
         if j:
@@ -351,7 +361,7 @@ class SpeculativeDecoder:
         plain decoding (no masks, no copies), or the policy's say
         (:meth:`~mlx_mtp.decoding.policy.Policy.pipelines`). None otherwise."""
         plan = step.plan
-        if plan.kind != "plain" or plan.masks or self.logits_processors:
+        if plan.kind != "plain" or plan.masks or self.logits_processors or self.settings.constraint is not None:
             return None
         room = run.budget - run.generated - 1 if run.budget >= 0 else -1  # after step's token
         if run.budget >= 0 and room < 1:
@@ -385,12 +395,21 @@ class SpeculativeDecoder:
     def _copied(self, lookup: Optional[NGramLookup]) -> Drafts:
         return copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else Drafts([], "mtp")
 
-    def _plan(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
+    def _plan(
+        self,
+        pending: int,
+        lookup: Optional[NGramLookup],
+        chain: Chain,
+        room: int,
+        grammar: Optional[ConstraintMatcher] = None,
+    ) -> Plan:
         """The next step's plan: the policy's choice, or the fixed settings'
         (copied drafts where there are any, else the masks' speculations),
-        with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit)."""
+        with at most ``room`` - 1 drafts per branch (``room`` < 0: no limit);
+        under a ``grammar``, its forced tokens first and every draft cut at
+        the first token it refuses (:meth:`_constrain`)."""
         if self.policy is not None:
-            return self._plan_policy(pending, lookup, chain, room)
+            return self._plan_policy(pending, lookup, chain, room, grammar)
         copied = self._copied(lookup)
         specs, q, source = chain.specs, chain.q, "mtp"
         if copied.tokens:
@@ -400,17 +419,23 @@ class SpeculativeDecoder:
         specs = [branch[:limit] for branch in specs if branch[:limit]]
         q = q[: len(specs[0])] if (q is not None and specs) else None
         source = source if specs else "mtp"
+        if not specs:
+            kind = "masks" if self.k else "plain"
+        else:
+            kind = "copy" if source != "mtp" else ("branches" if len(specs) > 1 else "chain")
+        forced = 0
+        if grammar is not None:
+            constrained, q, forced = self._constrain(grammar, [(source, b) for b in specs], q, limit)
+            specs = [b for _, b in constrained]
+            source = constrained[0][0] if constrained else "mtp"
         fed = [pending] + [t for branch in specs for t in branch]
         branches, start = [], 1
         for branch in specs:
             branches.append((source, start, len(branch)))
             start += len(branch)
-        if not specs:
-            kind = "masks" if self.k else "plain"
-        else:
-            kind = "copy" if source != "mtp" else ("branches" if len(specs) > 1 else "chain")
         parents = tree_parents([len(branch) for branch in specs])
-        return Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind)
+        plan = Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind, forced=forced)
+        return self._allow(plan, grammar)
 
     def _choose(self, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Tuple[Choice, Drafts]:
         """The policy's choice for the next step, and the copy it was offered."""
@@ -425,7 +450,14 @@ class SpeculativeDecoder:
         )
         return self.policy.choose(drafts), copied
 
-    def _plan_policy(self, pending: int, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Plan:
+    def _plan_policy(
+        self,
+        pending: int,
+        lookup: Optional[NGramLookup],
+        chain: Chain,
+        room: int,
+        grammar: Optional[ConstraintMatcher] = None,
+    ) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
         choice, copied = self._choose(lookup, chain, room)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
@@ -435,6 +467,13 @@ class SpeculativeDecoder:
             branches.append((copied.source, copied.tokens[:d]))
         if m:
             branches += [("mtp", spec[:m]) for spec in chain.specs[: choice.branches]]
+        q = None
+        if not self.greedy and branches:
+            q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
+        forced = 0
+        if grammar is not None:
+            branches, q, forced = self._constrain(grammar, branches, q, None if room < 0 else max(0, room - 1))
+            chain_probs = chain_probs[: next((len(t) for s, t in branches if s == "mtp"), 0)]
         fed, spans, start = [pending], [], 1
         for source, tokens in branches:
             fed += tokens
@@ -449,10 +488,51 @@ class SpeculativeDecoder:
                 # a copy: masks after its last token only; the chain's tokens: each
                 marks += [source == "mtp" or i == len(tokens) - 1 for i in range(len(tokens))]
             masked = tuple(marks)
-        q = None
-        if not self.greedy and branches:
-            q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
-        return Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m])
+        plan = Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m], forced)
+        return self._allow(plan, grammar)
+
+    def _constrain(
+        self,
+        grammar: ConstraintMatcher,
+        branches: List[Tuple[str, List[int]]],
+        q: Optional[mx.array],
+        limit: Optional[int],
+    ) -> Tuple[List[Tuple[str, List[int]]], Optional[mx.array], int]:
+        """``branches`` (source, drafts) under the grammar, with their draft
+        distributions ``q`` (sampling: one branch), at most ``limit`` drafts
+        each (None: no limit), and how many forced tokens lead them.
+
+        Where the grammar forces tokens, they lead a single chain (they are
+        certain: their masks allow them alone), followed by the first branch's
+        drafts for the positions after them; their source is "forced" where
+        nothing follows. Every branch is cut at the first token the grammar
+        refuses (it would be rejected anyway), and dropped if nothing is left."""
+        forced = grammar.forced()[:limit] if limit != 0 else []
+        if not forced:
+            kept = [(source, tokens[: grammar.validate(tokens)]) for source, tokens in branches]
+            kept = [(source, tokens) for source, tokens in kept if tokens]
+            return kept, (q[: len(kept[0][1])] if (q is not None and kept) else None), 0
+        source, rest = branches[0] if branches else ("forced", [])
+        tokens = (forced + rest[len(forced) :])[:limit]
+        tokens = tokens[: max(len(forced), grammar.validate(tokens))]
+        if len(tokens) == len(forced):
+            source = "forced"
+        if not self.greedy:  # forced tokens' draft distribution is one-hot
+            rows = [one_hot(forced, self.model.vocab_size)]
+            if len(tokens) > len(forced):
+                rows.append(q[len(forced) : len(tokens)])
+            q = mx.concatenate(rows)
+        return [(source, tokens)], q, len(forced)
+
+    @staticmethod
+    def _allow(plan: Plan, grammar: Optional[ConstraintMatcher]) -> Plan:
+        """``plan`` with the grammar's bitmask of the tokens allowed after
+        each fed node (the path from the root to it), where there is a grammar."""
+        if grammar is not None:
+            plan.allowed = grammar.masks(
+                [[plan.fed[j] for j in accepted_path(i, plan.parents)] for i in range(len(plan.fed))]
+            )
+        return plan
 
     # --- the loop ------------------------------------------------------------------
     def budget(self, prompt_len: int, max_tokens: int, cached: int = 0) -> int:
@@ -519,13 +599,13 @@ class SpeculativeDecoder:
         if budget == 0:
             return
         run = self._start(prompt, cache, context, budget, eos)
-        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget), run.seen)
+        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget, run.grammar), run.seen)
         while True:
             ahead = self._ahead(step, run)
             done = self._sync(step, run)
             emitted, stop = self._cut(done.emitted, run)
             nxt = None if stop else self._next(step, done, emitted, ahead, run)
-            yield self._emit(step, done, emitted)
+            yield self._emit(step, done, emitted, run)
             if stop:
                 return
             step = nxt
@@ -543,7 +623,9 @@ class SpeculativeDecoder:
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
-        return _Run(budget, eos, lookup, seen, PolicyObserver(self.policy, self._timed, self.greedy))
+        constraint = self.settings.constraint
+        grammar = constraint.matcher() if constraint is not None else None
+        return _Run(budget, eos, lookup, seen, PolicyObserver(self.policy, self._timed, self.greedy), grammar)
 
     def _sync(self, step: Launched, run: _Run) -> Finished:
         """Wait for ``step`` (the one sync), tell the policy, commit what it accepted."""
@@ -554,6 +636,8 @@ class SpeculativeDecoder:
             commit(self.cache, done.keep)
         if run.seen is not None:
             run.seen = run.seen + [step.plan.fed[0]] + done.emitted[:-1]
+        if run.grammar is not None:
+            run.grammar.consume(done.emitted)
         return done
 
     @staticmethod
@@ -576,20 +660,26 @@ class SpeculativeDecoder:
             if self.policy is not None:  # what the step would have been, launched now
                 run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
             return ahead
-        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room), run.seen)
+        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room, run.grammar), run.seen)
         run.observer.launched(step.plan, launched)
         return launched
 
     @staticmethod
-    def _emit(step: Launched, done: Finished, emitted: List[int]) -> Step:
+    def _emit(step: Launched, done: Finished, emitted: List[int], run: _Run) -> Step:
         """What the caller gets of a step."""
+        seconds = 0.0
+        if run.grammar is not None:
+            seconds, run.grammar_seconds = run.grammar.seconds - run.grammar_seconds, run.grammar.seconds
+        accepted = min(done.accepted, len(emitted))
         return Step(
             tokens=emitted,
             proposed=len(step.plan.fed) - 1,
-            accepted=min(done.accepted, len(emitted)),
+            accepted=accepted,
             logprobs=[step.logprobs[done.rows[i]] for i in range(len(emitted))],
             source=step.plan.source(done.best),
             choice=step.plan.kind,
+            forced=min(step.plan.forced, accepted),
+            constraint_seconds=seconds,
         )
 
     def _make_policy(self) -> Policy:

@@ -54,12 +54,15 @@ def plain_steps(decoder, prompt: Sequence[int], max_tokens: int, eos_token_ids: 
     sampler = settings.sampler
     if sampler is None and not settings.greedy:
         sampler = make_sampler(settings.temp, settings.top_p, top_k=settings.top_k)
+    processors = list(settings.logits_processors)
+    if settings.constraint is not None:  # the grammar last, as the speculative decoder applies it
+        processors.append(settings.constraint.logits_processor())
     steps = generate_step(
         mx.array(list(prompt), dtype=mx.int32),
         decoder.model.model,
         max_tokens=budget,
         sampler=sampler,
-        logits_processors=list(settings.logits_processors) or None,
+        logits_processors=processors or None,
         prefill_step_size=settings.prefill_step_size,
     )
     for token, logprobs in steps:

@@ -40,7 +40,7 @@ class PolicyObserver:
         now = time.perf_counter()
         seconds = now - self.synced_at if self.timed else None
         self.synced_at = now
-        if plan.choice is None:
+        if plan.choice is None or plan.forced:  # a grammar's forced tokens changed the choice's drafts
             return
         copy_right, chain_right, source = 0, [], "lookup"
         for branch_source, start, length in plan.branches:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import mlx.core as mx
 
+from .constraint import Constraint
 from .drafts import DEFAULT_LOOKUP, POLICY_MAX_COPY, POLICY_MIN_NGRAM
 from .policy import MAX_BRANCHES
 
@@ -131,6 +132,7 @@ class DecodeSettings:
     sampler: Optional[Sampler] = None  # mlx-lm's make_sampler; replaces temp/top_p/top_k
     logits_processors: Tuple[LogitsProcessor, ...] = ()  # mlx-lm's make_logits_processors
     prefill_step_size: int = 2048  # prompt tokens per prefill chunk
+    constraint: Optional[Constraint] = None  # a grammar the output must follow (applied after logits_processors)
 
     def __post_init__(self):
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors or ()))
@@ -155,6 +157,10 @@ class DecodeSettings:
                 raise TypeError(f"sampler must be callable (mlx-lm's make_sampler), got {type(self.sampler).__name__}")
             if self.temp != 0 or self.top_p != 1.0 or self.top_k != 0:
                 raise ValueError("pass either a sampler or temp/top_p/top_k, not both")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise TypeError(
+                f"constraint must be a Constraint (mlx_mtp.decoding.constraint), got {type(self.constraint).__name__}"
+            )
         if not all(callable(p) for p in self.logits_processors):
             raise TypeError("logits_processors must be a list of callables (mlx-lm's make_logits_processors)")
 
@@ -236,6 +242,11 @@ class DecodeSettings:
         """With k decided for ``model``; the mode "off" where nothing is
         drafted (no masks, no copies)."""
         k = resolve_num_masks(model, num_masks, mode)
+        if self.constraint is not None and self.constraint.vocab_size != model.vocab_size:
+            raise ValueError(
+                f"the constraint was made for a vocabulary of {self.constraint.vocab_size} tokens, "
+                f"the model has {model.vocab_size}"
+            )
         if self.branches > 1 and k == 0:
             raise ValueError(
                 "branches > 1 needs the masks' speculations: pass num_masks >= 1 "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .policy import Choice
 
@@ -27,9 +28,11 @@ class Step:
     tokens: List[int]  # accepted speculations, then the base model's token
     proposed: int  # speculations fed (verified) in this step
     accepted: int  # of which accepted
-    source: str = "mtp"  # where the accepted speculations came from: "mtp", "lookup" or "datastore"
+    source: str = "mtp"  # where the accepted speculations came from: "mtp", "lookup", "datastore" or "forced"
     logprobs: List[mx.array] = field(default_factory=list)  # (V,) per token, lazy
     choice: str = "plain"  # what the step fed (:class:`~mlx_mtp.decoding.policy.Choice` kinds)
+    forced: int = 0  # of the accepted speculations, those a grammar constraint forced
+    constraint_seconds: float = 0.0  # host time the grammar constraint took for this step
 
 
 class Chain(NamedTuple):
@@ -57,6 +60,8 @@ class Plan:
     kind: str = "plain"
     choice: Optional[Choice] = None  # the policy's, if it chose
     chain_probs: Tuple[float, ...] = ()  # of the chain's tokens fed (first branch)
+    forced: int = 0  # leading speculations a grammar constraint forces (a chain)
+    allowed: Optional[np.ndarray] = None  # grammar constraint: bitmask of the tokens allowed after each fed node
 
     @property
     def tree(self) -> bool:
@@ -64,7 +69,9 @@ class Plan:
 
     def source(self, node: int) -> str:
         """Where the speculation at fed node ``node`` came from (its branch's
-        source; "mtp" where none was fed)."""
+        source; "mtp" where none was fed; "forced" for the tokens a grammar forced)."""
+        if 1 <= node <= self.forced:
+            return "forced"
         for source, start, length in self.branches:
             if start <= node < start + length:
                 return source

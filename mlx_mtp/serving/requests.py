@@ -13,10 +13,11 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.server import convert_chat
 
 from ..api import check_text, encode_prompt
+from ..decoding.constraint import Constraint
 from ..decoding.decode import context_limit
 from ..decoding.settings import check_generation_args
 from .config import MAX_STOP_STRINGS, ROLES, RequestError, ServerConfig
-from .tools import ToolRequest, parse_tools, tool_message_fields
+from .tools import ToolRequest, forced_call_constraint, parse_tools, tool_message_fields
 
 __all__ = ["DISCONNECT_POLL", "Job", "parse_request"]
 
@@ -39,6 +40,7 @@ class Job:
     logprobs: bool
     top_logprobs: int
     tools: Optional[ToolRequest] = None  # the request's tools (None: no tools, the text is all content)
+    constraint: Optional[Constraint] = None  # response_format or a forced tool call, compiled (None: free text)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -129,6 +131,11 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     sampling = _sampling(options, tokenizer)
     tools = parse_tools(body, kind, tokenizer)
+    constraint = _response_format(body, tokenizer, model)
+    if tools is not None and tools.forced:  # a call, written under a grammar: lossless
+        if constraint is not None:
+            raise RequestError(400, "response_format cannot be given with a forced tool_choice", "response_format")
+        constraint = forced_call_constraint(tokenizer, model.vocab_size, tools)
     prompt = _prompt(body, kind, tokenizer, model, limit, tools)
     return Job(
         kind=kind,
@@ -143,6 +150,7 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         logprobs=logprobs,
         top_logprobs=max(top_logprobs, 0),
         tools=tools,
+        constraint=constraint,
         id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
     )
 
@@ -240,6 +248,19 @@ def _sampling(o: Dict[str, Any], tokenizer) -> Dict[str, Any]:
             o["frequency_context_size"],
         )
     return sampling
+
+
+def _response_format(body: dict, tokenizer, model) -> Optional[Constraint]:
+    """``response_format`` as OpenAI reads it (``text``, ``json_object``,
+    ``json_schema``), compiled now: a 400 naming it, with the reason, for a
+    schema that cannot be enforced."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    try:
+        return Constraint.from_response_format(response_format, tokenizer, model.vocab_size)
+    except ValueError as e:
+        raise RequestError(400, str(e), "response_format") from None
 
 
 def _prompt(body: dict, kind: str, tokenizer, model, limit: int, tools: Optional[ToolRequest]) -> List[int]:

@@ -30,6 +30,7 @@ def speculation(stats: dict) -> dict:
         # share of steps per choice (what each step fed: decoding.policy.KINDS)
         "choices": {kind: round(n / total, 4) for kind, n in choices.items()} if total else {},
         "prefill_tokens": stats.get("prefill_tokens", 0),
+        "forced_tokens": stats.get("forced_tokens", 0),  # drafted for free: a response_format forced them
     }
 
 

@@ -14,16 +14,23 @@ from mlx_lm.generate import TextStateMachine
 from mlx_lm.server import ToolCallFormatter
 from mlx_lm.tool_parsers import json_tools
 
+from ..decoding.constraint import WHITESPACE, Constraint
 from .config import RequestError
 
-__all__ = ["TOOL_CHOICES", "ToolCallText", "ToolRequest", "parse_tools", "tool_call_text", "tool_message_fields"]
+__all__ = [
+    "TOOL_CHOICES",
+    "ToolCallText",
+    "ToolRequest",
+    "forced_call_constraint",
+    "forced_call_grammar",
+    "parse_tools",
+    "tool_call_text",
+    "tool_message_fields",
+]
 
 TOOL_CHOICES = ("none", "auto", "required")
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function without parameters
-# at most one space between JSON tokens, as in response_format's constraint
-# (a small model given free whitespace writes newlines until max_tokens)
-JSON_WHITESPACE = "[ ]?"
 
 
 @dataclass
@@ -118,11 +125,6 @@ def parse_tools(body: dict, kind: str, tokenizer) -> Optional[ToolRequest]:
     if choice != "none" and not (getattr(tokenizer, "has_chat_template", False) and tokenizer.has_tool_calling):
         raise _bad(
             "tools are not supported by this model: its chat template has no tool-call format that mlx-lm can parse"
-        )
-    if choice in ("required", "function"):
-        raise _bad(
-            "tool_choice 'required' or a named function is not supported yet (it needs constrained decoding)",
-            "tool_choice",
         )
     return ToolRequest(tools, choice, name)
 
@@ -259,9 +261,19 @@ def forced_call_grammar(tokenizer, request: ToolRequest) -> str:
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
-            "x-guidance": {"whitespace_pattern": JSON_WHITESPACE},
+            "x-guidance": {"whitespace_pattern": WHITESPACE},  # as response_format's JSON
         }
         rules.append(f"call_{i}: %json {json.dumps(schema)}")
     calls = " | ".join(f"call_{i}" for i in range(len(rules)))
     start, end = _marker(tokenizer, tokenizer.tool_call_start), _marker(tokenizer, tokenizer.tool_call_end)
     return "\n".join([f'start: {start} "\\n" ({calls}) "\\n" {end}', *rules]) + "\n"
+
+
+def forced_call_constraint(tokenizer, vocab_size: int, request: ToolRequest) -> Constraint:
+    """``tool_choice`` ``required`` or a named function as a constraint on
+    the output (:func:`forced_call_grammar`), compiled now: a 400 naming
+    ``tools`` where llguidance cannot enforce a function's parameters."""
+    try:
+        return Constraint.from_lark(forced_call_grammar(tokenizer, request), tokenizer, vocab_size)
+    except ValueError as e:
+        raise _bad(f"tools: {e}") from None

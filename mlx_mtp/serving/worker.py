@@ -121,7 +121,7 @@ class Worker:
                 stop=job.stop or None,
                 prompt_cache=entry.cache,
                 context=job.prompt[:reused],
-                settings=replace(self.config.decoding, **sampling),
+                settings=replace(self.config.decoding, constraint=job.constraint, **sampling),
                 state=self.config.state,
             )
         except (TypeError, ValueError) as e:  # the request's arguments (checked before anything runs)
@@ -144,6 +144,7 @@ class Worker:
                     mode=r.mode,
                     policy=r.policy,
                     choices=r.choices,
+                    forced_tokens=r.forced,
                 )
                 if job.cancelled.is_set():
                     responses.close()
