@@ -14,13 +14,11 @@ their grammar by the random model itself: equal to the API's constrained
 generation, and a call that fits the function's parameters."""
 
 import json
-from dataclasses import replace
 
 import jsonschema
-import mlx.core as mx
 import pytest
 
-from conftest import Running, need
+from conftest import Running, need, scripted_generation
 
 openai = need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
@@ -97,24 +95,20 @@ def server(loaded):
 
 
 class Scripted:
-    """Replaces the worker's generation: the real ``stream_generate`` with a
-    logits processor that allows only the script's next token (then EOS);
-    records the prompts it was given (what the cache held, then the rest)."""
+    """The worker's generation replaced (:func:`conftest.scripted_generation`):
+    the next script of ``scripts`` is what it writes; ``prompts`` records the
+    prompts it was given (what the cache held, then the rest)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.scripts, self.prompts = tokenizer, [], []
+        self.generate = scripted_generation(self.next_script, tokenizer)
 
-    def __call__(self, model, tokenizer, prompt, context=(), settings=None, **kwargs):
-        self.prompts.append(list(context) + list(prompt))
-        ids = self.tokenizer.encode(self.scripts.pop(0), add_special_tokens=False) + [self.tokenizer.eos_token_id]
-        fed = len(prompt)
+    def next_script(self, prompt):
+        self.prompts.append(prompt)
+        return self.scripts.pop(0)
 
-        def only_the_script(tokens, logits):
-            allowed = ids[min(tokens.size - fed, len(ids) - 1)]
-            return mx.where(mx.arange(logits.shape[-1]) == allowed, logits, -mx.inf)
-
-        settings = replace(settings, logits_processors=(*settings.logits_processors, only_the_script))
-        return stream_generate(model, tokenizer, prompt, context=context, settings=settings, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return self.generate(*args, **kwargs)
 
 
 @pytest.fixture

@@ -8,19 +8,17 @@ both agree."""
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
-from conftest import Running, need
+from conftest import Running, need, scripted_generation
 
 need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
 jsonschema = need("jsonschema", "pip install -e '.[test]'")
 
-from mlx_mtp import load, stream_generate  # noqa: E402
+from mlx_mtp import load  # noqa: E402
 from mlx_mtp.decoding.settings import DecodeSettings  # noqa: E402
 from mlx_mtp.server import ServerConfig  # noqa: E402
 
@@ -75,15 +73,16 @@ def test_the_pydantic_answers_fit_their_models():
 
 
 class Answers:
-    """The worker's generation replaced: the real ``stream_generate``, with a
-    logits processor that allows only the scripted answer's next token (then
-    EOS) and without the request's constraint (so that a wrong answer can be
-    written); the answer is the example of the schema found in the prompt."""
+    """The worker's generation replaced (:func:`conftest.scripted_generation`,
+    without the request's constraint, so that a wrong answer can be written):
+    the example of the schema found in the prompt, or the chosen wrong one."""
 
     def __init__(self, tokenizer, wrong=None):
         self.tokenizer, self.wrong = tokenizer, wrong or {}
+        self.generate = scripted_generation(self.answer, tokenizer, keep_constraint=False)
 
-    def answer(self, prompt_text):
+    def answer(self, prompt):
+        prompt_text = self.tokenizer.decode(prompt)
         for e in ENTRIES:
             if json.dumps(e["schema"]) in prompt_text:
                 return self.wrong.get(e["name"], json.dumps(e["example"]))
@@ -92,17 +91,8 @@ class Answers:
                 return self.wrong.get(model.__name__, json.dumps(PYDANTIC_ANSWERS[model.__name__]))
         raise AssertionError(f"no schema in {prompt_text!r}")
 
-    def __call__(self, model, tokenizer, prompt, context=(), settings=None, **kwargs):
-        text = self.answer(self.tokenizer.decode(list(context) + list(prompt)))
-        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
-        fed = len(prompt)
-
-        def only_the_answer(tokens, logits):
-            allowed = ids[min(tokens.size - fed, len(ids) - 1)]
-            return mx.where(mx.arange(logits.shape[-1]) == allowed, logits, -mx.inf)
-
-        settings = replace(settings, constraint=None, logits_processors=(*settings.logits_processors, only_the_answer))
-        return stream_generate(model, tokenizer, prompt, context=context, settings=settings, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return self.generate(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
