@@ -13,6 +13,7 @@ speculation as usual. ``required`` and a named function are decoded under
 their grammar by the random model itself: equal to the API's constrained
 generation, and a call that fits the function's parameters."""
 
+import copy
 import json
 
 import jsonschema
@@ -430,3 +431,45 @@ def test_forced_call_for_a_model_whose_calls_are_not_json_gets_a_400(tmp_path):
         assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
     finally:
         running.stop()
+
+
+@pytest.mark.real_model
+def test_real_model_forced_call_with_a_hermes_template(default_model_path):
+    """SmolLM2-135M-Instruct's weights and tokenizer behind a Hermes tool
+    template (its own has none; ``<tool_call>`` is several tokens there):
+    ``required`` gives one call that fits its function, the text the API
+    writes under the same grammar."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from mlx_lm.tool_parsers import json_tools
+
+    model, plain = load(str(default_model_path))
+    hf = copy.copy(plain._tokenizer)
+    hf.chat_template = TOOLS_TEMPLATE
+    tokenizer = TokenizerWrapper(
+        hf, eos_token_ids=plain.eos_token_ids, tool_parser=json_tools.parse_tool_call,
+        tool_call_start="<tool_call>", tool_call_end="</tool_call>",
+    )  # fmt: skip
+    assert len(tokenizer.tool_call_start_tokens) > 1
+    messages = [{"role": "user", "content": "Book a room in Paris for 3 nights."}]
+    running = Running(model, tokenizer, ServerConfig(model_id="smollm2"))
+    try:
+        r = running.client.chat.completions.create(
+            model="smollm2", messages=messages, tools=FORCED, tool_choice="required", max_tokens=80
+        )
+    finally:
+        running.stop()
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name in ("book_room", "cancel")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(
+        arguments,
+        {t["function"]["name"]: t["function"].get("parameters") for t in FORCED}[call.function.name] or {"const": {}},
+    )
+    ids = list(tokenizer.apply_chat_template(messages, tools=FORCED, add_generation_prompt=True))
+    grammar = forced_call_grammar(tokenizer, ToolRequest(FORCED, "required"))
+    out = list(stream_generate(model, tokenizer, ids, max_tokens=80, grammar=grammar))
+    want = "".join(x.text for x in out)
+    body = want[len("<tool_call>\n") : -len("\n</tool_call>")]
+    assert want == f"<tool_call>\n{body}\n</tool_call>" and r.usage.completion_tokens == len(out)
+    assert json.loads(body) == {"name": call.function.name, "arguments": arguments}
+    assert r.model_extra["speculation"]["forced_tokens"] > 0
