@@ -381,11 +381,13 @@ def run(spec, baseline, args) -> List[dict]:
         rows.append({"kind": case.kind, "name": case.name, **answers})
         if args.verbose:
             a = answers["spec"]
-            print(f"[{i + 1}/{len(cases)}] {case.name}: valid {a.valid}, {a.completion_tokens} tokens", flush=True)
+            equal = a.text == answers["plain"].text
+            print(f"[{i + 1}/{len(cases)}] {case.name}: valid {a.valid}, equal {equal}, {a.completion_tokens} tokens")
     return rows
 
 
 def main(argv=None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines as they come
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the servers' default model)")
     p.add_argument("--adapter-path", default=None)

@@ -1,9 +1,11 @@
 """Tool calls in the server, with the fields of OpenAI's API and mlx_lm.server:
 the request's ``tools`` and ``tool_choice`` checked (:func:`parse_tools`), the
-tool fields of the history's messages (:func:`tool_message_fields`), and the
+tool fields of the history's messages (:func:`tool_message_fields`), the
 generated text split into content and ``tool_calls`` (:class:`ToolCallText`)
 by mlx-lm's own seams: the tokenizer wrapper's tool-call markers and parser,
-its ``TextStateMachine`` and mlx_lm.server's ``ToolCallFormatter``."""
+its ``TextStateMachine`` and mlx_lm.server's ``ToolCallFormatter``; and, for
+``tool_choice`` ``required`` or a named function, the grammar of one call
+(:func:`forced_call_grammar`) that constrained decoding writes it under."""
 
 import json
 import re
