@@ -3,7 +3,7 @@ against mlx-lm's own greedy decoding, token for token, on tiny random models."""
 
 import pytest
 
-from mlx_mtp.decoding.lookup import NGramLookup
+from mlx_mtp.decoding.lookup import Match, NGramLookup
 from mlx_mtp.model.mtp_model import MTPModel
 
 from conftest import MODEL_TYPES, decoder_for, make_prompt, mtp_for, reference, run
@@ -103,3 +103,14 @@ def test_lookup_without_an_adapter_and_off_mode():
     assert len(steps) < 40
     got, steps = run(mtp_for("llama"), prompt + ref[:40], 40, mode="off", lookup=4, lookup_ngram=2)
     assert len(steps) == 40 and all(s.proposed == 0 for s in steps)
+
+
+def test_match_after_tokens_that_will_follow():
+    """A grammar's forced tokens join the text for the match: the copy
+    follows them, and the index is left as it was."""
+    lookup = NGramLookup(2, 4)
+    lookup.extend([1, 2, 3, 4, 5, 9, 1, 2])
+    assert lookup.match(3).tokens == [3, 4, 5]
+    assert lookup.match(2, after=[3]).tokens == [4, 5]
+    assert lookup.match(2, after=[3, 4]) == Match([5, 9], 4)
+    assert lookup.match(2, after=[7]).tokens == [] and lookup.tokens == [1, 2, 3, 4, 5, 9, 1, 2]

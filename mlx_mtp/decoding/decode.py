@@ -392,8 +392,9 @@ class SpeculativeDecoder:
             return (True,) * n
         return (True,) + (False,) * (n - 2) + (True,)
 
-    def _copied(self, lookup: Optional[NGramLookup]) -> Drafts:
-        return copied_drafts(lookup, self.datastore, self.lookup) if lookup is not None else Drafts([], "mtp")
+    def _copied(self, lookup: Optional[NGramLookup], after: Sequence[int] = ()) -> Drafts:
+        """Copied drafts for the text so far and then ``after`` (a grammar's forced tokens)."""
+        return copied_drafts(lookup, self.datastore, self.lookup, after) if lookup is not None else Drafts([], "mtp")
 
     def _plan(
         self,
@@ -410,12 +411,13 @@ class SpeculativeDecoder:
         the first token it refuses (:meth:`_constrain`)."""
         if self.policy is not None:
             return self._plan_policy(pending, lookup, chain, room, grammar)
-        copied = self._copied(lookup)
+        limit = None if room < 0 else max(0, room - 1)
+        forced = self._forced(grammar, limit)
+        copied = self._copied(lookup, forced)
         specs, q, source = chain.specs, chain.q, "mtp"
         if copied.tokens:
             specs, source = [copied.tokens], copied.source
             q = None if self.greedy else one_hot(copied.tokens, self.model.vocab_size)
-        limit = None if room < 0 else max(0, room - 1)
         specs = [branch[:limit] for branch in specs if branch[:limit]]
         q = q[: len(specs[0])] if (q is not None and specs) else None
         source = source if specs else "mtp"
@@ -423,9 +425,8 @@ class SpeculativeDecoder:
             kind = "masks" if self.k else "plain"
         else:
             kind = "copy" if source != "mtp" else ("branches" if len(specs) > 1 else "chain")
-        forced = 0
         if grammar is not None:
-            constrained, q, forced = self._constrain(grammar, [(source, b) for b in specs], q, limit)
+            constrained, q = self._constrain(grammar, forced, [(source, b) for b in specs], q, limit)
             specs = [b for _, b in constrained]
             source = constrained[0][0] if constrained else "mtp"
         fed = [pending] + [t for branch in specs for t in branch]
@@ -434,12 +435,15 @@ class SpeculativeDecoder:
             branches.append((source, start, len(branch)))
             start += len(branch)
         parents = tree_parents([len(branch) for branch in specs])
-        plan = Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind, forced=forced)
+        plan = Plan(fed, parents, self._masked(len(fed), source), self.k, branches, q, kind, forced=len(forced))
         return self._allow(plan, grammar)
 
-    def _choose(self, lookup: Optional[NGramLookup], chain: Chain, room: int) -> Tuple[Choice, Drafts]:
-        """The policy's choice for the next step, and the copy it was offered."""
-        copied = self._copied(lookup)
+    def _choose(
+        self, lookup: Optional[NGramLookup], chain: Chain, room: int, forced: Sequence[int] = ()
+    ) -> Tuple[Choice, Drafts]:
+        """The policy's choice for the next step, and the copy it was offered
+        (following ``forced``, a grammar's forced tokens)."""
+        copied = self._copied(lookup, forced)
         offer = CopyDraft(len(copied.tokens), copied.source, copied.ngram, copied.count) if copied.tokens else None
         drafts = StepDrafts(
             context=self.cache[0].committed,
@@ -459,7 +463,9 @@ class SpeculativeDecoder:
         grammar: Optional[ConstraintMatcher] = None,
     ) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
-        choice, copied = self._choose(lookup, chain, room)
+        limit = None if room < 0 else max(0, room - 1)
+        forced = self._forced(grammar, limit)
+        choice, copied = self._choose(lookup, chain, room, forced)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
         branches: List[Tuple[str, List[int]]] = []
@@ -470,9 +476,8 @@ class SpeculativeDecoder:
         q = None
         if not self.greedy and branches:
             q = chain.q[:m] if m else one_hot(copied.tokens[:d], self.model.vocab_size)
-        forced = 0
         if grammar is not None:
-            branches, q, forced = self._constrain(grammar, branches, q, None if room < 0 else max(0, room - 1))
+            branches, q = self._constrain(grammar, forced, branches, q, limit)
             chain_probs = chain_probs[: next((len(t) for s, t in branches if s == "mtp"), 0)]
         fed, spans, start = [pending], [], 1
         for source, tokens in branches:
@@ -488,41 +493,50 @@ class SpeculativeDecoder:
                 # a copy: masks after its last token only; the chain's tokens: each
                 marks += [source == "mtp" or i == len(tokens) - 1 for i in range(len(tokens))]
             masked = tuple(marks)
-        plan = Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m], forced)
+        plan = Plan(fed, parents, masked, j, spans, q, choice.kind, choice, chain_probs[:m], len(forced))
         return self._allow(plan, grammar)
+
+    @staticmethod
+    def _forced(grammar: Optional[ConstraintMatcher], limit: Optional[int]) -> List[int]:
+        """The tokens the grammar forces next, at most ``limit`` (None: no limit)."""
+        return grammar.forced()[:limit] if (grammar is not None and limit != 0) else []
 
     def _constrain(
         self,
         grammar: ConstraintMatcher,
+        forced: List[int],
         branches: List[Tuple[str, List[int]]],
         q: Optional[mx.array],
         limit: Optional[int],
-    ) -> Tuple[List[Tuple[str, List[int]]], Optional[mx.array], int]:
+    ) -> Tuple[List[Tuple[str, List[int]]], Optional[mx.array]]:
         """``branches`` (source, drafts) under the grammar, with their draft
         distributions ``q`` (sampling: one branch), at most ``limit`` drafts
-        each (None: no limit), and how many forced tokens lead them.
+        each (None: no limit).
 
-        Where the grammar forces tokens, they lead a single chain (they are
-        certain: their masks allow them alone), followed by the first branch's
-        drafts for the positions after them; their source is "forced" where
-        nothing follows. Every branch is cut at the first token the grammar
-        refuses (it would be rejected anyway), and dropped if nothing is left."""
-        forced = grammar.forced()[:limit] if limit != 0 else []
+        Where the grammar forces tokens (``forced``), they lead a single
+        chain (they are certain: their masks allow them alone), followed by
+        the first branch's drafts for the positions after them: a copy was
+        made after them (:meth:`_copied`), the masks' chain predicted from
+        the pending token on, so its first ``len(forced)`` tokens are
+        dropped. Their source is "forced" where nothing follows. Every
+        branch is cut at the first token the grammar refuses (it would be
+        rejected anyway), and dropped if nothing is left."""
         if not forced:
             kept = [(source, tokens[: grammar.validate(tokens)]) for source, tokens in branches]
             kept = [(source, tokens) for source, tokens in kept if tokens]
-            return kept, (q[: len(kept[0][1])] if (q is not None and kept) else None), 0
+            return kept, (q[: len(kept[0][1])] if (q is not None and kept) else None)
         source, rest = branches[0] if branches else ("forced", [])
-        tokens = (forced + rest[len(forced) :])[:limit]
+        skip = len(forced) if source == "mtp" else 0
+        tokens = (forced + rest[skip:])[:limit]
         tokens = tokens[: max(len(forced), grammar.validate(tokens))]
         if len(tokens) == len(forced):
             source = "forced"
         if not self.greedy:  # forced tokens' draft distribution is one-hot
             rows = [one_hot(forced, self.model.vocab_size)]
             if len(tokens) > len(forced):
-                rows.append(q[len(forced) : len(tokens)])
+                rows.append(q[skip : skip + len(tokens) - len(forced)])
             q = mx.concatenate(rows)
-        return [(source, tokens)], q, len(forced)
+        return [(source, tokens)], q
 
     @staticmethod
     def _allow(plan: Plan, grammar: Optional[ConstraintMatcher]) -> Plan:

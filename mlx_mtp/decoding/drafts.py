@@ -46,15 +46,17 @@ class Drafts(NamedTuple):
     count: int = 1  # its occurrences (prompt lookup: 1, the latest)
 
 
-def copied_drafts(lookup, datastore, limit: int) -> Drafts:
+def copied_drafts(lookup, datastore, limit: int, after: Sequence[int] = ()) -> Drafts:
     """Up to ``limit`` tokens copied from earlier in the text (``lookup``, an
     :class:`~mlx_mtp.decoding.lookup.NGramLookup`), else from ``datastore``
-    (or None); no tokens (source "mtp") when neither has any."""
-    match = lookup.match(limit)
+    (or None); no tokens (source "mtp") when neither has any. ``after``:
+    tokens that will follow the text first (a grammar's forced tokens)."""
+    match = lookup.match(limit, after)
     if match.tokens:
         return Drafts(match.tokens, "lookup", match.ngram, match.count)
     if datastore is not None:
-        match = datastore.match(lookup.tokens[-MAX_NGRAM:], min(limit, DATASTORE_TOKENS))
+        context = (lookup.tokens + list(after))[-MAX_NGRAM:] if after else lookup.tokens[-MAX_NGRAM:]
+        match = datastore.match(context, min(limit, DATASTORE_TOKENS))
         if match.tokens:
             return Drafts(match.tokens, "datastore", match.ngram, match.count)
     return Drafts([], "mtp")

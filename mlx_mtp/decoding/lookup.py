@@ -14,7 +14,7 @@ longest n-gram that ends the text and has occurred before. Adding a token and
 drafting cost a few dict operations on the host.
 """
 
-from typing import Dict, Iterable, List, NamedTuple, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple
 
 
 class Match(NamedTuple):
@@ -50,11 +50,12 @@ class NGramLookup:
         the text the last time it occurred; [] when none did (see :meth:`match`)."""
         return self.match(max_tokens).tokens
 
-    def match(self, max_tokens: int) -> Match:
+    def match(self, max_tokens: int, after: Sequence[int] = ()) -> Match:
         """:meth:`draft` with the length of the n-gram matched (0: none). A
         copy that runs into the end of the text goes on from its own start (a
-        loop of period p repeats with period p)."""
-        toks = self.tokens
+        loop of period p repeats with period p). ``after``: tokens that will
+        follow the text (a grammar's forced tokens): the copy follows them."""
+        toks = self.tokens + [int(t) for t in after] if after else self.tokens
         for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
             start = self.index.get(tuple(toks[len(toks) - n :]))
             if start is None:
