@@ -13,7 +13,8 @@ from here or from ``tiny.py``, never from each other).
 - a tiny llama model directory with a character-level tokenizer and chat
   template, and a tiny self-distilled dataset written by ``mlx_mtp.distill``,
   for the training and data tests: :func:`model_dir`, :func:`distilled_dir`,
-  :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`.
+  :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`;
+- the server on loopback with an ``openai`` client: :class:`Running`.
 """
 
 import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
@@ -495,6 +496,33 @@ def random_policy(decoder, monkeypatch, seed=0):
 
 
 # ------------------------------------------------------------- the server on loopback (test_server*.py)
+
+
+def scripted_generation(text_of, tokenizer, keep_constraint: bool = True):
+    """A replacement for a server worker's ``generate``: the real
+    ``stream_generate``, with a logits processor that allows only the next
+    token of ``text_of(prompt ids)`` (then EOS), so that the server decodes
+    a chosen text with speculation as usual (without the request's
+    constraint unless ``keep_constraint``)."""
+    from dataclasses import replace
+
+    from mlx_mtp import stream_generate
+
+    def generate(model, tok, prompt, context=(), settings=None, **kwargs):
+        ids = tokenizer.encode(text_of(list(context) + list(prompt)), add_special_tokens=False)
+        ids.append(tokenizer.eos_token_id)
+        fed = len(prompt)  # the processors see these and the tokens generated
+
+        def only_the_script(tokens, logits):
+            allowed = ids[min(tokens.size - fed, len(ids) - 1)]
+            return mx.where(mx.arange(logits.shape[-1]) == allowed, logits, -mx.inf)
+
+        processors = (*settings.logits_processors, only_the_script)
+        constraint = settings.constraint if keep_constraint else None
+        settings = replace(settings, logits_processors=processors, constraint=constraint)
+        return stream_generate(model, tok, prompt, context=context, settings=settings, **kwargs)
+
+    return generate
 
 
 class Running:

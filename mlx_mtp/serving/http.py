@@ -16,6 +16,7 @@ from starlette.routing import Route
 from .config import MAX_BODY_BYTES, RequestError, ServerConfig
 from .requests import DISCONNECT_POLL, Job, parse_request
 from .responses import chunk, speculation, usage
+from .tools import tool_call_text
 from .worker import Worker
 
 __all__ = ["Routes", "build_app"]
@@ -100,19 +101,25 @@ class Routes:
                 return error(RequestError(event[1], event[2]))
             else:
                 stats = event[1]
-                response = chunk(job, "".join(text), stats["finish_reason"], logprobs, stream=False)
+                content, calls, finish = "".join(text), [], stats["finish_reason"]
+                split = tool_call_text(self.tokenizer, job.tools, streaming=False)
+                if split is not None:
+                    content, calls, finish = split.whole(content, finish)
+                response = chunk(job, content, finish, logprobs, stream=False, tool_calls=calls)
                 response["usage"] = usage(stats)
                 response["speculation"] = speculation(stats)
                 return JSONResponse(response)
 
     async def stream_events(self, job: Job, request: Request):
         """The completion as server-sent events, ending in ``data: [DONE]``."""
+        split = tool_call_text(self.tokenizer, job.tools, streaming=True)
         try:
             while True:
                 event = await next_event(job, request, watch=False)
                 if event[0] == "token":
-                    if event[1] or event[3]:
-                        part = chunk(job, event[1], None, [event[3]] if event[3] else [], stream=True)
+                    text, calls = split.feed(event[1]) if split is not None else (event[1], [])
+                    if text or calls or event[3]:
+                        part = chunk(job, text, None, [event[3]] if event[3] else [], stream=True, tool_calls=calls)
                         yield f"data: {json.dumps(part)}\n\n"
                 elif event[0] == "error":
                     yield f"data: {json.dumps(RequestError(event[1], event[2]).body())}\n\n"
@@ -120,7 +127,10 @@ class Routes:
                     return
                 else:
                     stats = event[1]
-                    last = chunk(job, "", stats["finish_reason"], [], stream=True)
+                    text, calls, finish = "", [], stats["finish_reason"]
+                    if split is not None:
+                        text, calls, finish = split.finish(finish)
+                    last = chunk(job, text, finish, [], stream=True, tool_calls=calls)
                     last["speculation"] = speculation(stats)
                     yield f"data: {json.dumps(last)}\n\n"
                     if job.include_usage:

@@ -17,6 +17,7 @@ from ..decoding.constraint import Constraint
 from ..decoding.decode import context_limit
 from ..decoding.settings import check_generation_args
 from .config import MAX_STOP_STRINGS, ROLES, RequestError, ServerConfig
+from .tools import ToolRequest, forced_call_constraint, parse_tools, tool_message_fields
 
 __all__ = ["DISCONNECT_POLL", "Job", "parse_request"]
 
@@ -38,7 +39,8 @@ class Job:
     seed: Optional[int]
     logprobs: bool
     top_logprobs: int
-    constraint: Optional[Constraint] = None  # response_format, compiled (None: free text)
+    tools: Optional[ToolRequest] = None  # the request's tools (None: no tools, the text is all content)
+    constraint: Optional[Constraint] = None  # response_format or a forced tool call, compiled (None: free text)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -103,7 +105,8 @@ def _message_text(message: Any, i: int) -> dict:
         check_text(content, f"messages[{i}].content")
     except ValueError as e:
         raise RequestError(400, str(e), "messages") from None
-    return {**{k: v for k, v in message.items() if k != "content"}, "content": content}
+    rest = {k: v for k, v in message.items() if k != "content"}
+    return {**rest, "content": content, **tool_message_fields(message, i)}
 
 
 def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) -> Job:
@@ -127,8 +130,13 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     sampling = _sampling(options, tokenizer)
+    tools = parse_tools(body, kind, tokenizer)
     constraint = _response_format(body, tokenizer, model)
-    prompt = _prompt(body, kind, tokenizer, model, limit)
+    if tools is not None and tools.forced:  # a call, written under a grammar: lossless
+        if constraint is not None:
+            raise RequestError(400, "response_format cannot be given with a forced tool_choice", "response_format")
+        constraint = forced_call_constraint(tokenizer, model.vocab_size, tools)
+    prompt = _prompt(body, kind, tokenizer, model, limit, tools)
     return Job(
         kind=kind,
         prompt=prompt,
@@ -141,6 +149,7 @@ def parse_request(body: Any, kind: str, tokenizer, model, config: ServerConfig) 
         seed=seed,
         logprobs=logprobs,
         top_logprobs=max(top_logprobs, 0),
+        tools=tools,
         constraint=constraint,
         id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
     )
@@ -254,7 +263,7 @@ def _response_format(body: dict, tokenizer, model) -> Optional[Constraint]:
         raise RequestError(400, str(e), "response_format") from None
 
 
-def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
+def _prompt(body: dict, kind: str, tokenizer, model, limit: int, tools: Optional[ToolRequest]) -> List[int]:
     """The prompt's token ids: the chat's messages through the template, or the text (or ids)."""
     try:
         if kind == "chat":
@@ -262,7 +271,7 @@ def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
             if not isinstance(messages, list) or not messages:
                 raise RequestError(400, "messages must be a non-empty array of messages", "messages")
             messages = [_message_text(m, i) for i, m in enumerate(messages)]
-            prompt = _chat_prompt(tokenizer, messages, body)
+            prompt = _chat_prompt(tokenizer, messages, body, tools.template_tools if tools else None)
         else:
             text = body.get("prompt")
             if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
@@ -282,16 +291,23 @@ def _prompt(body: dict, kind: str, tokenizer, model, limit: int) -> List[int]:
     return prompt
 
 
-def _chat_prompt(tokenizer, messages: List[dict], body: dict) -> List[int]:
+def _chat_prompt(tokenizer, messages: List[dict], body: dict, tools: Optional[List[dict]]) -> List[int]:
     """The chat's token ids: the tokenizer's chat template (or mlx-lm's
-    role mapping when it has none), as mlx_lm.server builds them."""
+    role mapping when it has none), as mlx_lm.server builds them; tools that
+    the template leaves out of the prompt get a 400."""
     if getattr(tokenizer, "has_chat_template", False):
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise RequestError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
-        tools = body.get("tools") or None
-        try:
-            return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs))
-        except Exception as e:  # a template error is the request's (a role it does not take, ...)
-            raise RequestError(400, f"the chat template cannot render these messages: {e}", "messages") from None
+        ids = _render(tokenizer, messages, tools, kwargs)
+        if tools and ids == _render(tokenizer, messages, None, kwargs):
+            raise RequestError(400, "tools are not supported by this model: its chat template ignores them", "tools")
+        return ids
     return list(tokenizer.encode(convert_chat(messages, body.get("role_mapping"))))
+
+
+def _render(tokenizer, messages: List[dict], tools: Optional[List[dict]], kwargs: dict) -> List[int]:
+    try:
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs))
+    except Exception as e:  # a template error is the request's (a role it does not take, ...)
+        raise RequestError(400, f"the chat template cannot render these messages: {e}", "messages") from None

@@ -1,7 +1,7 @@
 """Response bodies as ``mlx_lm.server`` (and OpenAI) write them: the chunk or
 completion object, the ``usage`` block and the ``speculation`` block."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .requests import Job
 
@@ -34,8 +34,16 @@ def speculation(stats: dict) -> dict:
     }
 
 
-def chunk(job: Job, text: str, finish_reason: Optional[str], logprobs: List[dict], stream: bool) -> dict:
-    """A response object as mlx_lm.server (and OpenAI) writes it."""
+def chunk(
+    job: Job,
+    text: str,
+    finish_reason: Optional[str],
+    logprobs: List[dict],
+    stream: bool,
+    tool_calls: Sequence[dict] = (),
+) -> dict:
+    """A response object as mlx_lm.server (and OpenAI) writes it; a message
+    with tool calls and no text has ``content: null``, as OpenAI's."""
     obj = ("chat.completion.chunk" if stream else "chat.completion") if job.kind == "chat" else "text_completion"
     choice: Dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
     if logprobs:
@@ -43,7 +51,9 @@ def chunk(job: Job, text: str, finish_reason: Optional[str], logprobs: List[dict
     if job.kind == "chat":
         message = {"role": "assistant"}
         if text or not stream:
-            message["content"] = text
+            message["content"] = text if text or not tool_calls else None
+        if tool_calls:
+            message["tool_calls"] = list(tool_calls)
         choice["delta" if stream else "message"] = message
     else:
         choice["text"] = text
