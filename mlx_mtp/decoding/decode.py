@@ -110,6 +110,7 @@ from .fallback import plain_fallback
 from .lookup import NGramLookup
 from .observer import PolicyObserver
 from .policy import Choice, CopyDraft, Policy, StepDrafts
+from .randomness import RandomStream
 from .settings import MODES, DecodeSettings, resolve_num_masks
 from .state import DecodingState
 from .steps import NO_CHAIN, PROB_SCALE, Chain, Finished, Launched, Plan, Step
@@ -152,6 +153,7 @@ class _Run:
     lookup: Optional[NGramLookup]  # prompt lookup over the text so far
     seen: Optional[List[int]]  # the tokens before the pending one (for logits processors)
     observer: PolicyObserver
+    random: Optional[RandomStream] = None  # sampling: the generation's own random stream
     generated: int = 0
 
     @property
@@ -227,6 +229,11 @@ class SpeculativeDecoder:
         """Drafts are the sampler head's argmax (greedy decoding, or a caller's sampler)."""
         return self.settings.greedy
 
+    @property
+    def sampled(self) -> bool:
+        """Steps draw random numbers (temperature > 0, or a caller's sampler)."""
+        return not self.settings.greedy or self.settings.sampler is not None
+
     # --- pieces ------------------------------------------------------------------
     def _probs(self, logits: mx.array) -> mx.array:
         s = self.settings
@@ -280,9 +287,13 @@ class SpeculativeDecoder:
         Z = h[layout.masks].reshape(-1, j, h.shape[-1])
         return h[mx.array(layout.regular)], Z, layout
 
-    def _launch(self, plan: Plan, seen: Optional[List[int]] = None) -> Launched:
-        """Build one step's graph and start computing it. ``seen``: the
-        tokens before the pending one (for logits processors)."""
+    def _launch(self, plan: Plan, run: Optional[_Run] = None) -> Launched:
+        """Build one step's graph and start computing it, for the
+        generation ``run`` (its tokens so far for logits processors, its
+        random stream)."""
+        seen = run.seen if run is not None else None
+        if run is not None and run.random is not None:
+            run.random.reseed()
         C, fed, j = self.cache[0].committed, plan.fed, plan.masks
         tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
         regular, Z, layout = self._forward(plan, tokens)
@@ -366,7 +377,7 @@ class SpeculativeDecoder:
         commit(self.cache, [0])
         step.committed = True
         token = step.packed[2:3]  # the base model's token after the pending one, on the device
-        return self._launch(Plan([token], (), (False,), 0, [], kind="plain", choice=choice))
+        return self._launch(Plan([token], (), (False,), 0, [], kind="plain", choice=choice), run)
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Fixed settings: which of the n fed tokens get k masks after them:
@@ -485,6 +496,7 @@ class SpeculativeDecoder:
         eos_token_ids: Iterable[int] = (),
         cache: Optional[List[SpecCache]] = None,
         context: Sequence[int] = (),
+        random: Optional[RandomStream] = None,
     ) -> Iterator[Step]:
         """Generate from ``prompt`` (token ids), one :class:`Step` per
         verification pass. Stops after the first EOS token (which is emitted),
@@ -502,6 +514,9 @@ class SpeculativeDecoder:
                 token but the last of each step, see :meth:`settle`.
             context: the tokens in ``cache``, where known (prompt lookup
                 drafts from them too; speed only).
+            random: the generation's random stream where it samples
+                (:mod:`mlx_mtp.decoding.randomness`; None: drawn from mlx's
+                global random state when the generation starts).
         """
         prompt = [int(t) for t in prompt]
         cached = 0 if cache is None else cache[0].committed
@@ -518,8 +533,8 @@ class SpeculativeDecoder:
         budget = self.budget(len(prompt), max_tokens, cached)
         if budget == 0:
             return
-        run = self._start(prompt, cache, context, budget, eos)
-        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget), run.seen)
+        run = self._start(prompt, cache, context, budget, eos, random)
+        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget), run)
         while True:
             ahead = self._ahead(step, run)
             done = self._sync(step, run)
@@ -532,8 +547,9 @@ class SpeculativeDecoder:
             if run.generated % 256 < len(emitted):
                 mx.clear_cache()
 
-    def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int]) -> _Run:
-        """Prefill all but the prompt's last token; this generation's lookup and policy."""
+    def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int], random) -> _Run:
+        """Prefill all but the prompt's last token; this generation's lookup,
+        policy and random stream."""
         self.prefill(prompt[:-1], cache)
         ngram = self.settings.lookup_ngram
         lookup = NGramLookup(ngram, max(ngram, MAX_NGRAM)) if self.lookup else None
@@ -543,7 +559,10 @@ class SpeculativeDecoder:
         self.policy = self._make_policy() if self.costs is not None else None
         # mlx-lm's logits processors see the prompt and the tokens generated
         seen = prompt[:-1] if self.logits_processors else None
-        return _Run(budget, eos, lookup, seen, PolicyObserver(self.policy, self._timed, self.greedy))
+        if self.sampled and random is None:
+            random = RandomStream.drawn()
+        observer = PolicyObserver(self.policy, self._timed, self.greedy)
+        return _Run(budget, eos, lookup, seen, observer, random if self.sampled else None)
 
     def _sync(self, step: Launched, run: _Run) -> Finished:
         """Wait for ``step`` (the one sync), tell the policy, commit what it accepted."""
@@ -576,7 +595,7 @@ class SpeculativeDecoder:
             if self.policy is not None:  # what the step would have been, launched now
                 run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
             return ahead
-        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room), run.seen)
+        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room), run)
         run.observer.launched(step.plan, launched)
         return launched
 
