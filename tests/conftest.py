@@ -13,7 +13,8 @@ from here or from ``tiny.py``, never from each other).
 - a tiny llama model directory with a character-level tokenizer and chat
   template, and a tiny self-distilled dataset written by ``mlx_mtp.distill``,
   for the training and data tests: :func:`model_dir`, :func:`distilled_dir`,
-  :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`.
+  :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`;
+- the OpenAI-compatible server on loopback, for the server tests: :class:`LoopbackServer`.
 """
 
 import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
@@ -415,3 +416,60 @@ class StopAt(TrainingCallback):
     def on_step_end(self, trainer):
         if trainer.step == self.step:
             trainer.request_stop()
+
+
+# ------------------------------------------------------------------------- the server
+
+
+class LoopbackServer:
+    """The server's app (:func:`mlx_mtp.server.make_app`) on 127.0.0.1 in a
+    background thread, with an ``openai`` client (``client``) and plain HTTP
+    (:meth:`request`); the caller has checked that uvicorn and openai exist."""
+
+    def __init__(self, model, tokenizer, config):
+        import threading
+        import time
+
+        import uvicorn
+
+        from mlx_mtp.server import make_app
+
+        self.app = make_app(model, tokenizer, config)
+        self.worker = self.app.state.worker
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                break
+            time.sleep(0.01)
+        assert self.server.started
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.client = self.new_client()
+
+    def new_client(self, timeout: float = 120):
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=timeout
+        )
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def request(self, method, path, body=None, raw=None, timeout=120):
+        """(status, parsed JSON or text) of a plain HTTP request."""
+        import http.client
+        import json
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        try:
+            return resp.status, json.loads(text)
+        except json.JSONDecodeError:
+            return resp.status, text
