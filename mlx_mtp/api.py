@@ -1,5 +1,5 @@
 """The Python API, compatible with mlx-lm's: ``stream_generate``,
-``generate``, ``propose``, ``make_decoder`` and prompt caches.
+``generate``, ``batch_generate``, ``propose``, ``make_decoder`` and prompt caches.
 
     from mlx_mtp import load, generate, stream_generate
     model, tokenizer = load()
@@ -16,12 +16,14 @@ from typing import Any, Dict, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse, wired_limit
+from mlx_lm.generate import BatchResponse, GenerationResponse, wired_limit
+from mlx_lm.generate_utils import BatchStats
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .blas import describe
 from .calibration import cost_model, feeds_masks
+from .decoding.batch import BatchDecoder
 from .decoding.decode import SpeculativeDecoder
 from .decoding.drafts import DraftFn
 from .decoding.fallback import plain_fallback
@@ -433,3 +435,99 @@ def propose(
     model = _as_mtp(model)
     decoder = SpeculativeDecoder(model, DecodeSettings(num_masks=num_masks, lookup=0))
     return decoder.propose(encode_prompt(tokenizer, prompt, model.vocab_size))
+
+
+# --- many prompts at once -------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class MTPBatchStats(BatchStats):
+    """mlx-lm's batch statistics (``generation_steps``: the batch's steps),
+    plus ``row_steps``, the verification passes of all rows together, and
+    ``tokens_per_step`` (``generation_tokens / row_steps``)."""
+
+    row_steps: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.generation_tokens / max(self.row_steps, 1)
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: Union[int, Sequence[int]] = DEFAULT_MAX_TOKENS,
+    verbose: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    settings: Optional[DecodeSettings] = None,
+    state: Optional[DecodingState] = None,
+    draft_fn: Optional[DraftFn] = None,
+    **options,
+) -> BatchResponse:
+    """Like ``mlx_lm.batch_generate``: the responses to ``prompts`` (token id
+    lists, or text), decoded together in one continuous batch
+    (:class:`~mlx_mtp.decoding.batch.BatchDecoder`), each as
+    :func:`generate` decodes it alone. Returns mlx-lm's ``BatchResponse``
+    (``texts``, without the EOS token; ``token_ids``, ``logprobs`` of the
+    tokens where asked for) with :class:`MTPBatchStats`.
+
+    Args:
+        max_tokens: per prompt, or one for all.
+        settings, options: the decoding settings of every prompt, as
+            :func:`stream_generate` takes them (``temp``, ``num_masks``,
+            ``lookup``, ``policy``, ...); sampled prompts draw their random
+            streams from mlx's global one, one after another.
+        state, draft_fn: as :func:`stream_generate`.
+    """
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
+    if len(max_tokens) != len(prompts):
+        raise ValueError(f"max_tokens has {len(max_tokens)} entries for {len(prompts)} prompts")
+    for m in max_tokens:
+        check_max_tokens(m)
+    settings = _settings(settings, **options)
+    tokenizer = _wrap_tokenizer(tokenizer)
+    model = _as_mtp(model)
+    state = state_for(model, state)
+    batch = BatchDecoder(model, prepare_decoding(model, settings, state), state, draft_fn)
+    ids = [encode_prompt(tokenizer, p, model.vocab_size) for p in prompts]
+    eos = set(tokenizer.eos_token_ids)
+    tic = time.perf_counter()
+    for uid, (prompt, limit) in enumerate(zip(ids, max_tokens)):
+        batch.add(uid, prompt, limit, eos)
+    tokens: List[List[int]] = [[] for _ in prompts]
+    logprobs: List[List[float]] = [[] for _ in prompts]
+    stats = MTPBatchStats(prompt_tokens=sum(len(p) for p in ids))
+    with wired_limit(model):
+        while len(batch):
+            events = batch.step()
+            if stats.generation_steps == 0:  # the first step prefills every prompt
+                stats.prompt_time = time.perf_counter() - tic
+            stats.generation_steps += 1
+            for event in events:
+                if event.error is not None:
+                    raise event.error
+                stats.row_steps += 1
+                for token, row in zip(event.step.tokens, event.step.logprobs):
+                    if token in eos:
+                        break
+                    tokens[event.uid].append(token)
+                    if return_logprobs:
+                        logprobs[event.uid].append(row[token].item())
+    stats.wall_time = time.perf_counter() - tic
+    stats.decode_time = stats.wall_time - stats.prompt_time
+    stats.generation_tokens = sum(len(t) for t in tokens)
+    stats.peak_memory = mx.get_peak_memory() / 1e9
+    texts = [tokenizer.decode(t) for t in tokens]
+    if verbose:
+        print(f"[batch_generate] Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"[batch_generate] Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} "
+            f"tokens-per-sec, {stats.tokens_per_step:.2f} tokens/step"
+        )
+        print(f"[batch_generate] Peak memory: {stats.peak_memory:.3f} GB")
+    return BatchResponse(
+        texts, stats, None, tokens if return_token_ids else None, logprobs if return_logprobs else None
+    )

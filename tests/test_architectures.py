@@ -529,3 +529,45 @@ def test_batched_masked_forward_equals_each_row(name):
     for b in range(2):
         row = mtp(tokens[b : b + 1], None, positions[b : b + 1], mask[b : b + 1], gate[b : b + 1])
         assert mx.abs(h[b] - row[0]).max().item() <= 1e-5, b
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_packed_rows_equal_each_row_alone(name):
+    """Rows of different cache lengths (some past the sliding window) and
+    layouts (plain, linear with masks, a quadratic block, a tree) in one
+    packed forward: each row's hidden states equal its own forward's, and a
+    continuous batch decodes each row's greedy tokens as mlx-lm does."""
+    from mlx_mtp.decoding.batch import BatchDecoder
+    from mlx_mtp.decoding.settings import DecodeSettings
+    from mlx_mtp.model.layouts import block_layout, linear_layout
+    from mlx_mtp.model.rows import Feed
+
+    k = 3
+    mtp = mtp_for(name, k=k)
+    assert mtp.packs_rows
+    block = quadratic_layout([5, 6, 7], k)
+    tree = block_layout([3, 4, 9, 8], k, (True, False, True, True), (-1, 0, 1, 0))
+    linear = linear_layout([9, 10], k)
+    feeds = [
+        Feed(mx.array([3])),
+        Feed(block.tokens, block.positions, block.mask, block.gate),
+        Feed(linear.tokens, gate=linear.gate),
+        Feed(tree.tokens, tree.positions, tree.mask, tree.gate),
+        Feed(mx.array([1, 2, 3, 4])),
+    ]
+    prompts = [prompt_of(n, seed=n) for n in (5, 12, 3, 20, 9)]
+    packed = mtp.forward_rows(feeds, [_prefilled(mtp, p) for p in prompts])
+    for feed, prompt, h in zip(feeds, prompts, packed):
+        alone = mtp(feed.tokens[None], _prefilled(mtp, prompt), feed.positions, feed.mask, feed.gate)[0]
+        assert h.shape == alone.shape
+        assert mx.abs(h - alone).max().item() <= 1e-4
+
+    batch = BatchDecoder(mtp, DecodeSettings(num_masks=k, mode="quadratic", lookup=0))
+    for i, prompt in enumerate(prompts[:3]):
+        batch.add(i, prompt, 6 + 3 * i)
+    got = {i: [] for i in range(3)}
+    while len(batch):
+        for event in batch.step():
+            got[event.uid] += event.step.tokens
+    base = build(family_config(name))
+    assert [got[i] for i in range(3)] == [reference(base, p, 6 + 3 * i) for i, p in enumerate(prompts[:3])]

@@ -18,7 +18,7 @@ from mlx_mtp.decoding.decode import SpeculativeDecoder
 from mlx_mtp.decoding.settings import DecodeSettings
 from mlx_mtp.decoding.state import DecodingState
 
-from conftest import make_prompt, mtp_for, oracle_draft, reference
+from conftest import K, make_prompt, mtp_for, oracle_draft, reference
 from tiny import MODEL_TYPES
 
 # a forward costs about the same whatever its width: the policy drafts wherever it can
@@ -220,3 +220,69 @@ def test_a_failing_row_ends_alone():
         batch = BatchDecoder(mtp, fixed())
         batch.add(1, p[0], 4)
         batch.add(1, p[0], 4)
+
+
+def test_one_forward_per_step_for_every_row(monkeypatch):
+    """Each step launches every active row's next step in one packed forward
+    (the first step also its own), before it hands the events out; rows
+    that joined take part from the step after they were added."""
+    from mlx_mtp.model.mtp_model import MTPModel
+
+    calls = []
+    forward_rows = MTPModel.forward_rows
+
+    def counting(self, feeds, caches):
+        calls.append(len(feeds))
+        return forward_rows(self, feeds, caches)
+
+    monkeypatch.setattr(MTPModel, "forward_rows", counting)
+    mtp = mtp_for("qwen3")
+    batch = BatchDecoder(mtp, fixed(num_masks=2))
+    assert batch.batched
+    batch.add("a", make_prompt(7, seed=1), 12)
+    batch.add("b", make_prompt(9, seed=2), 30)
+    per_step = []
+    while len(batch):
+        if len(per_step) == 2:
+            batch.add("c", make_prompt(5, seed=3), 8)
+        before = len(calls)
+        events = batch.step()
+        per_step.append((calls[before:], len(batch), {e.uid for e in events}))
+    assert per_step[0][0] == [2, 2]
+    for launched, active, _ in per_step[1:]:
+        assert launched == ([active] if active else [])
+    assert "c" not in per_step[2][2] and "c" in per_step[3][2]
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    from mlx_mtp import load
+
+    return load(str(dirs[0]), adapter_path=str(dirs[1]))
+
+
+def test_batch_generate_equals_generate_and_mlx_lm(loaded):
+    """batch_generate's texts are generate's for each prompt alone (the
+    policy by default, fixed settings, plain decoding) and mlx-lm's
+    batch_generate's; its stats count the tokens and steps."""
+    from mlx_lm import batch_generate as lm_batch_generate
+
+    from mlx_mtp.api import MTPBatchStats, batch_generate, generate
+
+    model, tokenizer = loaded
+    prompts = [make_prompt(n, seed=n, vocab=127) for n in (6, 3, 11, 8)]
+    max_tokens = [20, 9, 30, 14]
+    ref = lm_batch_generate(model.model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+    for kwargs in (dict(), dict(num_masks=2, lookup=3, lookup_ngram=1), dict(mode="off")):
+        got = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True, **kwargs)
+        alone = [generate(model, tokenizer, p, max_tokens=m, **kwargs) for p, m in zip(prompts, max_tokens)]
+        assert got.texts == alone, kwargs
+        assert got.texts == ref.texts and got.token_ids == ref.token_ids
+        assert isinstance(got.stats, MTPBatchStats)
+        assert got.stats.generation_tokens == sum(len(t) for t in got.token_ids) < sum(max_tokens)  # one ends at EOS
+        # a step per token at most (the EOS step emits no text)
+        assert got.stats.row_steps <= got.stats.generation_tokens + 1
+        assert got.stats.tokens_per_step == got.stats.generation_tokens / got.stats.row_steps
+        assert got.stats.generation_steps >= max(max_tokens) / K
+    with pytest.raises(ValueError, match="max_tokens has 2 entries for 4 prompts"):
+        batch_generate(model, tokenizer, prompts, max_tokens=[3, 4])

@@ -89,11 +89,15 @@ prefilled in chunks through the plain causal forward.
 The loop (:meth:`SpeculativeDecoder.steps`) names its parts: *plan*
 (:meth:`~SpeculativeDecoder._plan`: the policy's choice or the fixed
 settings', a :class:`~mlx_mtp.decoding.steps.Plan`), *launch*
-(:meth:`~SpeculativeDecoder._launch`, and :meth:`~SpeculativeDecoder._ahead`
+(:meth:`~SpeculativeDecoder._launch`: the forward over what the plan feeds,
+:meth:`~SpeculativeDecoder.feed`, then :meth:`~SpeculativeDecoder.conclude`
+and :meth:`~SpeculativeDecoder.submit`; and :meth:`~SpeculativeDecoder.ahead`
 for a plain step launched before the current one is read), *verify and
-commit* (:meth:`~SpeculativeDecoder._sync`: the one sync), *cut* at EOS or the
-budget, *next* (plan and launch the following step while the host still
-holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
+commit* (:meth:`~SpeculativeDecoder.read`: the one sync) with the *cut* at EOS or the
+budget, *next* (:meth:`~SpeculativeDecoder.next_plan`, launched while the
+host still holds these tokens) and *emit* (a :class:`~mlx_mtp.decoding.steps.Step`).
+Continuous batching (:mod:`mlx_mtp.decoding.batch`) runs the same parts for
+every row of a batch, the forwards of all rows in one.
 """
 
 import time
@@ -103,8 +107,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 import mlx.core as mx
 
 from ..model.cache import SpecCache, commit
-from ..model.layouts import block_layout, linear_layout, tree_parents
+from ..model.layouts import Layout, block_layout, linear_layout, tree_parents
 from ..model.mtp_model import MTPModel
+from ..model.rows import Feed
 from .drafts import DATASTORE_TOKENS, DEFAULT_LOOKUP, MAX_NGRAM, DraftFn, Drafts, copied_drafts, mask_chain, one_hot
 from .fallback import plain_fallback
 from .lookup import NGramLookup
@@ -272,34 +277,62 @@ class SpeculativeDecoder:
             return verify_greedy(tokens, logits, parents)
         return verify_sampled(tokens, self._probs(logits), q_prev)
 
-    def _forward(self, plan: Plan, tokens: mx.array):
-        """The step's forward: hidden states at the fed tokens (n, d), the
-        masks' (blocks with masks, j, d) and the layout (None: plain causal)."""
-        model, cache, j = self.model, self.cache, plan.masks
+    def feed(self, plan: Plan) -> Tuple[mx.array, Feed, Optional[Layout]]:
+        """What ``plan``'s forward feeds: the fed tokens (n,), the forward's
+        input (:class:`~mlx_mtp.model.rows.Feed`) and its layout (None:
+        plain causal)."""
+        fed, j = plan.fed, plan.masks
+        tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
         if j == 0:
-            return model(tokens[None], cache)[0], None, None
+            return tokens, Feed(tokens), None
         if not plan.tree and not any(plan.masked[:-1]):  # masks after the last token only: plain causal attention
             layout = linear_layout(tokens, j)
-            h = model(layout.tokens[None], cache, gate=layout.gate)[0]
-        else:
-            layout = block_layout(tokens, j, plan.masked, plan.parents if plan.tree else None)
-            h = model.forward_layout(layout, cache)[0]
-        Z = h[layout.masks].reshape(-1, j, h.shape[-1])
-        return h[mx.array(layout.regular)], Z, layout
+            return tokens, Feed(layout.tokens, gate=layout.gate), layout
+        layout = block_layout(tokens, j, plan.masked, plan.parents if plan.tree else None)
+        return tokens, Feed(layout.tokens, layout.positions, layout.mask, layout.gate), layout
+
+    @staticmethod
+    def split(h: mx.array, layout: Optional[Layout], j: int) -> Tuple[mx.array, Optional[mx.array]]:
+        """A step's hidden states (L, d) split: the fed tokens' (n, d) and
+        the masks' (blocks with masks, j, d; None without masks)."""
+        if layout is None:
+            return h, None
+        return h[mx.array(layout.regular)], h[layout.masks].reshape(-1, j, h.shape[-1])
 
     def _launch(self, plan: Plan, run: Optional[_Run] = None) -> Launched:
         """Build one step's graph and start computing it, for the
         generation ``run`` (its tokens so far for logits processors, its
         random stream)."""
-        seen = run.seen if run is not None else None
+        tokens, feed, layout = self.feed(plan)
+        h = self.model(feed.tokens[None], self.cache, feed.positions, feed.mask, feed.gate)[0]
+        regular, Z = self.split(h, layout, plan.masks)
+        step = self.conclude(plan, run, tokens, self.model.lm_head(regular), Z, layout)
+        self.submit([step])
+        return step
+
+    @staticmethod
+    def submit(steps: List[Launched]):
+        """Start computing ``steps``' graphs (one launch for all)."""
+        outputs = []
+        for step in steps:
+            outputs += [step.packed, step.logprobs] + ([step.q_rows] if step.q_rows is not None else [])
+        submitted = time.perf_counter()
+        mx.async_eval(*outputs)
+        for step in steps:
+            step.submitted = submitted
+
+    def conclude(
+        self, plan: Plan, run: Optional[_Run], tokens: mx.array, logits: mx.array, Z: Optional[mx.array], layout
+    ) -> Launched:
+        """The rest of a step's graph after the forward: the caller's logits
+        processors, verification and the masks' next chain, packed for the
+        host (not launched yet). ``logits``: the base model's at the fed
+        tokens (n, V); ``Z``: the masks' hidden states."""
         if run is not None and run.random is not None:
             run.random.reseed()
         C, fed, j = self.cache[0].committed, plan.fed, plan.masks
-        tokens = fed[0] if isinstance(fed[0], mx.array) else mx.array(fed, dtype=mx.int32)
-        regular, Z, layout = self._forward(plan, tokens)
-        logits = self.model.lm_head(regular)  # (n, V), at the regular positions only
         if self.logits_processors:
-            logits = self._process(logits, fed, plan.parents, seen or [])
+            logits = self._process(logits, fed, plan.parents, (run.seen if run is not None else None) or [])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
         # on the device: the sampler chain runs from node best, picked before the host waits
@@ -322,11 +355,8 @@ class SpeculativeDecoder:
             if self.costs is not None:  # the policy reads the head's probabilities
                 head.append(mx.round(mx.concatenate([chain.probs, chain.first]) * PROB_SCALE).astype(mx.int32))
             q_rows = chain.q
-        packed = mx.concatenate(head)
-        submitted = time.perf_counter()
-        mx.async_eval(packed, logprobs, *([q_rows] if q_rows is not None else []))
         regular_index = tuple(range(len(fed))) if layout is None else layout.regular
-        return Launched(plan, regular_index, packed, q_rows, logprobs, submitted)
+        return Launched(plan, regular_index, mx.concatenate(head), q_rows, logprobs)
 
     def _finish(self, step: Launched) -> Finished:
         """Wait for a step (the one sync) and read it."""
@@ -354,12 +384,13 @@ class SpeculativeDecoder:
         rows = [0] + path
         return Finished(emitted, a, best, targets, chain, keep, rows)
 
-    def _ahead(self, step: Launched, run: _Run) -> Optional[Launched]:
-        """The step after ``step``, launched before ``step`` is read (as
-        mlx-lm does), where both are plain steps: its token is ``step``'s,
-        still on the device, and ``step``'s cache entry is committed now.
-        Only where the next step would be plain whatever ``step`` emits:
-        plain decoding (no masks, no copies), or the policy's say
+    def ahead(self, step: Launched, run: _Run) -> Optional[Plan]:
+        """The plan of the step after ``step``, decided before ``step`` is
+        read, where both are plain steps: its token is ``step``'s, still on
+        the device, and ``step``'s cache entry is committed now (the loop
+        launches it before reading ``step``, as mlx-lm does). Only where the
+        next step would be plain whatever ``step`` emits: plain decoding (no
+        masks, no copies), or the policy's say
         (:meth:`~mlx_mtp.decoding.policy.Policy.pipelines`). None otherwise."""
         plan = step.plan
         if plan.kind != "plain" or plan.masks or self.logits_processors:
@@ -377,7 +408,7 @@ class SpeculativeDecoder:
         commit(self.cache, [0])
         step.committed = True
         token = step.packed[2:3]  # the base model's token after the pending one, on the device
-        return self._launch(Plan([token], (), (False,), 0, [], kind="plain", choice=choice), run)
+        return Plan([token], (), (False,), 0, [], kind="plain", choice=choice)
 
     def _masked(self, n: int, source: str) -> Tuple[bool, ...]:
         """Fixed settings: which of the n fed tokens get k masks after them:
@@ -503,10 +534,10 @@ class SpeculativeDecoder:
         after ``max_tokens`` tokens, or at the context limit.
 
         Each pass: launch the next plain step ahead where it will be plain
-        anyway (:meth:`_ahead`), wait for this one and commit what it
+        anyway (:meth:`ahead`), wait for this one and commit what it
         accepted (:meth:`_sync`), cut at EOS or the budget (:meth:`_cut`),
-        plan and launch the next one (:meth:`_next`) while the host hands
-        these tokens out (:meth:`_emit`).
+        plan and launch the next one (:meth:`next_plan`) while the host hands
+        these tokens out (:meth:`emit`).
 
         Args:
             cache: a prompt cache holding text before ``prompt`` (None: a
@@ -533,19 +564,29 @@ class SpeculativeDecoder:
         budget = self.budget(len(prompt), max_tokens, cached)
         if budget == 0:
             return
-        run = self._start(prompt, cache, context, budget, eos, random)
-        step = self._launch(self._plan(prompt[-1], run.lookup, NO_CHAIN, budget), run)
+        run, plan = self.begin(prompt, budget, eos, cache, context, random)
+        step = self._launch(plan, run)
         while True:
-            ahead = self._ahead(step, run)
-            done = self._sync(step, run)
-            emitted, stop = self._cut(done.emitted, run)
-            nxt = None if stop else self._next(step, done, emitted, ahead, run)
-            yield self._emit(step, done, emitted)
+            ahead = self.ahead(step, run)
+            nxt = None if ahead is None else self._launch(ahead, run)
+            done, emitted, stop = self.read(step, run)
+            if not stop:
+                plan = self.next_plan(done, emitted, ahead, run)
+                if nxt is None:
+                    nxt = self._launch(plan, run)
+                    run.observer.launched(step.plan, nxt)
+            yield self.emit(step, done, emitted)
             if stop:
                 return
             step = nxt
             if run.generated % 256 < len(emitted):
                 mx.clear_cache()
+
+    def begin(self, prompt: List[int], budget: int, eos: Set[int], cache, context: Sequence[int], random):
+        """A generation's start (:meth:`steps`' arguments, its ``budget``
+        > 0): its state between steps (:meth:`_start`) and its first plan."""
+        run = self._start(prompt, cache, context, budget, eos, random)
+        return run, self._plan(prompt[-1], run.lookup, NO_CHAIN, budget)
 
     def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int], random) -> _Run:
         """Prefill all but the prompt's last token; this generation's lookup,
@@ -563,6 +604,13 @@ class SpeculativeDecoder:
             random = RandomStream.drawn()
         observer = PolicyObserver(self.policy, self._timed, self.greedy)
         return _Run(budget, eos, lookup, seen, observer, random if self.sampled else None)
+
+    def read(self, step: Launched, run: _Run) -> Tuple[Finished, List[int], bool]:
+        """Wait for ``step`` and commit what it accepted (:meth:`_sync`); the
+        tokens to hand out and whether the generation ends (:meth:`_cut`)."""
+        done = self._sync(step, run)
+        emitted, stop = self._cut(done.emitted, run)
+        return done, emitted, stop
 
     def _sync(self, step: Launched, run: _Run) -> Finished:
         """Wait for ``step`` (the one sync), tell the policy, commit what it accepted."""
@@ -586,21 +634,19 @@ class SpeculativeDecoder:
         run.generated += len(emitted)
         return emitted, stop
 
-    def _next(self, step: Launched, done: Finished, emitted: List[int], ahead, run: _Run) -> Launched:
-        """The next step in flight (before the host hands over ``emitted``):
-        the one launched ahead, or planned and launched now."""
+    def next_plan(self, done: Finished, emitted: List[int], ahead: Optional[Plan], run: _Run) -> Plan:
+        """The next step's plan (before the host hands over ``emitted``):
+        the one decided ahead (:meth:`ahead`), or planned now."""
         if run.lookup is not None:
             run.lookup.extend(emitted)
         if ahead is not None:
             if self.policy is not None:  # what the step would have been, launched now
                 run.observer.pipelined(self._choose(run.lookup, done.chain, run.room)[0])
             return ahead
-        launched = self._launch(self._plan(emitted[-1], run.lookup, done.chain, run.room), run)
-        run.observer.launched(step.plan, launched)
-        return launched
+        return self._plan(emitted[-1], run.lookup, done.chain, run.room)
 
     @staticmethod
-    def _emit(step: Launched, done: Finished, emitted: List[int]) -> Step:
+    def emit(step: Launched, done: Finished, emitted: List[int]) -> Step:
         """What the caller gets of a step."""
         return Step(
             tokens=emitted,

@@ -40,6 +40,7 @@ from .gated_lora import Gate, LoRAConfig, apply_gated_lora, model_layers, resolv
 from .layouts import Layout
 from .masks import MaskEmbeddings
 from .rope import PositionalRoPE, install_positional_rope  # noqa: F401  (PositionalRoPE: re-exported)
+from .rows import Feed, RowsCache, install_row_attention
 from .sampler import SamplerConfig, SamplerHead
 
 
@@ -139,10 +140,13 @@ class MTPModel(nn.Module):
             support.require()
         # not part of the module tree: a plain attribute
         object.__setattr__(self, "support", support)
+        # whether several sequences can share a forward (forward_rows)
+        self.packs_rows = False
         if support.supported:
             model = language_model(model)
             install_positional_rope(model)
             self._slot = install_mask_embedding(model.model.embed_tokens)
+            self.packs_rows = install_row_attention(model_layers(model))
         self.model = model
         self.model.freeze()
         self._gate = Gate()
@@ -251,36 +255,79 @@ class MTPModel(nn.Module):
         B, L = tokens.shape
         C = cache[0].committed
         if positions is not None or mask is not None:
-            if positions is None:
-                positions = mx.arange(L, dtype=mx.int32)
-            positions = mx.broadcast_to(positions.astype(mx.int32) + C, (B, L))
-            if mask is None:
-                mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
-            if mask.ndim == 2:
-                mask = mask[None]
-            if C and mask.shape[-1] == L:
-                seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
-                mask = mx.concatenate([seen, mask], axis=-1)
-            elif mask.shape[-1] != C + L:
-                raise ValueError(
-                    f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) or {C + L} (committed + new)"
-                )
+            positions, mask = self._step_arrays(B, L, C, positions, mask)
             if mask.shape[0] > 1 and not self.support.batched_masks:
                 return self._row_by_row(tokens, cache, positions, mask, gate)
             set_step(cache, positions, mask[:, None])
-        if gate is not None and self.masks is not None:
-            g = gate if gate.ndim == 2 else gate[None]
-            self._gate.value = g[..., None].astype(mx.float32)
-        else:
-            self._gate.value = None
+        self._gate.value = self._gate_value(gate)
+        return self._inner(tokens, cache, [cache])
+
+    @staticmethod
+    def _step_arrays(B: int, L: int, C: int, positions: Optional[mx.array], mask: Optional[mx.array]):
+        """Absolute positions (B, L) and the mask over committed + new
+        tokens (B or 1, L, C + L) of a masked forward (see :meth:`__call__`)."""
+        if positions is None:
+            positions = mx.arange(L, dtype=mx.int32)
+        positions = mx.broadcast_to(positions.astype(mx.int32) + C, (B, L))
+        if mask is None:
+            mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        if mask.ndim == 2:
+            mask = mask[None]
+        if C and mask.shape[-1] == L:
+            seen = mx.ones((mask.shape[0], L, C), dtype=mx.bool_)
+            mask = mx.concatenate([seen, mask], axis=-1)
+        elif mask.shape[-1] != C + L:
+            raise ValueError(
+                f"mask has {mask.shape[-1]} columns: expected {L} (new tokens) or {C + L} (committed + new)"
+            )
+        return positions, mask
+
+    def _gate_value(self, gate: Optional[mx.array]) -> Optional[mx.array]:
+        """The LoRA gate of a forward, (B, L, 1) float32 (None: LoRA off)."""
+        if gate is None or self.masks is None:
+            return None
+        g = gate if gate.ndim == 2 else gate[None]
+        return g[..., None].astype(mx.float32)
+
+    def _inner(self, tokens: mx.array, layer_caches: list, row_caches: List[List[SpecCache]]) -> mx.array:
+        """The inner model over ``tokens`` with the gate set; every row's
+        step (positions, mask) and the gate cleared afterwards."""
         self._slot.masks = self.masks
         try:
-            h = self.model.model(tokens, cache)
+            return self.model.model(tokens, layer_caches)
         finally:
             self._gate.value = None
             self._slot.masks = None
-            set_step(cache, None, None)
-        return h
+            for cache in row_caches:
+                set_step(cache, None, None)
+
+    def forward_rows(self, feeds: List[Feed], caches: List[List[SpecCache]]) -> List[mx.array]:
+        """Hidden states (L_r, d) of several rows in one forward, each row
+        ``feeds[r]`` over its own cache ``caches[r]``, packed along the token
+        axis with attention row by row (:mod:`mlx_mtp.model.rows`): each
+        row's attention is exactly its own forward's."""
+        self._require_seams()
+        if not self.packs_rows:
+            raise ValueError(f"model type '{self.support.model_type}' cannot pack rows: no attention module found")
+        lengths, gates = [], []
+        for feed, cache in zip(feeds, caches):
+            L = feed.tokens.shape[0]
+            lengths.append(L)
+            if feed.positions is not None or feed.mask is not None:
+                positions, mask = self._step_arrays(1, L, cache[0].committed, feed.positions, feed.mask)
+                set_step(cache, positions, mask[:, None])
+            gates.append(self._gate_value(feed.gate))
+        packed = None
+        if any(g is not None for g in gates):
+            # rows without masks: a zero gate adds exact zeros (gated_lora)
+            rows = [g if g is not None else mx.zeros((1, L, 1), dtype=mx.float32) for g, L in zip(gates, lengths)]
+            packed = mx.concatenate(rows, axis=1)
+        self._gate.value = packed
+        layers = [RowsCache([c[i] for c in caches], lengths, gates, self._gate) for i in range(len(caches[0]))]
+        tokens = mx.concatenate([feed.tokens.astype(mx.int32) for feed in feeds])[None]
+        h = self._inner(tokens, layers, caches)[0]
+        bounds = [sum(lengths[: r + 1]) for r in range(len(lengths) - 1)]
+        return mx.split(h, bounds, axis=0) if bounds else [h]
 
     def _row_by_row(self, tokens, cache, positions, mask, gate) -> mx.array:
         """A masked forward one batch row at a time (attention that cannot
