@@ -203,7 +203,7 @@ def test_8_concurrent_mixed_requests_each_get_their_solo_output(serve, loaded):
 
 
 def test_cancelling_one_request_mid_batch_leaves_the_others_untouched(serve, loaded):
-    """At the batch's third step the streamed request is cancelled (what the
+    """At the batch's fifth step the streamed request is cancelled (what the
     HTTP side does when its client goes): it leaves the batch, its stream ends
     with finish_reason "cancelled", and the others get their solo text."""
     server, gate = serve()
@@ -214,7 +214,7 @@ def test_cancelling_one_request_mid_batch_leaves_the_others_untouched(serve, loa
     real = gate.real
 
     def step():
-        if len(gate.sizes) == 3:
+        if len(gate.sizes) == 5:
             (row,) = [r for r in server.worker.rows.values() if r.job.stream]
             row.job.cancelled.set()
             cancelled_with.append(len(server.worker.rows))
@@ -240,12 +240,12 @@ def test_cancelling_one_request_mid_batch_leaves_the_others_untouched(serve, loa
     assert not failures, failures
     assert [got[i].choices[0].text for i in range(3)] == want
     assert got["sampled"].choices[0].text == want_sampled
-    assert cancelled_with == [5]  # cancelled while the whole batch ran
+    assert cancelled_with == [5], cancelled_with  # cancelled while the whole batch ran
     assert got["stream"][-1] == "cancelled" and got["stream"].count("cancelled") == 1
     stats = finished_stats(server.worker, 5)
     (gone,) = [s for s in stats if s["finish_reason"] == "cancelled"]
-    # it stepped once or twice (it joined first or with the others), never after
-    assert 1 <= gone["completion_tokens"] < 1500 and gone["steps"] in (1, 2)
+    # its steps before the fifth (a row's first comes a step after it joins), never after
+    assert 1 <= gone["completion_tokens"] < 1500 and 1 <= gone["steps"] <= 4, gone
     assert all(s["finish_reason"] in ("stop", "length") for s in stats if s is not gone)
 
 
