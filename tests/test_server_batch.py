@@ -199,7 +199,7 @@ def test_8_concurrent_mixed_requests_each_get_their_solo_output(serve, loaded):
     # rows left at different steps: the batch shrank while others went on
     assert gate.sizes[-1] < 7
     status, health = server.request("GET", "/health")
-    assert status == 200 and health["queued"] == 0
+    assert status == 200 and health["queued"] == 0 and health["running"] == 0
 
 
 def test_cancelling_one_request_mid_batch_leaves_the_others_untouched(serve, loaded):
