@@ -170,8 +170,8 @@ class Worker:
                 if self.rows and self.reserved + need > self.config.batch_bytes:
                     return  # it waits for rows to end (first come, first served)
                 self.waiting.popleft()
+            job.stats.update(finish_reason="cancelled", completion_tokens=0, steps=0, prompt_tokens=len(job.prompt))
             if job.cancelled.is_set():
-                job.stats.update(finish_reason="cancelled", completion_tokens=0, steps=0, prompt_tokens=len(job.prompt))
                 self._close(job)
                 job.emit("done", dict(job.stats))
                 continue
@@ -193,7 +193,6 @@ class Worker:
 
     def _join(self, job: Job, need: int):
         """Add ``job`` to the batch (from the conversation cache sharing most of its prompt)."""
-        job.stats.update(finish_reason="cancelled", completion_tokens=0, steps=0, prompt_tokens=len(job.prompt))
         entry = self.caches.take(job.prompt)
         try:
             reused = fit_prompt_cache(entry.cache, entry.tokens, job.prompt)
@@ -272,25 +271,31 @@ class Worker:
     def _end(self, row: Row, finish_reason: str, decoding: bool = True):
         """``row`` is done: out of the batch, its cache back in the store."""
         job = row.job
-        if decoding:
-            self.batch.remove(job.id)
         del self.rows[job.id]
         job.stats["finish_reason"] = finish_reason
-        # the cache holds a prefix of the prompt and every token the decoder emitted
-        held = job.prompt + row.emitted
-        committed = row.entry.cache[0].size()
-        if committed <= len(held):
-            row.entry.tokens = held[:committed]
-            self.caches.put(row.entry)
+        try:
+            if decoding:
+                self.batch.remove(job.id)
+            # the cache holds a prefix of the prompt and every token the decoder emitted
+            held = job.prompt + row.emitted
+            committed = row.entry.cache[0].size()
+            if committed <= len(held):
+                row.entry.tokens = held[:committed]
+                self.caches.put(row.entry)
+        except Exception:  # noqa: BLE001  (its text is complete: only its cache is lost)
+            pass
         self._close(job)
         job.emit("done", dict(job.stats))
 
     def _fail(self, row: Row, e: BaseException):
         """``row`` ends with an error (its cache is dropped); the others go on."""
         job = row.job
-        if job.id in self.batch:
-            self.batch.remove(job.id)
         del self.rows[job.id]
+        if job.id in self.batch:
+            try:
+                self.batch.remove(job.id)
+            except Exception:  # noqa: BLE001  (it fails anyway; its cache is dropped)
+                pass
         job.stats["finish_reason"] = "error"
         self._close(job)
         job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}")
