@@ -571,3 +571,28 @@ def test_packed_rows_equal_each_row_alone(name):
             got[event.uid] += event.step.tokens
     base = build(family_config(name))
     assert [got[i] for i in range(3)] == [reference(base, p, 6 + 3 * i) for i, p in enumerate(prompts[:3])]
+
+
+def test_packed_rows_run_an_unlisted_own_attention_whole_row_by_row(monkeypatch):
+    """An attention that uses the mask itself (latent attention's positional
+    scores) and is not listed: the first packed forward fails inside it, and
+    from then on the model's attention runs whole, row by row."""
+    import importlib
+
+    import mlx_mtp.model.rows as rows
+    from mlx_mtp.model.layouts import quadratic_layout as layout_of
+    from mlx_mtp.model.rows import Feed
+
+    module = importlib.import_module("mlx_lm.models.glm4_moe_lite")
+    monkeypatch.setattr(module, "scaled_dot_product_attention", module.scaled_dot_product_attention)
+    monkeypatch.setattr(rows, "OWN_ATTENTION", ())
+    mtp = MTPModel(build(family_config("glm4_moe_lite")), MTPConfig(num_masks=2))
+    assert module.scaled_dot_product_attention._mtp_rows
+    block = layout_of([5, 6], 2)
+    feeds = [Feed(mx.array([3])), Feed(block.tokens, block.positions, block.mask, block.gate)]
+    prompts = [prompt_of(n, seed=n) for n in (4, 9)]
+    packed = mtp.forward_rows(feeds, [_prefilled(mtp, p) for p in prompts])
+    assert getattr(type(mtp.layers[0].self_attn), "_mtp_row_aware", False)
+    for feed, prompt, h in zip(feeds, prompts, packed):
+        alone = mtp(feed.tokens[None], _prefilled(mtp, prompt), feed.positions, feed.mask, feed.gate)[0]
+        assert mx.abs(h - alone).max().item() <= 1e-4

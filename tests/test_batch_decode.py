@@ -123,6 +123,7 @@ def test_seeded_sampling_rows_equal_their_solo_samples(model_type):
         Request("sampler", p[2], 16, fixed(num_masks=2, sampler=make_sampler(temp=1.0, top_k=5)), 1, seed=3),
         Request("processors", p[3], 16, fixed(num_masks=0, lookup=3, temp=0.7, logits_processors=penalty), 3, seed=4),
         Request("greedy", p[4], 20, fixed(num_masks=3), 2),
+        Request("plain", p[1], 12, fixed(mode="off", temp=0.9), 1, seed=6),  # plain steps planned ahead
     ]
     got, _ = assert_each_equals_solo(mtp, requests)
     # the batch did not make the samples the same: they follow each row's seed
@@ -225,7 +226,8 @@ def test_a_failing_row_ends_alone():
 def test_one_forward_per_step_for_every_row(monkeypatch):
     """Each step launches every active row's next step in one packed forward
     (the first step also its own), before it hands the events out; rows
-    that joined take part from the step after they were added."""
+    that joined are prefilled together in one forward and take part from
+    the step after they were added."""
     from mlx_mtp.model.mtp_model import MTPModel
 
     calls = []
@@ -248,9 +250,11 @@ def test_one_forward_per_step_for_every_row(monkeypatch):
         before = len(calls)
         events = batch.step()
         per_step.append((calls[before:], len(batch), {e.uid for e in events}))
-    assert per_step[0][0] == [2, 2]
-    for launched, active, _ in per_step[1:]:
-        assert launched == ([active] if active else [])
+    assert per_step[0][0] == [2, 2, 2]  # both prompts prefilled together, this step, the next
+    assert per_step[2][0] == [1, 3]  # c's prompt, then the three rows' next step
+    for i, (launched, active, _) in enumerate(per_step[1:], 1):
+        if i != 2:
+            assert launched == ([active] if active else [])
     assert "c" not in per_step[2][2] and "c" in per_step[3][2]
 
 
@@ -286,3 +290,30 @@ def test_batch_generate_equals_generate_and_mlx_lm(loaded):
         assert got.stats.generation_steps >= max(max_tokens) / K
     with pytest.raises(ValueError, match="max_tokens has 2 entries for 4 prompts"):
         batch_generate(model, tokenizer, prompts, max_tokens=[3, 4])
+
+
+def test_rows_continue_their_prompt_caches():
+    """Rows whose prompt caches hold earlier text (of different lengths) and
+    a row without: each continues its text as mlx-lm does, and each cache
+    ends holding its text, the prompt and every token handed out."""
+    mtp = mtp_for("qwen3")
+    before = [make_prompt(n, seed=100 + n) for n in (10, 23)]
+    prompts = [make_prompt(n, seed=200 + n) for n in (5, 3, 8)]
+
+    def holding(text):
+        cache = mtp.make_cache()
+        SpeculativeDecoder(mtp, fixed()).prefill(text, cache)
+        return cache
+
+    caches = [holding(before[0]), holding(before[1]), None]
+    batch = BatchDecoder(mtp, fixed(num_masks=0, lookup=4, lookup_ngram=1))
+    for i, (prompt, cache) in enumerate(zip(prompts, caches)):
+        batch.add(i, prompt, 14, cache=cache)
+    got = {i: [] for i in range(3)}
+    while len(batch):
+        for event in batch.step():
+            got[event.uid] += event.step.tokens
+    texts = [before[0] + prompts[0], before[1] + prompts[1], prompts[2]]
+    assert [got[i] for i in range(3)] == [reference(mtp.model, text, 14) for text in texts]
+    for cache, text, i in zip(caches[:2], texts, range(2)):
+        assert cache[0].committed == len(text) + len(got[i])

@@ -21,8 +21,9 @@ launched at once. The host waits once per step (each row's small packed
 array, all computed by then), commits each row's accepted tokens to its own
 cache, plans every row's next step and launches it before it hands the
 events out, so the device computes the next step while the caller reads
-these. A row added between steps joins the next launch (its prompt is
-prefilled alone first); its first event comes one step later.
+these. Rows added between steps join the next launch (their prompts are
+prefilled first, together: packed forwards of one chunk per row); their
+first events come one step later.
 
 What a row's tokens are computed from is its own forward's: attention over
 its own cache, positions and mask. The linear layers and the output head
@@ -40,8 +41,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 import mlx.core as mx
 
-from ..model.cache import SpecCache
+from ..model.cache import SpecCache, commit
 from ..model.mtp_model import MTPModel
+from ..model.rows import Feed
 from .decode import SpeculativeDecoder
 from .drafts import DraftFn
 from .randomness import RandomStream
@@ -207,17 +209,14 @@ class BatchDecoder:
 
     def _launch(self, events: List[BatchEvent]):
         """Launch every row's planned step in one forward (rows that joined:
-        prefilled and planned first)."""
+        prefilled together and planned first)."""
+        self._prefill([row for row in self.rows.values() if row.start is not None], events)
         rows, feeds = [], []
         for row in list(self.rows.values()):
             try:
                 if row.start is not None:
                     start, row.start = row.start, None
-                    if start[1] == 0:  # no room to generate
-                        events.append(BatchEvent(row.uid, _empty(), True))
-                        self._end(row)
-                        continue
-                    row.run, row.plan = row.decoder.begin(*start)
+                    row.run, row.plan = row.decoder.begin(*start, prefilled=True)
                 feeds.append(row.decoder.feed(row.plan))
                 rows.append(row)
             except Exception as e:
@@ -250,6 +249,38 @@ class BatchDecoder:
             if row.previous is not None and not row.ahead:
                 row.run.observer.launched(row.previous, row.step)
             row.previous = row.step.plan
+
+    def _prefill(self, rows: List[_Row], events: List[BatchEvent]):
+        """Feed all but the last prompt token of every row that joined, in
+        packed forwards of one chunk per row (each row's ``prefill_step_size``)."""
+        for row in list(rows):
+            if row.start[1] == 0:  # no room to generate
+                events.append(BatchEvent(row.uid, _empty(), True))
+                self._end(row)
+                rows.remove(row)
+            else:
+                row.decoder.cache = self.model.make_cache() if row.cache is None else row.cache
+        texts = [row.start[0][:-1] for row in rows]
+        done = [0] * len(rows)
+        try:
+            while True:
+                chunks = []
+                for i, (row, text) in enumerate(zip(rows, texts)):
+                    size = row.decoder.settings.prefill_step_size
+                    if done[i] < len(text):
+                        chunks.append((row, text[done[i] : done[i] + size]))
+                        done[i] += size
+                if not chunks:
+                    return
+                feeds = [Feed(mx.array(chunk, dtype=mx.int32)) for _, chunk in chunks]
+                self.model.forward_rows(feeds, [row.decoder.cache for row, _ in chunks])
+                for row, _ in chunks:
+                    commit(row.decoder.cache)
+                mx.eval([c.keys for row, _ in chunks for c in row.decoder.cache])
+                mx.clear_cache()
+        except Exception as e:  # the shared prefill failed: every row in it ends
+            for row in rows:
+                self._fail(row, e, events)
 
     # --- rows one after another ------------------------------------------------------------
     def _step_each(self) -> List[BatchEvent]:

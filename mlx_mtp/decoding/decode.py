@@ -582,16 +582,29 @@ class SpeculativeDecoder:
             if run.generated % 256 < len(emitted):
                 mx.clear_cache()
 
-    def begin(self, prompt: List[int], budget: int, eos: Set[int], cache, context: Sequence[int], random):
+    def begin(
+        self,
+        prompt: List[int],
+        budget: int,
+        eos: Set[int],
+        cache,
+        context: Sequence[int],
+        random,
+        prefilled: bool = False,
+    ):
         """A generation's start (:meth:`steps`' arguments, its ``budget``
-        > 0): its state between steps (:meth:`_start`) and its first plan."""
-        run = self._start(prompt, cache, context, budget, eos, random)
+        > 0): its state between steps (:meth:`_start`) and its first plan.
+        ``prefilled``: :attr:`cache` holds all but the prompt's last token already."""
+        run = self._start(prompt, cache, context, budget, eos, random, prefilled)
         return run, self._plan(prompt[-1], run.lookup, NO_CHAIN, budget)
 
-    def _start(self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int], random) -> _Run:
-        """Prefill all but the prompt's last token; this generation's lookup,
-        policy and random stream."""
-        self.prefill(prompt[:-1], cache)
+    def _start(
+        self, prompt: List[int], cache, context: Sequence[int], budget: int, eos: Set[int], random, prefilled=False
+    ) -> _Run:
+        """Prefill all but the prompt's last token (unless ``prefilled``);
+        this generation's lookup, policy and random stream."""
+        if not prefilled:
+            self.prefill(prompt[:-1], cache)
         ngram = self.settings.lookup_ngram
         lookup = NGramLookup(ngram, max(ngram, MAX_NGRAM)) if self.lookup else None
         if lookup is not None:

@@ -27,7 +27,7 @@ without the seams can be wrapped only without an adapter (plain decoding).
 """
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -127,6 +127,17 @@ def embedding_shape(embed: nn.Module):
     if isinstance(embed, nn.QuantizedEmbedding):
         dims = dims * 32 // embed.bits
     return vocab, dims
+
+
+class _Rows(NamedTuple):
+    """Rows packed along the token axis, for one forward (:meth:`MTPModel.forward_rows`)."""
+
+    tokens: mx.array  # (1, sum L)
+    caches: List[List[SpecCache]]
+    lengths: List[int]
+    positions: mx.array  # (1, sum L): every token's absolute position
+    gates: List[Optional[mx.array]]  # each row's LoRA gate (1, L, 1), or None
+    steps: List[Optional[tuple]]  # each row's (positions, mask) of a masked forward, or None
 
 
 class MTPModel(nn.Module):
@@ -309,25 +320,50 @@ class MTPModel(nn.Module):
         self._require_seams()
         if not self.packs_rows:
             raise ValueError(f"model type '{self.support.model_type}' cannot pack rows: no attention module found")
-        lengths, gates = [], []
+        lengths, gates, positions, steps = [], [], [], []
         for feed, cache in zip(feeds, caches):
-            L = feed.tokens.shape[0]
+            L, C = feed.tokens.shape[0], cache[0].committed
             lengths.append(L)
+            step = None
             if feed.positions is not None or feed.mask is not None:
-                positions, mask = self._step_arrays(1, L, cache[0].committed, feed.positions, feed.mask)
-                set_step(cache, positions, mask[:, None])
+                step = self._step_arrays(1, L, C, feed.positions, feed.mask)
+            positions.append(mx.arange(C, C + L, dtype=mx.int32) if step is None else step[0][0])
+            steps.append(step)
             gates.append(self._gate_value(feed.gate))
-        packed = None
-        if any(g is not None for g in gates):
-            # rows without masks: a zero gate adds exact zeros (gated_lora)
-            rows = [g if g is not None else mx.zeros((1, L, 1), dtype=mx.float32) for g, L in zip(gates, lengths)]
-            packed = mx.concatenate(rows, axis=1)
-        self._gate.value = packed
-        layers = [RowsCache([c[i] for c in caches], lengths, gates, self._gate) for i in range(len(caches[0]))]
         tokens = mx.concatenate([feed.tokens.astype(mx.int32) for feed in feeds])[None]
-        h = self._inner(tokens, layers, caches)[0]
+        rows = _Rows(tokens, caches, lengths, mx.concatenate(positions)[None], gates, steps)
+        try:
+            h = self._packed(rows)
+        except (ValueError, TypeError, RuntimeError):
+            # an attention that uses the mask or the keys itself: run it whole, row by row, from now on
+            install_row_attention(model_layers(self.model), whole=True)
+            h = self._packed(rows)
         bounds = [sum(lengths[: r + 1]) for r in range(len(lengths) - 1)]
         return mx.split(h, bounds, axis=0) if bounds else [h]
+
+    def _packed(self, rows: "_Rows") -> mx.array:
+        """The inner model over rows packed along the token axis (:meth:`forward_rows`)."""
+        for cache, step in zip(rows.caches, rows.steps):
+            if step is not None:
+                set_step(cache, step[0], step[1][:, None])
+        self._gate.value = None
+        if any(g is not None for g in rows.gates):
+            # rows without masks: a zero gate adds exact zeros (gated_lora)
+            gates = [
+                mx.zeros((1, L, 1), dtype=mx.float32) if g is None else g for g, L in zip(rows.gates, rows.lengths)
+            ]
+            self._gate.value = mx.concatenate(gates, axis=1)
+        layers = [
+            RowsCache([c[i] for c in rows.caches], rows.lengths, rows.positions, rows.gates, self._gate)
+            for i in range(len(rows.caches[0]))
+        ]
+        h = self._inner(rows.tokens, layers, rows.caches)[0]
+        if any(layer.fetched is not None for layer in layers):  # keys written, but no attention read them
+            raise RuntimeError(
+                f"model type '{self.support.model_type}': its attention does not go through mlx-lm's "
+                "scaled_dot_product_attention"
+            )
+        return h
 
     def _row_by_row(self, tokens, cache, positions, mask, gate) -> mx.array:
         """A masked forward one batch row at a time (attention that cannot
