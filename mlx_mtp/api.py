@@ -37,6 +37,7 @@ from .decoding.settings import (
 from .decoding.state import DecodingState, state_for
 from .model.cache import SpecCache, as_spec_cache, write_back
 from .model.mtp_model import MTPModel
+from .text_stream import TextStream, check_text, stop_strings
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -64,17 +65,6 @@ class MTPGenerationResponse(GenerationResponse):
 
 
 # --- arguments ----------------------------------------------------------------------------
-
-
-def check_text(text: str, what: str = "the prompt") -> str:
-    """``text`` if it is text that can be encoded (no lone surrogates), else ValueError."""
-    if not isinstance(text, str):
-        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid text: {e.reason} at character {e.start}") from None
-    return text
 
 
 def encode_prompt(tokenizer, prompt: Prompt, vocab_size: Optional[int] = None) -> List[int]:
@@ -168,50 +158,6 @@ def _as_mtp(model: nn.Module) -> MTPModel:
 
 def _wrap_tokenizer(tokenizer) -> TokenizerWrapper:
     return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
-
-
-class _StopText:
-    """Finds the first stop string in the decoded text; until then hands out
-    text that cannot turn out to be the start of one."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.tokens: List[int] = []
-        self.sent = 0  # characters handed out
-        self.text = ""
-
-    def add(self, token: int) -> Optional[int]:
-        """Add a token; returns the index where a stop string starts, or None."""
-        self.tokens.append(token)
-        old = len(self.text)
-        self.text = self.tokenizer.decode(self.tokens)
-        start = max(0, min(old, len(self.text)) - max(len(s) for s in self.stop))
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def segment(self, end: Optional[int] = None) -> str:
-        """Text not handed out yet, up to ``end``, or (None) up to what is safe."""
-        if end is None:
-            text = self.text.rstrip("\ufffd")
-            end = len(text)
-            for s in self.stop:
-                for n in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:n]):
-                        end = min(end, len(text) - n)
-                        break
-        seg = self.text[self.sent : max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return seg
-
-
-def _stop_strings(stop) -> List[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) for s in stops):
-        raise TypeError("stop must be a str or a list of str")
-    for s in stops:
-        check_text(s, "a stop string")
-    return stops
 
 
 def calibrate_state(model: MTPModel, state: DecodingState) -> DecodingState:
@@ -381,7 +327,7 @@ def stream_generate(
     spec = None if prompt_cache is None else as_spec_cache(prompt_cache, len(model.layers))
     cached = 0 if spec is None else spec[0].committed
     decoder.check_prompt(ids, cached)
-    stops = _stop_strings(stop)
+    stops = stop_strings(stop)
     return _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, spec, cached, context)
 
 
@@ -390,8 +336,7 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
     the first ``next``)."""
     limit = decoder.budget(len(ids), max_tokens, cached)
     eos = set(tokenizer.eos_token_ids)
-    stopper = _StopText(tokenizer, stops) if any(stops) else None
-    detokenizer = tokenizer.detokenizer
+    stream = TextStream(tokenizer, stops, eos, limit)
     source, choice = "mtp", "plain"
     forced, constraint_seconds = 0, 0.0
     choices: Dict[str, int] = {}
@@ -440,26 +385,9 @@ def _responses(model, tokenizer, decoder, ids, max_tokens, stops, prompt_cache, 
                         tic = time.perf_counter()
                     n += 1
                     out.append(token)
-                    logprobs = step.logprobs[i]
-                    from_draft = i < step.accepted
-                    if token in eos:
-                        detokenizer.finalize()
-                        text = stopper.segment(len(stopper.text)) if stopper else detokenizer.last_segment
-                        yield response(text, token, logprobs, from_draft, n, steps, "stop")
-                        return
-                    if stopper is not None:
-                        hit = stopper.add(token)
-                        if hit is not None:
-                            yield response(stopper.segment(hit), token, logprobs, from_draft, n, steps, "stop")
-                            return
-                        text = stopper.segment(len(stopper.text) if n == limit else None)
-                    else:
-                        detokenizer.add_token(token)
-                        if n == limit:
-                            detokenizer.finalize()
-                        text = detokenizer.last_segment
-                    yield response(text, token, logprobs, from_draft, n, steps, "length" if n == limit else None)
-                    if n == limit:
+                    text = stream.add(token)
+                    yield response(text, token, step.logprobs[i], i < step.accepted, n, steps, stream.finish_reason)
+                    if stream.finish_reason is not None:
                         return
     finally:
         if spec is not None:

@@ -11,13 +11,14 @@ prompt tokens reused from the cache) and a ``speculation`` block (steps,
 tokens per step, k, mode, whether the per-step policy chose and its share of
 steps per choice, tokens prefilled).
 
-How it works: one worker thread owns the model and runs the requests of a
-bounded queue one at a time, so each gets exactly what it would get alone;
-the HTTP side (Starlette on uvicorn, ``pip install -e ".[server]"``) only
-parses, queues and streams. The caches of recent conversations are kept
+How it works: one worker thread owns the model and decodes the requests of a
+bounded queue together, joining and leaving one batch at step boundaries (at
+most ``--max-batch`` of them and ``--batch-bytes`` of cache; the others wait),
+each getting exactly what it would get alone; the HTTP side (Starlette on
+uvicorn, ``pip install -e ".[server]"``) only parses, queues and streams. The caches of recent conversations are kept
 (bounded by count and bytes) and a request reuses the one sharing the longest
-prefix with its prompt. A client that disconnects stops its generation at
-the next token; a failing generation ends its own request with an error.
+prefix with its prompt. A client that disconnects leaves the batch at the
+next step; a failing generation ends its own request with an error.
 Bad requests get a 4xx with an OpenAI-style error body. See docs/serving.md.
 
 This module is the command line; the server itself is :mod:`mlx_mtp.serving`.
@@ -58,9 +59,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="top-p when a request gives none")
     p.add_argument("--top-k", type=int, default=0, help="top-k when a request gives none")
     add_decoding_args(p)
-    p.add_argument("--prompt-cache-size", type=int, default=8, help="conversations whose caches are kept (default: 8)")
-    p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30, help="their total size in bytes (default: 2 GiB)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests queued at once; more get a 503 (default: 32)")
+    d = ServerConfig()  # the limits' defaults
+    limits = [
+        ("--prompt-cache-size", d.cache_count, "conversations whose caches are kept"),
+        ("--prompt-cache-bytes", d.cache_bytes, "their total size in bytes"),
+        ("--max-queue", d.max_queue, "requests waiting or running at once; more get a 503"),
+        ("--max-batch", d.max_batch, "requests decoded together, in one batched step"),
+        (
+            "--batch-bytes",
+            d.batch_bytes,
+            "the batch's caches in bytes, each request counted for its prompt and max_tokens; "
+            "requests beyond wait in the queue",
+        ),
+    ]
+    for flag, default, what in limits:
+        p.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
     p.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's log level"
     )
@@ -76,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError('the server needs its extra: pip install -e ".[server]" (starlette, uvicorn)') from None
     check_max_tokens(args.max_tokens)
     settings = decoding_settings(args)
-    for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue"):
+    for name in ("port", "prompt_cache_size", "prompt_cache_bytes", "max_queue", "max_batch", "batch_bytes"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}")
     model, tokenizer, state = load(args.model, adapter_path=args.adapter_path, return_state=True)
@@ -95,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache_count=args.prompt_cache_size,
         cache_bytes=args.prompt_cache_bytes,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        batch_bytes=args.batch_bytes,
     )
     app = make_app(model, tokenizer, config)
     host, port = sock.getsockname()[:2]

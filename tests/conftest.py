@@ -14,7 +14,7 @@ from here or from ``tiny.py``, never from each other).
   template, and a tiny self-distilled dataset written by ``mlx_mtp.distill``,
   for the training and data tests: :func:`model_dir`, :func:`distilled_dir`,
   :func:`make_tokenizer`, :func:`prompts`, :func:`prompts_file`;
-- the server on loopback with an ``openai`` client: :class:`Running`.
+- the OpenAI-compatible server on loopback, for the server tests: :class:`LoopbackServer`.
 """
 
 import mlx_mtp  # noqa: F401, I001  (first: it loads a fast BLAS before MLX is imported)
@@ -498,17 +498,18 @@ def random_policy(decoder, monkeypatch, seed=0):
 # ------------------------------------------------------------- the server on loopback (test_server*.py)
 
 
-def scripted_generation(text_of, tokenizer, keep_constraint: bool = True):
-    """A replacement for a server worker's ``generate``: the real
-    ``stream_generate``, with a logits processor that allows only the next
-    token of ``text_of(prompt ids)`` (then EOS), so that the server decodes
-    a chosen text with speculation as usual (without the request's
-    constraint unless ``keep_constraint``)."""
+def scripted_decoding(worker, text_of, tokenizer, keep_constraint: bool = True):
+    """A replacement for a server worker's ``decoding_for``: the request's own
+    settings, plus a logits processor that allows only the next token of
+    ``text_of(prompt ids)`` (then EOS), so that the server decodes a chosen
+    text with speculation as usual (without the request's constraint unless
+    ``keep_constraint``)."""
     from dataclasses import replace
 
-    from mlx_mtp import stream_generate
+    real = worker.decoding_for
 
-    def generate(model, tok, prompt, context=(), settings=None, **kwargs):
+    def decoding_for(job, prompt, context):
+        settings = real(job, prompt, context)
         ids = tokenizer.encode(text_of(list(context) + list(prompt)), add_special_tokens=False)
         ids.append(tokenizer.eos_token_id)
         fed = len(prompt)  # the processors see these and the tokens generated
@@ -519,17 +520,20 @@ def scripted_generation(text_of, tokenizer, keep_constraint: bool = True):
 
         processors = (*settings.logits_processors, only_the_script)
         constraint = settings.constraint if keep_constraint else None
-        settings = replace(settings, logits_processors=processors, constraint=constraint)
-        return stream_generate(model, tok, prompt, context=context, settings=settings, **kwargs)
+        return replace(settings, logits_processors=processors, constraint=constraint)
 
-    return generate
+    return decoding_for
 
 
-class Running:
-    """A server on 127.0.0.1 in a background thread."""
+# ------------------------------------------------------------------------- the server
+
+
+class LoopbackServer:
+    """The server's app (:func:`mlx_mtp.server.make_app`) on 127.0.0.1 in a
+    background thread, with an ``openai`` client (``client``) and plain HTTP
+    (:meth:`request`); the caller has checked that uvicorn and openai exist."""
 
     def __init__(self, model, tokenizer, config):
-        import openai
         import uvicorn
 
         from mlx_mtp.server import make_app
@@ -545,8 +549,13 @@ class Running:
             time.sleep(0.01)
         assert self.server.started
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=120
+        self.client = self.new_client()
+
+    def new_client(self, timeout: float = 120):
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=timeout
         )
 
     def stop(self):

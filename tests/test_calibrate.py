@@ -184,6 +184,21 @@ def test_wide_forwards_extrapolated_where_the_cost_is_linear_in_width(monkeypatc
     assert t.timings == sum(map(len, rounds)) + 3 * len(widths)
 
 
+def test_a_disturbed_narrow_timing_never_extrapolates_to_a_negative_cost(monkeypatch):
+    """Compute-bound, but the gated path at T = 8 timed faster than at T = 4
+    (another process's burst on the narrower one): the wide widths stay at
+    T = 8's cost instead of following a negative slope below zero."""
+    gated = {1: 2.0, 2: 3.0, 4: 30.0, 8: 10.0}
+
+    def fake(runs, repeats):
+        return {k: (0.4 if k == "sampler" else (gated[k[2]] if k[1] else float(k[2]))) for k in runs}, len(runs)
+
+    monkeypatch.setattr(measure, "time_round_robin", fake)
+    t = measure.calibrate(tiny_mtp(num_masks=2), widths=[1, 2, 4, 8, 32], contexts=[8], repeats=2)
+    t.validate()
+    assert t.gated[0] == pytest.approx([2.0, 3.0, 10.0, 10.0, 10.0])
+
+
 @pytest.mark.parametrize(
     "scripted, repeats, best, count",
     [

@@ -1,8 +1,8 @@
 """The OpenAI-compatible server on loopback, with the official ``openai``
 client: text equal to ``generate``, streams, the cache across requests,
-cancellation, bad requests, a failing generation, and a bounded load of
-concurrent clients. A tiny model (word-level tokenizer w0..w127) with a
-random adapter; one test on the real default model."""
+cancellation, bad requests, and a bounded load of concurrent clients (the
+batch itself: tests/test_server_batch.py). A tiny model (word-level
+tokenizer w0..w127) with a random adapter; one test on the real default model."""
 
 import http.client
 import json
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import need
+from conftest import LoopbackServer, need
 
 openai = need("openai", "pip install -e '.[test,server]'")
 uvicorn = need("uvicorn", "pip install -e '.[server]'")
@@ -20,7 +20,6 @@ uvicorn = need("uvicorn", "pip install -e '.[server]'")
 from mlx_mtp import generate, load, stream_generate  # noqa: E402
 from mlx_mtp.server import ServerConfig  # noqa: E402
 
-from conftest import Running  # noqa: E402
 from tiny import save_tiny_model_dir  # noqa: E402
 
 CONTEXT = 4096
@@ -38,7 +37,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=16, cache_count=4))
+    running = LoopbackServer(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=16, cache_count=4))
     yield running
     running.stop()
 
@@ -240,29 +239,6 @@ def test_openai_client_raises_on_4xx(server):
         server.client.chat.completions.create(model="other", messages=MESSAGES)
 
 
-def test_a_failing_generation_ends_only_its_request(server, loaded, monkeypatch):
-    """A generation that fails mid-way: its request ends with an error (a
-    500 JSON body; in a stream, an error event and [DONE]); the next is served."""
-
-    def failing(*args, **kwargs):
-        for i, r in enumerate(stream_generate(*args, **kwargs)):
-            if i == 2:
-                raise RuntimeError("device lost")
-            yield r
-
-    monkeypatch.setattr(server.worker, "generate", failing)
-    status, err = server.request("POST", "/v1/completions", {"prompt": "w3 w4", "max_tokens": 8})
-    assert status == 500 and "device lost" in err["error"]["message"]
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "w3 w4", "max_tokens": 8, "stream": True}))
-    events = [e for e in conn.getresponse().read().decode().split("\n\n") if e]
-    conn.close()
-    assert "device lost" in events[-2] and events[-1] == "data: [DONE]"
-    monkeypatch.undo()
-    r = server.client.completions.create(model=MODEL_ID, prompt="w3 w4", max_tokens=6)
-    assert r.choices[0].text == expected(loaded, "w3 w4", 6)
-
-
 def test_load_8_clients_by_5_requests_mixed(server, loaded):
     """8 concurrent clients x 5 requests: streamed, non-streamed, cancelled
     and malformed. Every valid request gets its solo output, every bad one
@@ -321,7 +297,7 @@ def test_load_8_clients_by_5_requests_mixed(server, loaded):
 
 def test_busy_server_answers_503(loaded):
     """Beyond the queue's bound a request is refused at once, not queued."""
-    running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_queue=1))
+    running = LoopbackServer(*loaded, ServerConfig(model_id=MODEL_ID, max_queue=1))
     try:
         stream = running.client.completions.create(
             model=MODEL_ID, prompt="w3", max_tokens=3000, stream=True, logit_bias=NO_EOS
@@ -358,7 +334,7 @@ def test_real_model_server_text_equals_generate(default_model_path):
     messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     want = generate(model, tokenizer, ids, max_tokens=24)
-    running = Running(model, tokenizer, ServerConfig(model_id="smollm2"))
+    running = LoopbackServer(model, tokenizer, ServerConfig(model_id="smollm2"))
     try:
         r = running.client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24)
         assert r.choices[0].message.content == want

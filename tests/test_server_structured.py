@@ -12,7 +12,7 @@ from typing import Literal
 import jsonschema
 import pytest
 
-from conftest import Running, need
+from conftest import LoopbackServer, need
 
 openai = need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
@@ -58,7 +58,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=64, cache_count=4))
+    running = LoopbackServer(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=64, cache_count=4))
     yield running
     running.stop()
 

@@ -19,7 +19,7 @@ import json
 import jsonschema
 import pytest
 
-from conftest import Running, need, scripted_generation
+from conftest import LoopbackServer, need, scripted_decoding
 
 openai = need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
@@ -90,32 +90,32 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    running = Running(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=200))
+    running = LoopbackServer(*loaded, ServerConfig(model_id=MODEL_ID, max_tokens=200))
     yield running
     running.stop()
 
 
 class Scripted:
-    """The worker's generation replaced (:func:`conftest.scripted_generation`):
+    """The worker's decoding settings replaced (:func:`conftest.scripted_decoding`):
     the next script of ``scripts`` is what it writes; ``prompts`` records the
     prompts it was given (what the cache held, then the rest)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, worker):
         self.tokenizer, self.scripts, self.prompts = tokenizer, [], []
-        self.generate = scripted_generation(self.next_script, tokenizer)
+        self.decoding_for = scripted_decoding(worker, self.next_script, tokenizer)
 
     def next_script(self, prompt):
         self.prompts.append(prompt)
         return self.scripts.pop(0)
 
     def __call__(self, *args, **kwargs):
-        return self.generate(*args, **kwargs)
+        return self.decoding_for(*args, **kwargs)
 
 
 @pytest.fixture
 def scripted(server, loaded, monkeypatch):
-    script = Scripted(loaded[1])
-    monkeypatch.setattr(server.worker, "generate", script)
+    script = Scripted(loaded[1], server.worker)
+    monkeypatch.setattr(server.worker, "decoding_for", script)
     return script
 
 
@@ -384,7 +384,7 @@ def test_tools_on_text_completions_get_a_400(server):
 )
 def test_a_template_without_tools_gets_one_400_naming_tools(tmp_path, template, message):
     model, tokenizer = loaded_with(tmp_path, template)
-    running = Running(model, tokenizer, ServerConfig(model_id=MODEL_ID))
+    running = LoopbackServer(model, tokenizer, ServerConfig(model_id=MODEL_ID))
     try:
         with pytest.raises(openai.BadRequestError, match="tools are not supported by this model") as e:
             running.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS)
@@ -406,7 +406,7 @@ def test_real_model_without_tool_support_gets_the_400(default_model_path):
     tool parser for it): tools get the one 400, tool_choice none is served."""
     model, tokenizer = load(str(default_model_path))
     assert not tokenizer.has_tool_calling
-    running = Running(model, tokenizer, ServerConfig(model_id="smollm2"))
+    running = LoopbackServer(model, tokenizer, ServerConfig(model_id="smollm2"))
     try:
         with pytest.raises(openai.BadRequestError, match="tools are not supported by this model") as e:
             running.client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS)
@@ -422,7 +422,7 @@ def test_real_model_without_tool_support_gets_the_400(default_model_path):
 def test_forced_call_for_a_model_whose_calls_are_not_json_gets_a_400(tmp_path):
     model, tokenizer = loaded_with(tmp_path, MISTRAL_TEMPLATE)
     assert tokenizer.has_tool_calling and tokenizer.tool_call_start == "[TOOL_CALLS]"
-    running = Running(model, tokenizer, ServerConfig(model_id=MODEL_ID))
+    running = LoopbackServer(model, tokenizer, ServerConfig(model_id=MODEL_ID))
     try:
         with pytest.raises(openai.BadRequestError, match="needs a model whose tool calls are JSON") as e:
             running.client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=FORCED, tool_choice="required")
@@ -451,7 +451,7 @@ def test_real_model_forced_call_with_a_hermes_template(default_model_path):
     )  # fmt: skip
     assert len(tokenizer.tool_call_start_tokens) > 1
     messages = [{"role": "user", "content": "Book a room in Paris for 3 nights."}]
-    running = Running(model, tokenizer, ServerConfig(model_id="smollm2"))
+    running = LoopbackServer(model, tokenizer, ServerConfig(model_id="smollm2"))
     try:
         r = running.client.chat.completions.create(
             model="smollm2", messages=messages, tools=FORCED, tool_choice="required", max_tokens=80

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Running, need, scripted_generation
+from conftest import LoopbackServer, need, scripted_decoding
 
 need("openai", "pip install -e '.[test,server]'")
 need("uvicorn", "pip install -e '.[server]'")
@@ -73,13 +73,13 @@ def test_the_pydantic_answers_fit_their_models():
 
 
 class Answers:
-    """The worker's generation replaced (:func:`conftest.scripted_generation`,
+    """The worker's decoding settings replaced (:func:`conftest.scripted_decoding`,
     without the request's constraint, so that a wrong answer can be written):
     the example of the schema found in the prompt, or the chosen wrong one."""
 
-    def __init__(self, tokenizer, wrong=None):
+    def __init__(self, tokenizer, worker, wrong=None):
         self.tokenizer, self.wrong = tokenizer, wrong or {}
-        self.generate = scripted_generation(self.answer, tokenizer, keep_constraint=False)
+        self.decoding_for = scripted_decoding(worker, self.answer, tokenizer, keep_constraint=False)
 
     def answer(self, prompt):
         prompt_text = self.tokenizer.decode(prompt)
@@ -92,7 +92,7 @@ class Answers:
         raise AssertionError(f"no schema in {prompt_text!r}")
 
     def __call__(self, *args, **kwargs):
-        return self.generate(*args, **kwargs)
+        return self.decoding_for(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def servers(bench_dirs):
     loaded = load(str(bench_dirs[0]), adapter_path=str(bench_dirs[1]))
     plain = DecodeSettings(num_masks=0, lookup=0, policy=False)
     spec, plain = (
-        Running(*loaded, ServerConfig(model_id="tiny")),
-        Running(*loaded, ServerConfig("tiny", decoding=plain)),
+        LoopbackServer(*loaded, ServerConfig(model_id="tiny")),
+        LoopbackServer(*loaded, ServerConfig("tiny", decoding=plain)),
     )
     yield spec, plain, loaded[1]
     spec.stop()
@@ -131,8 +131,8 @@ def test_the_harness_counts_what_parses_validates_and_agrees(servers, monkeypatc
     # the speculating server gets one answer that breaks its schema, one that
     # is not JSON and one pydantic answer that its model refuses
     wrong = {"weather": '{"city": "Paris"}', "color": '{"name": "teal", "hex": ', "Pet": '{"name": "Tom"}'}
-    monkeypatch.setattr(spec.worker, "generate", Answers(tokenizer, wrong))
-    monkeypatch.setattr(plain.worker, "generate", Answers(tokenizer))
+    monkeypatch.setattr(spec.worker, "decoding_for", Answers(tokenizer, spec.worker, wrong))
+    monkeypatch.setattr(plain.worker, "decoding_for", Answers(tokenizer, plain.worker))
     out = tmp_path / "answers.json"
     argv = urls(spec, plain) + ["--per-schema", "1", "--pydantic-per-model", "1", "--json-out", str(out)]
     assert bench.main(argv) == 0

@@ -366,7 +366,8 @@ def calibrate(
     if wide and compute_bound:
         # compute-bound: the wide widths along the last slope, the longer contexts' change at the bend
         for g in paths:
-            slope = (best[(0, g, b)] - best[(0, g, narrow[-2])]) / (b - narrow[-2])
+            # never down: a wider forward timed faster than a narrower one was disturbed
+            slope = max(0.0, (best[(0, g, b)] - best[(0, g, narrow[-2])]) / (b - narrow[-2]))
             for w in wide:
                 best[(0, g, w)] = best[(0, g, b)] + slope * (w - b)
         ends = [widths[0], b]

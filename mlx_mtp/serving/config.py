@@ -26,6 +26,10 @@ class ServerConfig:
     cache_count: int = 8  # conversations whose caches are kept
     cache_bytes: int = 2 << 30  # their total size
     max_queue: int = 32  # requests waiting or running; more get a 503
+    max_batch: int = 8  # requests decoded together, one batched step for all
+    # the batch's caches' total size (each request counted for its prompt and max_tokens);
+    # requests beyond it wait in the queue (one alone is served whatever its size)
+    batch_bytes: int = 2 << 30
 
 
 class RequestError(Exception):

@@ -156,7 +156,12 @@ class Routes:
     async def health(self, request: Request):
         worker = self.worker
         return JSONResponse(
-            {"status": "ok", "queued": worker.pending, "cached_conversations": len(worker.caches.entries)}
+            {
+                "status": "ok",
+                "queued": worker.pending,  # waiting or running
+                "running": len(worker.rows),
+                "cached_conversations": len(worker.caches.entries),
+            }
         )
 
     @staticmethod
