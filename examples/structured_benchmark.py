@@ -31,9 +31,10 @@ reports them (``speculation.forced_tokens``).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -343,17 +344,14 @@ def report(rows: List[dict], baseline: str = "no speculation") -> dict:
 # --------------------------------------------------------------------------- the servers
 
 
-def start_server(model: Optional[str], adapter: Optional[str], flags: List[str]):
-    """A server process on a free port of 127.0.0.1: (process, base URL)."""
-    from serve_benchmark import free_port, wait_ready  # this folder's
+def server(model: Optional[str], adapter: Optional[str], flags: List[str]):
+    """A server process on a free port of 127.0.0.1 (``with``: started and ready, then stopped)."""
+    from serve_benchmark import Server  # this folder's
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlx_mtp.server", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "mlx_mtp.server", *flags]
     cmd += ["--model", model] if model else []
     cmd += ["--adapter-path", adapter] if adapter else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(port, proc)
-    return proc, f"http://127.0.0.1:{port}/v1"
+    return Server("mlx_mtp.server " + " ".join(flags), cmd, dict(os.environ))
 
 
 def server_side(client, model: str):
@@ -413,13 +411,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import openai
 
-    procs, urls = [], {"spec": args.spec_url, "plain": args.plain_url}
+    urls = {"spec": args.spec_url, "plain": args.plain_url}
     wanted = [("spec", [])] + ([("plain", shlex.split(args.plain_flags))] if args.baseline == "server" else [])
-    try:
+    with contextlib.ExitStack() as servers:
         for label, flags in wanted:
             if urls[label] is None:
-                proc, urls[label] = start_server(args.model, args.adapter_path, flags)
-                procs.append(proc)
+                urls[label] = servers.enter_context(server(args.model, args.adapter_path, flags)).url
         clients = {k: openai.OpenAI(base_url=urls[k], api_key="unused", max_retries=0, timeout=3600) for k, _ in wanted}
         model = clients["spec"].models.list().data[0].id
         if args.baseline == "server":
@@ -430,10 +427,6 @@ def main(argv=None) -> int:
         rows = run(server_side(clients["spec"], model), baseline, args)
         print(f"model {model}, greedy, max_tokens {args.max_tokens}, {time.perf_counter() - start:.0f} s in all")
         summary = report(rows, label)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
     if args.json_out:
         answers = [{**r, "spec": asdict(r["spec"]), "plain": asdict(r["plain"])} for r in rows]
         args.json_out.write_text(json.dumps({"summary": summary, "answers": answers}, indent=1))
