@@ -190,7 +190,7 @@ def test_a_disturbed_narrow_timing_never_extrapolates_to_a_negative_cost(monkeyp
     T = 8's cost instead of following a negative slope below zero."""
     gated = {1: 2.0, 2: 3.0, 4: 30.0, 8: 10.0}
 
-    def fake(runs, repeats):
+    def fake(runs, repeats, tick=None):
         return {k: (0.4 if k == "sampler" else (gated[k[2]] if k[1] else float(k[2]))) for k in runs}, len(runs)
 
     monkeypatch.setattr(measure, "time_round_robin", fake)
