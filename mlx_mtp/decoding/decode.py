@@ -453,10 +453,10 @@ class SpeculativeDecoder:
         ``room`` - 1 drafts per branch (``room`` < 0: no limit); under a
         ``grammar``, its forced tokens first and every draft cut at the first
         token it refuses (:meth:`_constrain`)."""
-        if self.policy is not None:
-            return self._plan_policy(pending, lookup, chain, room, grammar, load)
         limit = None if room < 0 else max(0, room - 1)
         forced = self._forced(grammar, limit)
+        if self.policy is not None:
+            return self._plan_policy(pending, lookup, chain, room, grammar, forced, load)
         copied = self._copied(lookup, forced)
         specs, q, source = chain.specs, chain.q, "mtp"
         if copied.tokens:
@@ -514,12 +514,13 @@ class SpeculativeDecoder:
         lookup: Optional[NGramLookup],
         chain: Chain,
         room: int,
-        grammar: Optional[ConstraintMatcher] = None,
-        load: BatchLoad = ALONE,
+        grammar: Optional[ConstraintMatcher],
+        forced: List[int],
+        load: BatchLoad,
     ) -> Plan:
-        """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`)."""
+        """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`),
+        after the grammar's ``forced`` tokens (:meth:`_plan` took them)."""
         limit = None if room < 0 else max(0, room - 1)
-        forced = self._forced(grammar, limit)
         choice, copied = self._choose(lookup, chain, room, forced, load)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
