@@ -7,14 +7,17 @@
 
 ``--clients``: through the servers. ``mlx_lm.server`` is timed before and
 after ``mlx_mtp.server`` in the same run, each its own process on 127.0.0.1
-started as a user starts it (mlx_lm.server with the BLAS this process loaded,
-through ``LD_PRELOAD``, so both multiply alike). For each concurrency N, N
+started as a user starts it, except that mlx_lm.server is started through
+a one-line bootstrap that first loads the fast BLAS this package loads (a
+wheel's BLAS reaches MLX through an in-memory forwarding shim, which
+``LD_PRELOAD`` cannot name), so both multiply alike. For each concurrency N, N
 clients (each its own ``openai`` client session) send R streamed greedy chat
 completions of up to T tokens one after another, all clients at once, with
 no ``seed`` (a seed turns mlx_lm.server's batching off); Spec-Bench prompts,
 a different one per request. Per server and concurrency: generated tokens/s
 over the whole load, the median time to first token, and how many texts
-equal the prompt's solo text (mlx-lm's greedy generation of that prompt
+equal the prompt's solo text (for ours also its tokens per step and what its
+policy's steps fed, from the responses' ``speculation`` blocks) (mlx-lm's greedy generation of that prompt
 alone, in this process); then ours against the mean of mlx_lm.server's two
 runs. ``--clients 0``: no servers.
 
@@ -78,14 +81,14 @@ def solo_texts(model, tokenizer, qs: List[str], max_tokens: int) -> Dict[str, st
 class Server:
     """A server process on 127.0.0.1 (``with``: started and ready, then stopped)."""
 
-    def __init__(self, name: str, cmd: List[str], env: Dict[str, str]):
+    def __init__(self, name: str, cmd: List[str]):
         self.name, self.port = name, free_port()
-        self.cmd, self.env = cmd + ["--port", str(self.port)], env
+        self.cmd = cmd + ["--port", str(self.port)]
 
     def __enter__(self):
         import openai
 
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=600)
         for _ in range(1200):
@@ -105,12 +108,20 @@ class Server:
         self.proc.wait(timeout=60)
 
 
+# ``python -m mlx_lm.server`` with this package's BLAS loaded first (mlx_lm loads none itself)
+LM_SERVER_WITH_OUR_BLAS = (
+    "import mlx_mtp.blas, runpy; mlx_mtp.blas.preload(); "
+    "runpy.run_module('mlx_lm.server', run_name='__main__', alter_sys=True)"
+)
+
+
 def load_test(url: str, qs: List[str], clients: int, requests: int, max_tokens: int) -> dict:
     """``clients`` openai sessions at once, each sending ``requests`` streamed
     greedy chat completions in turn (question ``i * requests + j``)."""
     import openai
 
     texts, ttft, tokens, errors = {}, [], [0], []
+    spec = {"steps": 0, "choices": {}}  # mlx_mtp.server's speculation blocks, summed over requests
     lock = threading.Lock()
 
     def client(i):
@@ -118,7 +129,7 @@ def load_test(url: str, qs: List[str], clients: int, requests: int, max_tokens: 
         try:
             for j in range(requests):
                 q = qs[i * requests + j]
-                sent, first, parts, used = time.perf_counter(), None, [], 0
+                sent, first, parts, used, block = time.perf_counter(), None, [], 0, None
                 stream = session.chat.completions.create(
                     model="default_model",
                     messages=[{"role": "user", "content": q}],
@@ -133,9 +144,14 @@ def load_test(url: str, qs: List[str], clients: int, requests: int, max_tokens: 
                         parts.append(chunk.choices[0].delta.content)
                     if chunk.usage is not None:
                         used = chunk.usage.completion_tokens
+                    block = (chunk.model_extra or {}).get("speculation") or block
                 with lock:
                     texts[q] = "".join(parts)
                     tokens[0] += used
+                    if block:
+                        spec["steps"] += block["steps"]
+                        for kind, share in block["choices"].items():
+                            spec["choices"][kind] = spec["choices"].get(kind, 0) + share * block["steps"]
                     ttft.append((first or time.perf_counter()) - sent)
         except Exception as e:  # noqa: BLE001  (raised below)
             errors.append(e)
@@ -149,33 +165,37 @@ def load_test(url: str, qs: List[str], clients: int, requests: int, max_tokens: 
     elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
-    return {"tokens_s": tokens[0] / elapsed, "ttft_s": statistics.median(ttft), "tokens": tokens[0], "texts": texts}
+    result = {"tokens_s": tokens[0] / elapsed, "ttft_s": statistics.median(ttft), "tokens": tokens[0], "texts": texts}
+    if spec["steps"]:
+        result["tokens_per_step"] = tokens[0] / spec["steps"]
+        result["choices"] = {k: round(n / spec["steps"], 3) for k, n in spec["choices"].items() if n}
+    return result
 
 
 def run_servers(args, qs: List[str], solo: Dict[str, str]) -> dict:
     """mlx_lm.server, ours, mlx_lm.server again: each concurrency's figures."""
-    blas = blas_info()
-    lm_env = dict(os.environ)
-    if blas.fast and blas.path and "shim" not in blas.how:
-        lm_env["LD_PRELOAD"] = blas.path  # the same BLAS as ours (mlx_lm does not load one itself)
     ours = [sys.executable, "-m", "mlx_mtp.server", "--model", args.model]
     if args.adapter_path:
         ours += ["--adapter-path", args.adapter_path]
-    lm = [sys.executable, "-m", "mlx_lm.server", "--model", args.model]
-    order = [("mlx_mtp.server", ours, dict(os.environ))]
+    lm = [sys.executable, "-c", LM_SERVER_WITH_OUR_BLAS, "--model", args.model]
+    order = [("mlx_mtp.server", ours)]
     if not args.no_mlx_lm:
-        order = [("mlx_lm.server (before)", lm, lm_env)] + order + [("mlx_lm.server (after)", lm, lm_env)]
+        order = [("mlx_lm.server (before)", lm)] + order + [("mlx_lm.server (after)", lm)]
     results: Dict[str, Dict[int, dict]] = {}
-    for name, cmd, env in order:
-        with Server(name, cmd, env) as server:
+    for name, cmd in order:
+        with Server(name, cmd) as server:
             results[name] = {}
             for n in args.clients:
                 r = load_test(server.url, qs, n, args.requests, args.max_tokens)
                 r["same_as_solo"] = sum(r["texts"][q] == solo[q] for q in r["texts"])
                 results[name][n] = r
+                policy = ""
+                if "tokens_per_step" in r:  # what the policy chose at this concurrency
+                    mix = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["choices"].items(), key=lambda kv: -kv[1]))
+                    policy = f", {r['tokens_per_step']:.2f} tokens/step (steps: {mix})"
                 print(
                     f"{name}, {n} clients: {r['tokens_s']:.1f} tokens/s, median TTFT {r['ttft_s']:.2f} s, "
-                    f"{r['same_as_solo']}/{len(r['texts'])} texts as solo",
+                    f"{r['same_as_solo']}/{len(r['texts'])} texts as solo{policy}",
                     flush=True,
                 )
     print(f"\n{args.requests} requests per client x {args.max_tokens} tokens, greedy, streamed, model {args.model}")
