@@ -16,10 +16,10 @@ completions of up to T tokens one after another, all clients at once, with
 no ``seed`` (a seed turns mlx_lm.server's batching off); Spec-Bench prompts,
 a different one per request. Per server and concurrency: generated tokens/s
 over the whole load, the median time to first token, and how many texts
-equal the prompt's solo text (for ours also its tokens per step and what its
-policy's steps fed, from the responses' ``speculation`` blocks) (mlx-lm's greedy generation of that prompt
-alone, in this process); then ours against the mean of mlx_lm.server's two
-runs. ``--clients 0``: no servers.
+equal the prompt's solo text (mlx-lm's greedy generation of that prompt
+alone, in this process); for ours also its tokens per step and what its
+policy's steps fed (from the responses' ``speculation`` blocks); then ours
+against the mean of mlx_lm.server's two runs. ``--clients 0``: no servers.
 
 ``--batch N``: in this process, N Spec-Bench prompts of up to T tokens
 through mlx-lm's ``batch_generate``, ours, then mlx-lm's again: generated

@@ -456,7 +456,7 @@ class SpeculativeDecoder:
         limit = None if room < 0 else max(0, room - 1)
         forced = self._forced(grammar, limit)
         if self.policy is not None:
-            return self._plan_policy(pending, lookup, chain, room, grammar, forced, load)
+            return self._plan_policy(pending, lookup, chain, room, grammar, forced, limit, load)
         copied = self._copied(lookup, forced)
         specs, q, source = chain.specs, chain.q, "mtp"
         if copied.tokens:
@@ -516,11 +516,12 @@ class SpeculativeDecoder:
         room: int,
         grammar: Optional[ConstraintMatcher],
         forced: List[int],
+        limit: Optional[int],
         load: BatchLoad,
     ) -> Plan:
         """The policy's plan for the next step (see :class:`~mlx_mtp.decoding.policy.Choice`),
-        after the grammar's ``forced`` tokens (:meth:`_plan` took them)."""
-        limit = None if room < 0 else max(0, room - 1)
+        after the grammar's ``forced`` tokens; ``limit``: the most drafts ``room``
+        allows (:meth:`_plan` took both)."""
         choice, copied = self._choose(lookup, chain, room, forced, load)
         chain_probs = tuple(chain.probs[0]) if chain.specs else ()
         m, d, j = choice.depth, choice.copy, choice.masks
